@@ -1,0 +1,5 @@
+"""``python -m volkeeper`` is the ``volkeeper`` command."""
+
+from volkeeper.cli.main import main
+
+main()

@@ -1,0 +1,118 @@
+"""The ``volkeeper`` command: the daemon entry point and thin commands over the control API.
+
+How this works: each command resolves the node's control address, asks the API, and renders
+the answer as rich tables or, with ``--json``, as the API's own JSON (stable for scripts).
+Every failure exits non-zero with one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from volkeeper.cli.client import CliError, ControlClient, resolve_node
+from volkeeper.core.units import format_size
+from volkeeper.errors import VolkeeperError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Userspace block replication.")
+volume_app = typer.Typer(no_args_is_help=True, help="Volumes of a node.")
+app.add_typer(volume_app, name="volume")
+
+NodeOption = Annotated[
+    str | None, typer.Option("--node", help="control address: unix:/path or host:port")
+]
+ConfigOption = Annotated[str | None, typer.Option("--config", help="read the node address here")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print the API's JSON")]
+
+
+def _client(node: str | None, config: str | None) -> ControlClient:
+    return ControlClient(resolve_node(node, config))
+
+
+@app.command()
+def daemon(
+    config: Annotated[str, typer.Option("--config", help="node config file (TOML)")],
+) -> None:
+    """Run a node daemon in the foreground until SIGTERM or SIGINT."""
+    from volkeeper.daemon.config import load_config
+    from volkeeper.daemon.logging import configure_logging
+    from volkeeper.daemon.node import run
+
+    node_config = load_config(config)
+    configure_logging(node_config.node.log_level)
+    run(node_config)
+
+
+@app.command()
+def status(
+    node: NodeOption = None, config: ConfigOption = None, as_json: JsonOption = False
+) -> None:
+    """Show the node, its volumes and its mirrors."""
+    document = _client(node, config).get("/status")
+    if as_json:
+        print(json.dumps(document, indent=2))
+        return
+    console = Console()
+    console.print(f"[bold]node[/bold] {document['node']}")
+    console.print(_volume_table(document["volumes"]))
+    if not document["mirrors"]:
+        console.print("no mirrors")
+
+
+@volume_app.command("list")
+def volume_list(
+    node: NodeOption = None, config: ConfigOption = None, as_json: JsonOption = False
+) -> None:
+    """List the node's volumes."""
+    volumes = _client(node, config).get("/volumes")
+    if as_json:
+        print(json.dumps(volumes, indent=2))
+        return
+    Console().print(_volume_table(volumes))
+
+
+def _volume_table(volumes: list[dict[str, Any]]) -> Table:
+    table = Table("volume", "size", "sector", "role", "path", "read", "written", title="volumes")
+    for volume in volumes:
+        role = volume["role"] + (" (locked)" if volume.get("locked") else "")
+        table.add_row(
+            volume["name"],
+            format_size(volume["size"]),
+            str(volume["sector_size"]),
+            role,
+            str(volume.get("path") or ""),
+            format_size(volume.get("read_bytes", 0)),
+            format_size(volume.get("written_bytes", 0)),
+        )
+    return table
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except VolkeeperError as exc:
+        _report(str(exc), 2 if type(exc).__name__ == "ConfigError" else 1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+def _report(message: str, code: int) -> None:
+    print(f"volkeeper: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+__all__ = ["CliError", "app", "main"]

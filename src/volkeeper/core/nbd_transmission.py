@@ -1,0 +1,142 @@
+"""Transmission phase of NBD: an incremental request parser, request validation, replies.
+
+How this works: the adapter passes every chunk it reads to ``RequestParser.feed()`` and then
+drains ``next_request()`` until it returns None.  Each ``Request`` arrives already validated
+against the export: ``error`` is ``Errno.OK`` for a request to execute, or the error to answer
+with.  A WRITE's payload is collected before the request is released; the payload of a WRITE
+that failed validation is skipped as it arrives (never buffered), so a client cannot make the
+server hold an oversized write in memory.  A request header with a bad magic cannot be
+resynchronised, so ``next_request()`` raises ``ProtocolError`` and the adapter drops that client.
+
+Validation follows the order nbdkit uses (server/protocol.c), so both servers give the same
+answer to the same malformed request:
+
+    check                                        error
+    write, trim or zero on a read-only export    EPERM
+    unknown command                              EINVAL
+    read/write/trim/zero/cache beyond the end    ENOSPC for write and zero, EINVAL otherwise
+    flush with offset or length                  EINVAL
+    unknown flag, or a flag on a command it does not apply to   EINVAL
+    read or write longer than MAX_BLOCK_SIZE     EOVERFLOW
+
+Replies are simple replies: ``simple_reply(cookie, error)``; a successful READ's data follows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from volkeeper.core import nbd_wire as w
+from volkeeper.core.nbd_handshake import ExportInfo
+from volkeeper.errors import ProtocolError
+
+Cmd = w.Command
+Flag = w.CommandFlag
+
+_KNOWN_FLAGS = Flag.FUA | Flag.NO_HOLE | Flag.DF | Flag.REQ_ONE | Flag.FAST_ZERO
+_RANGED = frozenset({Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE})
+_MUTATING = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
+_SUPPORTED = _RANGED | {Cmd.FLUSH, Cmd.DISC}
+# Flags that only make sense on one command.  DF and REQ_ONE need structured replies or
+# block status, neither of which volkeeper negotiates, so they are never valid here.
+_FLAG_ONLY_ON: dict[int, frozenset[int]] = {
+    Flag.NO_HOLE: frozenset({Cmd.WRITE_ZEROES}),
+    Flag.FAST_ZERO: frozenset(),
+    Flag.DF: frozenset(),
+    Flag.REQ_ONE: frozenset(),
+}
+# A write payload this large is skipped to answer its error; anything larger is hostile.
+MAX_SKIPPED_PAYLOAD = 2 * w.MAX_BLOCK_SIZE
+
+
+@dataclass(slots=True)
+class Request:
+    command: int
+    flags: int
+    cookie: int
+    offset: int
+    length: int
+    payload: bytes = b""
+    error: w.Errno = w.Errno.OK
+
+    @property
+    def fua(self) -> bool:
+        return bool(self.flags & Flag.FUA)
+
+
+def validate(command: int, flags: int, offset: int, length: int, export: ExportInfo) -> w.Errno:
+    """The error a request must be answered with, or Errno.OK if it may run."""
+    if export.read_only and command in _MUTATING:
+        return w.Errno.EPERM
+    if command not in _SUPPORTED:
+        return w.Errno.EINVAL
+    if command in _RANGED and offset + length > export.size:
+        return w.Errno.ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else w.Errno.EINVAL
+    if command == Cmd.FLUSH and (offset or length):
+        return w.Errno.EINVAL
+    if flags & ~_KNOWN_FLAGS:
+        return w.Errno.EINVAL
+    for flag, commands in _FLAG_ONLY_ON.items():
+        if flags & flag and command not in commands:
+            return w.Errno.EINVAL
+    if command in (Cmd.READ, Cmd.WRITE) and length > w.MAX_BLOCK_SIZE:
+        return w.Errno.EOVERFLOW
+    return w.Errno.OK
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    return w.SIMPLE_REPLY.pack(w.SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+class RequestParser:
+    """Turns the client's byte stream into validated ``Request`` objects."""
+
+    def __init__(self, export: ExportInfo) -> None:
+        self.export = export
+        self._buffer = bytearray()
+        self._pending: Request | None = None  # a WRITE waiting for (or skipping) its payload
+        self._skip = 0  # payload bytes of a refused WRITE still to discard
+
+    def feed(self, data: bytes) -> None:
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+        self._buffer += data
+
+    def next_request(self) -> Request | None:
+        if self._skip:
+            return None
+        if self._pending is not None:
+            return self._complete_write(self._pending)
+        if len(self._buffer) < w.REQUEST.size:
+            return None
+        magic, flags, command, cookie, offset, length = w.REQUEST.unpack_from(self._buffer)
+        if magic != w.REQUEST_MAGIC:
+            raise ProtocolError(f"request has bad magic 0x{magic:08x}")
+        del self._buffer[: w.REQUEST.size]
+        error = validate(command, flags, offset, length, self.export)
+        request = Request(command, flags, cookie, offset, length, error=error)
+        if command != Cmd.WRITE:
+            return request
+        if error:
+            return self._refuse_write(request)
+        return self._complete_write(request)
+
+    def _complete_write(self, request: Request) -> Request | None:
+        if len(self._buffer) < request.length:
+            self._pending = request
+            return None
+        self._pending = None
+        with memoryview(self._buffer) as view:
+            request.payload = bytes(view[: request.length])
+        del self._buffer[: request.length]
+        return request
+
+    def _refuse_write(self, request: Request) -> Request:
+        if request.length > MAX_SKIPPED_PAYLOAD:
+            raise ProtocolError(f"refused write carries {request.length} bytes, too many to skip")
+        skipped = min(request.length, len(self._buffer))
+        del self._buffer[:skipped]
+        self._skip = request.length - skipped
+        return request

@@ -1,0 +1,106 @@
+"""The node's control API: HTTP+JSON (FastAPI) served by uvicorn inside the daemon's loop.
+
+How this works: ``create_app(node)`` builds the FastAPI application over a ``NodeView`` (the
+few read methods the API needs); ``ControlServer`` runs uvicorn on the node's own event loop,
+on a unix socket or a TCP port, without uvicorn's signal handling (the daemon owns signals).
+The API only reads node state and asks the node to act: if it fails or restarts, the data
+path (NBD) is not affected.  Errors are JSON ``{"error": {"code", "message", "hint"}}`` with a
+stable ``code``.  The OpenAPI document is at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Generator
+from typing import Any, Protocol
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException
+
+from volkeeper import __version__
+from volkeeper.core.addresses import TcpAddress, UnixAddress
+from volkeeper.daemon.metrics import render
+
+
+class NodeView(Protocol):
+    registry: CollectorRegistry
+
+    def status(self) -> dict[str, Any]: ...
+
+    def volume_list(self) -> list[dict[str, Any]]: ...
+
+
+def error_body(code: str, message: str, hint: str = "") -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "hint": hint}}
+
+
+def create_app(node: NodeView) -> FastAPI:
+    app = FastAPI(title="volkeeper node control API", version=__version__)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else f"http_{exc.status_code}"
+        hint = "GET /openapi.json lists the API" if exc.status_code in (404, 405) else ""
+        return JSONResponse(error_body(code, str(exc.detail), hint), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return JSONResponse(error_body("bad_request", message), status_code=422)
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        """The node, its volumes and its mirrors (the stable `status --json` document)."""
+        return node.status()
+
+    @app.get("/volumes")
+    async def volumes() -> list[dict[str, Any]]:
+        """The node's volumes with size, sector size, role and I/O counters."""
+        return node.volume_list()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(render(node.registry), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: SIGTERM belongs to the daemon."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class ControlServer:
+    def __init__(self, node: NodeView, address: UnixAddress | TcpAddress) -> None:
+        self.address = address
+        options: dict[str, Any] = {"log_level": "warning", "lifespan": "off", "access_log": False}
+        if isinstance(address, UnixAddress):
+            options["uds"] = address.path
+        else:
+            options.update(host=address.host, port=address.port)
+        self._server = _QuietServer(uvicorn.Config(create_app(node), **options))
+
+    async def serve(self) -> None:
+        if isinstance(self.address, UnixAddress):
+            os.makedirs(os.path.dirname(self.address.path) or ".", exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.address.path)
+        await self._server.serve()
+
+    @property
+    def started(self) -> bool:
+        return self._server.started
+
+    def stop(self) -> None:
+        self._server.should_exit = True

@@ -1,0 +1,170 @@
+"""Start and stop node daemons as child processes (for the demo, the tests and benchmarks).
+
+How this works: ``LocalNode`` writes a node config into a directory of its own, starts
+``volkeeper daemon --config`` with the same interpreter, waits until the control API answers
+``/status`` and the NBD socket accepts, and stops the daemon by PID (SIGTERM, then SIGKILL after
+a grace period).  ``kill()`` is the ``kill -9`` of fault tests.  Every daemon logs to
+``DIR/NAME.log``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from volkeeper.core.units import parse_size
+
+
+@dataclass
+class VolumeSpec:
+    name: str
+    size: int | str = "64MiB"
+    sector_size: int = 512
+    path: Path | None = None  # default: DIR/NAME.img
+    read_only: bool = False
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class LocalNode:
+    directory: Path
+    name: str = "alpha"
+    volumes: list[VolumeSpec] = field(default_factory=lambda: [VolumeSpec("data1")])
+    nbd_tcp: bool = False
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.peer_port = free_tcp_port()
+        self.nbd_port = free_tcp_port() if self.nbd_tcp else None
+
+    # -- addresses --------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / f"{self.name}.toml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / f"{self.name}.log"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.directory / f"{self.name}.sock"
+
+    @property
+    def nbd_socket(self) -> Path:
+        return self.directory / f"{self.name}-nbd.sock"
+
+    def volume_path(self, volume: VolumeSpec) -> Path:
+        return volume.path or self.directory / f"{volume.name}.img"
+
+    def uri(self, volume: str = "data1") -> str:
+        if self.nbd_port is not None:
+            return f"nbd://127.0.0.1:{self.nbd_port}/{volume}"
+        return f"nbd+unix:///{volume}?socket={self.nbd_socket}"
+
+    # -- config -----------------------------------------------------------------------------
+
+    def write_config(self) -> Path:
+        nbd = f"127.0.0.1:{self.nbd_port}" if self.nbd_port else f"unix:{self.nbd_socket}"
+        lines = [
+            "[node]",
+            f'name = "{self.name}"',
+            f'state_dir = "{self.directory / "state"}"',
+            f'listen = "127.0.0.1:{self.peer_port}"',
+            f'control = "unix:{self.control_socket}"',
+            f'nbd = "{nbd}"',
+        ]
+        for volume in self.volumes:
+            lines += [
+                "",
+                "[[volume]]",
+                f'name = "{volume.name}"',
+                f'path = "{self.volume_path(volume)}"',
+                f"size = {parse_size(volume.size)}",
+                f"sector_size = {volume.sector_size}",
+                f"read_only = {'true' if volume.read_only else 'false'}",
+            ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        return self.config_path
+
+    # -- process ----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 20.0) -> None:
+        if not self.config_path.exists():
+            self.write_config()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "volkeeper", "daemon", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        self.wait_ready(timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"daemon {self.name} exited early:\n{self.log_path.read_text()}")
+            if self._control_answers():
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"daemon {self.name} not ready after {timeout}s:\n{self.log_text()}")
+
+    def _control_answers(self) -> bool:
+        try:
+            return self.api().get("/status").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def api(self) -> httpx.Client:
+        transport = httpx.HTTPTransport(uds=str(self.control_socket))
+        return httpx.Client(transport=transport, base_url="http://node", timeout=10)
+
+    def status(self) -> dict[str, object]:
+        with self.api() as client:
+            document: dict[str, object] = client.get("/status").json()
+            return document
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        """kill -9: no flush, no goodbye."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""

@@ -1,0 +1,41 @@
+"""Shared fixtures: real node daemons in temporary directories, stopped by PID afterwards."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+
+NodeFactory = Callable[..., LocalNode]
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start daemons with ``start_node(name=..., volumes=[VolumeSpec(...)], nbd_tcp=...)``.
+
+    Every daemon started here is stopped at teardown, and must exit 0 on SIGTERM.
+    """
+    nodes: list[LocalNode] = []
+
+    def factory(
+        name: str = "alpha", volumes: list[VolumeSpec] | None = None, **kw: object
+    ) -> LocalNode:
+        node = LocalNode(tmp_path / name, name, volumes or [VolumeSpec("data1")], **kw)  # type: ignore[arg-type]
+        nodes.append(node)
+        node.start()
+        return node
+
+    yield factory
+    codes = {node.name: node.stop() for node in nodes}
+    assert all(code == 0 for code in codes.values()), f"daemon exit status on SIGTERM: {codes}"
+
+
+def need(*programs: str) -> None:
+    """Skip when an external client is missing (make test installs them all)."""
+    missing = [p for p in programs if shutil.which(p) is None]
+    if missing:
+        pytest.skip(f"not installed: {', '.join(missing)} (make test installs them)")
