@@ -45,8 +45,6 @@ class ExportInfo:
             w.TransmissionFlag.HAS_FLAGS
             | w.TransmissionFlag.SEND_FLUSH
             | w.TransmissionFlag.SEND_FUA
-            | w.TransmissionFlag.SEND_TRIM
-            | w.TransmissionFlag.SEND_WRITE_ZEROES
             | w.TransmissionFlag.SEND_CACHE
             # One fd per volume shared by every connection, and replies sent only after
             # the I/O completed: a flush on any connection covers writes from all of them.
@@ -54,6 +52,8 @@ class ExportInfo:
         )
         if self.read_only:
             flags |= w.TransmissionFlag.READ_ONLY
+        else:
+            flags |= w.TransmissionFlag.SEND_TRIM | w.TransmissionFlag.SEND_WRITE_ZEROES
         return int(flags)
 
 
@@ -124,7 +124,7 @@ class ServerHandshake:
         (flags,) = w.CLIENT_FLAGS.unpack_from(self._buffer)
         del self._buffer[: w.CLIENT_FLAGS.size]
         known = w.ClientFlag.C_FIXED_NEWSTYLE | w.ClientFlag.C_NO_ZEROES
-        if flags & ~known:
+        if flags & ~int(known):
             return self._close(f"client sent unknown handshake flags 0x{flags:08x}")
         self._no_zeroes = bool(flags & w.ClientFlag.C_NO_ZEROES)
         self.state = HandshakeState.OPTIONS
@@ -143,6 +143,8 @@ class ServerHandshake:
             return None
         data = bytes(self._buffer[w.OPTION_HEADER.size : end])
         del self._buffer[:end]
+        if self._catalog.shutting_down and option != w.Option.ABORT:
+            return self._shutdown_reply(option)
         handler = _OPTION_HANDLERS.get(option)
         if handler is None:
             return _error(option, w.OptionReply.ERR_UNSUP, f"option {option} is not supported")
@@ -150,10 +152,15 @@ class ServerHandshake:
 
     # -- options ---------------------------------------------------------------------------
 
+    def _shutdown_reply(self, option: int) -> Reply:
+        if option == w.Option.EXPORT_NAME:  # it has no error reply: the spec says close
+            return self._close("NBD_OPT_EXPORT_NAME while the server is shutting down")
+        return _error(option, w.OptionReply.ERR_SHUTDOWN, "server is shutting down")
+
     def _opt_export_name(self, option: int, data: bytes) -> Reply:
         name = _decode(data)
         export = self._resolve(name) if name is not None else None
-        if export is None or self._catalog.shutting_down:
+        if export is None:
             return self._close(f"NBD_OPT_EXPORT_NAME asked for unavailable export {name!r}")
         self._enter_transmission(export)
         reply = w.EXPORT_NAME_REPLY.pack(export.size, export.transmission_flags)
@@ -167,8 +174,6 @@ class ServerHandshake:
     def _opt_list(self, option: int, data: bytes) -> Reply:
         if data:
             return _error(option, w.OptionReply.ERR_INVALID, "NBD_OPT_LIST takes no data")
-        if self._catalog.shutting_down:
-            return _error(option, w.OptionReply.ERR_SHUTDOWN, "server is shutting down")
         out = bytearray()
         for export in self._catalog.exports():
             name = export.name.encode()
@@ -180,8 +185,6 @@ class ServerHandshake:
         if isinstance(parsed, str):
             return _error(option, w.OptionReply.ERR_INVALID, parsed)
         name, requests = parsed
-        if self._catalog.shutting_down:
-            return _error(option, w.OptionReply.ERR_SHUTDOWN, "server is shutting down")
         export = self._resolve(name)
         if export is None:
             known = ", ".join(e.name for e in self._catalog.exports()) or "none"
@@ -233,7 +236,11 @@ def _reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
 
 
 def _error(option: int, reply_type: int, message: str) -> bytes:
-    return _reply(option, reply_type, message.encode())
+    """An error reply; its message, like every string in NBD, is at most 4096 bytes."""
+    text = message.encode()
+    if len(text) > w.MAX_STRING:
+        text = text[: w.MAX_STRING - 3].decode(errors="ignore").encode() + b"..."
+    return _reply(option, reply_type, text)
 
 
 def _decode(data: bytes) -> str | None:

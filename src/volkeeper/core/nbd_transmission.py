@@ -74,7 +74,7 @@ def validate(command: int, flags: int, offset: int, length: int, export: ExportI
         return w.Errno.ENOSPC if command in (Cmd.WRITE, Cmd.WRITE_ZEROES) else w.Errno.EINVAL
     if command == Cmd.FLUSH and (offset or length):
         return w.Errno.EINVAL
-    if flags & ~_KNOWN_FLAGS:
+    if flags & ~int(_KNOWN_FLAGS):
         return w.Errno.EINVAL
     for flag, commands in _FLAG_ONLY_ON.items():
         if flags & flag and command not in commands:

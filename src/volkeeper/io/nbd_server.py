@@ -251,10 +251,9 @@ class NbdConnection(asyncio.Protocol):
                 if done == request.length:
                     self._reply(request, w.Errno.OK, started=started)
                     return True
-                if done:
+                if done:  # the pool writes the rest; length stays whole for the stats
                     request.payload = request.payload[done:]
                     request.offset += done
-                    request.length -= done
         except VolumeError as exc:
             self._reply_error(request, exc, started)
             return True
@@ -291,7 +290,7 @@ class NbdConnection(asyncio.Protocol):
     ) -> None:
         op = _OP_NAMES.get(request.command)
         if started is not None and op is not None and self._service is not None:
-            nbytes = request.length if op in ("read", "write") else 0
+            nbytes = request.length if op in ("read", "write") and not error else 0
             self._service.stats.record(op, nbytes, time.perf_counter() - started, failed=error != 0)
         if self._transport is None or self._transport.is_closing():
             return
