@@ -11,7 +11,7 @@ stable ``code``.  The OpenAPI document is at ``/openapi.json``.
 from __future__ import annotations
 
 import contextlib
-import os
+import socket
 from collections.abc import Generator
 from typing import Any, Protocol
 
@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from volkeeper import __version__
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.daemon.metrics import render
+from volkeeper.io.listeners import bind_listener, remove_listener
 
 
 class NodeView(Protocol):
@@ -82,25 +83,27 @@ class _QuietServer(uvicorn.Server):
 
 
 class ControlServer:
+    """uvicorn on a socket bound up front, so a bad address fails the node's start cleanly."""
+
     def __init__(self, node: NodeView, address: UnixAddress | TcpAddress) -> None:
         self.address = address
-        options: dict[str, Any] = {"log_level": "warning", "lifespan": "off", "access_log": False}
-        if isinstance(address, UnixAddress):
-            options["uds"] = address.path
-        else:
-            options.update(host=address.host, port=address.port)
-        self._server = _QuietServer(uvicorn.Config(create_app(node), **options))
+        config = uvicorn.Config(
+            create_app(node), log_level="warning", lifespan="off", access_log=False
+        )
+        self._server = _QuietServer(config)
+        self._socket: socket.socket | None = None
+
+    def bind(self) -> None:
+        self._socket = bind_listener(self.address, "the control API")
 
     async def serve(self) -> None:
-        if isinstance(self.address, UnixAddress):
-            os.makedirs(os.path.dirname(self.address.path) or ".", exist_ok=True)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.address.path)
-        await self._server.serve()
-
-    @property
-    def started(self) -> bool:
-        return self._server.started
+        assert self._socket is not None, "bind() first"
+        await self._server.serve(sockets=[self._socket])
 
     def stop(self) -> None:
         self._server.should_exit = True
+
+    def close(self) -> None:
+        if self._socket is not None:
+            remove_listener(self.address, self._socket)
+            self._socket = None

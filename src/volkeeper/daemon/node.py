@@ -51,6 +51,7 @@ class Node:
 
     async def start(self) -> None:
         os.makedirs(self.config.node.state_dir, exist_ok=True)
+        self.control.bind()  # first: a node that is already running is found before anything
         for volume_config in self.config.volumes:
             volume = open_volume(
                 volume_config.name,
@@ -69,7 +70,7 @@ class Node:
     async def _serve_control(self) -> None:
         try:
             await self.control.serve()
-        except Exception as exc:  # the data path must outlive the management path
+        except (Exception, SystemExit) as exc:  # the data path outlives the management path
             log.error("control API failed; NBD keeps serving", error=repr(exc))
 
     async def wait_stopped(self) -> None:
@@ -92,6 +93,7 @@ class Node:
         if self._control_task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._control_task, timeout=5)
+        self.control.close()
         self.executor.shutdown(wait=True)
         log.info("node stopped", node=self.name)
 

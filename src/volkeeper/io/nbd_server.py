@@ -21,9 +21,7 @@ get ESHUTDOWN, in-flight requests finish, then every connection is closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,6 +34,7 @@ from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.core.nbd_handshake import ExportInfo, HandshakeState, ServerHandshake
 from volkeeper.core.nbd_transmission import Request, RequestParser, simple_reply
 from volkeeper.errors import ProtocolError, VolumeError
+from volkeeper.io.listeners import bind_listener, remove_listener
 from volkeeper.io.volume_service import VolumeService
 
 log = structlog.get_logger("volkeeper.nbd")
@@ -74,6 +73,7 @@ class NbdServer:
     def __init__(self, services: Callable[[], Sequence[VolumeService]]) -> None:
         self._services = services
         self._servers: list[asyncio.Server] = []
+        self._listeners: list[tuple[UnixAddress | TcpAddress, socket.socket]] = []
         self._connections: set[NbdConnection] = set()
         self._shutting_down = False
 
@@ -97,15 +97,12 @@ class NbdServer:
 
     async def listen(self, address: UnixAddress | TcpAddress) -> None:
         loop = asyncio.get_running_loop()
+        sock = bind_listener(address, "NBD")
+        self._listeners.append((address, sock))
         if isinstance(address, UnixAddress):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(address.path)
-            os.makedirs(os.path.dirname(address.path) or ".", exist_ok=True)
-            server = await loop.create_unix_server(self._new_connection, address.path)
+            server = await loop.create_unix_server(self._new_connection, sock=sock)
         else:
-            server = await loop.create_server(
-                self._new_connection, address.host, address.port, reuse_address=True
-            )
+            server = await loop.create_server(self._new_connection, sock=sock)
         self._servers.append(server)
         log.info("nbd listening", address=str(address))
 
@@ -128,6 +125,8 @@ class NbdServer:
         await asyncio.gather(*(c.drain_and_close() for c in list(self._connections)))
         for server in self._servers:
             await server.wait_closed()
+        for address, sock in self._listeners:
+            remove_listener(address, sock)
 
     @property
     def connection_count(self) -> int:
@@ -221,7 +220,7 @@ class NbdConnection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         if request.error:
-            self._reply(request, request.error)
+            self._reply(request, request.error, started=time.perf_counter())
         elif request.command == Cmd.DISC:
             log.info("nbd client disconnected", peer=self._peer)
             self._closing = True
