@@ -89,7 +89,7 @@ class Node:
                 await loop.run_in_executor(self.executor, service.volume.flush)
             except VolumeError as exc:
                 log.error("flush at shutdown failed", volume=service.name, error=str(exc))
-            service.volume.close()
+            service.close()
         if self._control_task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._control_task, timeout=5)

@@ -5,14 +5,15 @@ an ``NbdConnection`` (an ``asyncio.Protocol``, so bytes arrive by callback with 
 task).  The connection runs ``ServerHandshake`` until an export is chosen, then feeds a
 ``RequestParser`` and dispatches each validated request to the export's ``VolumeService``:
 
-* a request that completes without blocking (cached read, page-cache write) is answered
-  inside ``data_received`` -- no task, no thread;
-* anything else becomes a task; its reply goes out whenever it finishes, so replies can
-  overtake each other (the cookie tells the client which request is answered).
+* a request that completes without waiting on a disk (cached read, page-cache write, a flush
+  when nothing else is in flight) is answered inside ``data_received`` -- no task, no thread;
+* anything else runs on a worker thread and is answered from its completion callback, so
+  replies can overtake each other (the cookie tells the client which request is answered).
 
-Back-pressure: reading from a client pauses while it has ``MAX_IN_FLIGHT`` requests running or
-while the transport's send buffer is full.  A protocol violation closes that one client; a
-failing volume becomes an NBD error code; neither ever reaches the other connections.
+Replies are queued and leave in one ``writelines`` per batch of input or completion.
+Back-pressure: reading from a client pauses while it has ``MAX_IN_FLIGHT`` requests on
+threads or while the transport's send buffer is full.  A protocol violation closes that one
+client; a failing volume becomes an NBD error code; neither reaches the other connections.
 
 Shutdown (``close``): listeners stop, handshakes in progress get ERR_SHUTDOWN, new requests
 get ESHUTDOWN, in-flight requests finish, then every connection is closed.
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import socket
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import cast
 
 import structlog
@@ -32,7 +35,7 @@ import structlog
 from volkeeper.core import nbd_wire as w
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.core.nbd_handshake import ExportInfo, HandshakeState, ServerHandshake
-from volkeeper.core.nbd_transmission import Request, RequestParser, simple_reply
+from volkeeper.core.nbd_transmission import FUA, NO_HOLE, Request, RequestParser, simple_reply
 from volkeeper.errors import ProtocolError, VolumeError
 from volkeeper.io.listeners import bind_listener, remove_listener
 from volkeeper.io.volume_service import VolumeService
@@ -76,6 +79,7 @@ class NbdServer:
         self._listeners: list[tuple[UnixAddress | TcpAddress, socket.socket]] = []
         self._connections: set[NbdConnection] = set()
         self._shutting_down = False
+        self.in_flight = 0  # requests on worker threads, all connections together
 
     # -- ExportCatalog ----------------------------------------------------------------------
 
@@ -146,7 +150,11 @@ class NbdConnection(asyncio.Protocol):
         self._parser: RequestParser | None = None
         self._service: VolumeService | None = None
         self._transport: asyncio.Transport | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._in_flight = 0
+        self._drained: asyncio.Future[None] | None = None
+        self._out: list[bytes | bytearray] = []  # replies waiting for the next send
+        self._send_scheduled = False
         self._reading_paused = False
         self._writing_paused = False
         self._closing = False
@@ -157,6 +165,7 @@ class NbdConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass it
+        self._loop = asyncio.get_running_loop()
         self._peer = str(self._transport.get_extra_info("peername") or "unix")
         self._server._register(self, True)
         assert self._handshake is not None
@@ -183,6 +192,7 @@ class NbdConnection(asyncio.Protocol):
             assert self._parser is not None
             self._parser.feed(data)
             self._dispatch_all()
+        self._send()
 
     # -- handshake --------------------------------------------------------------------------
 
@@ -219,60 +229,76 @@ class NbdConnection(asyncio.Protocol):
             self._dispatch(request)
 
     def _dispatch(self, request: Request) -> None:
+        started = time.perf_counter()
         if request.error:
-            self._reply(request, request.error, started=time.perf_counter())
+            self._reply(request, request.error, started=started)
         elif request.command == Cmd.DISC:
             log.info("nbd client disconnected", peer=self._peer)
             self._closing = True
             self._closer = asyncio.ensure_future(self.drain_and_close())
         elif self._server.shutting_down:
             self._reply(request, w.Errno.ESHUTDOWN)
-        elif not self._try_inline(request):
-            task = asyncio.ensure_future(self._run(request))
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
-            self._update_reading()
+        else:
+            try:
+                if not self._try_inline(request, started):
+                    self._submit(request, started)
+            except VolumeError as exc:
+                self._reply_error(request, exc, started)
 
-    def _try_inline(self, request: Request) -> bool:
-        """Answer now if the request can complete without blocking the loop."""
+    def _try_inline(self, request: Request, started: float) -> bool:
+        """Answer now if the request can complete on the loop without waiting on a disk."""
         service = self._service
         assert service is not None
-        started = time.perf_counter()
-        try:
-            if request.command == Cmd.READ:
-                data = service.try_read(request.offset, request.length)
-                if data is None:
-                    return False
-                self._reply(request, w.Errno.OK, data, started)
+        command = request.command
+        if command == Cmd.READ:
+            data = service.try_read(request.offset, request.length)
+            if data is None:
+                return False
+            self._reply(request, w.Errno.OK, data, started)
+            return True
+        if command == Cmd.WRITE and not request.flags & FUA:
+            done = service.try_write(request.offset, request.payload)
+            if done == request.length:
+                self._reply(request, w.Errno.OK, started=started)
                 return True
-            if request.command == Cmd.WRITE and not request.fua:
-                done = service.try_write(request.offset, request.payload)
-                if done == request.length:
-                    self._reply(request, w.Errno.OK, started=started)
-                    return True
-                if done:  # the pool writes the rest; length stays whole for the stats
-                    request.payload = request.payload[done:]
-                    request.offset += done
-        except VolumeError as exc:
-            self._reply_error(request, exc, started)
+            if done:  # the writer thread writes the rest; length stays whole for the stats
+                request.payload = request.payload[done:]
+                request.offset += done
+            return False
+        if command == Cmd.FLUSH and self._server.in_flight == 0 and service.writer_idle:
+            # Nothing else is waiting anywhere: fdatasync here beats two thread hand-offs
+            # (QD1 write+flush loads).  Under concurrency flushes go to the writer thread.
+            service.volume.flush()
+            self._reply(request, w.Errno.OK, started=started)
             return True
         return False
 
-    async def _run(self, request: Request) -> None:
-        assert self._service is not None
-        started = time.perf_counter()
-        try:
-            data = await _EXECUTE[request.command](self._service, request)
-        except VolumeError as exc:
-            self._reply_error(request, exc, started)
-        else:
-            self._reply(request, w.Errno.OK, data, started)
+    def _submit(self, request: Request, started: float) -> None:
+        service, loop = self._service, self._loop
+        assert service is not None and loop is not None
+        function, args, mutating = _blocking_call(service, request)
+        self._in_flight += 1
+        self._server.in_flight += 1
+        done = functools.partial(self._completed, request, started)
+        service.submit(loop, function, *args, mutating=mutating, on_done=done)
+        self._update_reading()
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("nbd request crashed", peer=self._peer, error=repr(task.exception()))
+    def _completed(self, request: Request, started: float, future: Future[object]) -> None:
+        self._in_flight -= 1
+        self._server.in_flight -= 1
+        error = future.exception()
+        if error is None:
+            result = future.result()
+            data = result if isinstance(result, bytes | bytearray) else None
+            self._reply(request, w.Errno.OK, data, started)
+        elif isinstance(error, VolumeError):
+            self._reply_error(request, error, started)
+        else:
+            log.error("nbd request crashed", peer=self._peer, error=repr(error))
             self._close()
+        self._send()
+        if self._in_flight == 0 and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
         self._update_reading()
 
     def _reply_error(self, request: Request, exc: VolumeError, started: float) -> None:
@@ -287,22 +313,26 @@ class NbdConnection(asyncio.Protocol):
         data: bytes | bytearray | None = None,
         started: float | None = None,
     ) -> None:
+        """Queue a reply; ``_send`` writes everything queued in one call."""
         op = _OP_NAMES.get(request.command)
         if started is not None and op is not None and self._service is not None:
             nbytes = request.length if op in ("read", "write") and not error else 0
             self._service.stats.record(op, nbytes, time.perf_counter() - started, failed=error != 0)
-        if self._transport is None or self._transport.is_closing():
-            return
-        header = simple_reply(request.cookie, error)
+        self._out.append(simple_reply(request.cookie, error))
         if data is not None and not error:
-            self._transport.writelines((header, data))
-        else:
-            self._transport.write(header)
+            self._out.append(data)
+
+    def _send(self) -> None:
+        if not self._out:
+            return
+        out, self._out = self._out, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.writelines(out)
 
     def _update_reading(self) -> None:
         if self._transport is None or self._transport.is_closing():
             return
-        should_pause = self._writing_paused or len(self._tasks) >= MAX_IN_FLIGHT
+        should_pause = self._writing_paused or self._in_flight >= MAX_IN_FLIGHT
         if should_pause and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
@@ -311,11 +341,14 @@ class NbdConnection(asyncio.Protocol):
             self._transport.resume_reading()
             if self._parser is not None:
                 self._dispatch_all()
+                self._send()
 
     async def drain_and_close(self) -> None:
         """Let in-flight requests finish and send their replies, then close."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._in_flight:
+            self._drained = asyncio.get_running_loop().create_future()
+            await self._drained
+        self._send()
         self._close()
 
     def _close(self) -> None:
@@ -324,36 +357,20 @@ class NbdConnection(asyncio.Protocol):
             self._transport.close()
 
 
-async def _execute_read(service: VolumeService, request: Request) -> bytes | bytearray:
-    return await service.read(request.offset, request.length)
-
-
-async def _execute_write(service: VolumeService, request: Request) -> None:
-    await service.write(request.offset, request.payload, fua=request.fua)
-
-
-async def _execute_flush(service: VolumeService, request: Request) -> None:
-    await service.flush()
-
-
-async def _execute_trim(service: VolumeService, request: Request) -> None:
-    await service.trim(request.offset, request.length, fua=request.fua)
-
-
-async def _execute_zero(service: VolumeService, request: Request) -> None:
-    may_trim = not request.flags & w.CommandFlag.NO_HOLE
-    await service.write_zeroes(request.offset, request.length, may_trim=may_trim, fua=request.fua)
-
-
-async def _execute_cache(service: VolumeService, request: Request) -> None:
-    await service.cache(request.offset, request.length)
-
-
-_EXECUTE: dict[int, Callable[[VolumeService, Request], Awaitable[bytes | bytearray | None]]] = {
-    Cmd.READ: _execute_read,
-    Cmd.WRITE: _execute_write,
-    Cmd.FLUSH: _execute_flush,
-    Cmd.TRIM: _execute_trim,
-    Cmd.WRITE_ZEROES: _execute_zero,
-    Cmd.CACHE: _execute_cache,
-}
+def _blocking_call(
+    service: VolumeService, request: Request
+) -> tuple[Callable[..., object], tuple[object, ...], bool]:
+    """(function, args, mutating) that carries out a request on a worker thread."""
+    command, offset, length, fua = request.command, request.offset, request.length, request.fua
+    if command == Cmd.READ:
+        return service.volume.read, (offset, length), False
+    if command == Cmd.WRITE:
+        return service.write, (offset, request.payload, fua), True
+    if command == Cmd.FLUSH:
+        return service.volume.flush, (), True
+    if command == Cmd.TRIM:
+        return service.trim, (offset, length, fua), True
+    if command == Cmd.WRITE_ZEROES:
+        may_trim = not request.flags & NO_HOLE
+        return service.write_zeroes, (offset, length, may_trim, fua), True
+    return service.volume.cache, (offset, length), False

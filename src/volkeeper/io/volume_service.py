@@ -1,14 +1,22 @@
-"""A volume as the NBD server sees it: non-blocking fast paths, a thread pool, a lock.
+"""A volume as the NBD server sees it: inline fast paths, an ordered writer thread, a lock.
 
-How this works: the event loop should not wait on a disk.  Reads first try a syscall that
-cannot block (``preadv2`` with RWF_NOWAIT, the backend's ``read_nowait``): a page-cache hit
-completes on the loop with no thread hop; a miss goes to the node's thread pool.  Writes try
-``pwritev2`` with RWF_NOWAIT; where the kernel does not offer that for buffered writes they are
-written inline (a page-cache copy), and where it answers "would block" they go to the pool.
-Flushes, FUA writes, trims and zeroing always go to the pool (they block by nature).
+How this works: the event loop should not wait on a disk, and a hop to a thread and back
+costs tens of microseconds, so each request takes the cheapest safe route:
 
-Write order: a write takes the fast path only while no earlier write of this volume is still
-in the pool, so writes reach the volume in the order they were accepted.
+    request                          route
+    read, data in the page cache     inline: ``preadv2(RWF_NOWAIT)`` answers on the loop
+    read, cache miss                 the node's shared reader pool (many threads, parallel)
+    small write, writer idle         inline: RWF_NOWAIT where the kernel has it, else a plain
+                                     buffered ``pwrite`` (a page-cache copy of a few us)
+    other writes, trim, zero, flush  this volume's writer thread, one at a time, in order
+
+Write order: mutations go to the writer thread in arrival order, and a write is only done
+inline while the writer has nothing queued, so the volume sees writes in the order they were
+accepted.  ``submit`` runs a blocking call on a thread and calls ``on_done(future)`` back on
+the event loop, with no asyncio Task in between.
+
+Cold reads: while reads keep missing the page cache, the RWF_NOWAIT probe is skipped for most
+of them (a wasted syscall and buffer each) and retried now and then.
 
 A locked volume (the target of a mirror, or configured read-only) is exported read-only and
 its description says why; the NBD layer turns writes to it into EPERM.
@@ -18,39 +26,47 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import Executor
-from typing import TypeVar
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 
 from volkeeper.core.nbd_handshake import ExportInfo
 from volkeeper.core.stats import VolumeStats
 from volkeeper.io.volume import Volume
 
 Buffer = bytes | bytearray | memoryview
-T = TypeVar("T")
+Done = Callable[["Future[object]"], None]
+
+INLINE_WRITE_MAX = 64 * 1024  # larger writes overlap with parsing on the writer thread
+MISSES_BEFORE_SKIPPING = 8  # consecutive cache misses before the probe is rationed
+PROBE_EVERY = 16  # while rationed, probe one read in this many
 
 
 class VolumeService:
-    def __init__(self, volume: Volume, executor: Executor, *, read_only: bool = False) -> None:
+    def __init__(self, volume: Volume, readers: Executor, *, read_only: bool = False) -> None:
         self.volume = volume
         self.stats = VolumeStats()
         self.read_only = read_only
         self.lock_reason: str | None = "configured read-only" if read_only else None
-        self._executor = executor
-        self._writes_in_pool = 0
+        self._readers = readers
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"volkeeper-{volume.name}")
+        self._mutations_queued = 0
+        self._read_misses = 0
 
     @property
     def name(self) -> str:
         return self.volume.name
 
+    @property
+    def writer_idle(self) -> bool:
+        return self._mutations_queued == 0
+
     def export_info(self) -> ExportInfo:
         locked = self.lock_reason is not None
-        description = f"locked: {self.lock_reason}" if locked else ""
         return ExportInfo(
             name=self.volume.name,
             size=self.volume.size,
             min_block_size=self.volume.sector_size,
             read_only=locked,
-            description=description,
+            description=f"locked: {self.lock_reason}" if locked else "",
         )
 
     def lock(self, reason: str) -> None:
@@ -60,68 +76,69 @@ class VolumeService:
     def unlock(self) -> None:
         self.lock_reason = "configured read-only" if self.read_only else None
 
-    # -- fast paths, called on the event loop --------------------------------------------
+    # -- inline fast paths, on the event loop ---------------------------------------------
 
     def try_read(self, offset: int, length: int) -> bytes | bytearray | None:
-        return self.volume.read_nowait(offset, length)
+        misses = self._read_misses
+        if misses >= MISSES_BEFORE_SKIPPING and misses % PROBE_EVERY:
+            self._read_misses += 1
+            return None
+        data = self.volume.read_nowait(offset, length)
+        self._read_misses = 0 if data is not None else misses + 1
+        return data
 
     def try_write(self, offset: int, data: bytes) -> int:
-        """Bytes written on the loop; 0 while earlier writes are still in the pool.
-
-        Where the kernel cannot do non-blocking buffered writes (ext4 and tmpfs, as of
-        Linux 6.18), the write is done inline anyway: a page-cache copy costs a few
-        microseconds, a hop to the thread pool and back tens of them.
-        """
-        if self._writes_in_pool:
+        """Bytes written on the loop: 0 if the writer is busy or the write is large."""
+        if self._mutations_queued or len(data) > INLINE_WRITE_MAX:
             return 0
-        done = self.volume.write_nowait(offset, data)
-        if done < len(data) and not self.volume.nowait_writes:
-            self.volume.write(offset + done, memoryview(data)[done:])
+        if not self.volume.nowait_writes:
+            self.volume.write(offset, data)
             return len(data)
-        return done
+        return self.volume.write_nowait(offset, data)
 
-    # -- slow paths, through the pool ------------------------------------------------------
+    # -- threads ----------------------------------------------------------------------------
 
-    async def _in_pool(self, function: Callable[..., T], *args: object) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, function, *args)
+    def submit(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        function: Callable[..., object],
+        *args: object,
+        mutating: bool,
+        on_done: Done,
+    ) -> None:
+        """Run ``function(*args)`` on a thread; ``on_done(future)`` runs on ``loop`` after."""
+        if mutating:
+            self._mutations_queued += 1
+        future = (self._writer if mutating else self._readers).submit(function, *args)
 
-    async def _mutate_in_pool(self, function: Callable[..., None], *args: object) -> None:
-        self._writes_in_pool += 1
-        try:
-            await self._in_pool(function, *args)
-        finally:
-            self._writes_in_pool -= 1
+        def finished(future: Future[object]) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(self._finished, future, mutating, on_done)
 
-    async def read(self, offset: int, length: int) -> bytes | bytearray:
-        return await self._in_pool(self.volume.read, offset, length)
+        future.add_done_callback(finished)
 
-    async def write(self, offset: int, data: Buffer, *, fua: bool) -> None:
-        await self._mutate_in_pool(self._write_blocking, offset, data, fua)
+    def _finished(self, future: Future[object], mutating: bool, on_done: Done) -> None:
+        if mutating:
+            self._mutations_queued -= 1
+        on_done(future)
 
-    async def trim(self, offset: int, length: int, *, fua: bool) -> None:
-        await self._mutate_in_pool(self._trim_blocking, offset, length, fua)
+    def close(self) -> None:
+        """Wait for queued mutations, then close the volume."""
+        self._writer.shutdown(wait=True)
+        self.volume.close()
 
-    async def write_zeroes(self, offset: int, length: int, *, may_trim: bool, fua: bool) -> None:
-        await self._mutate_in_pool(self._zero_blocking, offset, length, may_trim, fua)
+    # -- blocking bodies, run on threads ----------------------------------------------------
 
-    async def flush(self) -> None:
-        await self._in_pool(self.volume.flush)
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self._in_pool(self.volume.cache, offset, length)
-
-    def _write_blocking(self, offset: int, data: Buffer, fua: bool) -> None:
+    def write(self, offset: int, data: Buffer, fua: bool) -> None:
         self.volume.write(offset, data)
         if fua:
             self.volume.flush()
 
-    def _trim_blocking(self, offset: int, length: int, fua: bool) -> None:
+    def trim(self, offset: int, length: int, fua: bool) -> None:
         self.volume.trim(offset, length)
         if fua:
             self.volume.flush()
 
-    def _zero_blocking(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, may_trim: bool, fua: bool) -> None:
         self.volume.write_zeroes(offset, length, may_trim=may_trim)
         if fua:
             self.volume.flush()
