@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
@@ -26,6 +25,7 @@ from volkeeper.errors import VolumeError
 from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.volume import open_volume
 from volkeeper.io.volume_service import VolumeService
+from volkeeper.io.workers import IoWorkers
 
 log = structlog.get_logger("volkeeper.node")
 
@@ -37,7 +37,7 @@ class Node:
         self.config = config
         self.name = config.node.name
         self.services: list[VolumeService] = []
-        self.executor = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="volkeeper-io")
+        self.readers = IoWorkers(IO_THREADS, "volkeeper-read")
         self.nbd = NbdServer(lambda: self.services)
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(
@@ -61,7 +61,7 @@ class Node:
                 read_only=volume_config.read_only,
             )
             self.services.append(
-                VolumeService(volume, self.executor, read_only=volume_config.read_only)
+                VolumeService(volume, self.readers, read_only=volume_config.read_only)
             )
             log.info("volume opened", volume=volume.name, path=volume.path, size=volume.size)
         await self.nbd.listen(self.config.node.nbd)
@@ -83,18 +83,16 @@ class Node:
     async def stop(self) -> None:
         self.control.stop()
         await self.nbd.close()
-        loop = asyncio.get_running_loop()
-        for service in self.services:
+        for service in self.services:  # nothing is in flight now: blocking here is fine
             try:
-                await loop.run_in_executor(self.executor, service.volume.flush)
+                service.close()
             except VolumeError as exc:
                 log.error("flush at shutdown failed", volume=service.name, error=str(exc))
-            service.close()
         if self._control_task is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._control_task, timeout=5)
         self.control.close()
-        self.executor.shutdown(wait=True)
+        self.readers.shutdown()
         log.info("node stopped", node=self.name)
 
     # -- views for the control API --------------------------------------------------------

@@ -27,7 +27,6 @@ import functools
 import socket
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import cast
 
 import structlog
@@ -150,7 +149,6 @@ class NbdConnection(asyncio.Protocol):
         self._parser: RequestParser | None = None
         self._service: VolumeService | None = None
         self._transport: asyncio.Transport | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
         self._drained: asyncio.Future[None] | None = None
         self._out: list[bytes | bytearray] = []  # replies waiting for the next send
@@ -165,7 +163,6 @@ class NbdConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass it
-        self._loop = asyncio.get_running_loop()
         self._peer = str(self._transport.get_extra_info("peername") or "unix")
         self._server._register(self, True)
         assert self._handshake is not None
@@ -274,21 +271,21 @@ class NbdConnection(asyncio.Protocol):
         return False
 
     def _submit(self, request: Request, started: float) -> None:
-        service, loop = self._service, self._loop
-        assert service is not None and loop is not None
+        service = self._service
+        assert service is not None
         function, args, mutating = _blocking_call(service, request)
         self._in_flight += 1
         self._server.in_flight += 1
         done = functools.partial(self._completed, request, started)
-        service.submit(loop, function, *args, mutating=mutating, on_done=done)
+        service.submit(function, *args, mutating=mutating, on_done=done)
         self._update_reading()
 
-    def _completed(self, request: Request, started: float, future: Future[object]) -> None:
+    def _completed(
+        self, request: Request, started: float, result: object, error: BaseException | None
+    ) -> None:
         self._in_flight -= 1
         self._server.in_flight -= 1
-        error = future.exception()
         if error is None:
-            result = future.result()
             data = result if isinstance(result, bytes | bytearray) else None
             self._reply(request, w.Errno.OK, data, started)
         elif isinstance(error, VolumeError):

@@ -12,8 +12,8 @@ costs tens of microseconds, so each request takes the cheapest safe route:
 
 Write order: mutations go to the writer thread in arrival order, and a write is only done
 inline while the writer has nothing queued, so the volume sees writes in the order they were
-accepted.  ``submit`` runs a blocking call on a thread and calls ``on_done(future)`` back on
-the event loop, with no asyncio Task in between.
+accepted.  ``submit`` runs a blocking call on a thread and calls ``on_done(result, error)``
+back on the event loop (see io/workers.py), with no asyncio Task or Future in between.
 
 Cold reads: while reads keep missing the page cache, the RWF_NOWAIT probe is skipped for most
 of them (a wasted syscall and buffer each) and retried now and then.
@@ -24,16 +24,15 @@ its description says why; the NBD layer turns writes to it into EPERM.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from typing import Any
 
 from volkeeper.core.nbd_handshake import ExportInfo
 from volkeeper.core.stats import VolumeStats
 from volkeeper.io.volume import Volume
+from volkeeper.io.workers import Done, IoWorkers
 
 Buffer = bytes | bytearray | memoryview
-Done = Callable[["Future[object]"], None]
 
 INLINE_WRITE_MAX = 64 * 1024  # larger writes overlap with parsing on the writer thread
 MISSES_BEFORE_SKIPPING = 8  # consecutive cache misses before the probe is rationed
@@ -41,13 +40,13 @@ PROBE_EVERY = 16  # while rationed, probe one read in this many
 
 
 class VolumeService:
-    def __init__(self, volume: Volume, readers: Executor, *, read_only: bool = False) -> None:
+    def __init__(self, volume: Volume, readers: IoWorkers, *, read_only: bool = False) -> None:
         self.volume = volume
         self.stats = VolumeStats()
         self.read_only = read_only
         self.lock_reason: str | None = "configured read-only" if read_only else None
         self._readers = readers
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"volkeeper-{volume.name}")
+        self._writer = IoWorkers(1, f"volkeeper-{volume.name}")
         self._mutations_queued = 0
         self._read_misses = 0
 
@@ -99,32 +98,27 @@ class VolumeService:
     # -- threads ----------------------------------------------------------------------------
 
     def submit(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        function: Callable[..., object],
-        *args: object,
-        mutating: bool,
-        on_done: Done,
+        self, function: Callable[..., Any], *args: Any, mutating: bool, on_done: Done
     ) -> None:
-        """Run ``function(*args)`` on a thread; ``on_done(future)`` runs on ``loop`` after."""
-        if mutating:
-            self._mutations_queued += 1
-        future = (self._writer if mutating else self._readers).submit(function, *args)
+        """Run ``function(*args)`` on a thread; ``on_done(result, error)`` runs on the loop."""
+        if not mutating:
+            self._readers.submit(function, args, on_done)
+            return
+        self._mutations_queued += 1
 
-        def finished(future: Future[object]) -> None:  # on the worker thread
-            loop.call_soon_threadsafe(self._finished, future, mutating, on_done)
-
-        future.add_done_callback(finished)
-
-    def _finished(self, future: Future[object], mutating: bool, on_done: Done) -> None:
-        if mutating:
+        def finished(result: Any, error: BaseException | None) -> None:
             self._mutations_queued -= 1
-        on_done(future)
+            on_done(result, error)
+
+        self._writer.submit(function, args, finished)
 
     def close(self) -> None:
-        """Wait for queued mutations, then close the volume."""
-        self._writer.shutdown(wait=True)
-        self.volume.close()
+        """Let queued mutations finish, flush, close the volume."""
+        self._writer.shutdown()
+        try:
+            self.volume.flush()
+        finally:
+            self.volume.close()
 
     # -- blocking bodies, run on threads ----------------------------------------------------
 
