@@ -1,12 +1,14 @@
 """asyncio adapter around the sans-IO NBD core: listeners, connections, request dispatch.
 
 How this works: ``NbdServer`` listens on unix sockets and TCP ports; each accepted socket gets
-an ``NbdConnection`` (an ``asyncio.Protocol``, so bytes arrive by callback with no per-read
-task).  The connection runs ``ServerHandshake`` until an export is chosen, then feeds a
+an ``NbdConnection`` (an ``asyncio.BufferedProtocol``: bytes arrive by callback with no
+per-read task, into a reused staging buffer -- or, for the bulk of a large WRITE, straight into
+that write's payload buffer, so megabyte writes are never copied in user space).  The
+connection runs ``ServerHandshake`` until an export is chosen, then feeds a
 ``RequestParser`` and dispatches each validated request to the export's ``VolumeService``:
 
 * a request that completes without waiting on a disk (cached read, page-cache write, a flush
-  when nothing else is in flight) is answered inside ``data_received`` -- no task, no thread;
+  when nothing else is in flight) is answered inside ``buffer_updated`` -- no task, no thread;
 * anything else runs on a worker thread and is answered from its completion callback, so
   replies can overtake each other (the cookie tells the client which request is answered).
 
@@ -42,6 +44,8 @@ from volkeeper.io.volume_service import VolumeService
 log = structlog.get_logger("volkeeper.nbd")
 
 MAX_IN_FLIGHT = 64
+STAGING_BYTES = 256 * 1024  # receive buffer of a connection
+DIRECT_RECEIVE_BYTES = 64 * 1024  # a WRITE payload still missing this much is received in place
 Cmd = w.Command
 
 _OP_NAMES: dict[int, str] = {
@@ -142,9 +146,11 @@ class NbdServer:
             self._connections.discard(connection)
 
 
-class NbdConnection(asyncio.Protocol):
+class NbdConnection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer) -> None:
         self._server = server
+        self._staging = memoryview(bytearray(STAGING_BYTES))
+        self._direct = False  # the last get_buffer() handed out a WRITE payload window
         self._handshake: ServerHandshake | None = ServerHandshake(server)
         self._parser: RequestParser | None = None
         self._service: VolumeService | None = None
@@ -180,14 +186,24 @@ class NbdConnection(asyncio.Protocol):
         self._writing_paused = False
         self._update_reading()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Where the transport puts the next bytes: a big WRITE's payload, else staging."""
+        window = self._parser.payload_window() if self._parser is not None else None
+        self._direct = window is not None and len(window) >= DIRECT_RECEIVE_BYTES
+        return window if self._direct and window is not None else self._staging
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
             return
-        if self._handshake is not None:
-            self._negotiate(data)
+        if self._direct:
+            assert self._parser is not None
+            self._parser.payload_received(nbytes)
+            self._dispatch_all()
+        elif self._handshake is not None:
+            self._negotiate(bytes(self._staging[:nbytes]))
         else:
             assert self._parser is not None
-            self._parser.feed(data)
+            self._parser.feed(self._staging[:nbytes])
             self._dispatch_all()
         self._send()
 
@@ -285,6 +301,8 @@ class NbdConnection(asyncio.Protocol):
     ) -> None:
         self._in_flight -= 1
         self._server.in_flight -= 1
+        if request.command == Cmd.WRITE and self._parser is not None:
+            self._parser.recycle(request.payload)
         if error is None:
             data = result if isinstance(result, bytes | bytearray) else None
             self._reply(request, w.Errno.OK, data, started)

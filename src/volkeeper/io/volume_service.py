@@ -86,7 +86,7 @@ class VolumeService:
         self._read_misses = 0 if data is not None else misses + 1
         return data
 
-    def try_write(self, offset: int, data: bytes) -> int:
+    def try_write(self, offset: int, data: Buffer) -> int:
         """Bytes written on the loop: 0 if the writer is busy or the write is large."""
         if self._mutations_queued or len(data) > INLINE_WRITE_MAX:
             return 0
