@@ -1,0 +1,89 @@
+"""Mirror states as users see them, and the table of what moves a mirror between them.
+
+How this works: a mirror is always in one of DataKeeper's states (names kept exactly).  Events
+come from the replication engine and the administrator; ``next_state(state, event)`` looks the
+pair up in ``TRANSITIONS`` and raises ``IllegalTransition`` (with both names) for a pair the
+table does not list, so an impossible move is a loud bug or a refused command, never a silent
+state.  The table is the spec; read it as "in STATE, on EVENT, go to STATE'".
+
+``Unknown`` is not a state of the table: management shows it when a node cannot be asked.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class MirrorState(enum.Enum):
+    MIRRORING = "Mirroring"
+    RESYNCING = "Resyncing"
+    RESYNC_PENDING = "Resync pending"
+    PAUSED = "Paused"
+    BROKEN = "Broken"
+
+
+class MirrorEvent(enum.Enum):
+    CONNECTED_DIRTY = "connected, regions to resync"  # handshake done, bitmap not empty
+    CONNECTED_CLEAN = "connected, nothing to resync"
+    RESYNC_DONE = "resync finished"
+    DISCONNECTED = "target lost"
+    QUEUE_OVERFLOW = "async queue full"  # async mode: fall back to tracking + resync
+    PAUSE = "pause"
+    CONTINUE = "continue"
+    BREAK = "break"
+    FULL_RESYNC = "full resync requested"
+
+
+class IllegalTransition(ValueError):
+    def __init__(self, state: MirrorState, event: MirrorEvent) -> None:
+        super().__init__(f"a mirror in state {state.value!r} cannot take {event.value!r}")
+        self.state, self.event = state, event
+
+
+S, E = MirrorState, MirrorEvent
+
+TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
+    # Resync pending: the target is away; writes are marked; the source keeps reconnecting.
+    (S.RESYNC_PENDING, E.CONNECTED_DIRTY): S.RESYNCING,
+    (S.RESYNC_PENDING, E.CONNECTED_CLEAN): S.MIRRORING,
+    (S.RESYNC_PENDING, E.DISCONNECTED): S.RESYNC_PENDING,
+    (S.RESYNC_PENDING, E.QUEUE_OVERFLOW): S.RESYNC_PENDING,
+    (S.RESYNC_PENDING, E.PAUSE): S.PAUSED,
+    (S.RESYNC_PENDING, E.BREAK): S.BROKEN,
+    (S.RESYNC_PENDING, E.FULL_RESYNC): S.RESYNC_PENDING,
+    # Resyncing: marked regions stream to the target while new writes are mirrored.
+    (S.RESYNCING, E.RESYNC_DONE): S.MIRRORING,
+    (S.RESYNCING, E.DISCONNECTED): S.RESYNC_PENDING,
+    (S.RESYNCING, E.QUEUE_OVERFLOW): S.RESYNCING,
+    (S.RESYNCING, E.PAUSE): S.PAUSED,
+    (S.RESYNCING, E.BREAK): S.BROKEN,
+    (S.RESYNCING, E.FULL_RESYNC): S.RESYNCING,
+    # Mirroring: every write reaches the target.
+    (S.MIRRORING, E.DISCONNECTED): S.RESYNC_PENDING,
+    (S.MIRRORING, E.QUEUE_OVERFLOW): S.RESYNCING,
+    (S.MIRRORING, E.PAUSE): S.PAUSED,
+    (S.MIRRORING, E.BREAK): S.BROKEN,
+    (S.MIRRORING, E.FULL_RESYNC): S.RESYNCING,
+    # Paused by the administrator: writes are marked, nothing is sent.
+    (S.PAUSED, E.CONTINUE): S.RESYNC_PENDING,
+    (S.PAUSED, E.PAUSE): S.PAUSED,
+    (S.PAUSED, E.DISCONNECTED): S.PAUSED,
+    (S.PAUSED, E.BREAK): S.BROKEN,
+    (S.PAUSED, E.FULL_RESYNC): S.RESYNC_PENDING,
+    # Broken: changes are not tracked; only a full resync repairs it.
+    (S.BROKEN, E.BREAK): S.BROKEN,
+    (S.BROKEN, E.DISCONNECTED): S.BROKEN,
+    (S.BROKEN, E.FULL_RESYNC): S.RESYNC_PENDING,
+}
+
+# States in which application writes are marked in the intent log instead of (or as well as)
+# being sent; and in which the target holds a copy that may be promoted.
+TRACKING = frozenset({S.RESYNC_PENDING, S.RESYNCING, S.PAUSED})
+TARGET_UP_TO_DATE = frozenset({S.MIRRORING})
+
+
+def next_state(state: MirrorState, event: MirrorEvent) -> MirrorState:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(state, event) from None
