@@ -36,7 +36,7 @@ Cmd = w.Command
 FUA = int(w.CommandFlag.FUA)
 NO_HOLE = int(w.CommandFlag.NO_HOLE)
 _RANGED = frozenset(int(c) for c in (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE))
-_MUTATING = frozenset(int(c) for c in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+MUTATING = frozenset(int(c) for c in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
 _SUPPORTED = _RANGED | {int(Cmd.FLUSH), int(Cmd.DISC)}
 _PAYLOAD_CAPPED = frozenset({int(Cmd.READ), int(Cmd.WRITE)})
 _ENOSPC_BEYOND_END = frozenset({int(Cmd.WRITE), int(Cmd.WRITE_ZEROES)})
@@ -70,7 +70,7 @@ def validate(command: int, flags: int, offset: int, length: int, export: ExportI
     """The error a request must be answered with, or Errno.OK if it may run."""
     if command == _DISC:  # never answered, whatever its fields: the client is leaving
         return w.Errno.OK
-    if export.read_only and command in _MUTATING:
+    if export.read_only and command in MUTATING:
         return w.Errno.EPERM
     if command not in _SUPPORTED:
         return w.Errno.EINVAL

@@ -17,8 +17,10 @@ Back-pressure: reading from a client pauses while it has ``MAX_IN_FLIGHT`` reque
 threads or while the transport's send buffer is full.  A protocol violation closes that one
 client; a failing volume becomes an NBD error code; neither reaches the other connections.
 
-Shutdown (``close``): listeners stop, handshakes in progress get ERR_SHUTDOWN, new requests
-get ESHUTDOWN, in-flight requests finish, then every connection is closed.
+Shutdown (``close``): listeners stop, connections still negotiating are closed (an option
+that races in gets ERR_SHUTDOWN), new requests get ESHUTDOWN, in-flight requests finish, then
+every connection is closed.  A volume locked while clients are attached (it became a mirror
+target) refuses their writes with EPERM from then on.
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ import structlog
 from volkeeper.core import nbd_wire as w
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.core.nbd_handshake import ExportInfo, HandshakeState, ServerHandshake
-from volkeeper.core.nbd_transmission import FUA, NO_HOLE, Request, RequestParser, simple_reply
+from volkeeper.core.nbd_transmission import (
+    FUA,
+    MUTATING,
+    NO_HOLE,
+    Request,
+    RequestParser,
+    simple_reply,
+)
 from volkeeper.errors import ProtocolError, VolumeError
 from volkeeper.io.listeners import bind_listener, remove_listener
 from volkeeper.io.volume_service import VolumeService
@@ -251,12 +260,18 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._closer = asyncio.ensure_future(self.drain_and_close())
         elif self._server.shutting_down:
             self._reply(request, w.Errno.ESHUTDOWN)
+        elif request.command in MUTATING and self._service_locked():
+            # Locked after this client attached (it became a mirror target): refuse writes.
+            self._reply(request, w.Errno.EPERM, started=started)
         else:
             try:
                 if not self._try_inline(request, started):
                     self._submit(request, started)
             except VolumeError as exc:
                 self._reply_error(request, exc, started)
+
+    def _service_locked(self) -> bool:
+        return self._service is not None and self._service.lock_reason is not None
 
     def _try_inline(self, request: Request, started: float) -> bool:
         """Answer now if the request can complete on the loop without waiting on a disk."""
@@ -361,8 +376,9 @@ class NbdConnection(asyncio.BufferedProtocol):
     async def drain_and_close(self) -> None:
         """Let in-flight requests finish and send their replies, then close."""
         if self._in_flight:
-            self._drained = asyncio.get_running_loop().create_future()
-            await self._drained
+            if self._drained is None or self._drained.done():  # one future for every waiter
+                self._drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drained)
         self._send()
         self._close()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -56,10 +57,10 @@ class IoWorkers:
             if not self._drain_pending:
                 self._drain_pending = True
                 assert self._loop is not None
-                try:
+                # A closed loop means nobody waits for completions any more, but the queued
+                # jobs (a volume's last writes) must still run.
+                with contextlib.suppress(RuntimeError):
                     self._loop.call_soon_threadsafe(self._drain)
-                except RuntimeError:  # the loop is closed: nobody is waiting any more
-                    return
 
     def _drain(self) -> None:
         self._drain_pending = False
