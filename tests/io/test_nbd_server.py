@@ -450,6 +450,19 @@ def test_a_locked_volume_is_exported_read_only_and_says_why(
     round_trip(served, "vol")
 
 
+def test_a_client_attached_before_the_lock_can_no_longer_write(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(MemoryVolume("vol", SIZE))
+    service = served.service("vol")
+    with RawNbd.open(served.path, "vol") as client:
+        assert client.write(0, pattern(9, 4 * KiB)).error == nbd.OK
+        served.call(service.lock, "target of mirror web")  # invariant 4: no writer remains
+        assert client.write(0, pattern(10, 4 * KiB)).error == nbd.EPERM
+        assert client.request(nbd.CMD_TRIM, offset=0, length=4096).error == nbd.EPERM
+        assert client.read(0, 4 * KiB).data == pattern(9, 4 * KiB)
+
+
 # -- replies out of order ------------------------------------------------------------------------
 
 
