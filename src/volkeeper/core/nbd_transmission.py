@@ -118,7 +118,8 @@ class RequestParser:
             view = view[skipped:]
         if self._pending is not None:
             take = min(len(view), len(self._payload) - self._filled)
-            self._payload[self._filled : self._filled + take] = view[:take]
+            # Through a memoryview: bytearray slice assignment would copy ``view`` twice.
+            memoryview(self._payload)[self._filled : self._filled + take] = view[:take]
             self._filled += take
             view = view[take:]
         if self._pos:
@@ -164,7 +165,8 @@ class RequestParser:
             return request
         spare = self._spare.get(request.length)
         self._payload = spare.pop() if spare else bytearray(request.length)
-        self._payload[:take] = memoryview(self._buffer)[self._pos : self._pos + take]
+        with memoryview(self._buffer) as view:
+            memoryview(self._payload)[:take] = view[self._pos : self._pos + take]
         self._pos += take
         self._filled = take
         self._pending = request

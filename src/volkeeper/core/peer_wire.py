@@ -1,0 +1,708 @@
+"""Replication protocol between a source node and a target node: frames, encoder, decoder.
+
+How this works: every frame is a 20-byte header, a body, and an 8-byte checksum:
+
+    HEADER   u32 magic 0x564B5031 ("VKP1"), u16 frame type, u16 flags, u32 body length,
+             u64 sequence number
+    body     ``length`` bytes, laid out per frame type (the Structs below)
+    checksum u64 xxh3_64 of header + body, big-endian (TCP's 16-bit checksum misses too much)
+
+Sequence numbers start at 1 on each connection and rise by exactly 1 per frame in each
+direction, so an ACK names a frame by its sequence and a lost, repeated or reordered frame
+is caught.  Each frame type is a frozen dataclass whose ``encode(sequence)`` returns the
+buffers to hand to ``transport.writelines``; ``FrameEncoder`` owns the outgoing counter.
+A WRITE or RESYNC_DATA payload is never copied: the caller's object itself sits in the list
+between the header and the checksum, so it must not change until the transport sent it.
+
+``FrameDecoder`` is incremental: ``feed()`` every chunk read, drain ``next_frame()`` until it
+returns None, call ``eof()`` when the peer closes.  The header alone is validated (magic,
+type, flags, body length against the type's bounds) before the body is waited for, so a
+hostile length never makes it buffer anything.  Then the checksum, the sequence and the body
+layout are checked.  A payload is copied once: sliced out of the buffer as bytes when its
+frame arrived whole, or else gathered straight into a bytearray of its own (see
+``FrameDecoder``), never through a growing buffer.  Any violation is a ``ProtocolError``
+whose message names the frame ("WRITE frame 17: ..."); the decoder stays failed afterwards
+(the connection is unusable) and drops whatever it is fed.
+
+Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-8 bytes):
+
+    HELLO        s->t  HELLO_FIXED, then str node, str volume, str job      (first frame)
+    HELLO_OK     t->s  HELLO_OK_FIXED, then str node, str volume
+    REFUSE       t->s  u16 RefuseReason, UTF-8 message (rest of body, <= 4096 bytes)
+    WRITE        s->t  u64 offset, data (rest of body)          flags: FUA
+    RESYNC_DATA  s->t  same as WRITE; a resync block, not an application write
+    ZERO         s->t  RANGE: u64 offset, u64 length              flags: FUA, MAY_TRIM
+    TRIM         s->t  RANGE                                      flags: FUA
+    FLUSH        s->t  empty: a barrier, every earlier write durable before its ACK
+    ACK          both  ACK_BODY: u64 peer's sequence, u32 errno   flags: DURABLE
+    PING / PONG  both  u64 opaque token
+    GOODBYE      both  u16 GoodbyeReason, UTF-8 message (<= 4096 bytes)
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, TypeAlias, TypeVar
+
+from xxhash import xxh3_64, xxh3_64_digest, xxh3_64_intdigest
+
+from volkeeper.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAGIC = 0x564B5031  # "VKP1"
+MAX_PAYLOAD = 32 * 1024 * 1024  # largest WRITE / RESYNC_DATA data
+MAX_BODY = MAX_PAYLOAD + 64  # any larger length is refused from the header alone
+MAX_MESSAGE = 4096  # REFUSE / GOODBYE message, UTF-8 bytes
+MAX_NAME = 4096  # node, volume and job names in HELLO / HELLO_OK, UTF-8 bytes
+MAX_SPARE_BYTES = 64 * 1024 * 1024  # recycled payload buffers a decoder keeps
+DIRECT_MIN = 64 * 1024  # data this large that arrives in pieces gets a buffer of its own
+
+# Frame header: u32 magic, u16 frame type, u16 flags, u32 body length, u64 sequence.
+HEADER = struct.Struct(">IHHIQ")
+# Trailer: u64 xxh3_64 of header + body.
+CHECKSUM = struct.Struct(">Q")
+# HELLO body, fixed part: u16 min_version, u16 max_version, u64 volume_size, u32 sector_size,
+# u64 current_generation, u64 previous_generation, u8 Role of the sender; three strs follow.
+HELLO_FIXED = struct.Struct(">HHQIQQB")
+# HELLO_OK body, fixed part: u16 chosen_version, u64 volume_size, u32 sector_size,
+# u64 current_generation, u64 previous_generation, u8 DataState; two strs follow.
+HELLO_OK_FIXED = struct.Struct(">HQIQQB")
+# Length prefix of a str: u16 byte count of the UTF-8 text that follows.
+STR_LEN = struct.Struct(">H")
+# REFUSE / GOODBYE: u16 reason; the UTF-8 message is the rest of the body.
+REASON = struct.Struct(">H")
+# WRITE / RESYNC_DATA: u64 offset; the data is the rest of the body.
+DATA_OFFSET = struct.Struct(">Q")
+# ZERO / TRIM: u64 offset, u64 length.
+RANGE = struct.Struct(">QQ")
+# ACK: u64 acknowledged sequence (of the peer's frame), u32 errno (0 = success).
+ACK_BODY = struct.Struct(">QI")
+# PING / PONG: u64 opaque token, echoed by PONG.
+TOKEN = struct.Struct(">Q")
+# Header and WRITE offset packed at once (the hot path): HEADER then DATA_OFFSET.
+_DATA_HEAD = struct.Struct(HEADER.format + DATA_OFFSET.format[1:])
+
+# Flag bits (their meaning depends on the frame type).
+FUA = 1 << 0  # WRITE, RESYNC_DATA, ZERO, TRIM: durable before the ACK
+MAY_TRIM = 1 << 1  # ZERO: the target may deallocate instead of writing zeroes
+DURABLE = 1 << 0  # ACK: the acknowledged data is on stable storage
+
+Buffer: TypeAlias = bytes | bytearray | memoryview
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    HELLO_OK = 2
+    REFUSE = 3
+    WRITE = 4
+    RESYNC_DATA = 5
+    ZERO = 6
+    TRIM = 7
+    FLUSH = 8
+    ACK = 9
+    PING = 10
+    PONG = 11
+    GOODBYE = 12
+
+
+class Role(enum.IntEnum):
+    SOURCE = 0
+    TARGET = 1
+    STANDALONE = 2
+
+
+class DataState(enum.IntEnum):
+    UP_TO_DATE = 0  # "UpToDate"
+    CONSISTENT = 1
+    INCONSISTENT = 2
+    OUTDATED = 3
+
+
+class RefuseReason(enum.IntEnum):
+    VERSION = 1  # no protocol version in common
+    SIZE = 2  # the target volume is smaller than the source's
+    SECTOR_SIZE = 3
+    NO_SUCH_VOLUME = 4
+    ALREADY_TARGET = 5  # the volume is the target of another source
+    SPLIT_BRAIN = 6  # the generation ids show diverged data
+    BUSY = 7
+    OTHER = 8
+
+
+class GoodbyeReason(enum.IntEnum):
+    SHUTDOWN = 1  # the daemon is stopping
+    PAUSED = 2  # the administrator paused the mirror
+    DELETED = 3  # the mirror or job was deleted
+    PROTOCOL_ERROR = 4  # the sender saw a bad frame
+    IO_ERROR = 5  # the sender's volume failed
+    OTHER = 6
+
+
+def choose_version(min_a: int, max_a: int, min_b: int, max_b: int) -> int | None:
+    """The highest version both ranges hold, or None if they do not overlap."""
+    best = min(max_a, max_b)
+    return best if best >= max(min_a, min_b) else None
+
+
+def _packed(kind: FrameType, flags: int, sequence: int, body: bytes) -> list[Buffer]:
+    head = HEADER.pack(MAGIC, kind, flags, len(body), sequence) + body
+    return [head + xxh3_64_digest(head)]
+
+
+def _data_frame(kind: FrameType, flags: int, seq: int, offset: int, data: Buffer) -> list[Buffer]:
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if size > MAX_PAYLOAD:
+        raise ValueError(f"{kind.name} payload of {size} bytes exceeds {MAX_PAYLOAD}")
+    head = _DATA_HEAD.pack(MAGIC, kind, flags, DATA_OFFSET.size + size, seq, offset)
+    hasher = xxh3_64(head)
+    hasher.update(data)
+    return [head, data, hasher.digest()]
+
+
+def _data_repr(frame: Write | ResyncData) -> str:
+    """Payloads are not printed: a 1 MiB repr in a log line or a test diff helps nobody."""
+    size = frame.data.nbytes if isinstance(frame.data, memoryview) else len(frame.data)
+    name = type(frame).__name__
+    return f"{name}(offset={frame.offset}, data=<{size} bytes>, fua={frame.fua})"
+
+
+def _str(text: str, limit: int, what: str) -> bytes:
+    raw = text.encode()
+    if len(raw) > limit:
+        raise ValueError(f"{what} is {len(raw)} UTF-8 bytes, more than {limit}")
+    return STR_LEN.pack(len(raw)) + raw
+
+
+def _message(text: str) -> bytes:
+    """A REFUSE / GOODBYE message, cut at a character boundary to MAX_MESSAGE bytes."""
+    return text.encode()[:MAX_MESSAGE].decode(errors="ignore").encode()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello:
+    TYPE: ClassVar[FrameType] = FrameType.HELLO
+    node: str
+    volume: str
+    job: str
+    volume_size: int
+    sector_size: int
+    current_generation: int
+    previous_generation: int
+    role: Role = Role.SOURCE
+    min_version: int = PROTOCOL_VERSION
+    max_version: int = PROTOCOL_VERSION
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        body = HELLO_FIXED.pack(
+            self.min_version, self.max_version, self.volume_size, self.sector_size,
+            self.current_generation, self.previous_generation, self.role,
+        )  # fmt: skip
+        names = (_str(t, MAX_NAME, w) for t, w in self._names())
+        return _packed(self.TYPE, 0, sequence, body + b"".join(names))
+
+    def _names(self) -> tuple[tuple[str, str], ...]:
+        return (self.node, "node name"), (self.volume, "volume name"), (self.job, "job name")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HelloOk:
+    TYPE: ClassVar[FrameType] = FrameType.HELLO_OK
+    node: str
+    volume: str
+    volume_size: int
+    sector_size: int
+    current_generation: int
+    previous_generation: int
+    data_state: DataState
+    chosen_version: int = PROTOCOL_VERSION
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        body = HELLO_OK_FIXED.pack(
+            self.chosen_version, self.volume_size, self.sector_size,
+            self.current_generation, self.previous_generation, self.data_state,
+        )  # fmt: skip
+        names = _str(self.node, MAX_NAME, "node name") + _str(self.volume, MAX_NAME, "volume name")
+        return _packed(self.TYPE, 0, sequence, body + names)
+
+
+@dataclass(frozen=True, slots=True)
+class Refuse:
+    """The target's answer to a HELLO it will not accept; ``message`` is for the log."""
+
+    TYPE: ClassVar[FrameType] = FrameType.REFUSE
+    reason: RefuseReason
+    message: str = ""
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        return _packed(self.TYPE, 0, sequence, REASON.pack(self.reason) + _message(self.message))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Write:
+    """An application write, in the source's acknowledgement order."""
+
+    TYPE: ClassVar[FrameType] = FrameType.WRITE
+    offset: int
+    data: Buffer
+    fua: bool = False
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        return _data_frame(self.TYPE, FUA if self.fua else 0, sequence, self.offset, self.data)
+
+    def __repr__(self) -> str:
+        return _data_repr(self)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ResyncData:
+    """A block sent by a resync (marked region), not an application write."""
+
+    TYPE: ClassVar[FrameType] = FrameType.RESYNC_DATA
+    offset: int
+    data: Buffer
+    fua: bool = False
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        return _data_frame(self.TYPE, FUA if self.fua else 0, sequence, self.offset, self.data)
+
+    def __repr__(self) -> str:
+        return _data_repr(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Zero:
+    TYPE: ClassVar[FrameType] = FrameType.ZERO
+    offset: int
+    length: int
+    fua: bool = False
+    may_trim: bool = False
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        flags = (FUA if self.fua else 0) | (MAY_TRIM if self.may_trim else 0)
+        return _packed(self.TYPE, flags, sequence, RANGE.pack(self.offset, self.length))
+
+
+@dataclass(frozen=True, slots=True)
+class Trim:
+    TYPE: ClassVar[FrameType] = FrameType.TRIM
+    offset: int
+    length: int
+    fua: bool = False
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        flags = FUA if self.fua else 0
+        return _packed(self.TYPE, flags, sequence, RANGE.pack(self.offset, self.length))
+
+
+@dataclass(frozen=True, slots=True)
+class Flush:
+    """A barrier: the target makes every earlier write durable before acknowledging it."""
+
+    TYPE: ClassVar[FrameType] = FrameType.FLUSH
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        return _packed(self.TYPE, 0, sequence, b"")
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Completion of the peer's frame ``sequence``; ``errno`` 0 means success."""
+
+    TYPE: ClassVar[FrameType] = FrameType.ACK
+    sequence: int
+    errno: int = 0
+    durable: bool = False
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        flags = DURABLE if self.durable else 0
+        return _packed(self.TYPE, flags, sequence, ACK_BODY.pack(self.sequence, self.errno))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    TYPE: ClassVar[FrameType] = FrameType.PING
+    token: int
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        return _packed(self.TYPE, 0, sequence, TOKEN.pack(self.token))
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    TYPE: ClassVar[FrameType] = FrameType.PONG
+    token: int
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        return _packed(self.TYPE, 0, sequence, TOKEN.pack(self.token))
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    TYPE: ClassVar[FrameType] = FrameType.GOODBYE
+    reason: GoodbyeReason
+    message: str = ""
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        return _packed(self.TYPE, 0, sequence, REASON.pack(self.reason) + _message(self.message))
+
+
+Frame: TypeAlias = (
+    Hello
+    | HelloOk
+    | Refuse
+    | Write
+    | ResyncData
+    | Zero
+    | Trim
+    | Flush
+    | Ack
+    | Ping
+    | Pong
+    | Goodbye
+)
+
+
+class FrameEncoder:
+    """Numbers outgoing frames 1, 2, 3, ...; ``sequence`` is the number of the last one."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def encode(self, frame: Frame) -> list[Buffer]:
+        self.sequence += 1
+        return frame.encode(self.sequence)
+
+
+_E = TypeVar("_E", bound=enum.IntEnum)
+
+
+class _Bad(Exception):
+    """A body or header fault; the decoder prefixes it with the frame's name and sequence."""
+
+
+def _enum(cls: type[_E], value: int, what: str) -> _E:
+    try:
+        return cls(value)
+    except ValueError:
+        raise _Bad(f"unknown {what} {value}") from None
+
+
+def _utf8(raw: memoryview, what: str) -> str:
+    try:
+        return str(raw, "utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Bad(f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def _strs(body: memoryview, at: int, names: tuple[str, ...]) -> list[str]:
+    out = []
+    for what in names:
+        if len(body) - at < STR_LEN.size:
+            raise _Bad(f"body ends before the length of the {what}")
+        (size,) = STR_LEN.unpack_from(body, at)
+        at += STR_LEN.size
+        if size > MAX_NAME:
+            raise _Bad(f"{what} of {size} bytes is longer than {MAX_NAME}")
+        if len(body) - at < size:
+            raise _Bad(f"{what} of {size} bytes runs past the end of the body")
+        out.append(_utf8(body[at : at + size], what))
+        at += size
+    if at != len(body):
+        raise _Bad(f"{len(body) - at} stray bytes after the {names[-1]}")
+    return out
+
+
+def _hello(body: memoryview, flags: int) -> Hello:
+    low, high, size, sector, current, previous, role = HELLO_FIXED.unpack_from(body)
+    if low > high:
+        raise _Bad(f"min_version {low} is above max_version {high}")
+    node, volume, job = _strs(body, HELLO_FIXED.size, ("node name", "volume name", "job name"))
+    return Hello(
+        node=node, volume=volume, job=job, volume_size=size, sector_size=sector,
+        current_generation=current, previous_generation=previous,
+        role=_enum(Role, role, "role"), min_version=low, max_version=high,
+    )  # fmt: skip
+
+
+def _hello_ok(body: memoryview, flags: int) -> HelloOk:
+    version, size, sector, current, previous, state = HELLO_OK_FIXED.unpack_from(body)
+    node, volume = _strs(body, HELLO_OK_FIXED.size, ("node name", "volume name"))
+    return HelloOk(
+        node=node, volume=volume, volume_size=size, sector_size=sector,
+        current_generation=current, previous_generation=previous,
+        data_state=_enum(DataState, state, "data state"), chosen_version=version,
+    )  # fmt: skip
+
+
+def _refuse(body: memoryview, flags: int) -> Refuse:
+    reason = _enum(RefuseReason, REASON.unpack_from(body)[0], "refusal reason")
+    return Refuse(reason, _utf8(body[REASON.size :], "message"))
+
+
+def _goodbye(body: memoryview, flags: int) -> Goodbye:
+    reason = _enum(GoodbyeReason, REASON.unpack_from(body)[0], "goodbye reason")
+    return Goodbye(reason, _utf8(body[REASON.size :], "message"))
+
+
+def _write(body: memoryview, flags: int) -> Write:  # the one copy of the payload: bytes()
+    return Write(DATA_OFFSET.unpack_from(body)[0], bytes(body[DATA_OFFSET.size :]), flags == FUA)
+
+
+def _resync_data(body: memoryview, flags: int) -> ResyncData:
+    offset = DATA_OFFSET.unpack_from(body)[0]
+    return ResyncData(offset, bytes(body[DATA_OFFSET.size :]), flags == FUA)
+
+
+def _zero(body: memoryview, flags: int) -> Zero:
+    offset, length = RANGE.unpack_from(body)
+    return Zero(offset, length, fua=bool(flags & FUA), may_trim=bool(flags & MAY_TRIM))
+
+
+def _trim(body: memoryview, flags: int) -> Trim:
+    offset, length = RANGE.unpack_from(body)
+    return Trim(offset, length, fua=flags == FUA)
+
+
+def _ack(body: memoryview, flags: int) -> Ack:
+    sequence, errno = ACK_BODY.unpack_from(body)
+    return Ack(sequence, errno, durable=flags == DURABLE)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    name: str
+    min_body: int
+    max_body: int
+    flags: int  # the flag bits this type may carry
+    parse: Callable[[memoryview, int], Frame]
+    data: type[Write] | type[ResyncData] | None = None  # a payload that may arrive in pieces
+
+    def check(self, flags: int, length: int) -> None:
+        if flags & ~self.flags:
+            raise _Bad(f"unknown flags 0x{flags & ~self.flags:04x}")
+        if length < self.min_body:
+            raise _Bad(f"body of {length} bytes is shorter than its {self.min_body}-byte header")
+        if length > self.max_body:
+            raise _Bad(f"body of {length} bytes is longer than the {self.max_body} it may have")
+
+
+_T = FrameType
+_HELLO_MIN = HELLO_FIXED.size + 3 * STR_LEN.size
+_HELLO_OK_MIN = HELLO_OK_FIXED.size + 2 * STR_LEN.size
+_LAYOUTS: dict[int, _Layout] = {
+    _T.HELLO: _Layout("HELLO", _HELLO_MIN, _HELLO_MIN + 3 * MAX_NAME, 0, _hello),
+    _T.HELLO_OK: _Layout("HELLO_OK", _HELLO_OK_MIN, _HELLO_OK_MIN + 2 * MAX_NAME, 0, _hello_ok),
+    _T.REFUSE: _Layout("REFUSE", REASON.size, REASON.size + MAX_MESSAGE, 0, _refuse),
+    _T.WRITE: _Layout("WRITE", 8, 8 + MAX_PAYLOAD, FUA, _write, Write),
+    _T.RESYNC_DATA: _Layout("RESYNC_DATA", 8, 8 + MAX_PAYLOAD, FUA, _resync_data, ResyncData),
+    _T.ZERO: _Layout("ZERO", RANGE.size, RANGE.size, FUA | MAY_TRIM, _zero),
+    _T.TRIM: _Layout("TRIM", RANGE.size, RANGE.size, FUA, _trim),
+    _T.FLUSH: _Layout("FLUSH", 0, 0, 0, lambda body, flags: Flush()),
+    _T.ACK: _Layout("ACK", ACK_BODY.size, ACK_BODY.size, DURABLE, _ack),
+    _T.PING: _Layout("PING", TOKEN.size, TOKEN.size, 0, lambda b, f: Ping(*TOKEN.unpack(b))),
+    _T.PONG: _Layout("PONG", TOKEN.size, TOKEN.size, 0, lambda b, f: Pong(*TOKEN.unpack(b))),
+    _T.GOODBYE: _Layout("GOODBYE", REASON.size, REASON.size + MAX_MESSAGE, 0, _goodbye),
+}
+_MAGIC_BYTES = MAGIC.to_bytes(4, "big")
+_TRAILER = HEADER.size + CHECKSUM.size  # bytes of a frame besides its body
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A WRITE / RESYNC_DATA whose data goes straight into a buffer of its own."""
+
+    layout: _Layout
+    flags: int
+    sequence: int
+    head: bytes  # the frame header and the u64 offset
+    data: bytearray
+    filled: int
+
+
+class FrameDecoder:
+    """Turns the peer's byte stream into frames; see the module docstring for the contract.
+
+    ``sequence`` is the sequence number of the last frame returned (what an ACK names).
+    A WRITE or RESYNC_DATA with DIRECT_MIN or more bytes of data that are not all here when
+    ``next_frame()`` first sees its header gets a bytearray of its own, which later feeds
+    fill directly (one copy, where a growing buffer would copy and reallocate again and
+    again), or which the adapter fills with ``recv_into(payload_window())`` and
+    ``payload_received(n)`` (no copy at all).  Its ``data`` is then that bytearray; hand it
+    back with ``recycle()`` once it is written, so the next one costs no allocation and no
+    page faults.  Smaller frames are gathered in the buffer and their data sliced out of it
+    once, as bytes.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._pos = 0  # decoded up to here; compacted on the next feed
+        self._pending: _Pending | None = None
+        self._error: ProtocolError | None = None
+        self._spare: dict[int, list[bytearray]] = {}  # recycled data buffers, by size
+        self._spare_bytes = 0
+        self.sequence = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        pending = self._pending
+        held = _DATA_HEAD.size + pending.filled if pending is not None else 0
+        return len(self._buffer) - self._pos + held
+
+    def feed(self, data: Buffer) -> None:
+        if self._error is not None:
+            return  # the connection is finished; hold nothing more
+        pending = self._pending
+        if pending is not None and pending.filled < len(pending.data):
+            view = memoryview(data).cast("B")
+            take = min(len(view), len(pending.data) - pending.filled)
+            # Through a memoryview: ``bytearray[a:b] = x`` copies x to a temporary first.
+            with memoryview(pending.data) as target:
+                target[pending.filled : pending.filled + take] = view[:take]
+            pending.filled += take
+            data = view[take:]
+        if self._pos:
+            del self._buffer[: self._pos]
+            self._pos = 0
+        self._buffer += data
+
+    def payload_window(self) -> memoryview | None:
+        """The unfilled part of a pending WRITE / RESYNC_DATA's data, or None."""
+        pending = self._pending
+        if pending is None or pending.filled == len(pending.data) or self._error is not None:
+            return None
+        return memoryview(pending.data)[pending.filled :]
+
+    def payload_received(self, nbytes: int) -> None:
+        """``nbytes`` were written into ``payload_window()`` (by recv_into)."""
+        pending = self._pending
+        if pending is None or not 0 <= nbytes <= len(pending.data) - pending.filled:
+            raise ValueError(f"{nbytes} bytes received outside the payload window")
+        pending.filled += nbytes
+
+    def recycle(self, data: Buffer) -> None:
+        """Take back a decoded frame's data once it is written; nothing may use it afterwards."""
+        if isinstance(data, bytearray) and self._spare_bytes + len(data) <= MAX_SPARE_BYTES:
+            self._spare.setdefault(len(data), []).append(data)
+            self._spare_bytes += len(data)
+
+    def next_frame(self) -> Frame | None:
+        if self._error is not None:
+            raise ProtocolError(str(self._error))
+        try:
+            return self._next_frame()
+        except ProtocolError as exc:
+            self._error = exc
+            self._buffer, self._pos, self._pending = bytearray(), 0, None
+            raise
+
+    def eof(self) -> None:
+        """The peer closed the stream (call after draining): an error inside a frame."""
+        if self._error is not None:
+            raise ProtocolError(str(self._error))
+        if not self.buffered:
+            return
+        due, got, pending = self.sequence + 1, self.buffered, self._pending
+        if pending is not None:
+            whole = _TRAILER + DATA_OFFSET.size + len(pending.data)
+            why = f"{pending.layout.name} frame {due}: connection closed after {got} of its {whole}"
+        elif got < HEADER.size:
+            why = f"frame {due}: connection closed after {got} of the {HEADER.size} header"
+        else:
+            _, kind, _, length, _ = HEADER.unpack_from(self._buffer, self._pos)
+            layout = _LAYOUTS.get(kind)
+            name = f"{layout.name} frame" if layout else "frame"
+            why = f"{name} {due}: connection closed after {got} of its {_TRAILER + length}"
+        self._error = ProtocolError(why + " bytes")
+        raise self._error
+
+    def _next_frame(self) -> Frame | None:
+        if self._pending is not None:
+            return self._finish_data()
+        buffer, pos = self._buffer, self._pos
+        available = len(buffer) - pos
+        if available < HEADER.size:
+            if available >= 4 and buffer[pos : pos + 4] != _MAGIC_BYTES:
+                self._bad_magic(int.from_bytes(buffer[pos : pos + 4], "big"))
+            return None
+        magic, kind, flags, length, sequence = HEADER.unpack_from(buffer, pos)
+        if magic != MAGIC:
+            self._bad_magic(magic)
+        layout = _LAYOUTS.get(kind)
+        if layout is None:
+            raise ProtocolError(f"frame {sequence}: unknown frame type {kind}")
+        try:
+            if length > MAX_BODY:  # from the header alone, before waiting for the body
+                raise _Bad(f"body length {length} exceeds the {MAX_BODY}-byte limit")
+            layout.check(flags, length)
+            if available < _TRAILER + length:
+                big = length - DATA_OFFSET.size >= DIRECT_MIN
+                if layout.data and big and available >= _DATA_HEAD.size:
+                    self._start_data(layout, flags, length, sequence)
+                    return self._finish_data()
+                return None
+            frame = self._check_frame(pos, length, sequence, layout, flags)
+        except _Bad as exc:
+            raise ProtocolError(f"{layout.name} frame {sequence}: {exc}") from None
+        self._pos = pos + _TRAILER + length
+        self.sequence = sequence
+        return frame
+
+    def _check_frame(
+        self, pos: int, length: int, sequence: int, layout: _Layout, flags: int
+    ) -> Frame:
+        end = HEADER.size + length
+        with memoryview(self._buffer)[pos : pos + end + CHECKSUM.size] as view:
+            (sent,) = CHECKSUM.unpack_from(view, end)
+            self._verify(sent, xxh3_64_intdigest(view[:end]), sequence)
+            return layout.parse(view[HEADER.size : end], flags)
+
+    def _verify(self, sent: int, actual: int, sequence: int) -> None:
+        if sent != actual:
+            raise _Bad(f"checksum 0x{sent:016x} does not match the frame's 0x{actual:016x}")
+        if sequence != self.sequence + 1:
+            why = "a repeat or reorder" if sequence <= self.sequence else "frames missing"
+            raise _Bad(f"sequence {sequence} where {self.sequence + 1} was due ({why})")
+
+    def _start_data(self, layout: _Layout, flags: int, length: int, sequence: int) -> None:
+        pos, size = self._pos, length - DATA_OFFSET.size
+        spare = self._spare.get(size)
+        if spare:
+            data = spare.pop()
+            self._spare_bytes -= size
+        else:
+            data = bytearray(size)
+        take = min(size, len(self._buffer) - pos - _DATA_HEAD.size)
+        with memoryview(self._buffer)[pos : pos + _DATA_HEAD.size + take] as view:
+            head = bytes(view[: _DATA_HEAD.size])
+            with memoryview(data) as target:
+                target[:take] = view[_DATA_HEAD.size :]
+        self._pos = pos + _DATA_HEAD.size + take
+        self._pending = _Pending(layout, flags, sequence, head, data, take)
+
+    def _finish_data(self) -> Frame | None:
+        pending = self._pending
+        assert pending is not None
+        if pending.filled < len(pending.data) or len(self._buffer) - self._pos < CHECKSUM.size:
+            return None
+        (sent,) = CHECKSUM.unpack_from(self._buffer, self._pos)
+        hasher = xxh3_64(pending.head)
+        hasher.update(pending.data)
+        try:
+            self._verify(sent, hasher.intdigest(), pending.sequence)
+        except _Bad as exc:
+            raise ProtocolError(f"{pending.layout.name} frame {pending.sequence}: {exc}") from None
+        self._pos += CHECKSUM.size
+        self._pending = None
+        self.sequence = pending.sequence
+        (offset,) = DATA_OFFSET.unpack_from(pending.head, HEADER.size)
+        assert pending.layout.data is not None
+        return pending.layout.data(offset, pending.data, pending.flags == FUA)
+
+    def _bad_magic(self, magic: int) -> None:
+        raise ProtocolError(
+            f"frame {self.sequence + 1}: bad magic 0x{magic:08x}, not 0x{MAGIC:08x} (VKP1)"
+        )
