@@ -39,6 +39,7 @@ from volkeeper.core.peer_wire import (
     RefuseReason,
     ResyncData,
     Role,
+    State,
     Trim,
     Write,
     Zero,
@@ -166,6 +167,7 @@ SAMPLES: list[Frame] = [
     Ping(0x0123456789ABCDEF),
     Pong(0x0123456789ABCDEF),
     Goodbye(GoodbyeReason.SHUTDOWN, "daemon stopping — à bientôt"),
+    State(DataState.UP_TO_DATE, 0xAAAA, 0xBBBB),
 ]  # fmt: skip
 
 
@@ -349,6 +351,7 @@ def test_write_layout_matches_the_spec() -> None:
         (Ping(9), 10, 0, struct.pack(">Q", 9)),
         (Pong(9), 11, 0, struct.pack(">Q", 9)),
         (Goodbye(GoodbyeReason.PAUSED, ""), 12, 0, b"\x00\x02"),
+        (State(DataState.INCONSISTENT, 5, 4), 13, 0, struct.pack(">BQQ", 2, 5, 4)),
     ],
     ids=lambda v: v.TYPE.name if hasattr(v, "TYPE") else "",
 )
@@ -456,7 +459,7 @@ def test_garbage_is_refused_after_four_bytes() -> None:
         decoder.next_frame()
 
 
-@pytest.mark.parametrize("kind", [0, 13, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, 14, 0xFFFF])
 def test_unknown_frame_type(kind: int) -> None:
     good = stream([Ping(1)])
     assert decode_error(good + raw_frame(kind, b"", seq=2)) == f"frame 2: unknown frame type {kind}"
@@ -516,7 +519,21 @@ def _valid_body(frame: Frame) -> tuple[int, int, bytes]:
 @pytest.mark.parametrize("frame", SAMPLES, ids=lambda f: f.TYPE.name)
 def test_truncated_bodies_are_refused(frame: Frame) -> None:
     kind, flags, body = _valid_body(frame)
-    fixed = {1: 39, 2: 35, 3: 2, 4: 8, 5: 8, 6: 16, 7: 16, 8: 0, 9: 12, 10: 8, 11: 8, 12: 2}[kind]
+    fixed = {
+        1: 39,
+        2: 35,
+        3: 2,
+        4: 8,
+        5: 8,
+        6: 16,
+        7: 16,
+        8: 0,
+        9: 12,
+        10: 8,
+        11: 8,
+        12: 2,
+        13: 17,
+    }[kind]
     # Strings make every proper prefix of a HELLO / HELLO_OK invalid; elsewhere the tail
     # after the fixed part is data or a message, so only a cut into the fixed part is.
     cuts = range(len(body)) if kind in (1, 2) else range(fixed)
@@ -581,6 +598,7 @@ def test_bad_utf8(kind: int, body: bytes, message: str) -> None:
         (3, b"\x00\x00", "REFUSE frame 1: unknown refusal reason 0"),
         (3, b"\x00\x09oops", "REFUSE frame 1: unknown refusal reason 9"),
         (12, b"\xff\xff", "GOODBYE frame 1: unknown goodbye reason 65535"),
+        (13, struct.pack(">BQQ", 9, 1, 0), "STATE frame 1: unknown data state 9"),
     ],
 )
 def test_unknown_enum_values(kind: int, body: bytes, message: str) -> None:

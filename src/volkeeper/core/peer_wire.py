@@ -37,6 +37,7 @@ Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-
     ACK          both  ACK_BODY: u64 peer's sequence, u32 errno   flags: DURABLE
     PING / PONG  both  u64 opaque token
     GOODBYE      both  u16 GoodbyeReason, UTF-8 message (<= 4096 bytes)
+    STATE        s->t  STATE_BODY: u8 DataState, u64 current, u64 previous generation
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ RANGE = struct.Struct(">QQ")
 ACK_BODY = struct.Struct(">QI")
 # PING / PONG: u64 opaque token, echoed by PONG.
 TOKEN = struct.Struct(">Q")
+# STATE: u8 DataState, u64 current_generation, u64 previous_generation: what the target's
+# copy is from now on (Inconsistent when a full resync starts, UpToDate when a resync ends).
+STATE_BODY = struct.Struct(">BQQ")
 # Header and WRITE offset packed at once (the hot path): HEADER then DATA_OFFSET.
 _DATA_HEAD = struct.Struct(HEADER.format + DATA_OFFSET.format[1:])
 
@@ -106,6 +110,7 @@ class FrameType(enum.IntEnum):
     PING = 10
     PONG = 11
     GOODBYE = 12
+    STATE = 13
 
 
 class Role(enum.IntEnum):
@@ -349,6 +354,20 @@ class Goodbye:
         return _packed(self.TYPE, 0, sequence, REASON.pack(self.reason) + _message(self.message))
 
 
+@dataclass(frozen=True, slots=True)
+class State:
+    """The source tells the target what its copy now is; ACKed once durably recorded."""
+
+    TYPE: ClassVar[FrameType] = FrameType.STATE
+    data_state: DataState
+    current_generation: int
+    previous_generation: int
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        body = STATE_BODY.pack(self.data_state, self.current_generation, self.previous_generation)
+        return _packed(self.TYPE, 0, sequence, body)
+
+
 Frame: TypeAlias = (
     Hello
     | HelloOk
@@ -362,6 +381,7 @@ Frame: TypeAlias = (
     | Ping
     | Pong
     | Goodbye
+    | State
 )
 
 
@@ -466,6 +486,11 @@ def _trim(body: memoryview, flags: int) -> Trim:
     return Trim(offset, length, fua=flags == FUA)
 
 
+def _state(body: memoryview, flags: int) -> State:
+    state, current, previous = STATE_BODY.unpack_from(body)
+    return State(_enum(DataState, state, "data state"), current, previous)
+
+
 def _ack(body: memoryview, flags: int) -> Ack:
     sequence, errno = ACK_BODY.unpack_from(body)
     return Ack(sequence, errno, durable=flags == DURABLE)
@@ -505,6 +530,7 @@ _LAYOUTS: dict[int, _Layout] = {
     _T.PING: _Layout("PING", TOKEN.size, TOKEN.size, 0, lambda b, f: Ping(*TOKEN.unpack(b))),
     _T.PONG: _Layout("PONG", TOKEN.size, TOKEN.size, 0, lambda b, f: Pong(*TOKEN.unpack(b))),
     _T.GOODBYE: _Layout("GOODBYE", REASON.size, REASON.size + MAX_MESSAGE, 0, _goodbye),
+    _T.STATE: _Layout("STATE", STATE_BODY.size, STATE_BODY.size, 0, _state),
 }
 _MAGIC_BYTES = MAGIC.to_bytes(4, "big")
 _TRAILER = HEADER.size + CHECKSUM.size  # bytes of a frame besides its body
