@@ -1,0 +1,293 @@
+"""The target end of mirrors: admit a source's connection, then apply its frames in order.
+
+How this works: every connection to the node's replication port gets a ``ReplicaSession``.
+Its first frame must be a HELLO, which ``admit`` checks against the node: the volume exists,
+has the source's sector size and at least its size, and is not already the target of another
+mirror nor fed by another live connection.  The first HELLO for a volume claims it: a
+``TargetRecord`` is written (durably, before the answer) and the volume is locked, so its NBD
+export refuses writes from then on (DESIGN invariant 4).  The answer is HELLO_OK with what
+the record says of this copy (data state, generations), or REFUSE naming the reason.
+
+After that the session applies WRITE, RESYNC_DATA, ZERO, TRIM and FLUSH frames through the
+volume's writer thread -- one FIFO -- so they reach the disk in the order the source sent them
+(invariant 1), and ACKs each with its sequence number once done; a FLUSH's ACK carries
+DURABLE.  A STATE frame rewrites the record through the same FIFO, so "UpToDate" is recorded
+only after every earlier write.  A GOODBYE(DELETED) releases the volume: the record goes, the
+lock goes, the data stays as it is.  Anything out of place closes that session only.
+
+Records live in ``state_dir/targets/VOLUME.json`` and are written atomically (temporary
+file, fsync, rename, fsync of the directory), so a target that restarts knows its locks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import structlog
+
+from volkeeper.core import peer_wire as pw
+from volkeeper.errors import VolumeError
+from volkeeper.io.peer_link import PeerLink
+from volkeeper.io.volume_service import VolumeService
+
+log = structlog.get_logger("volkeeper.replica")
+
+
+@dataclasses.dataclass
+class TargetRecord:
+    job: str
+    source_node: str
+    source_volume: str
+    data_state: str = pw.DataState.INCONSISTENT.name
+    current_generation: int = 0
+    previous_generation: int = 0
+
+    @property
+    def mirror(self) -> str:
+        return f"job {self.job!r} from {self.source_node}:{self.source_volume}"
+
+
+class TargetRecords:
+    """The durable list of this node's target volumes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def load_all(self) -> dict[str, TargetRecord]:
+        records = {}
+        for path in sorted(self.directory.glob("*.json")):
+            records[path.stem] = TargetRecord(**json.loads(path.read_text()))
+        return records
+
+    def save(self, volume: str, record: TargetRecord) -> None:
+        path = self.directory / f"{volume}.json"
+        temporary = path.with_suffix(".tmp")
+        with temporary.open("w") as handle:
+            json.dump(dataclasses.asdict(record), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+        self._sync_directory()
+
+    def remove(self, volume: str) -> None:
+        (self.directory / f"{volume}.json").unlink(missing_ok=True)
+        self._sync_directory()
+
+    def _sync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Replicas:
+    """Every target volume of the node, and the sessions currently feeding them."""
+
+    def __init__(
+        self,
+        node: str,
+        service: Callable[[str], VolumeService | None],
+        records: TargetRecords,
+    ) -> None:
+        self.node = node
+        self.service = service
+        self.store = records
+        self.records = records.load_all()
+        self.sessions: dict[str, ReplicaSession] = {}
+        for volume, record in self.records.items():
+            found = service(volume)
+            if found is not None:
+                found.lock(f"target of mirror {record.mirror}")
+
+    def make_link(self) -> PeerLink:
+        session = ReplicaSession(self)
+        return PeerLink(session.on_frame, session.on_lost)
+
+    def admit(self, hello: pw.Hello) -> tuple[VolumeService, TargetRecord] | pw.Refuse:
+        """Check a HELLO; claim the volume on its first HELLO.  Blocks briefly (one fsync)."""
+        refusal = self._check(hello)
+        if isinstance(refusal, pw.Refuse):
+            return refusal
+        service = refusal
+        record = self.records.get(hello.volume)
+        if record is None:
+            record = TargetRecord(hello.job, hello.node, hello.volume)
+            self.store.save(hello.volume, record)
+            self.records[hello.volume] = record
+            log.info("volume claimed as mirror target", volume=hello.volume, mirror=record.mirror)
+        service.lock(f"target of mirror {record.mirror}")
+        return service, record
+
+    def _check(self, hello: pw.Hello) -> VolumeService | pw.Refuse:
+        R = pw.RefuseReason
+        if pw.choose_version(hello.min_version, hello.max_version, 1, pw.PROTOCOL_VERSION) is None:
+            versions = f"{hello.min_version}..{hello.max_version}"
+            return pw.Refuse(R.VERSION, f"protocol versions {versions} unsupported")
+        service = self.service(hello.volume)
+        where = f"{self.node}:{hello.volume}"
+        if service is None:
+            return pw.Refuse(R.NO_SUCH_VOLUME, f"node {self.node} has no volume {hello.volume!r}")
+        volume = service.volume
+        if volume.sector_size != hello.sector_size:
+            return pw.Refuse(
+                R.SECTOR_SIZE,
+                f"{where} has {volume.sector_size}-byte sectors, the source {hello.sector_size}",
+            )
+        if volume.size < hello.volume_size:
+            return pw.Refuse(
+                R.SIZE,
+                f"{where} is {volume.size} bytes, smaller than the source's {hello.volume_size}",
+            )
+        record = self.records.get(hello.volume)
+        if record is not None and (record.job, record.source_node, record.source_volume) != (
+            hello.job,
+            hello.node,
+            hello.volume,
+        ):
+            return pw.Refuse(R.ALREADY_TARGET, f"{where} is already the target of {record.mirror}")
+        if hello.volume in self.sessions:
+            return pw.Refuse(R.BUSY, f"{where} is already fed by another connection")
+        return service
+
+    def release(self, volume: str) -> None:
+        """The source deleted the mirror: unlock the volume, keep its data."""
+        self.records.pop(volume, None)
+        self.store.remove(volume)
+        service = self.service(volume)
+        if service is not None:
+            service.unlock()
+        log.info("mirror target released", volume=volume)
+
+
+class ReplicaSession:
+    def __init__(self, replicas: Replicas) -> None:
+        self.replicas = replicas
+        self.volume: str | None = None
+        self.service: VolumeService | None = None
+        self.record: TargetRecord | None = None
+
+    def on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
+        if self.service is None:
+            self._handshake(link, frame)
+            return
+        sequence = link.last_received
+        apply = self._APPLY.get(type(frame))
+        if apply is None:
+            link.close(f"unexpected {frame.TYPE.name} frame {sequence} from a source")
+            return
+        apply(self, link, sequence, frame)
+
+    def on_lost(self, link: PeerLink, reason: str) -> None:
+        if self.volume is not None and self.replicas.sessions.get(self.volume) is self:
+            del self.replicas.sessions[self.volume]
+
+    def _handshake(self, link: PeerLink, frame: pw.Frame) -> None:
+        if not isinstance(frame, pw.Hello):
+            link.close(f"expected HELLO, got {frame.TYPE.name}")
+            return
+        admitted = self.replicas.admit(frame)
+        if isinstance(admitted, pw.Refuse):
+            log.warning("mirror source refused", source=frame.node, why=admitted.message)
+            link.send(admitted)
+            link.close(f"refused: {admitted.message}")
+            return
+        self.service, self.record = admitted
+        self.volume = frame.volume
+        self.replicas.sessions[frame.volume] = self
+        volume = self.service.volume
+        link.send(
+            pw.HelloOk(
+                node=self.replicas.node,
+                volume=frame.volume,
+                volume_size=volume.size,
+                sector_size=volume.sector_size,
+                current_generation=self.record.current_generation,
+                previous_generation=self.record.previous_generation,
+                data_state=pw.DataState[self.record.data_state],
+            )
+        )
+
+    # -- applying frames, in order, on the volume's writer thread ---------------------------
+
+    def _submit(
+        self, link: PeerLink, sequence: int, function: Callable[..., Any], *args: Any, durable: bool
+    ) -> None:
+        def done(result: object, error: BaseException | None) -> None:
+            code = 0
+            if isinstance(error, VolumeError):
+                code = error.errno
+                log.error("applying a mirror frame failed", sequence=sequence, error=str(error))
+            elif error is not None:
+                code = 5
+                log.error("applying a mirror frame crashed", sequence=sequence, error=repr(error))
+            if link.is_open:
+                link.send(pw.Ack(sequence, code, durable=durable and not code))
+
+        assert self.service is not None
+        self.service.submit(function, *args, mutating=True, on_done=done)
+
+    def _write(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        assert isinstance(frame, pw.Write | pw.ResyncData) and self.service is not None
+        self._submit(
+            link, sequence, self.service.write, frame.offset, frame.data, frame.fua,
+            durable=frame.fua,
+        )  # fmt: skip
+
+    def _zero(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        assert isinstance(frame, pw.Zero) and self.service is not None
+        args = (frame.offset, frame.length, frame.may_trim, frame.fua)
+        self._submit(link, sequence, self.service.write_zeroes, *args, durable=frame.fua)
+
+    def _trim(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        assert isinstance(frame, pw.Trim) and self.service is not None
+        args = (frame.offset, frame.length, frame.fua)
+        self._submit(link, sequence, self.service.trim, *args, durable=frame.fua)
+
+    def _flush(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        assert self.service is not None
+        self._submit(link, sequence, self.service.volume.flush, durable=True)
+
+    def _state(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        assert isinstance(frame, pw.State) and self.record is not None
+        record = dataclasses.replace(
+            self.record,
+            data_state=frame.data_state.name,
+            current_generation=frame.current_generation,
+            previous_generation=frame.previous_generation,
+        )
+        volume = self.volume
+        assert volume is not None
+
+        def save() -> None:
+            self.replicas.store.save(volume, record)
+
+        self.record = self.replicas.records[volume] = record
+        self._submit(link, sequence, save, durable=True)
+
+    def _ping(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        assert isinstance(frame, pw.Ping)
+        link.send(pw.Pong(frame.token))
+
+    def _goodbye(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        assert isinstance(frame, pw.Goodbye) and self.volume is not None
+        if frame.reason == pw.GoodbyeReason.DELETED:
+            self.replicas.release(self.volume)
+        link.close(f"source said goodbye: {frame.reason.name} {frame.message}".strip())
+
+    _APPLY: ClassVar[dict[type, Callable[[ReplicaSession, PeerLink, int, pw.Frame], None]]] = {
+        pw.Write: _write,
+        pw.ResyncData: _write,
+        pw.Zero: _zero,
+        pw.Trim: _trim,
+        pw.Flush: _flush,
+        pw.State: _state,
+        pw.Ping: _ping,
+        pw.Goodbye: _goodbye,
+    }

@@ -1,0 +1,190 @@
+"""The target end of a mirror over real loopback TCP: admission, ordered apply, records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from volkeeper.core import peer_wire as pw
+from volkeeper.core.addresses import TcpAddress
+from volkeeper.daemon.launcher import free_tcp_port
+from volkeeper.daemon.replica import Replicas, TargetRecords
+from volkeeper.io.memory import MemoryVolume
+from volkeeper.io.peer_link import PeerLink, PeerServer, connect
+from volkeeper.io.volume_service import VolumeService
+from volkeeper.io.workers import IoWorkers
+
+MiB = 1024 * 1024
+
+
+class Source:
+    """A hand-driven source: sends frames, collects what the target answers."""
+
+    def __init__(self) -> None:
+        self.frames: list[pw.Frame] = []
+        self.lost: list[str] = []
+        self.link: PeerLink | None = None
+
+    def on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
+        self.frames.append(frame)
+
+    def on_lost(self, link: PeerLink, reason: str) -> None:
+        self.lost.append(reason)
+
+    async def answers(self, count: int, timeout: float = 5.0) -> list[pw.Frame]:
+        async with asyncio.timeout(timeout):
+            while len(self.frames) < count and not self.lost:
+                await asyncio.sleep(0.005)
+        return self.frames
+
+
+def hello(volume: str = "data1", *, job: str = "web", node: str = "alpha", size: int = 4 * MiB,
+          sector: int = 512) -> pw.Hello:  # fmt: skip
+    return pw.Hello(
+        node=node, volume=volume, job=job, volume_size=size, sector_size=sector,
+        current_generation=0x1234, previous_generation=0,
+    )  # fmt: skip
+
+
+class Target:
+    def __init__(self, directory: Path, volumes: list[MemoryVolume]) -> None:
+        self.directory = directory
+        self.readers = IoWorkers(2, "test-readers")
+        self.services = {v.name: VolumeService(v, self.readers) for v in volumes}
+        self.replicas = Replicas("beta", self.services.get, TargetRecords(directory / "targets"))
+        self.server = PeerServer(self.replicas.make_link)
+        self.address = TcpAddress("127.0.0.1", free_tcp_port())
+
+    async def source(self, first: pw.Frame) -> Source:
+        source = Source()
+        source.link = await connect(self.address, source.on_frame, source.on_lost)
+        source.link.send(first)
+        await source.answers(1)
+        return source
+
+
+def run(directory: Path, volumes: list[MemoryVolume],
+        scenario: Callable[[Target], Awaitable[None]]) -> Target:  # fmt: skip
+    target = Target(directory, volumes)
+
+    async def main() -> None:
+        await target.server.listen(target.address)
+        try:
+            await scenario(target)
+        finally:
+            await target.server.close()
+
+    asyncio.run(main())
+    target.readers.shutdown()
+    return target
+
+
+def test_first_hello_claims_the_volume_and_writes_apply_in_order(tmp_path: Path) -> None:
+    volume = MemoryVolume("data1", 8 * MiB)
+
+    async def scenario(target: Target) -> None:
+        source = await target.source(hello())
+        ok = source.frames[0]
+        assert isinstance(ok, pw.HelloOk)
+        assert (ok.volume_size, ok.sector_size, ok.data_state) == (
+            8 * MiB,
+            512,
+            pw.DataState.INCONSISTENT,
+        )
+        assert target.services["data1"].lock_reason is not None
+        assert "job 'web' from alpha:data1" in target.services["data1"].lock_reason
+        link = source.link
+        assert link is not None
+        for i in range(50):  # overlapping writes: the last one must win
+            link.send(pw.Write(0, bytes([i]) * 4096))
+        link.send(pw.ResyncData(MiB, b"r" * 8192))
+        link.send(pw.Zero(2 * MiB, 4096))
+        link.send(pw.Flush())
+        link.send(pw.State(pw.DataState.UP_TO_DATE, 0x1234, 0))
+        answers = await source.answers(1 + 54)
+        acks = [f for f in answers[1:] if isinstance(f, pw.Ack)]
+        assert [a.sequence for a in acks] == list(range(2, 56))
+        assert all(a.errno == 0 for a in acks)
+        assert [a.durable for a in acks][-2:] == [True, True]  # FLUSH and STATE
+        assert volume.read(0, 4096) == bytes([49]) * 4096
+        assert volume.read(MiB, 8192) == b"r" * 8192
+        record = json.loads((tmp_path / "targets" / "data1.json").read_text())
+        assert record["data_state"] == "UP_TO_DATE" and record["current_generation"] == 0x1234
+        link.close("done")
+
+    run(tmp_path, [volume], scenario)
+
+
+@pytest.mark.parametrize(
+    ("frame", "reason", "words"),
+    [
+        (hello("nope"), pw.RefuseReason.NO_SUCH_VOLUME, "no volume 'nope'"),
+        (hello(sector=4096), pw.RefuseReason.SECTOR_SIZE, "512-byte sectors, the source 4096"),
+        (hello(size=64 * MiB), pw.RefuseReason.SIZE, "smaller than the source's"),
+    ],
+)
+def test_refusals_name_the_reason(
+    tmp_path: Path, frame: pw.Hello, reason: pw.RefuseReason, words: str
+) -> None:
+    async def scenario(target: Target) -> None:
+        source = await target.source(frame)
+        refusal = source.frames[0]
+        assert isinstance(refusal, pw.Refuse) and refusal.reason == reason
+        assert words in refusal.message
+        assert target.services["data1"].lock_reason is None  # nothing claimed
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
+
+
+def test_a_target_has_one_source_and_one_feed(tmp_path: Path) -> None:
+    async def scenario(target: Target) -> None:
+        first = await target.source(hello())
+        busy = await target.source(hello())
+        assert isinstance(busy.frames[0], pw.Refuse)
+        assert busy.frames[0].reason == pw.RefuseReason.BUSY
+        other = await target.source(hello(job="db", node="gamma"))
+        assert isinstance(other.frames[0], pw.Refuse)
+        assert other.frames[0].reason == pw.RefuseReason.ALREADY_TARGET
+        assert "job 'web' from alpha:data1" in other.frames[0].message
+        assert first.link is not None
+        first.link.close("bye")
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
+
+
+def test_a_source_must_start_with_hello(tmp_path: Path) -> None:
+    async def scenario(target: Target) -> None:
+        source = Source()
+        source.link = await connect(target.address, source.on_frame, source.on_lost)
+        source.link.send(pw.Write(0, b"x" * 512))
+        async with asyncio.timeout(5):
+            while not source.lost:
+                await asyncio.sleep(0.01)
+        assert target.services["data1"].volume.read(0, 512) == bytes(512)
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
+
+
+def test_locks_survive_a_restart_and_goodbye_deleted_releases(tmp_path: Path) -> None:
+    async def claim(target: Target) -> None:
+        source = await target.source(hello())
+        assert source.link is not None
+        source.link.close("bye")
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], claim)
+
+    async def release(target: Target) -> None:
+        assert target.services["data1"].lock_reason is not None  # locked from the record
+        source = await target.source(hello())
+        assert source.link is not None
+        source.link.send(pw.Goodbye(pw.GoodbyeReason.DELETED, "job deleted"))
+        async with asyncio.timeout(5):
+            while target.services["data1"].lock_reason is not None:
+                await asyncio.sleep(0.01)
+        assert not (tmp_path / "targets" / "data1.json").exists()
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], release)
