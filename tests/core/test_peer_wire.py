@@ -67,10 +67,14 @@ def s16(text: bytes) -> bytes:
 
 
 def hello_body(
-    node: bytes = b"alpha", volume: bytes = b"data1", job: bytes = b"web", role: int = 0
+    node: bytes = b"alpha",
+    volume: bytes = b"data1",
+    job: bytes = b"web",
+    role: int = 0,
+    source: bytes = b"data0",
 ) -> bytes:
     fixed = struct.pack(">HHQIQQB", 1, 1, 1 << 30, 512, 0xAAAA, 0xBBBB, role)
-    return fixed + s16(node) + s16(volume) + s16(job)
+    return fixed + s16(node) + s16(volume) + s16(job) + s16(source)
 
 
 def hello_ok_body(node: bytes = b"beta", volume: bytes = b"data1", state: int = 0) -> bytes:
@@ -124,8 +128,9 @@ versions = st.tuples(u16s, u16s).map(sorted)
 hellos = st.builds(
     lambda v, **kw: Hello(min_version=v[0], max_version=v[1], **kw),
     versions,
-    node=names, volume=names, job=names, volume_size=u64s, sector_size=u32s,
-    current_generation=u64s, previous_generation=u64s, role=st.sampled_from(Role),
+    node=names, volume=names, job=names, source_volume=names, volume_size=u64s,
+    sector_size=u32s, current_generation=u64s, previous_generation=u64s,
+    role=st.sampled_from(Role),
 )  # fmt: skip
 hello_oks = st.builds(
     HelloOk,
@@ -148,8 +153,8 @@ frames_st: st.SearchStrategy[Frame] = st.one_of(
 )
 
 HELLO = Hello(
-    node="alpha", volume="data1", job="web", volume_size=1 << 30, sector_size=512,
-    current_generation=0xAAAA, previous_generation=0xBBBB,
+    node="alpha", volume="data1", job="web", source_volume="data0", volume_size=1 << 30,
+    sector_size=512, current_generation=0xAAAA, previous_generation=0xBBBB,
 )  # fmt: skip
 SAMPLES: list[Frame] = [
     HELLO,
@@ -520,7 +525,7 @@ def _valid_body(frame: Frame) -> tuple[int, int, bytes]:
 def test_truncated_bodies_are_refused(frame: Frame) -> None:
     kind, flags, body = _valid_body(frame)
     fixed = {
-        1: 39,
+        1: 41,
         2: 35,
         3: 2,
         4: 8,
@@ -559,9 +564,13 @@ def test_long_fixed_bodies_are_refused(frame: Frame) -> None:
 @pytest.mark.parametrize(
     ("kind", "body", "message"),
     [
-        (1, hello_body() + b"!", "HELLO frame 1: 1 stray bytes after the job name"),
+        (1, hello_body() + b"!", "HELLO frame 1: 1 stray bytes after the source volume name"),
         (2, hello_ok_body() + b"!!", "HELLO_OK frame 1: 2 stray bytes after the volume name"),
-        (1, hello_body()[:-5] + b"\xff\xff", "HELLO frame 1: job name of 65535 bytes is longer"),
+        (
+            1,
+            hello_body()[:-7] + b"\xff\xff",
+            "HELLO frame 1: source volume name of 65535 bytes is longer",
+        ),
         (1, hello_body(node=b"n" * 5000), "HELLO frame 1: node name of 5000 bytes is longer"),
         (2, hello_ok_body()[:-7], "HELLO_OK frame 1: body ends before the length of the volume"),
     ],
@@ -724,6 +733,6 @@ def test_choose_version_is_the_highest_common_version(
 def test_protocol_version_constant() -> None:
     assert pw.PROTOCOL_VERSION == 1
     assert Hello(
-        node="a", volume="b", job="c", volume_size=0, sector_size=512,
+        node="a", volume="b", job="c", source_volume="d", volume_size=0, sector_size=512,
         current_generation=0, previous_generation=0,
     ).max_version == 1  # fmt: skip

@@ -45,7 +45,8 @@ class Source:
 def hello(volume: str = "data1", *, job: str = "web", node: str = "alpha", size: int = 4 * MiB,
           sector: int = 512) -> pw.Hello:  # fmt: skip
     return pw.Hello(
-        node=node, volume=volume, job=job, volume_size=size, sector_size=sector,
+        node=node, volume=volume, job=job, source_volume="data0", volume_size=size,
+        sector_size=sector,
         current_generation=0x1234, previous_generation=0,
     )  # fmt: skip
 
@@ -96,7 +97,7 @@ def test_first_hello_claims_the_volume_and_writes_apply_in_order(tmp_path: Path)
             pw.DataState.INCONSISTENT,
         )
         assert target.services["data1"].lock_reason is not None
-        assert "job 'web' from alpha:data1" in target.services["data1"].lock_reason
+        assert "job 'web' from alpha:data0" in target.services["data1"].lock_reason
         link = source.link
         assert link is not None
         for i in range(50):  # overlapping writes: the last one must win
@@ -149,7 +150,7 @@ def test_a_target_has_one_source_and_one_feed(tmp_path: Path) -> None:
         other = await target.source(hello(job="db", node="gamma"))
         assert isinstance(other.frames[0], pw.Refuse)
         assert other.frames[0].reason == pw.RefuseReason.ALREADY_TARGET
-        assert "job 'web' from alpha:data1" in other.frames[0].message
+        assert "job 'web' from alpha:data0" in other.frames[0].message
         assert first.link is not None
         first.link.close("bye")
 

@@ -26,7 +26,8 @@ whose message names the frame ("WRITE frame 17: ..."); the decoder stays failed 
 
 Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-8 bytes):
 
-    HELLO        s->t  HELLO_FIXED, then str node, str volume, str job      (first frame)
+    HELLO        s->t  HELLO_FIXED, then str node, str volume (the target's), str job,
+                       str source volume                               (first frame)
     HELLO_OK     t->s  HELLO_OK_FIXED, then str node, str volume
     REFUSE       t->s  u16 RefuseReason, UTF-8 message (rest of body, <= 4096 bytes)
     WRITE        s->t  u64 offset, data (rest of body)          flags: FUA
@@ -192,6 +193,7 @@ class Hello:
     node: str
     volume: str
     job: str
+    source_volume: str
     volume_size: int
     sector_size: int
     current_generation: int
@@ -209,7 +211,12 @@ class Hello:
         return _packed(self.TYPE, 0, sequence, body + b"".join(names))
 
     def _names(self) -> tuple[tuple[str, str], ...]:
-        return (self.node, "node name"), (self.volume, "volume name"), (self.job, "job name")
+        return (
+            (self.node, "node name"),
+            (self.volume, "volume name"),
+            (self.job, "job name"),
+            (self.source_volume, "source volume name"),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -439,9 +446,11 @@ def _hello(body: memoryview, flags: int) -> Hello:
     low, high, size, sector, current, previous, role = HELLO_FIXED.unpack_from(body)
     if low > high:
         raise _Bad(f"min_version {low} is above max_version {high}")
-    node, volume, job = _strs(body, HELLO_FIXED.size, ("node name", "volume name", "job name"))
+    names = ("node name", "volume name", "job name", "source volume name")
+    node, volume, job, source_volume = _strs(body, HELLO_FIXED.size, names)
     return Hello(
-        node=node, volume=volume, job=job, volume_size=size, sector_size=sector,
+        node=node, volume=volume, job=job, source_volume=source_volume,
+        volume_size=size, sector_size=sector,
         current_generation=current, previous_generation=previous,
         role=_enum(Role, role, "role"), min_version=low, max_version=high,
     )  # fmt: skip
@@ -515,10 +524,10 @@ class _Layout:
 
 
 _T = FrameType
-_HELLO_MIN = HELLO_FIXED.size + 3 * STR_LEN.size
+_HELLO_MIN = HELLO_FIXED.size + 4 * STR_LEN.size
 _HELLO_OK_MIN = HELLO_OK_FIXED.size + 2 * STR_LEN.size
 _LAYOUTS: dict[int, _Layout] = {
-    _T.HELLO: _Layout("HELLO", _HELLO_MIN, _HELLO_MIN + 3 * MAX_NAME, 0, _hello),
+    _T.HELLO: _Layout("HELLO", _HELLO_MIN, _HELLO_MIN + 4 * MAX_NAME, 0, _hello),
     _T.HELLO_OK: _Layout("HELLO_OK", _HELLO_OK_MIN, _HELLO_OK_MIN + 2 * MAX_NAME, 0, _hello_ok),
     _T.REFUSE: _Layout("REFUSE", REASON.size, REASON.size + MAX_MESSAGE, 0, _refuse),
     _T.WRITE: _Layout("WRITE", 8, 8 + MAX_PAYLOAD, FUA, _write, Write),

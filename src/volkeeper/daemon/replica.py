@@ -118,7 +118,7 @@ class Replicas:
         service = refusal
         record = self.records.get(hello.volume)
         if record is None:
-            record = TargetRecord(hello.job, hello.node, hello.volume)
+            record = TargetRecord(hello.job, hello.node, hello.source_volume)
             self.store.save(hello.volume, record)
             self.records[hello.volume] = record
             log.info("volume claimed as mirror target", volume=hello.volume, mirror=record.mirror)
@@ -149,7 +149,7 @@ class Replicas:
         if record is not None and (record.job, record.source_node, record.source_volume) != (
             hello.job,
             hello.node,
-            hello.volume,
+            hello.source_volume,
         ):
             return pw.Refuse(R.ALREADY_TARGET, f"{where} is already the target of {record.mirror}")
         if hello.volume in self.sessions:
