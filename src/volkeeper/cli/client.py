@@ -46,13 +46,16 @@ class ControlClient:
             self._client = httpx.Client(base_url=base, timeout=timeout)
 
     def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
         try:
-            response = self._client.get(path)
+            response = self._client.request(method, path, json=body)
         except httpx.HTTPError as exc:
             raise CliError(f"cannot reach the node at {self.address}: {exc}") from exc
         if response.status_code >= 400:
             raise CliError(_api_error(response))
-        return response.json()
+        return response.json() if response.content else None
 
     def text(self, path: str) -> str:
         try:

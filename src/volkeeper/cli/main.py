@@ -22,6 +22,8 @@ from volkeeper.errors import VolkeeperError
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Userspace block replication.")
 volume_app = typer.Typer(no_args_is_help=True, help="Volumes of a node.")
 app.add_typer(volume_app, name="volume")
+job_app = typer.Typer(no_args_is_help=True, help="Jobs: an application's mirrors.")
+app.add_typer(job_app, name="job")
 
 NodeOption = Annotated[
     str | None, typer.Option("--node", help="control address: unix:/path or host:port")
@@ -60,7 +62,9 @@ def status(
     console = Console()
     console.print(f"[bold]node[/bold] {document['node']}")
     console.print(_volume_table(document["volumes"]))
-    if not document["mirrors"]:
+    if document["mirrors"]:
+        console.print(_mirror_table(document["mirrors"]))
+    else:
         console.print("no mirrors")
 
 
@@ -74,6 +78,60 @@ def volume_list(
         print(json.dumps(volumes, indent=2))
         return
     Console().print(_volume_table(volumes))
+
+
+@job_app.command("create")
+def job_create(
+    name: str,
+    source: Annotated[str, typer.Option("--source", help="NODE:VOLUME on this node")],
+    target: Annotated[str, typer.Option("--target", help="NODE:VOLUME on a peer")],
+    mode: Annotated[str, typer.Option("--mode", help="sync or async")] = "sync",
+    yes: Annotated[bool, typer.Option("--yes", help="confirm: the target is overwritten")] = False,
+    node: NodeOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a job mirroring SOURCE to TARGET (a full resync overwrites the target)."""
+    body = {"name": name, "source": source, "target": target, "mode": mode, "confirm": yes}
+    mirror = _client(node, config).request("POST", "/jobs", body)
+    if as_json:
+        print(json.dumps(mirror, indent=2))
+    else:
+        print(f"job {name}: {mirror['source']} -> {mirror['target']} ({mirror['state']})")
+
+
+@job_app.command("list")
+def job_list(
+    node: NodeOption = None, config: ConfigOption = None, as_json: JsonOption = False
+) -> None:
+    """List the jobs of the node and the state of their mirrors."""
+    mirrors = _client(node, config).get("/jobs")
+    if as_json:
+        print(json.dumps(mirrors, indent=2))
+        return
+    Console().print(_mirror_table(mirrors))
+
+
+@job_app.command("delete")
+def job_delete(name: str, node: NodeOption = None, config: ConfigOption = None) -> None:
+    """Delete a job: its target is unlocked and keeps its data as it is."""
+    _client(node, config).request("DELETE", f"/jobs/{name}")
+    print(f"job {name} deleted")
+
+
+def _mirror_table(mirrors: list[dict[str, Any]]) -> Table:
+    table = Table("job", "source", "target", "mode", "state", "out of sync", "sent", "resync",
+                  title="mirrors")  # fmt: skip
+    for mirror in mirrors:
+        resync = mirror["resync"]
+        progress = ""
+        if resync["total_bytes"]:
+            progress = f"{100 * resync['done_bytes'] // resync['total_bytes']}%"
+        table.add_row(
+            mirror["job"], mirror["source"], mirror["target"], mirror["mode"], mirror["state"],
+            format_size(mirror["out_of_sync_bytes"]), format_size(mirror["sent_bytes"]), progress,
+        )  # fmt: skip
+    return table
 
 
 def _volume_table(volumes: list[dict[str, Any]]) -> Table:

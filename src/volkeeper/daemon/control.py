@@ -20,10 +20,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 from volkeeper import __version__
 from volkeeper.core.addresses import TcpAddress, UnixAddress
+from volkeeper.daemon.jobs import JobError
 from volkeeper.daemon.metrics import render
 from volkeeper.io.listeners import bind_listener, remove_listener
 
@@ -34,6 +36,25 @@ class NodeView(Protocol):
     def status(self) -> dict[str, Any]: ...
 
     def volume_list(self) -> list[dict[str, Any]]: ...
+
+    def job_list(self) -> list[dict[str, Any]]: ...
+
+    async def create_job(
+        self, name: str, source: str, target: str, mode: str, confirm: bool
+    ) -> dict[str, Any]: ...
+
+    async def delete_job(self, name: str) -> None: ...
+
+
+class JobRequest(BaseModel):
+    name: str
+    source: str = Field(description="NODE:VOLUME on this node")
+    target: str = Field(description="NODE:VOLUME on a peer")
+    mode: str = "sync"
+    confirm: bool = Field(False, description="the full resync overwrites the target")
+
+
+_STATUS = {"not_found": 404, "conflict": 409, "confirmation_required": 412, "bad_request": 400}
 
 
 def error_body(code: str, message: str, hint: str = "") -> dict[str, Any]:
@@ -65,6 +86,26 @@ def create_app(node: NodeView) -> FastAPI:
     async def volumes() -> list[dict[str, Any]]:
         """The node's volumes with size, sector size, role and I/O counters."""
         return node.volume_list()
+
+    @app.exception_handler(JobError)
+    async def job_error(request: Request, exc: JobError) -> JSONResponse:
+        status = _STATUS.get(exc.code, 400)
+        return JSONResponse(error_body(exc.code, str(exc), exc.hint), status_code=status)
+
+    @app.get("/jobs")
+    async def jobs() -> list[dict[str, Any]]:
+        """Jobs of this node (as a source) with their mirror's state."""
+        return node.job_list()
+
+    @app.post("/jobs", status_code=201)
+    async def create_job(job: JobRequest) -> dict[str, Any]:
+        """Create a job: one mirror, starting with a full resync (needs confirm=true)."""
+        return await node.create_job(job.name, job.source, job.target, job.mode, job.confirm)
+
+    @app.delete("/jobs/{name}", status_code=204)
+    async def delete_job(name: str) -> None:
+        """Delete a job: the target is unlocked and keeps its data as it is."""
+        await node.delete_job(name)
 
     @app.get("/metrics")
     async def metrics() -> Response:

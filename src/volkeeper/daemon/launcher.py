@@ -45,6 +45,7 @@ class LocalNode:
     name: str = "alpha"
     volumes: list[VolumeSpec] = field(default_factory=lambda: [VolumeSpec("data1")])
     nbd_tcp: bool = False
+    peers: dict[str, int] = field(default_factory=dict)  # other nodes' replication ports
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -91,6 +92,9 @@ class LocalNode:
             f'control = "unix:{self.control_socket}"',
             f'nbd = "{nbd}"',
         ]
+        if self.peers:
+            lines += ["", "[peers]"]
+            lines += [f'{name} = "127.0.0.1:{port}"' for name, port in self.peers.items()]
         for volume in self.volumes:
             lines += [
                 "",

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,9 +21,12 @@ from prometheus_client import CollectorRegistry
 
 from volkeeper.daemon.config import NodeConfig
 from volkeeper.daemon.control import ControlServer
+from volkeeper.daemon.jobs import Jobs
 from volkeeper.daemon.metrics import NodeCollector
+from volkeeper.daemon.replica import Replicas, TargetRecord, TargetRecords
 from volkeeper.errors import VolumeError
 from volkeeper.io.nbd_server import NbdServer
+from volkeeper.io.peer_link import PeerServer
 from volkeeper.io.volume import open_volume
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
@@ -44,6 +48,9 @@ class Node:
             NodeCollector(lambda: self.services, lambda: self.nbd.connection_count)
         )
         self.control = ControlServer(self, config.node.control)
+        self.replicas: Replicas | None = None
+        self.peer_server: PeerServer | None = None
+        self.jobs: Jobs | None = None
         self._control_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -64,6 +71,16 @@ class Node:
                 VolumeService(volume, self.readers, read_only=volume_config.read_only)
             )
             log.info("volume opened", volume=volume.name, path=volume.path, size=volume.size)
+        by_name = {service.name: service for service in self.services}
+        state_dir = Path(self.config.node.state_dir)
+        self.replicas = Replicas(self.name, by_name.get, TargetRecords(state_dir / "targets"))
+        self.peer_server = PeerServer(self.replicas.make_link)
+        await self.peer_server.listen(self.config.node.listen)
+        self.jobs = Jobs(
+            self.name, state_dir, Path(self.config.node.bitmap_dir), dict(self.config.peers),
+            by_name, self.readers, lambda volume: volume in self.replicas_records(),
+        )  # fmt: skip
+        self.jobs.load()
         await self.nbd.listen(self.config.node.nbd)
         self._control_task = asyncio.create_task(self._serve_control())
 
@@ -83,6 +100,10 @@ class Node:
     async def stop(self) -> None:
         self.control.stop()
         await self.nbd.close()
+        if self.jobs is not None:
+            await self.jobs.stop_all()
+        if self.peer_server is not None:
+            await self.peer_server.close()
         for service in self.services:  # nothing is in flight now: blocking here is fine
             try:
                 service.close()
@@ -97,22 +118,42 @@ class Node:
 
     # -- views for the control API --------------------------------------------------------
 
+    def replicas_records(self) -> dict[str, TargetRecord]:
+        return self.replicas.records if self.replicas is not None else {}
+
     def volume_list(self) -> list[dict[str, Any]]:
-        return [_volume_view(service) for service in self.services]
+        targets = self.replicas_records()
+        return [_volume_view(service, service.name in targets) for service in self.services]
 
     def status(self) -> dict[str, Any]:
-        return {"node": self.name, "volumes": self.volume_list(), "mirrors": []}
+        mirrors = self.jobs.views() if self.jobs is not None else []
+        return {"node": self.name, "volumes": self.volume_list(), "mirrors": mirrors}
+
+    def job_list(self) -> list[dict[str, Any]]:
+        return self.jobs.views() if self.jobs is not None else []
+
+    async def create_job(
+        self, name: str, source: str, target: str, mode: str, confirm: bool
+    ) -> dict[str, Any]:
+        assert self.jobs is not None
+        self.jobs.create(name, source, target, mode, confirm)
+        return self.jobs.running[name].mirror.view()
+
+    async def delete_job(self, name: str) -> None:
+        assert self.jobs is not None
+        await self.jobs.delete(name)
 
 
-def _volume_view(service: VolumeService) -> dict[str, Any]:
+def _volume_view(service: VolumeService, target: bool) -> dict[str, Any]:
     volume, ops = service.volume, service.stats.ops
+    role = "source" if service.replication is not None else "target" if target else "standalone"
     return {
         "name": volume.name,
         "path": volume.path,
         "kind": volume.kind,
         "size": volume.size,
         "sector_size": volume.sector_size,
-        "role": "standalone",
+        "role": role,
         "locked": service.lock_reason,
         "read_bytes": ops["read"].bytes,
         "written_bytes": ops["write"].bytes,

@@ -263,12 +263,22 @@ class NbdConnection(asyncio.BufferedProtocol):
         elif request.command in MUTATING and self._service_locked():
             # Locked after this client attached (it became a mirror target): refuse writes.
             self._reply(request, w.Errno.EPERM, started=started)
+        elif (
+            self._service is not None
+            and self._service.replication is not None
+            and (request.command in _REPLICATED)
+        ):
+            self._replicate(request, started)
         else:
             try:
                 if not self._try_inline(request, started):
                     self._submit(request, started)
             except VolumeError as exc:
                 self._reply_error(request, exc, started)
+
+    @property
+    def _replicated(self) -> bool:
+        return self._service is not None and self._service.replication is not None
 
     def _service_locked(self) -> bool:
         return self._service is not None and self._service.lock_reason is not None
@@ -311,13 +321,29 @@ class NbdConnection(asyncio.BufferedProtocol):
         service.submit(function, *args, mutating=mutating, on_done=done)
         self._update_reading()
 
+    def _replicate(self, request: Request, started: float) -> None:
+        """A mirror source's mutation: the replication path orders, ships and answers it."""
+        assert self._service is not None and self._service.replication is not None
+        self._in_flight += 1
+        self._server.in_flight += 1
+        self._service.replication.submit(
+            _REPLICATED[request.command],
+            request.offset,
+            request.length,
+            payload=request.payload,
+            fua=request.fua,
+            may_trim=not request.flags & NO_HOLE,
+            on_done=lambda error: self._completed(request, started, None, error),
+        )
+        self._update_reading()
+
     def _completed(
         self, request: Request, started: float, result: object, error: BaseException | None
     ) -> None:
         self._in_flight -= 1
         self._server.in_flight -= 1
-        if request.command == Cmd.WRITE and self._parser is not None:
-            self._parser.recycle(request.payload)
+        if request.command == Cmd.WRITE and self._parser is not None and not self._replicated:
+            self._parser.recycle(request.payload)  # a replicated one may sit in a send buffer
         if error is None:
             data = result if isinstance(result, bytes | bytearray) else None
             self._reply(request, w.Errno.OK, data, started)
@@ -386,6 +412,14 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._closing = True
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+
+_REPLICATED: dict[int, str] = {
+    Cmd.WRITE: "write",
+    Cmd.WRITE_ZEROES: "zero",
+    Cmd.TRIM: "trim",
+    Cmd.FLUSH: "flush",
+}
 
 
 def _blocking_call(

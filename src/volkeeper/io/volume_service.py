@@ -25,7 +25,7 @@ its description says why; the NBD layer turns writes to it into EPERM.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from volkeeper.core.nbd_handshake import ExportInfo
 from volkeeper.core.stats import VolumeStats
@@ -33,6 +33,23 @@ from volkeeper.io.volume import Volume
 from volkeeper.io.workers import Done, IoWorkers
 
 Buffer = bytes | bytearray | memoryview
+
+
+class WriteHook(Protocol):
+    """Takes over a source volume's mutations and flushes (daemon/replication.py)."""
+
+    def submit(
+        self,
+        command: str,
+        offset: int,
+        length: int,
+        *,
+        payload: bytes | bytearray = b"",
+        fua: bool = False,
+        may_trim: bool = False,
+        on_done: Callable[[BaseException | None], None],
+    ) -> None: ...
+
 
 INLINE_WRITE_MAX = 64 * 1024  # larger writes overlap with parsing on the writer thread
 MISSES_BEFORE_SKIPPING = 8  # consecutive cache misses before the probe is rationed
@@ -49,6 +66,7 @@ class VolumeService:
         self._writer = IoWorkers(1, f"volkeeper-{volume.name}")
         self._mutations_queued = 0
         self._read_misses = 0
+        self.replication: WriteHook | None = None  # set while the volume is a mirror source
 
     @property
     def name(self) -> str:

@@ -1,0 +1,185 @@
+"""Jobs on a source node: durable records, and the mirrors they run.
+
+How this works: a job names one source volume of this node and its target (``NODE:VOLUME``,
+the node being one of the config's ``[peers]``).  ``Jobs.create`` checks the request, writes
+the mirror's intent log with every region marked (mirror creation is a full resync, which
+overwrites the target: the caller must confirm it), then the job record, and starts the
+mirror; ``Jobs.load`` restarts every recorded job when the node starts (opening an intent log
+that was not closed cleanly is crash recovery).  Records are JSON files in
+``state_dir/jobs``, written atomically.  Errors are ``JobError`` with a stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from volkeeper.core import peer_wire as pw
+from volkeeper.core.addresses import TcpAddress
+from volkeeper.daemon.mirror import Mirror, MirrorSpec
+from volkeeper.daemon.replication import Replication
+from volkeeper.errors import VolkeeperError
+from volkeeper.io.intent_store import Generations, Geometry, IntentStore
+from volkeeper.io.volume_service import VolumeService
+from volkeeper.io.workers import IoWorkers
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+class JobError(VolkeeperError):
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.code, self.hint = code, hint
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    name: str
+    source_volume: str
+    target_node: str
+    target_volume: str
+    mode: str = "sync"
+
+
+@dataclass
+class RunningJob:
+    record: JobRecord
+    mirror: Mirror
+    replication: Replication
+    task: asyncio.Task[None]
+
+
+class Jobs:
+    def __init__(
+        self,
+        node: str,
+        state_dir: Path,
+        bitmap_dir: Path,
+        peers: dict[str, TcpAddress],
+        services: dict[str, VolumeService],
+        readers: IoWorkers,
+        is_target: Any,
+    ) -> None:
+        self.node = node
+        self.directory = state_dir / "jobs"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.bitmap_dir = bitmap_dir
+        self.bitmap_dir.mkdir(parents=True, exist_ok=True)
+        self.peers = peers
+        self.services = services
+        self.readers = readers
+        self.is_target = is_target
+        self.running: dict[str, RunningJob] = {}
+
+    def load(self) -> None:
+        for path in sorted(self.directory.glob("*.json")):
+            record = JobRecord(**json.loads(path.read_text()))
+            self._start(record, IntentStore.open(self._log_path(record.name)))
+
+    def create(self, name: str, source: str, target: str, mode: str, confirm: bool) -> JobRecord:
+        record = self._check(name, source, target, mode)
+        if not confirm:
+            raise JobError(
+                "confirmation_required",
+                f"creating job {name!r} starts a full resync that overwrites {target}",
+                "resend with confirm=true (CLI: --yes)",
+            )
+        service = self.services[record.source_volume]
+        geometry = Geometry(volume_size=service.volume.size)
+        generations = Generations(secrets.randbits(64) or 1)
+        store = IntentStore.create(self._log_path(name), geometry, generations, all_dirty=True)
+        self._save(record)
+        self._start(record, store)
+        return record
+
+    def _check(self, name: str, source: str, target: str, mode: str) -> JobRecord:
+        if not NAME.fullmatch(name):
+            raise JobError("bad_request", f"job name {name!r} must match {NAME.pattern}")
+        if name in self.running:
+            raise JobError("conflict", f"job {name!r} exists already")
+        source_node, source_volume = _split(source, "source")
+        target_node, target_volume = _split(target, "target")
+        if source_node != self.node:
+            raise JobError(
+                "bad_request", f"source {source} is not on this node ({self.node})",
+                "send the request to the source node",
+            )  # fmt: skip
+        if source_volume not in self.services:
+            raise JobError("not_found", f"node {self.node} has no volume {source_volume!r}")
+        if self.is_target(source_volume):
+            raise JobError("conflict", f"{source} is a mirror target; it cannot be a source too")
+        for job in self.running.values():
+            if job.record.source_volume == source_volume:
+                raise JobError(
+                    "conflict", f"{source} is already the source of job {job.record.name!r}"
+                )
+        if target_node not in self.peers:
+            known = ", ".join(self.peers) or "none"
+            raise JobError("not_found", f"node {target_node!r} is not in [peers] (known: {known})")
+        if mode != "sync":
+            raise JobError("bad_request", f"mode {mode!r} is not available yet (only sync)")
+        return JobRecord(name, source_volume, target_node, target_volume, mode)
+
+    def _start(self, record: JobRecord, store: IntentStore) -> None:
+        service = self.services[record.source_volume]
+        spec = MirrorSpec(
+            record.name, record.source_volume, record.target_node,
+            self.peers[record.target_node], record.target_volume, record.mode,
+        )  # fmt: skip
+        mirror = Mirror(spec, self.node, service, store, self.readers)
+        replication = Replication(service, [mirror])
+        service.replication = replication
+        replication.start()
+        task = asyncio.create_task(mirror.run())
+        self.running[record.name] = RunningJob(record, mirror, replication, task)
+
+    async def delete(self, name: str) -> None:
+        job = self.running.pop(name, None)
+        if job is None:
+            raise JobError("not_found", f"no job named {name!r}")
+        await self._halt(job, pw.GoodbyeReason.DELETED)
+        self._log_path(name).unlink(missing_ok=True)
+        (self.directory / f"{name}.json").unlink(missing_ok=True)
+
+    async def stop_all(self) -> None:
+        for job in list(self.running.values()):
+            await self._halt(job, None)
+        self.running.clear()
+
+    async def _halt(self, job: RunningJob, goodbye: pw.GoodbyeReason | None) -> None:
+        await job.mirror.stop(goodbye)
+        job.task.cancel()
+        await asyncio.gather(job.task, return_exceptions=True)
+        await job.replication.stop()
+        while job.replication.in_flight:
+            await asyncio.sleep(0.01)
+        job.replication.service.replication = None
+        job.mirror.close()
+
+    def _save(self, record: JobRecord) -> None:
+        path = self.directory / f"{record.name}.json"
+        temporary = path.with_suffix(".tmp")
+        with temporary.open("w") as handle:
+            json.dump(asdict(record), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temporary.replace(path)
+
+    def _log_path(self, name: str) -> Path:
+        return self.bitmap_dir / f"{name}.vkil"
+
+    def views(self) -> list[dict[str, Any]]:
+        return [job.mirror.view() for job in self.running.values()]
+
+
+def _split(text: str, what: str) -> tuple[str, str]:
+    node, _, volume = text.partition(":")
+    if not node or not volume:
+        raise JobError("bad_request", f"{what} must be NODE:VOLUME, got {text!r}")
+    return node, volume

@@ -1,0 +1,116 @@
+"""The write path of a mirrored source volume: intent first, then disk and targets together.
+
+How this works: the NBD server hands every WRITE, WRITE_ZEROES, TRIM and FLUSH of a source
+volume to ``Replication.submit``.  Each becomes an ``Op`` that waits in one FIFO until its
+activity-log extents are durably active in every mirror's intent log (usually at once: hot
+extents need no I/O; a cold one costs one snapshot write, shared by every op waiting for it).
+The head op is then *issued*: the local write goes to the volume's writer thread and each
+mirror ships it to its target (daemon/mirror.py) -- in the same order on every side, which
+is how targets apply writes in the source's order.  The op completes, and the NBD reply
+leaves, when the local disk and every mirror are done with it (sync mode: the target ACKed).
+
+A completed FLUSH is durable locally and on every connected target, so it releases the
+activity-log pins of the writes before it.  While writes sit unflushed, a sync every
+``SYNC_INTERVAL`` does the same on its own, so pins drain on a volume that never flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Callable
+
+from volkeeper.daemon.mirror import Mirror, Op
+from volkeeper.io.volume_service import VolumeService
+
+SYNC_INTERVAL = 1.0
+
+
+class Replication:
+    def __init__(self, service: VolumeService, mirrors: list[Mirror]) -> None:
+        self.service = service
+        self.mirrors = mirrors
+        self._queue: collections.deque[Op] = collections.deque()
+        self.in_flight: set[Op] = set()
+        self._syncing = False
+        self._sync_task: asyncio.Task[None] | None = None
+        for mirror in mirrors:
+            mirror.in_flight_ops = lambda: tuple(self.in_flight)
+
+    def start(self) -> None:
+        self._sync_task = asyncio.create_task(self._sync_periodically())
+
+    async def stop(self) -> None:
+        if self._sync_task is not None:
+            self._sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync_task
+
+    def submit(
+        self,
+        command: str,
+        offset: int,
+        length: int,
+        *,
+        payload: bytes | bytearray = b"",
+        fua: bool = False,
+        may_trim: bool = False,
+        on_done: Callable[[BaseException | None], None],
+    ) -> None:
+        op = Op(command, offset, length, payload, fua, may_trim, on_done=on_done)
+        if command != "flush" and self.mirrors:
+            op.extents = self.mirrors[0].store.activity_log.extents_of(offset, length)
+            for mirror in self.mirrors:
+                mirror.store.activity_log.pin(op.extents)
+        self._queue.append(op)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue:
+            head = self._queue[0]
+            waiting = [m for m in self.mirrors if not m.store.activity_log.ready(head.extents)]
+            if waiting:
+                for mirror in waiting:
+                    mirror.write_snapshot(then=self._pump)
+                return
+            self._issue(self._queue.popleft())
+
+    def _issue(self, op: Op) -> None:
+        reply = op.on_done
+
+        def finished(error: BaseException | None) -> None:
+            self.in_flight.discard(op)
+            if op.command == "flush" and error is None:
+                for mirror in self.mirrors:
+                    mirror.release_durable(op)
+            reply(error)
+
+        op.on_done = finished
+        op.parts = 1 + len(self.mirrors)
+        self.in_flight.add(op)
+        function, args = _local(self.service, op)
+        self.service.submit(function, *args, mutating=True, on_done=lambda r, e: op.part_done(e))
+        for mirror in self.mirrors:
+            mirror.ship(op)
+
+    async def _sync_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            if not self._syncing and any(m.needs_flush for m in self.mirrors):
+                self._syncing = True
+                self.submit("flush", 0, 0, on_done=self._synced)
+            self._pump()
+
+    def _synced(self, error: BaseException | None) -> None:
+        self._syncing = False
+
+
+def _local(service: VolumeService, op: Op) -> tuple[Callable[..., object], tuple[object, ...]]:
+    if op.command == "write":
+        return service.write, (op.offset, op.payload, op.fua)
+    if op.command == "zero":
+        return service.write_zeroes, (op.offset, op.length, op.may_trim, op.fua)
+    if op.command == "trim":
+        return service.trim, (op.offset, op.length, op.fua)
+    return service.volume.flush, ()
