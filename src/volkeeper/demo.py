@@ -1,10 +1,11 @@
-"""``make demo``: one node, one file-backed volume, real NBD clients writing and reading it.
+"""``make demo``: two nodes on this machine, one mirrored volume, a real NBD client writing.
 
-How this works: a node daemon is started in ./demo-run with a 256 MiB sparse volume; nbdinfo
-shows what the export offers; nbdcopy writes 64 MiB of random data through NBD and reads it
-back; the hashes are compared, the node's status and a few metrics are printed, and the daemon
-is stopped with SIGTERM (its clean exit status is checked).  Later issues grow this into the
-two-node mirror demo.
+How this works: nodes alpha (source) and beta (target) start in ./demo-run with a 256 MiB
+file-backed volume each.  nbdcopy writes 64 MiB of random data to alpha over NBD; a sync job
+mirrors alpha:data1 to beta:data1 (full resync: Resyncing -> Mirroring).  Then beta is
+stopped while the application keeps writing (Resync pending: the writes are marked in the
+intent log), beta comes back, and the partial resync sends only the marked regions.  Finally
+both daemons stop and the two backing files are compared byte for byte.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
+from volkeeper.core.units import format_size
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
 DEMO_DIR = Path("demo-run")
-DATA_BYTES = 64 * 1024 * 1024
+VOLUME_SIZE = 256 * 1024 * 1024
+FIRST_WRITE = 64 * 1024 * 1024
 
 
 def step(text: str) -> None:
@@ -34,55 +39,103 @@ def run(*command: str) -> str:
     return result.stdout
 
 
-def sha256(path: Path, limit: int) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        digest.update(handle.read(limit))
-    return digest.hexdigest()
+def cli(node: LocalNode, *args: str) -> str:
+    return run(sys.executable, "-m", "volkeeper", *args, "--node", f"unix:{node.control_socket}")
+
+
+def mirror(node: LocalNode) -> dict[str, Any]:
+    mirrors: list[dict[str, Any]] = node.status()["mirrors"]  # type: ignore[assignment]
+    return mirrors[0]
+
+
+def wait_for(node: LocalNode, state: str, timeout: float = 60) -> dict[str, Any]:
+    deadline, shown = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        current = mirror(node)
+        behind = format_size(current["out_of_sync_bytes"])
+        line = f"   state: {current['state']:<15} out of sync: {behind}"
+        if line != shown:
+            print(line, flush=True)
+            shown = line
+        if current["state"] == state:
+            return current
+        time.sleep(0.1)
+    raise SystemExit(f"the mirror did not reach {state} in {timeout} s: {current}")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fio_writes(node: LocalNode, amount: str) -> None:
+    run(
+        "fio", "--name=app", "--ioengine=nbd", f"--uri={node.uri()}", "--rw=randwrite",
+        "--bs=4k", "--iodepth=16", f"--size={VOLUME_SIZE}", f"--io_size={amount}",
+        "--output-format=terse", f"--directory={DEMO_DIR.resolve()}",
+    )  # fmt: skip
 
 
 def main() -> int:
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
-    node = LocalNode(DEMO_DIR, "alpha", [VolumeSpec("data1", size="256MiB")])
-    step(f"starting node alpha (config {node.write_config()})")
-    node.start()
+    beta = LocalNode(DEMO_DIR / "beta", "beta", [VolumeSpec("data1", size=VOLUME_SIZE)])
+    alpha = LocalNode(
+        DEMO_DIR / "alpha", "alpha", [VolumeSpec("data1", size=VOLUME_SIZE)],
+        peers={"beta": beta.peer_port},
+    )  # fmt: skip
+    step("starting two nodes: alpha (source) and beta (target), 256 MiB volume data1 each")
+    beta.start()
+    alpha.start()
     try:
-        uri = node.uri("data1")
-        step("what the NBD export offers (nbdinfo)")
-        print(run("nbdinfo", uri))
-        source = DEMO_DIR / "random.bin"
-        source.write_bytes(os.urandom(DATA_BYTES))
-        back = DEMO_DIR / "readback.bin"
-        step("write 64 MiB of random data through NBD, then read the volume back (nbdcopy)")
-        run("nbdcopy", str(source), uri)
-        run("nbdcopy", uri, str(back))
-        written, read = sha256(source, DATA_BYTES), sha256(back, DATA_BYTES)
-        print(f"sha256 written:   {written}\nsha256 read back: {read}")
-        if written != read:
-            print("MISMATCH: the volume did not return what was written", file=sys.stderr)
-            return 1
-        step("node status (volkeeper status)")
-        env = {**os.environ, "VOLKEEPER_NODE": f"unix:{node.control_socket}"}
-        status = subprocess.run(
-            [sys.executable, "-m", "volkeeper", "status"], env=env, capture_output=True, text=True
+        step(f"the application writes {format_size(FIRST_WRITE)} of random data to alpha over NBD")
+        data = DEMO_DIR / "random.bin"
+        data.write_bytes(os.urandom(FIRST_WRITE))
+        run("nbdcopy", str(data), alpha.uri())
+
+        step("create a sync job: alpha:data1 -> beta:data1 (a full resync overwrites beta)")
+        print(cli(alpha, "job", "create", "web", "--source", "alpha:data1",
+                  "--target", "beta:data1", "--mode", "sync", "--yes"), end="")  # fmt: skip
+        wait_for(alpha, "Mirroring")
+        print(cli(alpha, "status"), end="")
+
+        step("beta goes away; the application keeps writing to alpha")
+        beta.stop()
+        wait_for(alpha, "Resync pending")
+        fio_writes(alpha, "4M")
+        away = mirror(alpha)
+        marked, sent_before = away["out_of_sync_bytes"], away["sent_bytes"]
+        print(f"   writes while beta was away are marked in the intent log: {format_size(marked)}")
+
+        step("beta comes back: partial resync of the marked regions only")
+        beta.start()
+        back = wait_for(alpha, "Mirroring")
+        resent = back["sent_bytes"] - sent_before
+        print(
+            f"   partial resync sent {format_size(resent)} of a {format_size(VOLUME_SIZE)} "
+            f"volume ({100 * resent / VOLUME_SIZE:.2f}%)"
         )
-        print(status.stdout)
-        step("a few Prometheus metrics (GET /metrics)")
-        with node.api() as api:
-            for line in api.get("/metrics").text.splitlines():
-                if line.startswith(("volkeeper_volume_written", "volkeeper_volume_read_bytes")):
-                    print(line)
+        fio_writes(alpha, "2M")
     finally:
-        step("stopping the node (SIGTERM)")
-        code = node.stop()
-        print(f"daemon exited with status {code}")
-    print(
-        "\nDone: the volume returned exactly what was written.\n"
-        f"Try next: start it yourself with `volkeeper daemon --config {node.config_path}`,\n"
-        "then `qemu-img info`, `nbdinfo --list` or `fio --ioengine=nbd` against "
-        f"{node.uri('data1')}"
+        step("stopping both nodes (SIGTERM)")
+        codes = alpha.stop(), beta.stop()
+        print(f"   exit status: alpha {codes[0]}, beta {codes[1]}")
+    source, target = (
+        sha256(alpha.volume_path(alpha.volumes[0])),
+        sha256(beta.volume_path(beta.volumes[0])),
     )
-    return code
+    step("are the two volumes byte-identical?")
+    print(f"   alpha:data1 sha256 {source}\n   beta:data1  sha256 {target}")
+    if source != target:
+        print("MISMATCH: the target differs from the source", file=sys.stderr)
+        return 1
+    print(
+        "\nDone: beta:data1 is an exact copy of alpha:data1.\n"
+        f"Try next: start the nodes yourself with `volkeeper daemon --config "
+        f"{alpha.config_path}` (and {beta.config_path}),\n"
+        f"then `volkeeper status --config {alpha.config_path}`; write with `nbdcopy` or\n"
+        f"`fio --ioengine=nbd` to {alpha.uri()};\n"
+        "stop beta and watch the mirror go Resync pending, then resync when it returns."
+    )
+    return max(codes)
 
 
 if __name__ == "__main__":
