@@ -46,6 +46,8 @@ log = structlog.get_logger("volkeeper.mirror")
 RESYNC_CHUNK = 1024 * 1024  # bytes read and sent per RESYNC_DATA frame, at most
 RESYNC_BATCH = 8 * 1024 * 1024  # bytes sent between FLUSHes that let bits be cleared
 HANDSHAKE_TIMEOUT = 10.0
+PING_INTERVAL = 2.0  # an idle link is pinged this often
+TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -125,6 +127,7 @@ class Mirror:
         self._stopping = False
         self._lost = asyncio.Event()
         self._resync_task: asyncio.Task[None] | None = None
+        self._last_heard = 0.0
         # Ops issued but not complete (set by Replication): a resync read racing one of them
         # may have seen the disk before that write reached it.
         self.in_flight_ops: Callable[[], Iterable[Op]] = tuple
@@ -167,6 +170,7 @@ class Mirror:
     async def _connect_and_serve(self) -> None:
         self._lost.clear()
         link = await connect(self.spec.target_address, self._on_frame, self._on_lost)
+        self._last_heard = asyncio.get_running_loop().time()
         self.link = link
         loop = asyncio.get_running_loop()
         self._answer = loop.create_future()
@@ -190,7 +194,23 @@ class Mirror:
             raise PeerError(f"{self.spec.target} refused: {answer.message}")
         assert isinstance(answer, pw.HelloOk)
         await self._admitted(answer)
-        await self._lost.wait()
+        await self._watch(link)
+
+    async def _watch(self, link: PeerLink) -> None:
+        """PING an idle target; a target silent for TARGET_TIMEOUT is treated as lost, so a
+        hung peer cannot hold synchronous writes forever (they fall back to tracking)."""
+        loop = asyncio.get_running_loop()
+        token = 0
+        while not self._lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), PING_INTERVAL)
+            if self._lost.is_set() or not link.is_open:
+                return
+            if loop.time() - self._last_heard > TARGET_TIMEOUT:
+                link.close(f"{self.spec.target} silent for {TARGET_TIMEOUT:.0f} s")
+                return
+            token += 1
+            link.send(pw.Ping(token))
 
     async def _admitted(self, ok: pw.HelloOk) -> None:
         assert self.link is not None
@@ -211,6 +231,7 @@ class Mirror:
                 self.link.send(pw.State(pw.DataState.UP_TO_DATE, current, 0))
 
     def _on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
+        self._last_heard = asyncio.get_running_loop().time()
         answer = self._answer
         if answer is not None and not answer.done() and isinstance(frame, pw.HelloOk | pw.Refuse):
             answer.set_result(frame)
