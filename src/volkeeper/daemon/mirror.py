@@ -312,7 +312,12 @@ class Mirror:
         if ack.errno:  # the target could not write it: it will get the region by resync
             log.error("target failed a write", job=self.spec.job, errno=ack.errno)
             self.store.bitmap.mark(op.offset, op.length)
-            self._after_persist(op.part_done)
+
+            def marked() -> None:
+                self.store.activity_log.unpin(op.extents)
+                op.part_done()
+
+            self._after_persist(marked)
             return
         if op.command == "flush":
             op.part_done()
