@@ -140,12 +140,13 @@ class Jobs:
         self.running[record.name] = RunningJob(record, mirror, replication, task)
 
     async def delete(self, name: str) -> None:
-        job = self.running.pop(name, None)
+        job = self.running.get(name)
         if job is None:
             raise JobError("not_found", f"no job named {name!r}")
         await self._halt(job, pw.GoodbyeReason.DELETED)
+        (self.directory / f"{name}.json").unlink(missing_ok=True)  # first: never reloaded
         self._log_path(name).unlink(missing_ok=True)
-        (self.directory / f"{name}.json").unlink(missing_ok=True)
+        del self.running[name]
 
     async def stop_all(self) -> None:
         for job in list(self.running.values()):

@@ -154,11 +154,12 @@ class Mirror:
 
     async def stop(self, goodbye: pw.GoodbyeReason | None = None) -> None:
         self._stopping = True
-        if self.link is not None and self.link.is_open:
+        link = self.link  # the target may close it while we wait: keep our own reference
+        if link is not None and link.is_open:
             if goodbye is not None:
-                self.link.send(pw.Goodbye(goodbye, f"job {self.spec.job}"))
+                link.send(pw.Goodbye(goodbye, f"job {self.spec.job}"))
                 await asyncio.sleep(0.05)
-            self.link.close("mirror stopping")
+            link.close("mirror stopping")
 
     def close(self) -> None:
         """After ``stop``: persist the intent log and close it cleanly."""

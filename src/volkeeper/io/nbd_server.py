@@ -276,10 +276,6 @@ class NbdConnection(asyncio.BufferedProtocol):
             except VolumeError as exc:
                 self._reply_error(request, exc, started)
 
-    @property
-    def _replicated(self) -> bool:
-        return self._service is not None and self._service.replication is not None
-
     def _service_locked(self) -> bool:
         return self._service is not None and self._service.lock_reason is not None
 
@@ -333,17 +329,23 @@ class NbdConnection(asyncio.BufferedProtocol):
             payload=request.payload,
             fua=request.fua,
             may_trim=not request.flags & NO_HOLE,
-            on_done=lambda error: self._completed(request, started, None, error),
+            on_done=lambda error: self._completed(request, started, None, error, recycle=False),
         )
         self._update_reading()
 
     def _completed(
-        self, request: Request, started: float, result: object, error: BaseException | None
+        self,
+        request: Request,
+        started: float,
+        result: object,
+        error: BaseException | None,
+        *,
+        recycle: bool = True,  # False when the payload may still sit in a peer's send buffer
     ) -> None:
         self._in_flight -= 1
         self._server.in_flight -= 1
-        if request.command == Cmd.WRITE and self._parser is not None and not self._replicated:
-            self._parser.recycle(request.payload)  # a replicated one may sit in a send buffer
+        if recycle and request.command == Cmd.WRITE and self._parser is not None:
+            self._parser.recycle(request.payload)
         if error is None:
             data = result if isinstance(result, bytes | bytearray) else None
             self._reply(request, w.Errno.OK, data, started)
