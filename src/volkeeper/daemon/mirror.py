@@ -19,7 +19,7 @@ the state:
 ACKed writes stay pinned in the activity log until a FLUSH has made them durable on both
 sides (``release_durable``); when the link drops, every write not known durable on the target
 is marked and persisted first, then unpinned.  Metadata I/O (snapshots, bitmap pages) runs on
-this mirror's own worker thread, in order.
+this mirror's own thread (daemon/intent_writer.py).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import structlog
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState, next_state
+from volkeeper.daemon.intent_writer import IntentWriter
 from volkeeper.errors import PeerError
 from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.peer_link import PeerLink, connect
@@ -116,14 +117,12 @@ class Mirror:
         self.sent_bytes = 0
         self.resync_done_bytes = 0
         self.resync_total_bytes = 0
-        self._meta = IoWorkers(1, f"volkeeper-meta-{spec.job}")
+        self.intent = IntentWriter(store, spec.job, self._break)
         self._pending: dict[int, Op] = {}  # frame sequence -> op awaiting its ACK
         self._undurable: list[tuple[int, Op]] = []  # ACKed, not yet durable on the target
         self._answer: asyncio.Future[pw.Frame] | None = None
         self._resync_acks: dict[int, asyncio.Future[int]] = {}
         self._chunks: list[_Chunk] = []  # resync chunks read but not yet durable
-        self._persist_waiters: list[Callable[[], None]] = []
-        self._persisting = False
         self._stopping = False
         self._lost = asyncio.Event()
         self._resync_task: asyncio.Task[None] | None = None
@@ -163,8 +162,7 @@ class Mirror:
 
     def close(self) -> None:
         """After ``stop``: persist the intent log and close it cleanly."""
-        self._meta.shutdown()
-        self.store.close()
+        self.intent.close()
 
     # -- connection -------------------------------------------------------------------------
 
@@ -219,7 +217,7 @@ class Mirror:
         if ok.current_generation != current:
             log.info("target generation differs: full resync", job=self.spec.job)
             self.store.bitmap.mark_all()
-            await self._persist()
+            await self.intent.durable()
         self.last_error = ""
         if self.store.bitmap.marked_count:
             self._set(MirrorEvent.CONNECTED_DIRTY)
@@ -272,7 +270,7 @@ class Mirror:
             for op in pending:
                 op.part_done()
 
-        self._after_persist(durable)
+        self.intent.after_durable(durable)
         self._lost.set()
 
     # -- application writes ---------------------------------------------------------------
@@ -299,7 +297,7 @@ class Mirror:
             self.store.activity_log.unpin(op.extents)
             op.part_done()
 
-        self._after_persist(durable)
+        self.intent.after_durable(durable)
 
     def _acked(self, ack: pw.Ack) -> None:
         future = self._resync_acks.pop(ack.sequence, None)
@@ -318,7 +316,7 @@ class Mirror:
                 self.store.activity_log.unpin(op.extents)
                 op.part_done()
 
-            self._after_persist(marked)
+            self.intent.after_durable(marked)
             return
         if op.command == "flush":
             op.part_done()
@@ -411,7 +409,7 @@ class Mirror:
         self._resync_acks[link.send(state)] = future
         if await future:
             raise PeerError("target failed to record its new state")
-        await self._persist()
+        await self.intent.durable()
         self._set(MirrorEvent.RESYNC_DONE)
         log.info("resync finished", job=self.spec.job, bytes=self.resync_done_bytes)
 
@@ -424,58 +422,6 @@ class Mirror:
         for chunk in self._chunks:
             if first < chunk.first + chunk.count and chunk.first <= last:
                 chunk.raced = True
-
-    # -- metadata I/O on the mirror's own thread -------------------------------------------
-
-    def _after_persist(self, then: Callable[[], None]) -> None:
-        """Run ``then`` once every bitmap bit set so far is on stable storage."""
-        self._persist_waiters.append(then)
-        if not self._persisting:
-            self._start_persist()
-
-    def _start_persist(self) -> None:
-        self._persisting = True
-        waiters, self._persist_waiters = self._persist_waiters, []
-
-        def done(result: object, error: BaseException | None) -> None:
-            self._persisting = False
-            if error is not None:  # the intent log cannot be written: nothing is tracked now
-                log.error(
-                    "intent log write failed: mirror broken", job=self.spec.job, error=str(error)
-                )
-                self._break()
-            for waiter in waiters:
-                waiter()
-            if self._persist_waiters:
-                self._start_persist()
-
-        self._meta.submit(self.store.persist_bitmap, (), done)
-
-    async def _persist(self) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def durable() -> None:
-            if not future.done():
-                future.set_result(None)
-
-        self._after_persist(durable)
-        await future
-
-    def write_snapshot(self, then: Callable[[], None]) -> bool:
-        """Persist the activity log's next transaction, if one is due; ``then`` after it."""
-        snapshot = self.store.activity_log.transaction()
-        if snapshot is None:
-            return False
-
-        def done(result: object, error: BaseException | None) -> None:
-            if error is None:
-                self.store.activity_log.committed(snapshot)
-            else:
-                log.error("activity log write failed", job=self.spec.job, error=str(error))
-            then()
-
-        self._meta.submit(self.store.write_snapshot, (snapshot,), done)
-        return True
 
     async def _read(self, offset: int, length: int) -> bytes | bytearray:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

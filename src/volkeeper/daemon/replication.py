@@ -72,7 +72,7 @@ class Replication:
             waiting = [m for m in self.mirrors if not m.store.activity_log.ready(head.extents)]
             if waiting:
                 for mirror in waiting:
-                    mirror.write_snapshot(then=self._pump)
+                    mirror.intent.write_snapshot(then=self._pump)
                 return
             self._issue(self._queue.popleft())
 
