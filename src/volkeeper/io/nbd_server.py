@@ -125,15 +125,6 @@ class NbdServer:
     def _new_connection(self) -> NbdConnection:
         return NbdConnection(self)
 
-    def bound_ports(self) -> list[int]:
-        """TCP ports actually bound (useful when the config asked for port 0)."""
-        return [
-            sock.getsockname()[1]
-            for server in self._servers
-            for sock in server.sockets
-            if sock.family in (socket.AF_INET, socket.AF_INET6)
-        ]
-
     async def close(self) -> None:
         self._shutting_down = True
         for server in self._servers:
