@@ -615,7 +615,7 @@ def test_restart_of_both_nodes_resends_almost_nothing(
     alpha, beta = mirrored_pair(start_node, "64MiB")
     fio(alpha.uri(), tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=64M",
         "--io_size=4M")  # fmt: skip
-    time.sleep(2.5)  # the periodic sync makes every acknowledged write durable on both sides
+    time.sleep(2.5)  # a clean stop (final sync, or the target's GOODBYE) loses nothing
     order = (alpha, beta) if first == "alpha" else (beta, alpha)
     codes = [node.stop() for node in order]
     assert codes == [0, 0]

@@ -182,6 +182,15 @@ class ActivityLog:
         return self._durable
 
     @property
+    def pinned_extents(self) -> int:
+        return sum(1 for pins in self._active.values() if pins)
+
+    @property
+    def waiting(self) -> bool:
+        """Some extent is wanted but not yet in the log."""
+        return bool(self._wanted)
+
+    @property
     def resync_bound_bytes(self) -> int:
         """Most bytes a source crash can leave to resync on account of this log."""
         return self.capacity * self.extent_bytes

@@ -12,6 +12,7 @@ that was not closed cleanly is crash recovery).  Records are JSON files in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from volkeeper.io.intent_store import Generations, Geometry, IntentStore
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
 
+STOP_SYNC_TIMEOUT = 10.0
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -154,6 +156,8 @@ class Jobs:
         self.running.clear()
 
     async def _halt(self, job: RunningJob, goodbye: pw.GoodbyeReason | None) -> None:
+        with contextlib.suppress(TimeoutError):  # a last sync, so a restart resends nothing
+            await asyncio.wait_for(job.replication.sync(), STOP_SYNC_TIMEOUT)
         await job.mirror.stop(goodbye)
         job.task.cancel()
         await asyncio.gather(job.task, return_exceptions=True)

@@ -237,7 +237,12 @@ class Mirror:
             return
         if isinstance(frame, pw.Ack):
             self._acked(frame)
-        elif isinstance(frame, pw.Pong):
+        elif isinstance(frame, pw.Goodbye) and frame.reason == pw.GoodbyeReason.SHUTDOWN:
+            # A clean target stop: it made every write it ACKed durable before saying so.
+            for _, op in self._undurable:
+                self.store.activity_log.unpin(op.extents)
+            self._undurable.clear()
+        elif isinstance(frame, pw.Pong | pw.Goodbye):
             pass
         else:
             link.close(f"unexpected {frame.TYPE.name} frame from the target")

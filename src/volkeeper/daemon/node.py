@@ -102,6 +102,8 @@ class Node:
         await self.nbd.close()
         if self.jobs is not None:
             await self.jobs.stop_all()
+        if self.replicas is not None:
+            await self.replicas.shutdown()
         if self.peer_server is not None:
             await self.peer_server.close()
         for service in self.services:  # nothing is in flight now: blocking here is fine

@@ -13,7 +13,8 @@ volume's writer thread -- one FIFO -- so they reach the disk in the order the so
 (invariant 1), and ACKs each with its sequence number once done; a FLUSH's ACK carries
 DURABLE.  A STATE frame rewrites the record through the same FIFO, so "UpToDate" is recorded
 only after every earlier write.  A GOODBYE(DELETED) releases the volume: the record goes, the
-lock goes, the data stays as it is.  Anything out of place closes that session only.
+lock goes, the data stays as it is.  Anything out of place closes that session only.  When
+the node stops cleanly, each session flushes its volume and says GOODBYE(SHUTDOWN) first.
 
 Records live in ``state_dir/targets/VOLUME.json`` and are written atomically (temporary
 file, fsync, rename, fsync of the directory), so a target that restarts knows its locks.
@@ -21,6 +22,8 @@ file, fsync, rename, fsync of the directory), so a target that restarts knows it
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,6 +39,8 @@ from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 
 log = structlog.get_logger("volkeeper.replica")
+
+SHUTDOWN_FLUSH_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass
@@ -156,6 +161,11 @@ class Replicas:
             return pw.Refuse(R.BUSY, f"{where} is already fed by another connection")
         return service
 
+    async def shutdown(self) -> None:
+        """Clean stop: make every acknowledged write durable, then say GOODBYE(SHUTDOWN), so
+        sources know nothing they sent is lost and need not resend it."""
+        await asyncio.gather(*(s.flush_and_leave() for s in list(self.sessions.values())))
+
     def release(self, volume: str) -> None:
         """The source deleted the mirror: unlock the volume, keep its data."""
         self.records.pop(volume, None)
@@ -172,6 +182,7 @@ class ReplicaSession:
         self.volume: str | None = None
         self.service: VolumeService | None = None
         self.record: TargetRecord | None = None
+        self.link: PeerLink | None = None
 
     def on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
         if self.service is None:
@@ -200,6 +211,7 @@ class ReplicaSession:
             return
         self.service, self.record = admitted
         self.volume = frame.volume
+        self.link = link
         self.replicas.sessions[frame.volume] = self
         volume = self.service.volume
         link.send(
@@ -270,6 +282,23 @@ class ReplicaSession:
 
         self.record = self.replicas.records[volume] = record
         self._submit(link, sequence, save, durable=True)
+
+    async def flush_and_leave(self) -> None:
+        link, service = self.link, self.service
+        if link is None or service is None or not link.is_open:
+            return
+        left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def flushed(result: object, error: BaseException | None) -> None:
+            if error is None and link.is_open:
+                link.send(pw.Goodbye(pw.GoodbyeReason.SHUTDOWN, "target stopping, all durable"))
+            link.close("target stopping")
+            if not left.done():
+                left.set_result(None)
+
+        service.submit(service.volume.flush, mutating=True, on_done=flushed)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(left, SHUTDOWN_FLUSH_TIMEOUT)
 
     def _ping(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Ping)

@@ -10,8 +10,13 @@ is how targets apply writes in the source's order.  The op completes, and the NB
 leaves, when the local disk and every mirror are done with it (sync mode: the target ACKed).
 
 A completed FLUSH is durable locally and on every connected target, so it releases the
-activity-log pins of the writes before it.  While writes sit unflushed, a sync every
-``SYNC_INTERVAL`` does the same on its own, so pins drain on a volume that never flushes.
+activity-log pins of the writes before it.  Pins only matter when an extent must leave the
+log, so the engine issues a sync of its own only under pressure -- a write waits for an
+extent while the log is full of pinned ones, or more than half the log is pinned -- and as a
+backstop every ``SYNC_INTERVAL`` (a periodic fdatasync of everything would stall writes).
+
+A small write is written inline (a page-cache copy on the loop) while the volume's writer
+thread has nothing queued, as on an unmirrored volume; anything else goes to that thread.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import contextlib
 from collections.abc import Callable
 
 from volkeeper.daemon.mirror import Mirror, Op
+from volkeeper.errors import VolkeeperError
 from volkeeper.io.volume_service import VolumeService
 
-SYNC_INTERVAL = 1.0
+SYNC_INTERVAL = 30.0
+PRESSURE_CHECK = 0.2  # how often the need for a sync is looked at
 
 
 class Replication:
@@ -89,21 +96,63 @@ class Replication:
         op.on_done = finished
         op.parts = 1 + len(self.mirrors)
         self.in_flight.add(op)
+        for mirror in self.mirrors:  # ship first: an inline local write completes at once
+            mirror.ship(op)
+        if op.command == "write" and not op.fua and self._write_inline(op):
+            return
         function, args = _local(self.service, op)
         self.service.submit(function, *args, mutating=True, on_done=lambda r, e: op.part_done(e))
-        for mirror in self.mirrors:
-            mirror.ship(op)
+
+    def _write_inline(self, op: Op) -> bool:
+        try:
+            done = self.service.try_write(op.offset, op.payload)
+        except VolkeeperError as error:
+            op.part_done(error)
+            return True
+        if done != len(op.payload):
+            if done:  # rare: a partial non-blocking write; the writer thread does the rest
+                rest = (op.offset + done, memoryview(op.payload)[done:], False)
+                self.service.submit(
+                    self.service.write, *rest, mutating=True, on_done=lambda r, e: op.part_done(e)
+                )
+                return True
+            return False
+        op.part_done()
+        return True
 
     async def _sync_periodically(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
         while True:
-            await asyncio.sleep(SYNC_INTERVAL)
-            if not self._syncing and any(m.needs_flush for m in self.mirrors):
+            await asyncio.sleep(PRESSURE_CHECK)
+            due = loop.time() - last >= SYNC_INTERVAL or self._under_pressure()
+            if due and not self._syncing and any(m.needs_flush for m in self.mirrors):
                 self._syncing = True
+                last = loop.time()
                 self.submit("flush", 0, 0, on_done=self._synced)
             self._pump()
 
+    def _under_pressure(self) -> bool:
+        for mirror in self.mirrors:
+            log = mirror.store.activity_log
+            if log.pinned_extents * 2 > log.capacity or (self._queue and log.waiting):
+                return True
+        return False
+
     def _synced(self, error: BaseException | None) -> None:
         self._syncing = False
+
+    async def sync(self) -> None:
+        """Flush the volume and every connected target (before a clean stop: then nothing
+        written so far has to be resent)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def finished(error: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self.submit("flush", 0, 0, on_done=finished)
+        await done
 
 
 def _local(service: VolumeService, op: Op) -> tuple[Callable[..., object], tuple[object, ...]]:
