@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := libnbd-bin nbdkit qemu-utils fio util-linux dmsetup
+DEB_PACKAGES := libnbd-bin nbdkit qemu-utils fio util-linux dmsetup rsync
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: demo test lint check debs deps bench clean
@@ -23,6 +23,7 @@ lint: deps
 
 bench: deps
 	$(PY) bench/nbd_vs_nbdkit.py
+	$(PY) bench/mirror_overhead.py
 
 deps: debs $(STAMP)
 
