@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEB_PACKAGES := libnbd-bin nbdkit qemu-utils fio util-linux dmsetup rsync
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test lint check debs deps bench clean
+.PHONY: demo test lint debs deps bench clean
 
 demo: deps
 	$(PY) -m volkeeper.demo
