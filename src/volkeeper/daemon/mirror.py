@@ -483,7 +483,9 @@ class Mirror:
                 "region_bytes": self.store.bitmap.region_size,
                 "hot_extents": len(self.store.activity_log.active_extents),
                 "hot_extent_bytes": self.store.activity_log.extent_bytes,
-                "crash_resync_bound_bytes": self.store.activity_log.resync_bound_bytes,
+                "crash_resync_bound_bytes": min(
+                    self.store.activity_log.resync_bound_bytes, self.service.volume.size
+                ),
             },
             "last_error": self.last_error or None,
         }
