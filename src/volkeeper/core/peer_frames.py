@@ -156,7 +156,7 @@ def _data_frame(kind: FrameType, flags: int, seq: int, offset: int, data: Buffer
     return [head, data, hasher.digest()]
 
 
-def _data_repr(frame: Write | ResyncData) -> str:
+def _data_repr(frame: _DataFrame) -> str:
     """Payloads are not printed: a 1 MiB repr in a log line or a test diff helps nobody."""
     size = frame.data.nbytes if isinstance(frame.data, memoryview) else len(frame.data)
     name = type(frame).__name__
@@ -241,10 +241,10 @@ class Refuse:
 
 
 @dataclass(frozen=True, slots=True, repr=False)
-class Write:
-    """An application write, in the source's acknowledgement order."""
+class _DataFrame:
+    """u64 offset + data: the layout WRITE and RESYNC_DATA share."""
 
-    TYPE: ClassVar[FrameType] = FrameType.WRITE
+    TYPE: ClassVar[FrameType]
     offset: int
     data: Buffer
     fua: bool = False
@@ -257,19 +257,17 @@ class Write:
 
 
 @dataclass(frozen=True, slots=True, repr=False)
-class ResyncData:
+class Write(_DataFrame):
+    """An application write, in the source's acknowledgement order."""
+
+    TYPE: ClassVar[FrameType] = FrameType.WRITE
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ResyncData(_DataFrame):
     """A block sent by a resync (marked region), not an application write."""
 
     TYPE: ClassVar[FrameType] = FrameType.RESYNC_DATA
-    offset: int
-    data: Buffer
-    fua: bool = False
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        return _data_frame(self.TYPE, FUA if self.fua else 0, sequence, self.offset, self.data)
-
-    def __repr__(self) -> str:
-        return _data_repr(self)
 
 
 @dataclass(frozen=True, slots=True)
