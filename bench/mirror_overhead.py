@@ -54,6 +54,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchlib import (  # bench/ is the script's directory, so it is on sys.path
+    CLK_TCK,
+    cpu_seconds,
+    reap,
+    reap_children,
+    spawn,
+)
+from benchlib import format_number as _number
+from benchlib import percentile_us as _percentile_us
+from benchlib import raise_interrupt as _raise_interrupt
+
 from volkeeper.core.units import format_size, parse_size
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
@@ -61,7 +72,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "mirror_overhead.json"
 GIB = 1 << 30
 BLOCK = 4096
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 THROUGHPUT_TARGET = 0.55  # mirrored / unmirrored, at least
 CPU_TARGET = 2.0  # mirrored / unmirrored CPU-s per GiB written, at most
 RTT_BUDGET = 3  # mirrored p50 <= unmirrored p50 + this many loopback round trips
@@ -123,29 +133,8 @@ CPU_PCT_ROW = Row("cpu_pct", "daemons' CPU % (100 = one core)", "cpu", False)
 
 # -- child processes: every one is tracked so that it can be stopped by PID ----------------
 
-_children: dict[int, subprocess.Popen[bytes]] = {}
 _nodes: list[LocalNode] = []
 _starting: list[threading.Thread] = []  # node starts running in a helper thread
-
-
-def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kwargs)
-    _children[proc.pid] = proc
-    return proc
-
-
-def reap(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
-    """Signal one child we started, by PID; SIGKILL it if it outlives the grace period."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    _children.pop(proc.pid, None)
 
 
 def run_child(argv: list[str], timeout: float) -> tuple[int, str, str]:
@@ -163,12 +152,7 @@ def reap_all() -> None:
     for node in _nodes:  # LocalNode.stop: SIGTERM by PID, SIGKILL after a grace period
         with contextlib.suppress(Exception):
             node.stop(timeout=10)
-    for proc in list(_children.values()):
-        reap(proc, grace=5.0)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    reap_children()
 
 
 # -- loopback round trip -------------------------------------------------------------------
@@ -409,13 +393,6 @@ class Solo:
 # -- measurements --------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process (every thread), from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # fields 3.. ; utime, stime are 14, 15
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def run_fio(name: str, uri: str, extra: list[str], output: Path, timeout: float) -> dict[str, Any]:
     argv = ["fio", f"--name={name}", "--ioengine=nbd", f"--uri={uri}", *extra]
     argv += ["--output-format=json", f"--output={output}"]
@@ -428,11 +405,6 @@ def run_fio(name: str, uri: str, extra: list[str], output: Path, timeout: float)
     if fio_job.get("error"):
         raise RuntimeError(f"fio job {name} reported error {fio_job['error']}")
     return fio_job
-
-
-def _percentile_us(section: dict[str, Any], kind: str, pct: str) -> float | None:
-    value = section.get(kind, {}).get("percentile", {}).get(pct)
-    return None if value is None else value / 1000
 
 
 def metrics(fio_job: dict[str, Any], cpu: dict[str, float]) -> dict[str, float | None]:
@@ -675,14 +647,6 @@ def summarise(runs: list[dict[str, Any]], jobs: list[Job], rtt_us: float) -> lis
                 }
             )
     return rows
-
-
-def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}" if value < 10 else f"{value:.1f}"
 
 
 def fio_markdown(rows: list[dict[str, Any]]) -> str:

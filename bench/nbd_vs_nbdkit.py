@@ -35,6 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from benchlib import (  # bench/ is the script's directory, so it is on sys.path
+    cpu_seconds,
+    reap,
+    reap_children,
+    spawn,
+)
+from benchlib import format_number as _number
+from benchlib import percentile_us as _percentile_us
+from benchlib import raise_interrupt as _raise_interrupt
+
 from volkeeper.core.units import parse_size
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
@@ -42,7 +52,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "nbd_vs_nbdkit.json"
 TARGET = 0.95
 GIB = 1 << 30
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -109,40 +118,14 @@ CPU_ROWS = (
 
 # -- child processes: every one is tracked so that it can be stopped by PID ----------------
 
-_children: dict[int, subprocess.Popen[bytes]] = {}
 _servers: list[Server] = []
-
-
-def spawn(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kwargs)
-    _children[proc.pid] = proc
-    return proc
-
-
-def reap(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
-    """Signal one child we started, by PID; SIGKILL it if it outlives the grace period."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, sig)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    _children.pop(proc.pid, None)
 
 
 def reap_all() -> None:
     for server in _servers:
         with contextlib.suppress(Exception):
             server.stop()
-    for proc in list(_children.values()):
-        reap(proc, grace=5.0)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    reap_children()
 
 
 # -- servers -------------------------------------------------------------------------------
@@ -236,13 +219,6 @@ def serving(server: Server) -> Iterator[Server]:
 # -- measurements --------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process (every thread), from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # fields 3.. ; utime, stime are 14, 15
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def sync_and_drop_caches(drop: bool) -> str | None:
     """Sync dirty pages; drop the page cache too if asked.  Returns a note if it could not."""
     os.sync()
@@ -290,11 +266,6 @@ def run_fio(job: Job, uri: str, runtime: int, output: Path) -> dict[str, Any]:
     if fio_job.get("error"):
         raise RuntimeError(f"fio job {job.name} reported error {fio_job['error']}")
     return fio_job
-
-
-def _percentile_us(section: dict[str, Any], kind: str, pct: str) -> float | None:
-    value = section.get(kind, {}).get("percentile", {}).get(pct)
-    return None if value is None else value / 1000
 
 
 def metrics(fio_job: dict[str, Any], cpu_s: float) -> dict[str, float | None]:
@@ -412,14 +383,6 @@ def summarise(runs: list[dict[str, Any]], jobs: list[Job]) -> list[dict[str, Any
                 }
             )
     return rows
-
-
-def _number(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.3g}" if value < 10 else f"{value:.1f}"
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
