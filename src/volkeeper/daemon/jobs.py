@@ -17,6 +17,7 @@ import json
 import os
 import re
 import secrets
+import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ class Jobs:
         services: dict[str, VolumeService],
         readers: IoWorkers,
         is_target: Any,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
         self.node = node
         self.directory = state_dir / "jobs"
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -134,7 +137,7 @@ class Jobs:
             record.name, record.source_volume, record.target_node,
             self.peers[record.target_node], record.target_volume, record.mode,
         )  # fmt: skip
-        mirror = Mirror(spec, self.node, service, store, self.readers)
+        mirror = Mirror(spec, self.node, service, store, self.readers, self.tls)
         replication = Replication(service, [mirror])
         service.replication = replication
         replication.start()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,8 +106,10 @@ class Mirror:
         service: VolumeService,
         store: IntentStore,
         readers: IoWorkers,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.spec = spec
+        self.tls = tls
         self.node = node
         self.service = service
         self.store = store
@@ -168,7 +171,13 @@ class Mirror:
 
     async def _connect_and_serve(self) -> None:
         self._lost.clear()
-        link = await connect(self.spec.target_address, self._on_frame, self._on_lost)
+        link = await connect(
+            self.spec.target_address,
+            self._on_frame,
+            self._on_lost,
+            tls=self.tls,
+            peer_name=self.spec.target_node,
+        )
         self._last_heard = asyncio.get_running_loop().time()
         self.link = link
         loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import Callable
 from typing import cast
 
@@ -124,12 +125,24 @@ class PeerLink(asyncio.Protocol):
 
 
 async def connect(
-    address: TcpAddress, on_frame: OnFrame, on_lost: OnLost, timeout: float = 5.0
+    address: TcpAddress,
+    on_frame: OnFrame,
+    on_lost: OnLost,
+    timeout: float = 5.0,
+    tls: ssl.SSLContext | None = None,
+    peer_name: str | None = None,
 ) -> PeerLink:
+    """Dial ``address``; with ``tls``, the peer's certificate must name ``peer_name``."""
     loop = asyncio.get_running_loop()
     try:
         _, link = await asyncio.wait_for(
-            loop.create_connection(lambda: PeerLink(on_frame, on_lost), address.host, address.port),
+            loop.create_connection(
+                lambda: PeerLink(on_frame, on_lost),
+                address.host,
+                address.port,
+                ssl=tls,
+                server_hostname=peer_name if tls is not None else None,
+            ),
             timeout,
         )
     except (TimeoutError, OSError) as exc:
