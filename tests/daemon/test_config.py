@@ -338,3 +338,84 @@ def test_errors_in_file_name_the_file(tmp_path: Path) -> None:
 def test_parse_config_default_source() -> None:
     with pytest.raises(ConfigError, match=r"^<config>: missing required key node$"):
         parse_config("")
+
+
+# -- [tls] ---------------------------------------------------------------------------------
+
+
+def tls_files(directory: Path) -> dict[str, Path]:
+    """Three readable files standing in for the PEM files (their contents are peer_tls's)."""
+    files = {key: directory / f"{key}.pem" for key in ("certificate", "key", "ca")}
+    for path in files.values():
+        path.write_text("PEM\n")
+    return files
+
+
+def tls_table(**values: object) -> str:
+    lines = ["[tls]"] + [
+        f'{key} = "{value}"' if isinstance(value, Path) else f"{key} = {value}"
+        for key, value in values.items()
+    ]
+    return NODE + "\n".join(lines) + "\n"
+
+
+def test_tls_table_is_optional() -> None:
+    assert parse_config(NODE).tls is None
+
+
+def test_tls_table(tmp_path: Path) -> None:
+    files = tls_files(tmp_path)
+    tls = parse_config(tls_table(**files)).tls
+    assert tls is not None
+    assert (tls.certificate, tls.key, tls.ca) == (files["certificate"], files["key"], files["ca"])
+
+
+def test_tls_needs_all_three_files(tmp_path: Path) -> None:
+    files = tls_files(tmp_path)
+    del files["key"]
+    assert refusal(tls_table(**files)) == "alpha.toml: missing required key tls.key"
+    assert refusal(NODE + "[tls]\n").splitlines() == [
+        f"alpha.toml: missing required key tls.{key}" for key in ("certificate", "key", "ca")
+    ]
+
+
+def test_tls_file_must_exist(tmp_path: Path) -> None:
+    files = tls_files(tmp_path)
+    files["certificate"] = tmp_path / "nope.pem"
+    files["ca"] = tmp_path / "missing-dir" / "ca.pem"
+    assert refusal(tls_table(**files)).splitlines() == [
+        f"alpha.toml: tls.certificate: file {tmp_path / 'nope.pem'} does not exist",
+        f"alpha.toml: tls.ca: file {tmp_path / 'missing-dir' / 'ca.pem'} does not exist",
+    ]
+
+
+def test_tls_file_must_be_a_regular_file(tmp_path: Path) -> None:
+    files = tls_files(tmp_path)
+    files["key"] = tmp_path
+    assert refusal(tls_table(**files)) == f"alpha.toml: tls.key: {tmp_path} is not a regular file"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of their mode")
+def test_tls_file_must_be_readable(tmp_path: Path) -> None:
+    files = tls_files(tmp_path)
+    files["key"].chmod(0)
+    assert refusal(tls_table(**files)) == (
+        f"alpha.toml: tls.key: cannot read {files['key']}: Permission denied"
+    )
+
+
+def test_tls_paths_must_be_absolute_strings(tmp_path: Path) -> None:
+    files: dict[str, object] = dict(tls_files(tmp_path))
+    files["certificate"] = '"certs/alpha.pem"'
+    files["ca"] = 5
+    assert refusal(tls_table(**files)).splitlines() == [
+        'alpha.toml: tls.certificate: expected an absolute path, got "certs/alpha.pem"',
+        "alpha.toml: tls.ca: expected a string, got 5",
+    ]
+
+
+def test_tls_unknown_key_and_wrong_type(tmp_path: Path) -> None:
+    files: dict[str, object] = dict(tls_files(tmp_path))
+    files["verify"] = "false"
+    assert refusal(tls_table(**files)) == "alpha.toml: unknown key tls.verify"
+    assert refusal('tls = "on"\n' + NODE) == 'alpha.toml: tls: expected a table, got "on"'

@@ -24,12 +24,17 @@ volume_app = typer.Typer(no_args_is_help=True, help="Volumes of a node.")
 app.add_typer(volume_app, name="volume")
 job_app = typer.Typer(no_args_is_help=True, help="Jobs: an application's mirrors.")
 app.add_typer(job_app, name="job")
+mirror_app = typer.Typer(no_args_is_help=True, help="The mirror of a job: pause, resync, ...")
+app.add_typer(mirror_app, name="mirror")
 
 NodeOption = Annotated[
     str | None, typer.Option("--node", help="control address: unix:/path or host:port")
 ]
 ConfigOption = Annotated[str | None, typer.Option("--config", help="read the node address here")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the API's JSON")]
+TargetOption = Annotated[
+    str | None, typer.Option("--target", help="NODE:VOLUME of the mirror (if the job has more)")
+]
 
 
 def _client(node: str | None, config: str | None) -> ControlClient:
@@ -86,13 +91,19 @@ def job_create(
     source: Annotated[str, typer.Option("--source", help="NODE:VOLUME on this node")],
     target: Annotated[str, typer.Option("--target", help="NODE:VOLUME on a peer")],
     mode: Annotated[str, typer.Option("--mode", help="sync or async")] = "sync",
+    queue_limit: Annotated[
+        str, typer.Option("--queue-limit", help="async: unacknowledged bytes before tracking")
+    ] = "64MiB",
     yes: Annotated[bool, typer.Option("--yes", help="confirm: the target is overwritten")] = False,
     node: NodeOption = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a job mirroring SOURCE to TARGET (a full resync overwrites the target)."""
-    body = {"name": name, "source": source, "target": target, "mode": mode, "confirm": yes}
+    body = {
+        "name": name, "source": source, "target": target, "mode": mode, "confirm": yes,
+        "queue_limit": queue_limit,
+    }  # fmt: skip
     mirror = _client(node, config).request("POST", "/jobs", body)
     if as_json:
         print(json.dumps(mirror, indent=2))
@@ -119,19 +130,82 @@ def job_delete(name: str, node: NodeOption = None, config: ConfigOption = None) 
     print(f"job {name} deleted")
 
 
+def _mirror_command(
+    action: str, job: str, target: str | None, node: str | None, config: str | None, **extra: Any
+) -> None:
+    body = {"target": target, **extra}
+    mirror = _client(node, config).request("POST", f"/jobs/{job}/mirror/{action}", body)
+    print(f"job {job}: {mirror['source']} -> {mirror['target']} {mirror['state']}")
+
+
+@mirror_app.command("pause")
+def mirror_pause(
+    job: str, target: TargetOption = None, node: NodeOption = None, config: ConfigOption = None
+) -> None:
+    """Stop sending to the target; writes are marked and resynced on continue."""
+    _mirror_command("pause", job, target, node, config)
+
+
+@mirror_app.command("continue")
+def mirror_continue(
+    job: str, target: TargetOption = None, node: NodeOption = None, config: ConfigOption = None
+) -> None:
+    """Resume a paused mirror: reconnect and resync what was marked."""
+    _mirror_command("continue", job, target, node, config)
+
+
+@mirror_app.command("break")
+def mirror_break(
+    job: str, target: TargetOption = None, node: NodeOption = None, config: ConfigOption = None
+) -> None:
+    """Stop tracking changes (Broken): only `mirror resync --full` repairs the target."""
+    _mirror_command("break", job, target, node, config)
+
+
+@mirror_app.command("resync")
+def mirror_resync(
+    job: str,
+    target: TargetOption = None,
+    full: Annotated[bool, typer.Option("--full", help="resend every region")] = False,
+    node: NodeOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Resync now: the marked regions, or with --full the whole volume."""
+    _mirror_command("resync", job, target, node, config, full=full)
+
+
+@mirror_app.command("delete")
+def mirror_delete(
+    job: str, target: TargetOption = None, node: NodeOption = None, config: ConfigOption = None
+) -> None:
+    """Delete the mirror (and its job): the target is unlocked and keeps its data."""
+    path = f"/jobs/{job}/mirror" + (f"?target={target}" if target else "")
+    _client(node, config).request("DELETE", path)
+    print(f"job {job}: mirror deleted")
+
+
 def _mirror_table(mirrors: list[dict[str, Any]]) -> Table:
-    table = Table("job", "source", "target", "mode", "state", "out of sync", "sent", "resync",
-                  title="mirrors")  # fmt: skip
+    table = Table("job", "source", "target", "mode", "state", "out of sync", "sent", "queue",
+                  "resync", title="mirrors")  # fmt: skip
     for mirror in mirrors:
-        resync = mirror["resync"]
-        progress = ""
-        if resync["total_bytes"]:
-            progress = f"{100 * resync['done_bytes'] // resync['total_bytes']}%"
         table.add_row(
             mirror["job"], mirror["source"], mirror["target"], mirror["mode"], mirror["state"],
-            format_size(mirror["out_of_sync_bytes"]), format_size(mirror["sent_bytes"]), progress,
+            format_size(mirror["out_of_sync_bytes"]), format_size(mirror["sent_bytes"]),
+            format_size(mirror.get("queue_bytes", 0)), _progress(mirror["resync"]),
         )  # fmt: skip
     return table
+
+
+def _progress(resync: dict[str, Any]) -> str:
+    """``42% 120MiB/s ETA 3s`` while resyncing, else empty."""
+    if not resync["total_bytes"]:
+        return ""
+    text = f"{100 * resync['done_bytes'] // resync['total_bytes']}%"
+    if resync["rate_bytes_per_s"]:
+        text += f" {format_size(resync['rate_bytes_per_s'])}/s"
+    if resync["eta_s"] is not None:
+        text += f" ETA {resync['eta_s']:.0f}s"
+    return text
 
 
 def _volume_table(volumes: list[dict[str, Any]]) -> Table:

@@ -27,6 +27,12 @@ class OpStats:
     seconds: float = 0.0
     buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
 
+    def observe(self, nbytes: int, seconds: float) -> None:
+        self.requests += 1
+        self.bytes += nbytes
+        self.seconds += seconds
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+
     def cumulative_buckets(self) -> list[tuple[float, int]]:
         """(upper bound, count of observations <= bound) pairs, ending with +Inf."""
         bounds = [*LATENCY_BUCKETS, float("inf")]
@@ -43,9 +49,6 @@ class VolumeStats:
 
     def record(self, op: str, nbytes: int, seconds: float, *, failed: bool = False) -> None:
         stats = self.ops[op]
-        stats.requests += 1
-        stats.bytes += nbytes
-        stats.seconds += seconds
-        stats.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        stats.observe(nbytes, seconds)
         if failed:
             stats.errors += 1

@@ -13,7 +13,9 @@ fields. Any failure becomes one ``ConfigError`` with one line per problem::
 
 Array indices in messages are 0-based, as in the key paths pydantic reports. Loading checks
 only what must hold before the daemon starts: ``bitmap_dir``, when given, must already exist;
-``state_dir`` and volume files are created later by the daemon.
+``state_dir`` and volume files are created later by the daemon. The optional ``[tls]`` table's
+PEM files must exist and be readable; their contents are checked when the daemon builds its
+TLS contexts (io/peer_tls.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -90,6 +93,24 @@ def _existing_directory(value: object) -> Path:
     return path
 
 
+def _readable_file(value: object) -> Path:
+    path = _absolute_path(value)
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"file {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
 def _tcp_address(value: object) -> TcpAddress:
     return parse_tcp_address(_string(value))
 
@@ -123,6 +144,7 @@ def _log_level(value: object) -> str:
 Name = Annotated[str, PlainValidator(_name)]
 AbsolutePath = Annotated[Path, PlainValidator(_absolute_path)]
 ExistingDirectory = Annotated[Path, PlainValidator(_existing_directory)]
+ReadableFile = Annotated[Path, PlainValidator(_readable_file)]
 PeerAddress = Annotated[TcpAddress, PlainValidator(_tcp_address), PlainSerializer(str)]
 ListenAddress = Annotated[UnixAddress | TcpAddress, PlainValidator(_address), PlainSerializer(str)]
 Size = Annotated[int, PlainValidator(_size)]
@@ -181,12 +203,24 @@ class VolumeConfig(_Table):
         return size
 
 
+class TlsSection(_Table):
+    """The optional ``[tls]`` table: PEM files for mutual TLS on the replication link.
+
+    Only presence and readability are checked here; io/peer_tls.py parses the contents.
+    """
+
+    certificate: ReadableFile
+    key: ReadableFile
+    ca: ReadableFile
+
+
 class NodeConfig(_Table):
     """A whole node config file."""
 
     node: NodeSection
     peers: dict[Name, PeerAddress] = Field(default_factory=dict)
     volumes: list[VolumeConfig] = Field(default_factory=list, alias="volume")
+    tls: TlsSection | None = None
 
     @field_validator("peers")
     @classmethod

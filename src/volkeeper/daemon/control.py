@@ -11,6 +11,7 @@ stable ``code``.  The OpenAPI document is at ``/openapi.json``.
 from __future__ import annotations
 
 import contextlib
+import enum
 import socket
 from collections.abc import Generator
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException
 
 from volkeeper import __version__
 from volkeeper.core.addresses import TcpAddress, UnixAddress
+from volkeeper.core.units import parse_size
 from volkeeper.daemon.jobs import JobError
 from volkeeper.daemon.metrics import render
 from volkeeper.io.listeners import bind_listener, remove_listener
@@ -40,18 +42,37 @@ class NodeView(Protocol):
     def job_list(self) -> list[dict[str, Any]]: ...
 
     async def create_job(
-        self, name: str, source: str, target: str, mode: str, confirm: bool
+        self, name: str, source: str, target: str, mode: str, confirm: bool, queue_limit: int
     ) -> dict[str, Any]: ...
 
     async def delete_job(self, name: str) -> None: ...
+
+    async def mirror_command(
+        self, job: str, action: str, target: str | None, full: bool
+    ) -> dict[str, Any]: ...
 
 
 class JobRequest(BaseModel):
     name: str
     source: str = Field(description="NODE:VOLUME on this node")
     target: str = Field(description="NODE:VOLUME on a peer")
-    mode: str = "sync"
+    mode: str = Field("sync", description="sync or async")
     confirm: bool = Field(False, description="the full resync overwrites the target")
+    queue_limit: int | str = Field(
+        "64MiB", description="async mode: bytes sent and not yet acknowledged, at most"
+    )
+
+
+class MirrorAction(enum.StrEnum):
+    pause = "pause"
+    continue_ = "continue"
+    break_ = "break"
+    resync = "resync"
+
+
+class MirrorCommand(BaseModel):
+    target: str | None = Field(None, description="NODE:VOLUME; may be left out (one mirror)")
+    full: bool = Field(False, description="resync: resend every region, not only marked ones")
 
 
 _STATUS = {"not_found": 404, "conflict": 409, "confirmation_required": 412, "bad_request": 400}
@@ -100,7 +121,29 @@ def create_app(node: NodeView) -> FastAPI:
     @app.post("/jobs", status_code=201)
     async def create_job(job: JobRequest) -> dict[str, Any]:
         """Create a job: one mirror, starting with a full resync (needs confirm=true)."""
-        return await node.create_job(job.name, job.source, job.target, job.mode, job.confirm)
+        try:
+            queue_limit = parse_size(job.queue_limit)
+        except ValueError as exc:
+            raise JobError("bad_request", f"queue_limit: {exc}") from None
+        return await node.create_job(
+            job.name, job.source, job.target, job.mode, job.confirm, queue_limit
+        )
+
+    @app.post("/jobs/{name}/mirror/{action}")
+    async def mirror_command(
+        name: str, action: MirrorAction, command: MirrorCommand | None = None
+    ) -> dict[str, Any]:
+        """pause (writes are marked, nothing is sent), continue (reconnect and resync what
+        was marked), break (stop tracking: only a full resync repairs it), resync (now; with
+        full=true every region).  Answers the mirror's view after the command."""
+        command = command or MirrorCommand(target=None, full=False)
+        return await node.mirror_command(name, action.value, command.target, command.full)
+
+    @app.delete("/jobs/{name}/mirror", status_code=204)
+    async def delete_mirror(name: str, target: str | None = None) -> None:
+        """Delete the job's mirror: the target is unlocked and keeps its data.  A job has one
+        mirror, so the job goes with it."""
+        await node.mirror_command(name, "delete", target, False)
 
     @app.delete("/jobs/{name}", status_code=204)
     async def delete_job(name: str) -> None:

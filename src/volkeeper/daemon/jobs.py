@@ -1,4 +1,4 @@
-"""Jobs on a source node: durable records, and the mirrors they run.
+"""Jobs on a source node: durable records, the mirrors they run, the administrator's commands.
 
 How this works: a job names one source volume of this node and its target (``NODE:VOLUME``,
 the node being one of the config's ``[peers]``).  ``Jobs.create`` checks the request, writes
@@ -6,13 +6,16 @@ the mirror's intent log with every region marked (mirror creation is a full resy
 overwrites the target: the caller must confirm it), then the job record, and starts the
 mirror; ``Jobs.load`` restarts every recorded job when the node starts (opening an intent log
 that was not closed cleanly is crash recovery).  Records are JSON files in
-``state_dir/jobs``, written atomically.  Errors are ``JobError`` with a stable code.
+``state_dir/jobs``, written atomically; a record also keeps whether the administrator paused
+or broke the mirror, so a restart does not undo it.  Errors are ``JobError`` with a stable
+code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +27,8 @@ from typing import Any
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.daemon.mirror import Mirror, MirrorSpec
+from volkeeper.core.mirror_state import IllegalTransition, MirrorState
+from volkeeper.daemon.mirror import DEFAULT_QUEUE_LIMIT, MODES, Mirror, MirrorSpec
 from volkeeper.daemon.replication import Replication
 from volkeeper.errors import VolkeeperError
 from volkeeper.io.intent_store import Generations, Geometry, IntentStore
@@ -48,6 +52,11 @@ class JobRecord:
     target_node: str
     target_volume: str
     mode: str = "sync"
+    queue_limit: int = DEFAULT_QUEUE_LIMIT  # async mode: bytes sent and not yet ACKed
+    admin: str = "active"  # or "paused" / "broken": the administrator's last word
+
+
+_ADMIN_STATES = {"paused": MirrorState.PAUSED, "broken": MirrorState.BROKEN}
 
 
 @dataclass
@@ -87,8 +96,16 @@ class Jobs:
             record = JobRecord(**json.loads(path.read_text()))
             self._start(record, IntentStore.open(self._log_path(record.name)))
 
-    def create(self, name: str, source: str, target: str, mode: str, confirm: bool) -> JobRecord:
-        record = self._check(name, source, target, mode)
+    def create(
+        self,
+        name: str,
+        source: str,
+        target: str,
+        mode: str,
+        confirm: bool,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
+    ) -> JobRecord:
+        record = self._check(name, source, target, mode, queue_limit)
         if not confirm:
             raise JobError(
                 "confirmation_required",
@@ -103,7 +120,7 @@ class Jobs:
         self._start(record, store)
         return record
 
-    def _check(self, name: str, source: str, target: str, mode: str) -> JobRecord:
+    def _check(self, name: str, source: str, target: str, mode: str, queue_limit: int) -> JobRecord:
         if not NAME.fullmatch(name):
             raise JobError("bad_request", f"job name {name!r} must match {NAME.pattern}")
         if name in self.running:
@@ -127,31 +144,89 @@ class Jobs:
         if target_node not in self.peers:
             known = ", ".join(self.peers) or "none"
             raise JobError("not_found", f"node {target_node!r} is not in [peers] (known: {known})")
-        if mode != "sync":
-            raise JobError("bad_request", f"mode {mode!r} is not available yet (only sync)")
-        return JobRecord(name, source_volume, target_node, target_volume, mode)
+        if mode not in MODES:
+            raise JobError("bad_request", f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if queue_limit < 1024 * 1024:
+            raise JobError("bad_request", f"queue limit must be at least 1 MiB, got {queue_limit}")
+        return JobRecord(name, source_volume, target_node, target_volume, mode, queue_limit)
 
     def _start(self, record: JobRecord, store: IntentStore) -> None:
         service = self.services[record.source_volume]
         spec = MirrorSpec(
             record.name, record.source_volume, record.target_node,
             self.peers[record.target_node], record.target_volume, record.mode,
+            record.queue_limit,
         )  # fmt: skip
-        mirror = Mirror(spec, self.node, service, store, self.readers, self.tls)
+        state = _ADMIN_STATES.get(record.admin, MirrorState.RESYNC_PENDING)
+        mirror = Mirror(spec, self.node, service, store, self.readers, self.tls, state)
         replication = Replication(service, [mirror])
         service.replication = replication
         replication.start()
         task = asyncio.create_task(mirror.run())
-        self.running[record.name] = RunningJob(record, mirror, replication, task)
+        job = self.running[record.name] = RunningJob(record, mirror, replication, task)
+        mirror.on_state = lambda changed: self._remember(job)
 
     async def delete(self, name: str) -> None:
-        job = self.running.get(name)
-        if job is None:
-            raise JobError("not_found", f"no job named {name!r}")
+        job = self._job(name)
         await self._halt(job, pw.GoodbyeReason.DELETED)
         (self.directory / f"{name}.json").unlink(missing_ok=True)  # first: never reloaded
         self._log_path(name).unlink(missing_ok=True)
         del self.running[name]
+
+    # -- the administrator's commands on a job's mirror ---------------------------------------
+
+    async def command(
+        self, name: str, action: str, target: str | None, full: bool
+    ) -> dict[str, Any]:
+        """pause | continue | break | resync [full] | delete the mirror of job ``name``."""
+        job = self._job(name)
+        mirror = job.mirror
+        if target is not None and target != mirror.spec.target:
+            raise JobError(
+                "not_found", f"job {name!r} has no mirror to {target}",
+                f"its mirror goes to {mirror.spec.target}",
+            )  # fmt: skip
+        if action == "delete":
+            view = mirror.view()
+            await self.delete(name)
+            return view
+        if full and action != "resync":
+            raise JobError("bad_request", "full applies to resync only")
+        try:  # a state change is recorded by _remember
+            if action == "pause":
+                mirror.pause()
+            elif action == "continue":
+                mirror.resume()
+            elif action == "break":
+                mirror.break_()
+            elif action == "resync" and full:
+                await mirror.full_resync()
+            elif action == "resync":
+                mirror.resume()
+            else:
+                raise JobError("bad_request", f"unknown mirror command {action!r}")
+        except IllegalTransition as exc:
+            what = "resync (without --full)" if action == "resync" else action
+            hint = "only `mirror resync --full` repairs a Broken mirror"
+            raise JobError(
+                "conflict", f"cannot {what} job {name!r}: its mirror is {exc.state.value}", hint
+            ) from None
+        return mirror.view()
+
+    def _remember(self, job: RunningJob) -> None:
+        """On every state change: record a pause or break (or its end), so that a restart
+        keeps it."""
+        state = job.mirror.state
+        admin = next((a for a, s in _ADMIN_STATES.items() if s is state), "active")
+        if admin != job.record.admin:
+            job.record = dataclasses.replace(job.record, admin=admin)
+            self._save(job.record)
+
+    def _job(self, name: str) -> RunningJob:
+        job = self.running.get(name)
+        if job is None:
+            raise JobError("not_found", f"no job named {name!r}")
+        return job
 
     async def stop_all(self) -> None:
         for job in list(self.running.values()):

@@ -46,6 +46,7 @@ class LocalNode:
     volumes: list[VolumeSpec] = field(default_factory=lambda: [VolumeSpec("data1")])
     nbd_tcp: bool = False
     peers: dict[str, int] = field(default_factory=dict)  # other nodes' replication ports
+    tls: tuple[Path, Path, Path] | None = None  # [tls] certificate, key, ca (PEM files)
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -95,6 +96,10 @@ class LocalNode:
         if self.peers:
             lines += ["", "[peers]"]
             lines += [f'{name} = "127.0.0.1:{port}"' for name, port in self.peers.items()]
+        if self.tls is not None:
+            certificate, key, ca = self.tls
+            lines += ["", "[tls]", f'certificate = "{certificate}"']
+            lines += [f'key = "{key}"', f'ca = "{ca}"']
         for volume in self.volumes:
             lines += [
                 "",

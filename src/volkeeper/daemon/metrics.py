@@ -3,7 +3,10 @@
 How this works: the write path only bumps integers in ``VolumeStats`` (core/stats.py); this
 collector turns them into Prometheus families when ``/metrics`` is scraped, so no
 prometheus-client object sits on the hot path.  Names follow
-``volkeeper_<object>_<quantity>_<unit>`` (DESIGN.md), labelled by ``volume`` and ``op``.
+``volkeeper_<object>_<quantity>_<unit>`` (DESIGN.md), labelled by ``volume`` and ``op``; mirror
+families (``MirrorCollector``) by ``job``, ``target`` (``NODE:VOLUME``) and, on a target node,
+``volume`` and ``source``.  ``volkeeper_mirror_state`` is an enum family: one series per state,
+1 for the mirror's current one.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from volkeeper.core.mirror_state import MirrorState
+from volkeeper.core.stats import OpStats
+from volkeeper.daemon.mirror import Mirror
 from volkeeper.io.volume_service import VolumeService
 
 
@@ -64,11 +70,80 @@ class NodeCollector(Collector):
             for op, stats in ops.items():
                 requests.add_metric([name, op], stats.requests)
                 errors.add_metric([name, op], stats.errors)
-                buckets = [(_bound(b), count) for b, count in stats.cumulative_buckets()]
-                latency.add_metric([name, op], buckets, stats.seconds)
+                latency.add_metric([name, op], _histogram(stats), stats.seconds)
         connections = GaugeMetricFamily("volkeeper_nbd_connections", "NBD clients connected now")
         connections.add_metric([], self._connections())
         yield from (size, read, written, flushes, requests, errors, latency, connections)
+
+
+class MirrorCollector(Collector):
+    """Mirrors this node is the source of, and target volumes it receives for."""
+
+    def __init__(
+        self,
+        mirrors: Callable[[], Sequence[Mirror]],
+        received: Callable[[], Sequence[tuple[str, str, int]]],
+    ) -> None:
+        self._mirrors = mirrors
+        self._received = received  # (target volume, source NODE:VOLUME, bytes received)
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["job", "target"]
+        state = GaugeMetricFamily(
+            "volkeeper_mirror_state", "1 for the mirror's current state", labels=[*labels, "state"]
+        )
+        out_of_sync = GaugeMetricFamily(
+            "volkeeper_mirror_outofsync_bytes", "Bytes the intent log marks", labels=labels
+        )
+        sent = CounterMetricFamily(
+            "volkeeper_mirror_sent_bytes", "Write and resync payload bytes sent", labels=labels
+        )
+        queue = GaugeMetricFamily(
+            "volkeeper_mirror_queue_bytes", "Write bytes sent, not yet acknowledged", labels=labels
+        )
+        lag = GaugeMetricFamily(
+            "volkeeper_mirror_lag_seconds", "Age of the oldest unacknowledged write", labels=labels
+        )
+        overflows = CounterMetricFamily(
+            "volkeeper_mirror_queue_overflows", "Async writes tracked: queue full", labels=labels
+        )
+        resync_done = GaugeMetricFamily(
+            "volkeeper_mirror_resync_done_bytes", "Bytes sent by the running resync", labels=labels
+        )
+        resync_rate = GaugeMetricFamily(
+            "volkeeper_mirror_resync_rate_bytes_per_second", "Resync rate", labels=labels
+        )
+        ack = HistogramMetricFamily(
+            "volkeeper_mirror_ack_duration_seconds",
+            "Time from sending a write or flush to the target's acknowledgement",
+            labels=labels,
+        )
+        for mirror in self._mirrors():
+            view = mirror.view()
+            key = [mirror.spec.job, mirror.spec.target]
+            for each in MirrorState:
+                state.add_metric([*key, each.value], 1 if mirror.state is each else 0)
+            out_of_sync.add_metric(key, view["out_of_sync_bytes"])
+            sent.add_metric(key, view["sent_bytes"])
+            queue.add_metric(key, view["queue_bytes"])
+            lag.add_metric(key, view["lag_s"])
+            overflows.add_metric(key, mirror.overflows)
+            resync_done.add_metric(key, view["resync"]["done_bytes"])
+            resync_rate.add_metric(key, view["resync"]["rate_bytes_per_s"])
+            ack.add_metric(key, _histogram(mirror.ack_latency), mirror.ack_latency.seconds)
+        received = CounterMetricFamily(
+            "volkeeper_mirror_received_bytes",
+            "Write and resync payload bytes received for a target volume",
+            labels=["volume", "source"],
+        )
+        for volume, source, count in self._received():
+            received.add_metric([volume, source], count)
+        yield from (state, out_of_sync, sent, queue, lag, overflows, resync_done, resync_rate)
+        yield from (ack, received)
+
+
+def _histogram(stats: OpStats) -> list[tuple[str, int]]:
+    return [(_bound(bound), count) for bound, count in stats.cumulative_buckets()]
 
 
 def _bound(value: float) -> str:

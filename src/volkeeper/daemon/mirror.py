@@ -4,31 +4,36 @@ How this works (docs/mirroring.md has the reasoning): a ``Mirror`` owns the link
 target, the mirror's intent log (``IntentStore``: bitmap + activity log) and its state
 (core/mirror_state.py).  ``run()`` keeps a link up: connect, HELLO, and on HELLO_OK decide
 between a partial resync (same generation: the bitmap says what differs) and a full one
-(anything else), then stream the marked regions (``_resync``) while application writes keep
-flowing; on loss it marks what the target may lack and reconnects with backoff.
+(anything else), then stream the marked regions (daemon/resync.py) while application writes
+keep flowing; on loss it marks what the target may lack and reconnects with backoff.
 
 Application writes reach ``ship(op)`` through ``Replication`` (daemon/replication.py), already
-ordered and with their activity-log extents durably active.  What ``ship`` does depends on
-the state:
+ordered and with their activity-log extents durably active.  What ``ship`` does:
 
-    link up (Mirroring, Resyncing)   send the frame; the op's mirror part completes on ACK
-    link down (Resync pending,       mark the range in the bitmap; the part completes once the
-      Paused)                        bitmap page is durable (coalesced: one fsync per batch)
-    Broken                           nothing is tracked; the part completes at once
+    link up (Mirroring, Resyncing)   send the frame.  sync: the op's reply waits for the ACK;
+                                     async: it does not, but the bytes sent and not yet ACKed
+                                     (the queue) may not pass ``queue_limit``: an op that
+                                     would is marked instead and the mirror resyncs
+    link down (Resync pending,       mark the range in the bitmap; the reply need not wait
+      Paused)                        (the op's activity-log extent is durably active), the
+                                     extent is unpinned once the bitmap page is durable
+    Broken                           nothing is tracked
 
 ACKed writes stay pinned in the activity log until a FLUSH has made them durable on both
 sides (``release_durable``); when the link drops, every write not known durable on the target
 is marked and persisted first, then unpinned.  Metadata I/O (snapshots, bitmap pages) runs on
-this mirror's own thread (daemon/intent_writer.py).
+this mirror's own thread (daemon/intent_writer.py).  Administrator commands (pause, resume,
+break, resync) move the state through the same table as the engine's own events.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -36,7 +41,10 @@ import structlog
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState, next_state
+from volkeeper.core.stats import OpStats
 from volkeeper.daemon.intent_writer import IntentWriter
+from volkeeper.daemon.op import Op, frame_of
+from volkeeper.daemon.resync import Resync
 from volkeeper.errors import PeerError
 from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.peer_link import PeerLink, connect
@@ -45,12 +53,12 @@ from volkeeper.io.workers import IoWorkers
 
 log = structlog.get_logger("volkeeper.mirror")
 
-RESYNC_CHUNK = 1024 * 1024  # bytes read and sent per RESYNC_DATA frame, at most
-RESYNC_BATCH = 8 * 1024 * 1024  # bytes sent between FLUSHes that let bits be cleared
 HANDSHAKE_TIMEOUT = 10.0
 PING_INTERVAL = 2.0  # an idle link is pinged this often
 TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024  # async mode: bytes sent and not yet ACKed, at most
+MODES = ("sync", "async")
 
 
 @dataclass(frozen=True)
@@ -61,41 +69,11 @@ class MirrorSpec:
     target_address: TcpAddress
     target_volume: str
     mode: str = "sync"
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
 
     @property
     def target(self) -> str:
         return f"{self.target_node}:{self.target_volume}"
-
-
-@dataclass(eq=False)
-class Op:
-    """One mutation or flush of the source volume, as every mirror and the local disk see it."""
-
-    command: str  # "write", "zero", "trim" or "flush"
-    offset: int
-    length: int
-    payload: bytes | bytearray = b""
-    fua: bool = False
-    may_trim: bool = False
-    extents: range = range(0)
-    on_done: Callable[[BaseException | None], None] = lambda error: None
-    parts: int = 0  # completions still awaited (the local disk and each mirror)
-    error: BaseException | None = None
-    sequences: dict[str, int] = field(default_factory=dict)  # mirror job -> frame sequence
-
-    def part_done(self, error: BaseException | None = None) -> None:
-        if error is not None and self.error is None:
-            self.error = error
-        self.parts -= 1
-        if self.parts == 0:
-            self.on_done(self.error)
-
-
-@dataclass
-class _Chunk:
-    first: int
-    count: int
-    raced: bool = False
 
 
 class Mirror:
@@ -107,29 +85,34 @@ class Mirror:
         store: IntentStore,
         readers: IoWorkers,
         tls: ssl.SSLContext | None = None,
+        state: MirrorState = MirrorState.RESYNC_PENDING,
     ) -> None:
         self.spec = spec
-        self.tls = tls
         self.node = node
         self.service = service
         self.store = store
         self.readers = readers
-        self.state = MirrorState.RESYNC_PENDING
+        self.tls = tls
+        self.state = state
+        self.asynchronous = spec.mode == "async"
         self.link: PeerLink | None = None
+        self.resync: Resync | None = None
         self.last_error = ""
-        self.sent_bytes = 0
-        self.resync_done_bytes = 0
-        self.resync_total_bytes = 0
+        self.sent_bytes = 0  # write and resync payload bytes shipped
+        self.queued_bytes = 0  # write payload bytes sent and not yet ACKed
+        self.overflows = 0  # async ops marked because the queue was full
+        self.ack_latency = OpStats()  # send -> ACK of application writes and flushes
+        self.on_state: Callable[[Mirror], None] = lambda mirror: None
         self.intent = IntentWriter(store, spec.job, self._break)
-        self._pending: dict[int, Op] = {}  # frame sequence -> op awaiting its ACK
+        self._pending: dict[int, tuple[Op, float, bool]] = {}  # sequence -> op, sent, reply owed
         self._undurable: list[tuple[int, Op]] = []  # ACKed, not yet durable on the target
         self._answer: asyncio.Future[pw.Frame] | None = None
-        self._resync_acks: dict[int, asyncio.Future[int]] = {}
-        self._chunks: list[_Chunk] = []  # resync chunks read but not yet durable
         self._stopping = False
         self._lost = asyncio.Event()
+        self._wake = asyncio.Event()
         self._resync_task: asyncio.Task[None] | None = None
         self._last_heard = 0.0
+        self._clock: Callable[[], float] = lambda: 0.0
         # Ops issued but not complete (set by Replication): a resync read racing one of them
         # may have seen the disk before that write reached it.
         self.in_flight_ops: Callable[[], Iterable[Op]] = tuple
@@ -138,10 +121,11 @@ class Mirror:
 
     async def run(self) -> None:
         """Keep the target connected until ``stop()``; never raises."""
+        self._clock = asyncio.get_running_loop().time
         attempt = 0
         while not self._stopping:
             if self.state in (MirrorState.PAUSED, MirrorState.BROKEN):
-                await asyncio.sleep(0.2)
+                await self._sleep(None)
                 continue
             try:
                 await self._connect_and_serve()
@@ -149,13 +133,18 @@ class Mirror:
             except (PeerError, TimeoutError) as exc:
                 self.last_error = str(exc)
                 log.info("mirror target unreachable", job=self.spec.job, why=str(exc))
-            except asyncio.CancelledError:
-                raise
-            await asyncio.sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
+            await self._sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
             attempt += 1
+
+    async def _sleep(self, seconds: float | None) -> None:
+        """Sleep, cut short by an administrator's command."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
 
     async def stop(self, goodbye: pw.GoodbyeReason | None = None) -> None:
         self._stopping = True
+        self._wake.set()
         link = self.link  # the target may close it while we wait: keep our own reference
         if link is not None and link.is_open:
             if goodbye is not None:
@@ -178,9 +167,9 @@ class Mirror:
             tls=self.tls,
             peer_name=self.spec.target_node,
         )
-        self._last_heard = asyncio.get_running_loop().time()
-        self.link = link
         loop = asyncio.get_running_loop()
+        self._last_heard = loop.time()
+        self.link = link
         self._answer = loop.create_future()
         volume = self.service.volume
         generations = self.store.generations
@@ -201,7 +190,7 @@ class Mirror:
             link.close("refused")
             raise PeerError(f"{self.spec.target} refused: {answer.message}")
         assert isinstance(answer, pw.HelloOk)
-        await self._admitted(answer)
+        await self._admitted(link, answer)
         await self._watch(link)
 
     async def _watch(self, link: PeerLink) -> None:
@@ -220,40 +209,38 @@ class Mirror:
             token += 1
             link.send(pw.Ping(token))
 
-    async def _admitted(self, ok: pw.HelloOk) -> None:
-        assert self.link is not None
+    async def _admitted(self, link: PeerLink, ok: pw.HelloOk) -> None:
         current = self.store.generations.current
         if ok.current_generation != current:
             log.info("target generation differs: full resync", job=self.spec.job)
             self.store.bitmap.mark_all()
             await self.intent.durable()
+        if not link.is_open or self.state is not MirrorState.RESYNC_PENDING:
+            link.close("mirror paused or broken during the handshake")
+            return
         self.last_error = ""
         if self.store.bitmap.marked_count:
             self._set(MirrorEvent.CONNECTED_DIRTY)
-            self.link.send(pw.State(pw.DataState.INCONSISTENT, current, 0))
-            self._resync_task = asyncio.create_task(self._resync(self.link))
-            self._resync_task.add_done_callback(self._resync_ended)
+            self._start_resync(link)
         else:
             self._set(MirrorEvent.CONNECTED_CLEAN)
             if ok.data_state != pw.DataState.UP_TO_DATE:
-                self.link.send(pw.State(pw.DataState.UP_TO_DATE, current, 0))
+                link.send(pw.State(pw.DataState.UP_TO_DATE, current, 0))
 
     def _on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
-        self._last_heard = asyncio.get_running_loop().time()
+        self._last_heard = self._clock()
         answer = self._answer
         if answer is not None and not answer.done() and isinstance(frame, pw.HelloOk | pw.Refuse):
             answer.set_result(frame)
             return
         if isinstance(frame, pw.Ack):
-            self._acked(frame)
+            self._acked(link, frame)
         elif isinstance(frame, pw.Goodbye) and frame.reason == pw.GoodbyeReason.SHUTDOWN:
             # A clean target stop: it made every write it ACKed durable before saying so.
             for _, op in self._undurable:
                 self.store.activity_log.unpin(op.extents)
             self._undurable.clear()
-        elif isinstance(frame, pw.Pong | pw.Goodbye):
-            pass
-        else:
+        elif not isinstance(frame, pw.Pong | pw.Goodbye):
             link.close(f"unexpected {frame.TYPE.name} frame from the target")
 
     def _on_lost(self, link: PeerLink, reason: str) -> None:
@@ -263,26 +250,29 @@ class Mirror:
         self.last_error = reason
         if self._answer is not None and not self._answer.done():
             self._answer.set_exception(PeerError(reason))
-        for future in self._resync_acks.values():
-            if not future.done():
-                future.set_exception(PeerError(reason))
-        self._resync_acks.clear()
-        self._chunks.clear()
-        if self.state in (MirrorState.MIRRORING, MirrorState.RESYNCING):
+        if self.resync is not None:
+            self.resync.lost(reason)
+            self.resync = None
+        if self.state in _SENDING:
             self._set(MirrorEvent.DISCONNECTED)
-        lost = list(self._pending.values()) + [op for _, op in self._undurable]
         pending = list(self._pending.values())
+        lost = [op for op, _, _ in pending] + [op for _, op in self._undurable]
         self._pending.clear()
         self._undurable.clear()
+        self.queued_bytes = 0
         for op in lost:
-            if op.command != "flush":
+            if not op.is_flush:
                 self.store.bitmap.mark(op.offset, op.length)
+        for op, _, owed in pending:  # the marks cover them: the replies need not wait
+            if owed:
+                op.part_done()
 
         def durable() -> None:
             for op in lost:
-                self.store.activity_log.unpin(op.extents)
-            for op in pending:
-                op.part_done()
+                if op.is_flush:
+                    op.durable_done()
+                else:
+                    self.store.activity_log.unpin(op.extents)
 
         self.intent.after_durable(durable)
         self._lost.set()
@@ -290,53 +280,82 @@ class Mirror:
     # -- application writes ---------------------------------------------------------------
 
     def ship(self, op: Op) -> None:
-        """Carry ``op`` to the target, or mark it; calls ``op.part_done`` once for this mirror."""
+        """Carry ``op`` to the target, or mark it; pays ``op``'s reply part for this mirror."""
         link = self.link
-        if link is not None and link.is_open and self.state in _SENDING:
-            frame = _frame(op)
-            sequence = link.send(frame)
-            op.sequences[self.spec.job] = sequence
-            self._pending[sequence] = op
-            self.sent_bytes += len(op.payload)
-            if op.command != "flush":
-                self._note_race(op)
-            return
-        if op.command == "flush" or self.state is MirrorState.BROKEN:
+        if link is not None and self.state in _SENDING and link.is_open:
+            if not (self.asynchronous and self._queue_full(op)):
+                self._send(link, op)
+                return
+            self._overflow(link)
+        if op.is_flush:  # the writes it covers are marked: nothing to make durable there
+            op.part_done()
+            op.durable_done()
+        elif self.state is MirrorState.BROKEN:
             self.store.activity_log.unpin(op.extents)
             op.part_done()
-            return
+        else:
+            self._mark(op)
+
+    def _send(self, link: PeerLink, op: Op) -> None:
+        sequence = link.send(frame_of(op))
+        op.sequences[self.spec.job] = sequence
+        owed = not self.asynchronous
+        self._pending[sequence] = (op, self._clock(), owed)
+        size = len(op.payload)
+        self.queued_bytes += size
+        self.sent_bytes += size
+        if self.resync is not None and not op.is_flush:
+            self.resync.note_race(op)
+        if not owed:
+            op.part_done()
+
+    def _queue_full(self, op: Op) -> bool:
+        return not op.is_flush and self.queued_bytes + len(op.payload) > self.spec.queue_limit
+
+    def _overflow(self, link: PeerLink) -> None:
+        self.overflows += 1
+        if self.state is MirrorState.MIRRORING:
+            log.warning(
+                "async queue full: tracking and resyncing",
+                job=self.spec.job,
+                queued_bytes=self.queued_bytes,
+                limit=self.spec.queue_limit,
+            )
+            self._set(MirrorEvent.QUEUE_OVERFLOW)
+            self._start_resync(link)
+
+    def _mark(self, op: Op) -> None:
+        """Track ``op`` in the bitmap.  Its extent is durably active, so the reply may go
+        now; the extent is unpinned once the bitmap page holding the mark is durable."""
         self.store.bitmap.mark(op.offset, op.length)
-
-        def durable() -> None:
-            self.store.activity_log.unpin(op.extents)
-            op.part_done()
-
-        self.intent.after_durable(durable)
-
-    def _acked(self, ack: pw.Ack) -> None:
-        future = self._resync_acks.pop(ack.sequence, None)
-        if future is not None:
-            if not future.done():
-                future.set_result(ack.errno)
-            return
-        op = self._pending.pop(ack.sequence, None)
-        if op is None:
-            return
-        if ack.errno:  # the target could not write it: it will get the region by resync
-            log.error("target failed a write", job=self.spec.job, errno=ack.errno)
-            self.store.bitmap.mark(op.offset, op.length)
-
-            def marked() -> None:
-                self.store.activity_log.unpin(op.extents)
-                op.part_done()
-
-            self.intent.after_durable(marked)
-            return
-        if op.command == "flush":
-            op.part_done()
-            return
-        self._undurable.append((ack.sequence, op))
+        if self.resync is not None:
+            self.resync.note_race(op)
         op.part_done()
+        extents = op.extents
+        self.intent.after_durable(lambda: self.store.activity_log.unpin(extents))
+
+    def _acked(self, link: PeerLink, ack: pw.Ack) -> None:
+        if self.resync is not None and self.resync.take_ack(ack):
+            return
+        entry = self._pending.get(ack.sequence)
+        if entry is None:
+            return
+        if ack.errno:  # the target's disk failed: drop the link, everything unsure is marked
+            why = os.strerror(ack.errno)
+            log.error("target failed a write", job=self.spec.job, errno=ack.errno, why=why)
+            link.close(f"{self.spec.target} failed to apply frame {ack.sequence}: {why}")
+            return
+        del self._pending[ack.sequence]
+        op, sent_at, owed = entry
+        size = len(op.payload)
+        self.queued_bytes -= size
+        self.ack_latency.observe(size, self._clock() - sent_at)
+        if not op.is_flush:
+            self._undurable.append((ack.sequence, op))
+        if owed:
+            op.part_done()
+        if op.is_flush:
+            op.durable_done()
 
     def release_durable(self, op: Op) -> None:
         """``op`` (a flush) is durable locally and on the target: unpin what it covered."""
@@ -355,100 +374,81 @@ class Mirror:
     def needs_flush(self) -> bool:
         return bool(self._undurable)
 
+    @property
+    def lag_seconds(self) -> float:
+        """Age of the oldest write sent and not yet ACKed (async mode's lag)."""
+        if not self._pending:
+            return 0.0
+        _, sent_at, _ = next(iter(self._pending.values()))
+        return max(0.0, self._clock() - sent_at)
+
     # -- resync -------------------------------------------------------------------------------
 
+    def _start_resync(self, link: PeerLink) -> None:
+        """The target gets marked regions from now on: its copy is Inconsistent until done."""
+        link.send(pw.State(pw.DataState.INCONSISTENT, self.store.generations.current, 0))
+        self.resync = Resync(self, link)
+        self._resync_task = asyncio.create_task(self.resync.run())
+        self._resync_task.add_done_callback(self._resync_ended)
+
     def _resync_ended(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            error = task.exception()
-            log.error("resync failed", job=self.spec.job, error=repr(error))
-            self.last_error = f"resync failed: {error}"
-            if self.link is not None:
-                self.link.close(self.last_error)
-
-    async def _resync(self, link: PeerLink) -> None:
-        bitmap = self.store.bitmap
-        self.resync_total_bytes = bitmap.marked_bytes
-        self.resync_done_bytes = 0
-        regions_per_chunk = max(1, RESYNC_CHUNK // bitmap.region_size)
-        try:
-            while link.is_open and self.state is MirrorState.RESYNCING:
-                sent = 0
-                for first, count in list(bitmap.runs(0, regions_per_chunk)):
-                    sent += await self._send_chunk(link, first, count)
-                    if sent >= RESYNC_BATCH:
-                        await self._commit_chunks(link)
-                        sent = 0
-                await self._commit_chunks(link)
-                if bitmap.marked_count == 0:
-                    await self._finish_resync(link)
-                    return
-        except PeerError:
-            return  # the link dropped: _on_lost has already moved the state
-
-    async def _send_chunk(self, link: PeerLink, first: int, count: int) -> int:
-        bitmap = self.store.bitmap
-        offset = bitmap.region_span(first)[0]
-        last_offset, last_length = bitmap.region_span(first + count - 1)
-        length = last_offset + last_length - offset
-        chunk = _Chunk(first, count)
-        self._chunks.append(chunk)
-        for op in self.in_flight_ops():
-            if op.command != "flush":
-                self._note_race(op)
-        data = await self._read(offset, length)
-        if not link.is_open:
-            raise PeerError("link lost during resync")
-        link.send(pw.ResyncData(offset, data))
-        self.sent_bytes += length
-        self.resync_done_bytes += length
-        await link.drained()
-        return length
-
-    async def _commit_chunks(self, link: PeerLink) -> None:
-        """FLUSH the target; once durable, clear the chunks no application write raced."""
-        if not self._chunks:
+        if task.cancelled() or task.exception() is None:
             return
-        chunks, self._chunks = self._chunks, []
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._resync_acks[link.send(pw.Flush())] = future
-        if await future:
-            raise PeerError("target failed to flush resync data")
-        for chunk in chunks:
-            if not chunk.raced:
-                self.store.bitmap.clear_regions(chunk.first, chunk.count)
+        error = task.exception()
+        if isinstance(error, PeerError):
+            return  # the link dropped: _on_lost has already moved the state
+        log.error("resync failed", job=self.spec.job, error=repr(error))
+        self.last_error = f"resync failed: {error}"
+        if self.link is not None:
+            self.link.close(self.last_error)
 
-    async def _finish_resync(self, link: PeerLink) -> None:
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        state = pw.State(pw.DataState.UP_TO_DATE, self.store.generations.current, 0)
-        self._resync_acks[link.send(state)] = future
-        if await future:
-            raise PeerError("target failed to record its new state")
-        await self.intent.durable()
+    def resync_finished(self, done_bytes: int) -> None:
+        self.resync = None
         self._set(MirrorEvent.RESYNC_DONE)
-        log.info("resync finished", job=self.spec.job, bytes=self.resync_done_bytes)
+        log.info("resync finished", job=self.spec.job, bytes=done_bytes)
 
-    def _note_race(self, op: Op) -> None:
-        bitmap = self.store.bitmap
-        first, last = (
-            bitmap.region_of(op.offset),
-            bitmap.region_of(op.offset + max(op.length, 1) - 1),
-        )
-        for chunk in self._chunks:
-            if first < chunk.first + chunk.count and chunk.first <= last:
-                chunk.raced = True
+    # -- administrator commands ----------------------------------------------------------
 
-    async def _read(self, offset: int, length: int) -> bytes | bytearray:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def pause(self) -> None:
+        """Stop sending; keep marking.  Idempotent."""
+        if self.state is not MirrorState.PAUSED:
+            self._set(MirrorEvent.PAUSE)
+            self._drop_link(pw.GoodbyeReason.PAUSED, "mirror paused by the administrator")
 
-        def done(result: object, error: BaseException | None) -> None:
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+    def resume(self) -> None:
+        """Continue a paused mirror: reconnect now, then resync what was marked."""
+        if self.state is MirrorState.PAUSED:
+            self._set(MirrorEvent.CONTINUE)
+        elif self.state is MirrorState.BROKEN:
+            self._set(MirrorEvent.CONTINUE)  # raises: a Broken mirror needs a full resync
+        self._wake.set()
 
-        self.readers.submit(self.service.volume.read, (offset, length), done)
-        data: bytes | bytearray = await future
-        return data
+    def break_(self) -> None:
+        """Stop tracking: the target's copy is Outdated until a full resync."""
+        if self.state is MirrorState.BROKEN:
+            return
+        self._set(MirrorEvent.BREAK)
+        link = self.link
+        if link is not None and link.is_open:
+            generations = self.store.generations
+            link.send(pw.State(pw.DataState.OUTDATED, generations.current, generations.previous))
+        self._drop_link(pw.GoodbyeReason.OTHER, "mirror broken by the administrator")
+
+    async def full_resync(self) -> None:
+        """Mark every region and resend it all (the only repair of a Broken mirror)."""
+        self.store.bitmap.mark_all()
+        await self.intent.durable()
+        self._set(MirrorEvent.FULL_RESYNC)
+        link = self.link
+        if self.state is MirrorState.RESYNCING and self.resync is None and link is not None:
+            self._start_resync(link)
+        self._wake.set()
+
+    def _drop_link(self, reason: pw.GoodbyeReason, message: str) -> None:
+        link = self.link
+        if link is not None and link.is_open:
+            link.send(pw.Goodbye(reason, message))
+            link.close(message)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -464,36 +464,46 @@ class Mirror:
                 was=before.value,
                 cause=event.value,
             )
+            self.on_state(self)
 
     def _break(self) -> None:
         with contextlib.suppress(ValueError):
             self._set(MirrorEvent.BREAK)
 
     def view(self) -> dict[str, Any]:
-        total, done = self.resync_total_bytes, self.resync_done_bytes
-        resyncing = self.state is MirrorState.RESYNCING
+        resync = self.resync
+        rate = resync.rate(self._clock()) if resync is not None else 0.0
+        done = resync.done_bytes if resync is not None else 0
+        remaining = resync.remaining_bytes if resync is not None else 0
+        activity_log = self.store.activity_log
+        out_of_sync = self.store.bitmap.marked_bytes
+        if self.state is MirrorState.BROKEN:  # untracked: all of it needs resending
+            out_of_sync = self.service.volume.size
         return {
             "job": self.spec.job,
             "source": f"{self.node}:{self.spec.source_volume}",
             "target": self.spec.target,
             "mode": self.spec.mode,
             "state": self.state.value,
-            "out_of_sync_bytes": self.store.bitmap.marked_bytes,
+            "out_of_sync_bytes": out_of_sync,
             "sent_bytes": self.sent_bytes,
+            "queue_bytes": self.queued_bytes,
+            "queue_limit_bytes": self.spec.queue_limit if self.asynchronous else None,
+            "lag_s": round(self.lag_seconds, 3),
             "compression": "none",
             "throttle": None,
             "resync": {
-                "done_bytes": done if resyncing else 0,
-                "total_bytes": total if resyncing else 0,
-                "rate_bytes_per_s": 0,
-                "eta_s": None,
+                "done_bytes": done,
+                "total_bytes": done + remaining if resync is not None else 0,
+                "rate_bytes_per_s": round(rate),
+                "eta_s": round(remaining / rate, 1) if rate > 0 else None,
             },
             "intent_log": {
                 "region_bytes": self.store.bitmap.region_size,
-                "hot_extents": len(self.store.activity_log.active_extents),
-                "hot_extent_bytes": self.store.activity_log.extent_bytes,
+                "hot_extents": len(activity_log.active_extents),
+                "hot_extent_bytes": activity_log.extent_bytes,
                 "crash_resync_bound_bytes": min(
-                    self.store.activity_log.resync_bound_bytes, self.service.volume.size
+                    activity_log.resync_bound_bytes, self.service.volume.size
                 ),
             },
             "last_error": self.last_error or None,
@@ -501,13 +511,3 @@ class Mirror:
 
 
 _SENDING = frozenset({MirrorState.MIRRORING, MirrorState.RESYNCING})
-
-
-def _frame(op: Op) -> pw.Frame:
-    if op.command == "write":
-        return pw.Write(op.offset, op.payload, op.fua)
-    if op.command == "zero":
-        return pw.Zero(op.offset, op.length, fua=op.fua, may_trim=op.may_trim)
-    if op.command == "trim":
-        return pw.Trim(op.offset, op.length, fua=op.fua)
-    return pw.Flush()

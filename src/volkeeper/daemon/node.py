@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from prometheus_client import CollectorRegistry
 from volkeeper.daemon.config import NodeConfig
 from volkeeper.daemon.control import ControlServer
 from volkeeper.daemon.jobs import Jobs
-from volkeeper.daemon.metrics import NodeCollector
+from volkeeper.daemon.metrics import MirrorCollector, NodeCollector
 from volkeeper.daemon.replica import Replicas, TargetRecord, TargetRecords
 from volkeeper.errors import VolumeError
+from volkeeper.io import peer_tls
 from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.peer_link import PeerServer
 from volkeeper.io.volume import open_volume
@@ -40,17 +42,25 @@ class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.name = config.node.name
+        # First, so a bad certificate or key stops the daemon before anything is bound.
+        self.tls_server, self.tls_client = _peer_tls_contexts(config)
         self.services: list[VolumeService] = []
         self.readers = IoWorkers(IO_THREADS, "volkeeper-read")
         self.nbd = NbdServer(lambda: self.services)
+        self.replicas: Replicas | None = None
+        self.peer_server: PeerServer | None = None
+        self.jobs: Jobs | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(
             NodeCollector(lambda: self.services, lambda: self.nbd.connection_count)
         )
+        self.registry.register(
+            MirrorCollector(
+                lambda: [job.mirror for job in self.jobs.running.values()] if self.jobs else [],
+                lambda: self.replicas.received() if self.replicas else [],
+            )
+        )
         self.control = ControlServer(self, config.node.control)
-        self.replicas: Replicas | None = None
-        self.peer_server: PeerServer | None = None
-        self.jobs: Jobs | None = None
         self._control_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -74,11 +84,13 @@ class Node:
         by_name = {service.name: service for service in self.services}
         state_dir = Path(self.config.node.state_dir)
         self.replicas = Replicas(self.name, by_name.get, TargetRecords(state_dir / "targets"))
-        self.peer_server = PeerServer(self.replicas.make_link)
+        self.peer_server = PeerServer(self.replicas.make_link, tls=self.tls_server)
         await self.peer_server.listen(self.config.node.listen)
+        _log_peer_security(self.config)
         self.jobs = Jobs(
             self.name, state_dir, Path(self.config.node.bitmap_dir), dict(self.config.peers),
             by_name, self.readers, lambda volume: volume in self.replicas_records(),
+            tls=self.tls_client,
         )  # fmt: skip
         self.jobs.load()
         await self.nbd.listen(self.config.node.nbd)
@@ -135,15 +147,43 @@ class Node:
         return self.jobs.views() if self.jobs is not None else []
 
     async def create_job(
-        self, name: str, source: str, target: str, mode: str, confirm: bool
+        self, name: str, source: str, target: str, mode: str, confirm: bool, queue_limit: int
     ) -> dict[str, Any]:
         assert self.jobs is not None
-        self.jobs.create(name, source, target, mode, confirm)
+        self.jobs.create(name, source, target, mode, confirm, queue_limit)
         return self.jobs.running[name].mirror.view()
+
+    async def mirror_command(
+        self, job: str, action: str, target: str | None, full: bool
+    ) -> dict[str, Any]:
+        assert self.jobs is not None
+        return await self.jobs.command(job, action, target, full)
 
     async def delete_job(self, name: str) -> None:
         assert self.jobs is not None
         await self.jobs.delete(name)
+
+
+def _peer_tls_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
+    """(server, client) contexts for the replication link; (None, None) without ``[tls]``."""
+    if config.tls is None:
+        return None, None
+    contexts = peer_tls.server_context(config.tls), peer_tls.client_context(config.tls)
+    problem = peer_tls.check_own_certificate(config.tls, config.node.name)
+    if problem is not None:  # peers will likely refuse us; say so now, not on every connect
+        log.warning("replication TLS certificate problem", problem=problem)
+    return contexts
+
+
+def _log_peer_security(config: NodeConfig) -> None:
+    if config.tls is None:
+        log.info("replication link is plain TCP (no [tls] table)")
+    else:
+        log.info(
+            "replication link uses mutual TLS",
+            certificate=str(config.tls.certificate),
+            ca=str(config.tls.ca),
+        )
 
 
 def _volume_view(service: VolumeService, target: bool) -> dict[str, Any]:

@@ -106,6 +106,7 @@ class Replicas:
         self.store = records
         self.records = records.load_all()
         self.sessions: dict[str, ReplicaSession] = {}
+        self.received_bytes: dict[str, int] = {}  # target volume -> payload bytes received
         for volume, record in self.records.items():
             found = service(volume)
             if found is not None:
@@ -165,6 +166,14 @@ class Replicas:
         """Clean stop: make every acknowledged write durable, then say GOODBYE(SHUTDOWN), so
         sources know nothing they sent is lost and need not resend it."""
         await asyncio.gather(*(s.flush_and_leave() for s in list(self.sessions.values())))
+
+    def received(self) -> list[tuple[str, str, int]]:
+        """(target volume, source NODE:VOLUME, payload bytes received) for metrics."""
+        count = self.received_bytes.get
+        return [
+            (volume, f"{record.source_node}:{record.source_volume}", count(volume, 0))
+            for volume, record in self.records.items()
+        ]
 
     def release(self, volume: str) -> None:
         """The source deleted the mirror: unlock the volume, keep its data."""
@@ -247,6 +256,8 @@ class ReplicaSession:
 
     def _write(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Write | pw.ResyncData) and self.service is not None
+        received = self.replicas.received_bytes
+        received[self.service.name] = received.get(self.service.name, 0) + len(frame.data)
         self._submit(
             link, sequence, self.service.write, frame.offset, frame.data, frame.fua,
             durable=frame.fua,

@@ -26,7 +26,8 @@ import collections
 import contextlib
 from collections.abc import Callable
 
-from volkeeper.daemon.mirror import Mirror, Op
+from volkeeper.daemon.mirror import Mirror
+from volkeeper.daemon.op import Op
 from volkeeper.errors import VolkeeperError
 from volkeeper.io.volume_service import VolumeService
 
@@ -88,20 +89,25 @@ class Replication:
 
         def finished(error: BaseException | None) -> None:
             self.in_flight.discard(op)
-            if op.command == "flush" and error is None:
-                for mirror in self.mirrors:
-                    mirror.release_durable(op)
             reply(error)
 
         op.on_done = finished
         op.parts = 1 + len(self.mirrors)
+        if op.is_flush:
+            op.durable_parts = 1 + len(self.mirrors)
+            op.on_durable = lambda: self._released(op)
         self.in_flight.add(op)
         for mirror in self.mirrors:  # ship first: an inline local write completes at once
             mirror.ship(op)
         if op.command == "write" and not op.fua and self._write_inline(op):
             return
         function, args = _local(self.service, op)
-        self.service.submit(function, *args, mutating=True, on_done=lambda r, e: op.part_done(e))
+        self.service.submit(function, *args, mutating=True, on_done=lambda r, e: _local_done(op, e))
+
+    def _released(self, flush: Op) -> None:
+        """``flush`` holds locally and on every target: the writes before it are durable."""
+        for mirror in self.mirrors:
+            mirror.release_durable(flush)
 
     def _write_inline(self, op: Op) -> bool:
         try:
@@ -153,6 +159,12 @@ class Replication:
 
         self.submit("flush", 0, 0, on_done=finished)
         await done
+
+
+def _local_done(op: Op, error: BaseException | None) -> None:
+    op.part_done(error)
+    if op.is_flush and error is None:
+        op.durable_done()
 
 
 def _local(service: VolumeService, op: Op) -> tuple[Callable[..., object], tuple[object, ...]]:

@@ -15,11 +15,21 @@ hears about it once, through ``on_lost(reason)``; nothing propagates further.
 ``listen`` address (bound by io/listeners.py, so a live node's port is never taken over).
 Sockets get TCP_NODELAY and 4 MiB buffers: the link carries both tiny ACKs and megabyte
 writes, and a deep pipe is what keeps a long, thin link full.
+
+With TLS (io/peer_tls.py builds the contexts), ``connect`` verifies the peer's certificate and
+that it names ``peer_name``; a failed handshake is a ``PeerError`` that says why.  The TLS
+``PeerServer`` runs its own accept loop and handshakes each connection with
+``connect_accepted_socket``, because a server made by ``create_server(ssl=...)`` drops failed
+handshakes without a word: here each one is logged with its reason, and the server goes on
+accepting.  A link only ever sees connections whose handshake completed.  A plain link that
+receives a TLS record first says so in its close reason (TLS on one side only).  Over TLS,
+``writelines`` hands the buffers to the SSL transport, which copies them once to encrypt them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -31,10 +41,12 @@ from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer_wire import Frame, FrameDecoder, FrameEncoder
 from volkeeper.errors import PeerError, ProtocolError
 from volkeeper.io.listeners import bind_listener, remove_listener
+from volkeeper.io.peer_tls import describe, looks_like_tls
 
 log = structlog.get_logger("volkeeper.peer")
 
 SOCKET_BUFFER = 4 * 1024 * 1024
+TLS_HANDSHAKE_TIMEOUT = 10.0  # server side: a connection that never finishes its handshake
 OnFrame = Callable[["PeerLink", Frame], None]
 OnLost = Callable[["PeerLink", str], None]
 
@@ -49,6 +61,8 @@ class PeerLink(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._lost = False
+        self._first_bytes = b""  # the first few bytes received, to recognise a TLS peer
+        self._tls = False
         self.peer = "?"
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -56,6 +70,7 @@ class PeerLink(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
         self.peer = str(self._transport.get_extra_info("peername"))
+        self._tls = self._transport.get_extra_info("ssl_object") is not None
         sock = self._transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -65,12 +80,19 @@ class PeerLink(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._lost:
             return
+        if len(self._first_bytes) < 3:
+            self._first_bytes += data[: 3 - len(self._first_bytes)]
         self._decoder.feed(data)
         try:
             while not self._lost and (frame := self._decoder.next_frame()) is not None:
                 self._on_frame(self, frame)
         except ProtocolError as exc:
-            self.close(f"protocol error from {self.peer}: {exc}")
+            self.close(f"protocol error from {self.peer}: {exc}{self._tls_hint()}")
+
+    def _tls_hint(self) -> str:
+        if not looks_like_tls(self._first_bytes):
+            return ""
+        return " (the peer speaks TLS and this link does not: is [tls] configured on both nodes?)"
 
     def eof_received(self) -> bool | None:
         try:
@@ -81,7 +103,21 @@ class PeerLink(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._writable.set()
-        self._report_lost(f"connection to {self.peer} lost" + (f": {exc}" if exc else ""))
+        if isinstance(exc, ssl.SSLError):
+            why = f": TLS: {describe(exc)}"
+        elif exc is None and not self._first_bytes:
+            # asyncio sends no TLS alert when a handshake fails, and with TLS 1.3 the server
+            # checks our certificate after our side of the handshake is done: a refusal
+            # looks like this, and only the other node's log can say more.
+            maybe = (
+                "it may have refused our TLS certificate: see its log"
+                if self._tls
+                else "if it uses TLS, is [tls] configured on this node too?"
+            )
+            why = f": closed by the other end before it sent anything ({maybe})"
+        else:
+            why = f": {exc}" if exc else ""
+        self._report_lost(f"connection to {self.peer} lost{why}")
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -145,31 +181,102 @@ async def connect(
             ),
             timeout,
         )
+    except ssl.SSLError as exc:  # an OSError too: catch it first, to say what went wrong
+        raise PeerError(
+            f"TLS handshake with {peer_name} at {address} failed: {describe(exc)}"
+        ) from exc
+    except (ConnectionResetError, ConnectionAbortedError) as exc:
+        if tls is None:
+            raise PeerError(f"cannot reach peer at {address}: {describe(exc)}") from exc
+        raise PeerError(
+            f"TLS handshake with {peer_name} at {address} failed: the other end closed the "
+            "connection (is [tls] configured on both nodes?)"
+        ) from exc
     except (TimeoutError, OSError) as exc:
-        raise PeerError(f"cannot reach peer at {address}: {exc or 'timed out'}") from exc
+        why = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else repr(exc))
+        raise PeerError(f"cannot reach peer at {address}: {why}") from exc
     return link
 
 
 class PeerServer:
-    """Accepts replication connections; ``make_link()`` builds the protocol for each."""
+    """Accepts replication connections; ``make_link()`` builds the protocol for each.
 
-    def __init__(self, make_link: Callable[[], PeerLink]) -> None:
+    With ``tls``, every connection must complete a TLS handshake (the context decides what
+    is verified) before ``make_link()`` is called for it.
+    """
+
+    def __init__(
+        self, make_link: Callable[[], PeerLink], tls: ssl.SSLContext | None = None
+    ) -> None:
         self._make_link = make_link
+        self._tls = tls
         self._server: asyncio.Server | None = None
         self._socket: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()
         self.address: TcpAddress | None = None
 
     async def listen(self, address: TcpAddress) -> None:
         self._socket = bind_listener(address, "replication")
         self.address = address
-        self._server = await asyncio.get_running_loop().create_server(
-            self._make_link, sock=self._socket
-        )
-        log.info("replication listening", address=str(address))
+        if self._tls is None:
+            self._server = await asyncio.get_running_loop().create_server(
+                self._make_link, sock=self._socket
+            )
+        else:
+            self._socket.setblocking(False)
+            self._accepting = asyncio.create_task(self._accept(self._socket, self._tls))
+        log.info("replication listening", address=str(address), tls=self._tls is not None)
+
+    async def _accept(self, listener: socket.socket, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and friends: say so, breathe, keep serving
+                log.error("replication accept failed", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
+            task = asyncio.create_task(self._handshake(sock, peer, tls))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, sock: socket.socket, peer: object, tls: ssl.SSLContext) -> None:
+        where = _show_peer(peer)
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                self._make_link, sock, ssl=tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+            )
+        except ssl.SSLError as exc:  # the loop has closed sock
+            log.warning("replication TLS handshake failed", peer=where, why=describe(exc))
+        except (TimeoutError, ConnectionAbortedError) as exc:  # the loop's handshake timeout
+            why = describe(exc) if str(exc) else f"no handshake in {TLS_HANDSHAKE_TIMEOUT} s"
+            log.warning("replication TLS handshake failed", peer=where, why=why)
+        except OSError as exc:  # a TLS client that gives up sends no alert, it just closes
+            why = (
+                "the other end closed the connection during the handshake; it may have "
+                f"refused our certificate (see its log) [{describe(exc)}]"
+            )
+            log.warning("replication TLS handshake failed", peer=where, why=why)
+        except Exception as exc:  # never let one connection take the server down
+            log.error("replication TLS handshake failed", peer=where, error=repr(exc))
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        tasks = [task for task in (self._accepting, *self._handshakes) if task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._socket is not None and self.address is not None:
             remove_listener(self.address, self._socket)
+
+
+def _show_peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peer)

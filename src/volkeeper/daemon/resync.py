@@ -1,0 +1,211 @@
+"""A mirror's resync: stream the regions its intent log marks to the target, then clear them.
+
+How this works: ``Resync.run()`` walks the bitmap in order and, for each run of marked
+regions (at most ``CHUNK_BYTES``), reads the source volume and sends a RESYNC_DATA frame.
+Reads overlap: up to ``READ_DEPTH`` are outstanding on the node's reader pool (a read the
+page cache can answer is done on the loop), and each frame leaves as soon as its read
+returns -- regions are independent, so their order on the wire does not matter.  Every
+``BATCH_BYTES`` the target is sent a FLUSH; once it ACKs, the chunks of that batch are
+durable there and their bits are cleared, unless an application write raced the chunk (it
+was issued, not yet complete, when the chunk was read or while it was in flight): such a
+chunk stays marked and the next pass sends it again.  Application writes keep flowing
+meanwhile, so a pass may leave new marks; passes repeat until the bitmap is empty, which
+converges because each pass only resends what writes touched during it.
+
+Progress (done bytes, a rate over the last few seconds, ETA) is kept here for ``status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from volkeeper.core import peer_wire as pw
+from volkeeper.core.mirror_state import MirrorState
+from volkeeper.errors import PeerError
+from volkeeper.io.peer_link import PeerLink
+
+if TYPE_CHECKING:
+    from volkeeper.daemon.mirror import Mirror
+    from volkeeper.daemon.op import Op
+
+log = structlog.get_logger("volkeeper.resync")
+
+CHUNK_BYTES = 1024 * 1024  # bytes read and sent per RESYNC_DATA frame, at most
+BATCH_BYTES = 16 * 1024 * 1024  # bytes sent between FLUSHes that let bits be cleared
+READ_DEPTH = 16  # reads outstanding at once
+RATE_WINDOW = 5.0  # seconds of history behind the reported rate
+
+
+@dataclass(slots=True)
+class Chunk:
+    first: int  # first region
+    count: int
+    offset: int
+    length: int
+    raced: bool = False
+
+
+class Resync:
+    def __init__(self, mirror: Mirror, link: PeerLink) -> None:
+        self.mirror = mirror
+        self.link = link
+        self.bitmap = mirror.store.bitmap
+        self.done_bytes = 0
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._chunks: list[Chunk] = []  # sent (or being read) since the last FLUSH
+        self._reads = 0  # outstanding
+        self._read_slot = asyncio.Event()
+        self._error: BaseException | None = None
+        self.acks: dict[int, asyncio.Future[int]] = {}
+
+    # -- progress ---------------------------------------------------------------------------
+
+    @property
+    def remaining_bytes(self) -> int:
+        unsent = sum(chunk.length for chunk in self._chunks)
+        return max(0, self.bitmap.marked_bytes - unsent)
+
+    def rate(self, now: float) -> float:
+        """Bytes per second over the last RATE_WINDOW seconds."""
+        samples = self._samples
+        while len(samples) > 1 and now - samples[0][0] > RATE_WINDOW:
+            samples.popleft()
+        if not samples or now <= samples[0][0]:
+            return 0.0
+        return (self.done_bytes - samples[0][1]) / (now - samples[0][0])
+
+    def _sample(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if not self._samples or now - self._samples[-1][0] >= 0.25:
+            self._samples.append((now, self.done_bytes))
+
+    # -- the walk ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Resync until the bitmap is empty; PeerError if the link goes."""
+        regions_per_chunk = max(1, CHUNK_BYTES // self.bitmap.region_size)
+        self._sample()
+        while self.link.is_open and self.mirror.state is MirrorState.RESYNCING:
+            batch = 0
+            for first, count in list(self.bitmap.runs(0, regions_per_chunk)):
+                await self._slot()
+                if self.mirror.state is not MirrorState.RESYNCING:
+                    return
+                batch += self._send_chunk(first, count)
+                if batch >= BATCH_BYTES:
+                    await self._commit()
+                    batch = 0
+            await self._commit()
+            if self.bitmap.marked_count == 0:
+                await self._finish()
+                return
+
+    async def _slot(self) -> None:
+        """Wait for a free read slot and for room in the socket's send buffer."""
+        while self._reads >= READ_DEPTH:
+            self._read_slot.clear()
+            await self._read_slot.wait()
+        self._check()
+        await self.link.drained()
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self.link.is_open:
+            raise PeerError("link lost during resync")
+
+    def _send_chunk(self, first: int, count: int) -> int:
+        offset = self.bitmap.region_span(first)[0]
+        last_offset, last_length = self.bitmap.region_span(first + count - 1)
+        chunk = Chunk(first, count, offset, last_offset + last_length - offset)
+        self._chunks.append(chunk)
+        for op in self.mirror.in_flight_ops():
+            if not op.is_flush:
+                self.note_race(op)
+        data = self.mirror.service.try_read(chunk.offset, chunk.length)
+        if data is not None:
+            self._ship(chunk, data)
+            return chunk.length
+        self._reads += 1
+
+        def read(result: object, error: BaseException | None) -> None:
+            self._reads -= 1
+            self._read_slot.set()
+            if error is not None:
+                self._error = error
+            elif isinstance(result, bytes | bytearray):
+                self._ship(chunk, result)
+
+        self.mirror.readers.submit(self.mirror.service.volume.read, (offset, chunk.length), read)
+        return chunk.length
+
+    def _ship(self, chunk: Chunk, data: bytes | bytearray) -> None:
+        if not self.link.is_open:
+            return
+        self.link.send(pw.ResyncData(chunk.offset, data))
+        self.mirror.sent_bytes += chunk.length
+        self.done_bytes += chunk.length
+        self._sample()
+
+    async def _commit(self) -> None:
+        """FLUSH the target; once durable, clear the chunks no application write raced."""
+        while self._reads:
+            self._read_slot.clear()
+            await self._read_slot.wait()
+        self._check()
+        if not self._chunks:
+            return
+        chunks, self._chunks = self._chunks, []
+        if await self._ask(pw.Flush()):
+            raise PeerError("target failed to flush resync data")
+        for chunk in chunks:
+            if not chunk.raced:
+                self.bitmap.clear_regions(chunk.first, chunk.count)
+
+    async def _finish(self) -> None:
+        mirror = self.mirror
+        state = pw.State(pw.DataState.UP_TO_DATE, mirror.store.generations.current, 0)
+        if await self._ask(state):
+            raise PeerError("target failed to record its new state")
+        await mirror.intent.durable()
+        mirror.resync_finished(self.done_bytes)
+
+    async def _ask(self, frame: pw.Frame) -> int:
+        """Send ``frame`` and wait for the target's ACK; returns its errno."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.acks[self.link.send(frame)] = future
+        return await future
+
+    # -- from the mirror ----------------------------------------------------------------------
+
+    def take_ack(self, ack: pw.Ack) -> bool:
+        future = self.acks.pop(ack.sequence, None)
+        if future is None:
+            return False
+        if not future.done():
+            future.set_result(ack.errno)
+        return True
+
+    def lost(self, reason: str) -> None:
+        for future in self.acks.values():
+            if not future.done():
+                future.set_exception(PeerError(reason))
+        self.acks.clear()
+        self._chunks.clear()
+        self._read_slot.set()
+
+    def note_race(self, op: Op) -> None:
+        """``op`` is being written: a chunk it overlaps may have been read without it."""
+        if not self._chunks:
+            return
+        first = self.bitmap.region_of(op.offset)
+        last = self.bitmap.region_of(op.offset + max(op.length, 1) - 1)
+        for chunk in self._chunks:
+            if first < chunk.first + chunk.count and chunk.first <= last:
+                chunk.raced = True
