@@ -1,29 +1,37 @@
-"""Cost of mirroring: fio over NBD, unmirrored vs sync mirror; partial resync vs rsync.
+"""Cost of mirroring: fio over NBD, unmirrored vs async and sync mirrors; partial resync vs rsync.
 
 How this works, in one run:
 
 1. Loopback round trip: a Python TCP ping-pong over 127.0.0.1 (an echo server in a child
    process, TCP_NODELAY, median of ``--rtt-samples``), the yardstick for the 4 KiB sync-write
    latency target (mirrored p50 <= unmirrored p50 + 3 RTT).
-2. fio over NBD (``--ioengine=nbd``) against an **unmirrored** volume (node ``solo``, no job)
-   and against the **source of a sync mirror** (``alpha:data1 -> beta:data1``, both daemons on
-   this machine), same size, both files prefilled with random data.  The mirror is created
-   once (full resync) and then, like every server here, started fresh for each run; a run
-   starts only once the mirror is ``Mirroring``.  For each job and ``--repeat`` the two take
-   turns (unmirrored, mirrored, unmirrored, ...); the CPU time of every daemon (utime + stime
-   from ``/proc/PID/stat``, summed over alpha and beta) is read around the fio run.  Ratios
-   are mirrored / unmirrored.  Async mode is not implemented: the API is asked, and its
-   refusal is reported.
-3. Partial resync against rsync: a mirrored volume (``--resync-size``) is ``Mirroring``; the
-   target stops; its backing file is copied aside twice (its pre-change data); ``fio
-   randwrite`` changes ``--resync-fraction`` of the 4 KiB blocks of the source through NBD
-   (each block once, offsets logged with ``--write_iolog``); the target starts again and the
-   partial resync is timed from the source's log (``Resyncing`` -> ``Mirroring``) and from
-   outside.  Then both daemons stop, the volumes are compared (sha256), and the anchors run on
-   the same files: ``rsync --inplace --no-whole-file`` of the source file onto the first copy
-   (plus ``--ignore-times``, so that its size+mtime quick check cannot skip the file), and a
-   Python copy of just the changed blocks (offsets known from fio's log, then fdatasync) onto
-   the second.  Both copies are checked against the source afterwards.
+2. fio over NBD (``--ioengine=nbd``) against three setups of the same size, every file
+   prefilled with random data: an **unmirrored** volume (node ``solo``, no job), the source of
+   an **async mirror** and the source of a **sync mirror** (each ``alpha:data1 -> beta:data1``,
+   a pair of daemons of its own on this machine, job ``bench-async`` with ``--queue-limit``,
+   job ``bench-sync``).  One pair per mode: each mirror is created once (full resync), and
+   no run pays for a job being re-created.  Like every server here, a pair is started fresh
+   for each run, and a run starts only once its mirror is ``Mirroring``.  For each job and
+   ``--repeat`` the three take turns (unmirrored, async, sync, unmirrored, ...).  After fio
+   ends, the run waits until the mirror is ``Mirroring`` with ``queue_bytes`` == 0: that
+   **drain** time is part of async's cost (a sync mirror has nothing left).  The CPU time of
+   every daemon (utime + stime from ``/proc/PID/stat``, summed over alpha and beta) is read
+   before fio and after the drain (CPU-s per GiB) and when fio ends (CPU %).  Whether the
+   mirror left ``Mirroring`` during a run (async: queue overflow -> ``Resyncing``) comes from
+   its state before and after, its state changes in the source's log, and
+   ``volkeeper_mirror_queue_overflows_total`` from ``/metrics`` before and after.  Ratios are
+   async / unmirrored and sync / unmirrored.
+3. Partial resync against rsync: a sync mirror (``--resync-size``, 4 GiB by default: the
+   issue's case) is ``Mirroring``; the target stops; its backing file is copied aside twice
+   (its pre-change data); ``fio randwrite`` changes ``--resync-fraction`` of the 4 KiB blocks
+   of the source through NBD (each block once, offsets logged with ``--write_iolog``); the
+   target starts again and the partial resync is timed from the source's log (``Resyncing``
+   -> ``Mirroring``) and from outside.  Then both daemons stop, the volumes are compared
+   (sha256), and the anchors run on the same files: ``rsync --inplace --no-whole-file`` of
+   the source file onto the first copy (plus ``--ignore-times``, so that its size+mtime quick
+   check cannot skip the file), and a Python copy of just the changed blocks (offsets known
+   from fio's log, then fdatasync) onto the second.  Both copies are checked against the
+   source afterwards.
 
 Every process it starts (daemons, fio, rsync, echo server, py-spy) is stopped by PID on the
 way out, including on Ctrl-C and SIGTERM.
@@ -54,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from benchlib import (  # bench/ is the script's directory, so it is on sys.path
     CLK_TCK,
     cpu_seconds,
@@ -72,11 +81,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "mirror_overhead.json"
 GIB = 1 << 30
 BLOCK = 4096
-THROUGHPUT_TARGET = 0.55  # mirrored / unmirrored, at least
-CPU_TARGET = 2.0  # mirrored / unmirrored CPU-s per GiB written, at most
+THROUGHPUT_TARGET = 0.55  # mirrored / unmirrored, at least (async and sync each)
+CPU_TARGET = 2.0  # mirrored / unmirrored CPU-s per GiB written, at most (async and sync each)
 RTT_BUDGET = 3  # mirrored p50 <= unmirrored p50 + this many loopback round trips
 RESYNC_TARGET = 20.0  # rsync time / partial resync time, at least
 RESYNC_BYTES_TARGET = 1.1  # bytes sent by the partial resync / marked bytes, at most
+MODES = ("async", "sync")  # the mirrored setups, in the order they take their turns
+DEFAULT_QUEUE_LIMIT = "64MiB"  # the API's default
 Log = Callable[[str], None]
 
 
@@ -272,23 +283,27 @@ def wait_state(node: LocalNode, state: str, timeout: float, poll: float = 0.02) 
         time.sleep(poll)
 
 
-def create_job(alpha: LocalNode) -> None:
-    body = {"name": "bench", "source": "alpha:data1", "target": "beta:data1"}
+def create_job(alpha: LocalNode, name: str, mode: str, queue_limit: str) -> None:
+    body = {"name": name, "source": "alpha:data1", "target": "beta:data1", "mode": mode}
+    if mode == "async":
+        body["queue_limit"] = queue_limit
     with alpha.api() as api:
-        reply = api.post("/jobs", json={**body, "mode": "sync", "confirm": True})
+        reply = api.post("/jobs", json={**body, "confirm": True})
     if reply.status_code != 201:
-        raise RuntimeError(f"POST /jobs failed: {reply.status_code} {reply.text}")
+        raise RuntimeError(f"POST /jobs ({mode}) failed: {reply.status_code} {reply.text}")
 
 
-def probe_async(alpha: LocalNode) -> str:
-    """Ask for an async job; today the API refuses it before doing anything."""
-    body = {"name": "probe", "source": "alpha:data1", "target": "beta:data1"}
-    with alpha.api() as api:
-        reply = api.post("/jobs", json={**body, "mode": "async", "confirm": True})
-        if reply.status_code == 201:  # it exists now: do not leave it behind, do not measure it
-            api.delete("/jobs/probe")
-            return "accepted (this benchmark does not measure it yet: add async runs)"
-    return f"refused: HTTP {reply.status_code} {reply.text}"
+_OVERFLOWS = re.compile(r"^volkeeper_mirror_queue_overflows_total\{([^}]*)\} (\S+)$", re.M)
+
+
+def overflow_count(node: LocalNode, job: str) -> int:
+    """``volkeeper_mirror_queue_overflows_total`` of ``job`` (a counter since daemon start)."""
+    with node.api() as api:
+        text = api.get("/metrics").text
+    for labels, value in _OVERFLOWS.findall(text):
+        if f'job="{job}"' in labels:
+            return int(float(value))
+    raise RuntimeError(f"no volkeeper_mirror_queue_overflows_total for job {job} in /metrics")
 
 
 _STATE_LINE = re.compile(r"timestamp='([^']+)'.*event='mirror state'.* state='([^']+)'")
@@ -315,17 +330,27 @@ def resync_seconds(log_text: str) -> float | None:
 
 
 class Pair:
-    """alpha:data1 -> beta:data1, a sync mirror between two daemons on this machine."""
+    """alpha:data1 -> beta:data1, a mirror (``mode`` sync or async) between two daemons on
+    this machine, in a directory of its own."""
 
-    name = "mirrored"
-
-    def __init__(self, directory: Path, size: int, source_file: Path) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        size: int,
+        source_file: Path,
+        mode: str = "sync",
+        queue_limit: str = DEFAULT_QUEUE_LIMIT,
+    ) -> None:
         self.beta = LocalNode(directory / "beta", "beta", [VolumeSpec("data1", size=size)])
         spec = VolumeSpec("data1", size=size, path=source_file)
         self.alpha = LocalNode(
             directory / "alpha", "alpha", [spec], peers={"beta": self.beta.peer_port}
         )
         self.size = size
+        self.mode = mode
+        self.name = mode  # the setup's name in runs, tables and file names
+        self.job = f"bench-{mode}"
+        self.queue_limit = queue_limit
 
     @property
     def target_file(self) -> Path:
@@ -335,27 +360,51 @@ class Pair:
     def source_file(self) -> Path:
         return self.alpha.volume_path(self.alpha.volumes[0])
 
+    @property
+    def settle_timeout(self) -> float:
+        """Long enough for a resync of the whole volume at 10 MiB/s, and then some."""
+        return self.size / (10 << 20) + 60
+
     def create(self, keep_running: bool = False) -> dict[str, Any]:
         """Start both, create the job, wait for the full resync; returns what it took."""
         start_nodes(self.beta, self.alpha)
-        async_answer = probe_async(self.alpha)
         t0 = time.monotonic()
-        create_job(self.alpha)
-        view = wait_state(self.alpha, "Mirroring", timeout=self.size / (20 << 20) + 60, poll=0.1)
+        create_job(self.alpha, self.job, self.mode, self.queue_limit)
+        view = wait_state(self.alpha, "Mirroring", timeout=self.settle_timeout, poll=0.1)
         wall = time.monotonic() - t0
         seconds = resync_seconds(self.alpha.log_text()) or wall
+        if view["mode"] != self.mode:
+            raise RuntimeError(f"asked for a {self.mode} mirror, got {view['mode']!r}: {view}")
         if not keep_running:
             self.stop()
         return {
+            "mode": self.mode,
+            "queue_limit_bytes": view.get("queue_limit_bytes"),
             "bytes": view["sent_bytes"],
             "seconds": seconds,
             "mib_s": view["sent_bytes"] / (1 << 20) / seconds,
-            "async_probe": async_answer,
         }
 
     def start(self) -> dict[str, Any]:
         start_nodes(self.beta, self.alpha)
-        return wait_state(self.alpha, "Mirroring", timeout=self.size / (20 << 20) + 60)
+        return wait_state(self.alpha, "Mirroring", timeout=self.settle_timeout)
+
+    def wait_drained(
+        self, api: httpx.Client, since: float, poll: float = 0.01
+    ) -> tuple[float | None, dict[str, Any], dict[str, Any]]:
+        """Poll (through ``api``, a client opened beforehand: its setup is not timed) until
+        the mirror is ``Mirroring`` with an empty queue.  Returns the seconds from ``since``
+        (None: not within ``settle_timeout``), the first view and the last."""
+        deadline = since + self.settle_timeout
+        first: dict[str, Any] | None = None
+        while True:
+            view: dict[str, Any] = api.get("/status").json()["mirrors"][0]
+            first = first or view
+            if view["state"] == "Mirroring" and view["queue_bytes"] == 0:
+                return time.monotonic() - since, first, view
+            if time.monotonic() > deadline:
+                return None, first, view
+            time.sleep(poll)
 
     def stop(self) -> None:
         self.alpha.stop()
@@ -407,11 +456,15 @@ def run_fio(name: str, uri: str, extra: list[str], output: Path, timeout: float)
     return fio_job
 
 
-def metrics(fio_job: dict[str, Any], cpu: dict[str, float]) -> dict[str, float | None]:
+def metrics(
+    fio_job: dict[str, Any], cpu_fio: dict[str, float], cpu: dict[str, float]
+) -> dict[str, float | None]:
+    """fio's numbers and the daemons' CPU: ``cpu`` from fio's start until the mirror has
+    drained (per GiB: what the writes cost in all), ``cpu_fio`` while fio ran (CPU %)."""
     write, sync = fio_job["write"], fio_job.get("sync", {})
     seconds = fio_job["job_runtime"] / 1000
     written = write["io_bytes"] / GIB
-    cpu_s = sum(cpu.values())
+    cpu_s, cpu_s_fio = sum(cpu.values()), sum(cpu_fio.values())
     return {
         "write_mib_s": write["bw_bytes"] / (1 << 20),
         "write_iops": write["iops"],
@@ -423,7 +476,8 @@ def metrics(fio_job: dict[str, Any], cpu: dict[str, float]) -> dict[str, float |
         "cpu_s": cpu_s,
         **{f"cpu_s_{name}": value for name, value in cpu.items()},
         "cpu_s_per_gib": cpu_s / written if written else None,
-        "cpu_pct": 100 * cpu_s / seconds if seconds else None,
+        "cpu_s_during_fio": cpu_s_fio,
+        "cpu_pct": 100 * cpu_s_fio / seconds if seconds else None,
         "fio_cpu_pct": fio_job["usr_cpu"] + fio_job["sys_cpu"],
     }
 
@@ -487,7 +541,9 @@ def sha256(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-# -- part 2: fio, unmirrored vs sync mirror ------------------------------------------------
+# -- part 2: fio, unmirrored vs async and sync mirrors --------------------------------------
+
+SETUPS = ("unmirrored", *MODES)
 
 
 @dataclass
@@ -499,40 +555,98 @@ class FioBench:
     def run_one(self, job: Job, server: Solo | Pair, repeat: int) -> dict[str, Any]:
         begun = time.monotonic()
         os.sync()  # earlier runs' dirty pages must not be written back during this one
-        server.start()
+        server.start()  # a pair: its mirror is Mirroring
+        pair = server if isinstance(server, Pair) else None
+        mirror: dict[str, Any] = {}
+        api = pair.alpha.api() if pair is not None else None  # open before fio: not timed
         try:
-            before = mirror_view(server.alpha) if isinstance(server, Pair) else None
+            if pair is not None and api is not None:
+                before = api.get("/status").json()["mirrors"][0]
+                overflows0 = overflow_count(pair.alpha, pair.job)
+                log_mark = len(pair.alpha.log_text())
             pids = server.pids()
             profilers = self.start_profilers(job, server, repeat)
-            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             try:
+                cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 out = self.workdir / f"fio-{job.name}-{server.name}-{repeat}.json"
                 extra = [*job.fio, "--time_based=1", f"--runtime={self.args.runtime}"]
                 fio_job = run_fio(job.name, server.uri(), extra, out, self.args.runtime + 60)
+                fio_ended = time.monotonic()
+                cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                if pair is not None and api is not None:  # what fio left, how long it ships
+                    drain_s, at_end, settled = pair.wait_drained(api, fio_ended)
+                cpu2 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             finally:
                 for profiler in profilers:
                     reap(profiler, signal.SIGINT, grace=60)  # py-spy writes its file on SIGINT
-            cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
-            after = mirror_view(server.alpha) if isinstance(server, Pair) else None
+            if pair is not None:
+                states = [state for _, state in state_times(pair.alpha.log_text()[log_mark:])]
+                overflows = overflow_count(pair.alpha, pair.job) - overflows0
+                mirror = {
+                    "mode": pair.mode,
+                    "state_before": before["state"],
+                    "state_at_fio_end": at_end["state"],
+                    "queue_bytes_at_fio_end": at_end["queue_bytes"],
+                    "lag_s_at_fio_end": at_end["lag_s"],
+                    "out_of_sync_bytes_at_fio_end": at_end["out_of_sync_bytes"],
+                    "drain_s": drain_s,
+                    "state_after_drain": settled["state"],
+                    "queue_overflows": overflows,
+                    "states_seen": states,  # state changes in the source's log, fio + drain
+                    "times_left_mirroring": sum(
+                        state != "Mirroring" and was == "Mirroring"
+                        for was, state in zip(["Mirroring", *states], states, strict=False)
+                    ),
+                    "left_mirroring": bool(overflows)
+                    or at_end["state"] != "Mirroring"
+                    or any(state != "Mirroring" for state in states),
+                    "view_after": settled,
+                }
         finally:
+            if api is not None:
+                api.close()
             server.stop()
+        cpu_fio = {name: cpu1[name] - cpu0[name] for name in pids}
+        cpu = {name: cpu2[name] - cpu0[name] for name in pids}
         run: dict[str, Any] = {
             "job": job.name,
             "server": server.name,
             "repeat": repeat,
             "wall_s": time.monotonic() - begun,
-            "metrics": metrics(fio_job, cpu),
+            "metrics": metrics(fio_job, cpu_fio, cpu),
             "fio": fio_job,
         }
-        if before is not None and after is not None:
-            run["mirror_after"] = after
-            run["replicated_bytes"] = after["sent_bytes"] - before["sent_bytes"]
-            if after["state"] != "Mirroring":
-                self.notes.append(
-                    f"{job.name} #{repeat}: the mirror was {after['state']!r} after the fio run "
-                    f"(last_error {after.get('last_error')!r}): that run's numbers are suspect"
-                )
+        if pair is not None:
+            run["mirror"] = mirror
+            run["replicated_bytes"] = settled["sent_bytes"] - before["sent_bytes"]
+            self.check_mirror(job, pair, repeat, mirror)
         return run
+
+    def check_mirror(self, job: Job, pair: Pair, repeat: int, mirror: dict[str, Any]) -> None:
+        """Notes on a run whose mirror did not simply stay Mirroring."""
+        where = f"{job.name} {pair.mode} #{repeat}"
+        error = mirror["view_after"].get("last_error")
+        if mirror["drain_s"] is None:
+            self.notes.append(
+                f"{where}: the mirror had not drained {pair.settle_timeout:.0f} s after fio "
+                f"(state {mirror['state_after_drain']!r}, last_error {error!r}): drain and "
+                "CPU of that run are incomplete"
+            )
+        if not mirror["left_mirroring"]:
+            return
+        others = sorted(set(mirror["states_seen"]) - {"Mirroring", "Resyncing"})
+        if pair.mode == "async" and mirror["queue_overflows"] and not others:
+            self.notes.append(
+                f"{where}: the async queue overflowed ({mirror['queue_overflows']} writes "
+                "tracked instead of sent): Mirroring -> Resyncing -> Mirroring "
+                f"{mirror['times_left_mirroring']} times; the drain includes the last resync"
+            )
+            return
+        self.notes.append(
+            f"{where}: the mirror left Mirroring ({' -> '.join(mirror['states_seen']) or '?'}, "
+            f"{mirror['queue_overflows']} queue overflows, last_error {error!r}): that run's "
+            "numbers are suspect"
+        )
 
     def start_profilers(
         self, job: Job, server: Solo | Pair, repeat: int
@@ -559,32 +673,42 @@ class FioBench:
 
 def fio_part(args: argparse.Namespace, workdir: Path, notes: list[str], log: Log) -> dict[str, Any]:
     size = parse_size(args.size)
-    solo_file, source_file = workdir / "solo.img", workdir / "alpha.img"
-    log(f"prefilling {format_size(size)} x 2 (unmirrored volume, mirror source) ...")
-    prefill(solo_file, size)
-    prefill(source_file, size)
-    solo, pair = Solo(workdir, size, solo_file), Pair(workdir, size, source_file)
-    log("creating the sync mirror alpha:data1 -> beta:data1 (full resync) ...")
-    creation = pair.create()
-    log(
-        f"  full resync: {format_size(creation['bytes'])} in {creation['seconds']:.1f} s "
-        f"({creation['mib_s']:.0f} MiB/s); async job: {creation['async_probe']}"
-    )
+    files = {setup: workdir / f"{setup}.img" for setup in SETUPS}
+    log(f"prefilling {format_size(size)} x {len(files)} (unmirrored volume, mirror sources) ...")
+    for path in files.values():
+        prefill(path, size)
+    solo = Solo(workdir, size, files["unmirrored"])
+    pairs = [Pair(workdir / mode, size, files[mode], mode, args.queue_limit) for mode in MODES]
+    creations = {}
+    for pair in pairs:
+        queue = f", queue limit {args.queue_limit}" if pair.mode == "async" else ""
+        log(
+            f"creating the {pair.mode} mirror alpha:data1 -> beta:data1 "
+            f"(job {pair.job}{queue}; full resync) ..."
+        )
+        creation = creations[pair.mode] = pair.create()
+        log(
+            f"  full resync: {format_size(creation['bytes'])} in {creation['seconds']:.1f} s "
+            f"({creation['mib_s']:.0f} MiB/s)"
+        )
     bench = FioBench(args, workdir, notes)
+    setups: list[Solo | Pair] = [solo, *pairs]  # the order of SETUPS
     runs = []
     for job in args.job_list:
         for repeat in range(args.repeat):
-            for server in (solo, pair):
+            for server in setups:
                 run = bench.run_one(job, server, repeat)
                 log_run(run, log)
                 runs.append(run)
-    return {"full_resync": creation, "runs": runs}
+    return {"full_resync": creations, "runs": runs}
 
 
 def log_run(run: dict[str, Any], log: Log) -> None:
     m = run["metrics"]
     split = ", ".join(
-        f"{key[6:]} {m[key]:.1f}" for key in m if key.startswith("cpu_s_") and key[6:] != "per_gib"
+        f"{key[6:]} {m[key]:.1f}"
+        for key in m
+        if key.startswith("cpu_s_") and key[6:] not in ("per_gib", "during_fio")
     )
     line = (
         f"  {run['job']:<9} {run['server']:<10} #{run['repeat']}: {m['write_iops']:>9,.0f} IOPS"
@@ -592,7 +716,14 @@ def log_run(run: dict[str, Any], log: Log) -> None:
     )
     if "replicated_bytes" in run:
         ratio = run["replicated_bytes"] / max(m["written_bytes"], 1)
-        line += f"  replicated/written {ratio:.2f}"
+        mirror = run["mirror"]
+        drain = "timeout" if mirror["drain_s"] is None else _secs(mirror["drain_s"])
+        line += f"  replicated/written {ratio:.2f}  drain {drain}"
+        if mirror["left_mirroring"]:
+            line += (
+                f"  LEFT Mirroring {mirror['times_left_mirroring']} times"
+                f" ({mirror['queue_overflows']} overflows)"
+            )
     log(line + f"  [{run['wall_s']:.0f} s]")
 
 
@@ -607,7 +738,7 @@ def median_metrics(runs: list[dict[str, Any]], job: str, server: str) -> dict[st
 
 
 def judge(row: Row, unmirrored: float, mirrored: float, rtt_us: float) -> tuple[str, bool | None]:
-    """The target text and the verdict of one row (None: info only)."""
+    """The target text and the verdict of one row for one mode (None: info only)."""
     if row.kind == "throughput":
         text, ok = f">= {THROUGHPUT_TARGET:.2f}x", mirrored / unmirrored >= THROUGHPUT_TARGET
     elif row.kind == "cpu":
@@ -621,45 +752,85 @@ def judge(row: Row, unmirrored: float, mirrored: float, rtt_us: float) -> tuple[
 
 
 def summarise(runs: list[dict[str, Any]], jobs: list[Job], rtt_us: float) -> list[dict[str, Any]]:
+    """One row per job and metric: medians of every setup, both ratios, both verdicts."""
     rows = []
     for job in jobs:
-        unmirrored = median_metrics(runs, job.name, "unmirrored")
-        mirrored = median_metrics(runs, job.name, "mirrored")
+        medians = {setup: median_metrics(runs, job.name, setup) for setup in SETUPS}
         for row in (*ROWS[job.name], CPU_PCT_ROW):
-            u, m = unmirrored.get(row.key), mirrored.get(row.key)
-            ratio, target, passed = None, "info", None
-            if u and m:
-                ratio = m / u
-                target, passed = judge(row, u, m, rtt_us)
-            if row is CPU_PCT_ROW:
-                target = "info"
-            rows.append(
-                {
-                    "job": job.name,
-                    "metric": row.label,
-                    "key": row.key,
-                    "unmirrored": u,
-                    "sync": m,
-                    "async": None,
-                    "ratio": ratio,
-                    "target": target,
-                    "pass": passed,
-                }
-            )
+            u = medians["unmirrored"].get(row.key)
+            entry: dict[str, Any] = {
+                "job": job.name,
+                "metric": row.label,
+                "key": row.key,
+                "unmirrored": u,
+                "target": "info",
+            }
+            for mode in MODES:
+                m = medians[mode].get(row.key)
+                ratio, passed = None, None
+                if u and m:
+                    ratio = m / u
+                    target, passed = judge(row, u, m, rtt_us)
+                    if row is not CPU_PCT_ROW:
+                        entry["target"] = target  # the same for both modes
+                entry.update({mode: m, f"ratio_{mode}": ratio, f"pass_{mode}": passed})
+            rows.append(entry)
+        rows.extend(mirror_rows(runs, job.name))
     return rows
+
+
+def mirror_rows(runs: list[dict[str, Any]], job: str) -> list[dict[str, Any]]:
+    """Rows only a mirror has: drain time, queue at fio's end, runs that left Mirroring."""
+    drain: dict[str, Any] = {"metric": "drain: fio end -> Mirroring with queue 0"}
+    queue: dict[str, Any] = {"metric": "queue / lag when fio ended"}
+    left: dict[str, Any] = {"metric": "runs that left Mirroring (times; queue overflows)"}
+    for mode in MODES:
+        mine = [run["mirror"] for run in runs if run["job"] == job and run["server"] == mode]
+        if not mine:
+            continue
+        drains = [m["drain_s"] for m in mine]
+        known = [d for d in drains if d is not None]
+        drain[mode] = statistics.median(known) if known else None
+        drain[f"display_{mode}"] = _secs(drain[mode])
+        if len(known) < len(drains):
+            drain[f"display_{mode}"] += f" ({len(drains) - len(known)} timed out)"
+        queue_mib = statistics.median(m["queue_bytes_at_fio_end"] for m in mine) / (1 << 20)
+        lag_s = statistics.median(m["lag_s_at_fio_end"] for m in mine)
+        queue[mode] = queue_mib
+        queue[f"display_{mode}"] = f"{_number(queue_mib)} MiB, {_secs(lag_s)}"
+        count = sum(bool(m["left_mirroring"]) for m in mine)
+        times = sum(m["times_left_mirroring"] for m in mine)
+        overflows = sum(m["queue_overflows"] for m in mine)
+        left[mode] = count
+        left[f"display_{mode}"] = f"{count} of {len(mine)} ({times}; {overflows:,})"
+    drain["target"] = "info (part of async's cost)"
+    queue["target"] = left["target"] = "info"
+    out = []
+    for entry in (drain, queue, left):
+        entry.update(job=job, key=None, unmirrored=None, display_unmirrored="-")
+        for mode in MODES:
+            entry.setdefault(mode, None)
+            entry.update({f"ratio_{mode}": None, f"pass_{mode}": None})
+        out.append(entry)
+    return out
 
 
 def fio_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| job | metric | unmirrored | sync mirror | async mirror | ratio sync/unmirrored "
-        "| target | pass/fail |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| job | metric | unmirrored | async mirror | sync mirror | ratio async/unmirrored "
+        "| ratio sync/unmirrored | target | async pass/fail | sync pass/fail |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
+    verdicts = {None: "", True: "pass", False: "**FAIL**"}
     for row in rows:
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x"
-        verdict = {None: "", True: "pass", False: "**FAIL**"}[row["pass"]]
-        cells = [row["job"], row["metric"], _number(row["unmirrored"]), _number(row["sync"])]
-        lines.append("| " + " | ".join([*cells, "n/a", ratio, row["target"], verdict]) + " |")
+        cells = [row["job"], row["metric"]]
+        cells += [row.get(f"display_{setup}", _number(row[setup])) for setup in SETUPS]
+        for mode in MODES:
+            ratio = row[f"ratio_{mode}"]
+            cells.append("-" if ratio is None else f"{ratio:.2f}x")
+        cells.append(row["target"])
+        cells += [verdicts[row[f"pass_{mode}"]] for mode in MODES]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -728,7 +899,7 @@ def resync_part(args: argparse.Namespace, workdir: Path, log: Log) -> dict[str, 
     directory.mkdir(parents=True, exist_ok=True)
     log(f"prefilling the {format_size(size)} mirror source ...")
     prefill(source_file, size)
-    pair = Pair(directory, size, source_file)
+    pair = Pair(directory, size, source_file, "sync")
     log("creating the mirror (full resync) ...")
     try:
         creation = pair.create(keep_running=True)
@@ -938,10 +1109,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=2, help="runs per setup per job (2)")
     parser.add_argument("--jobs", default=",".join(JOB_NAMES), help="comma-separated subset")
     parser.add_argument(
-        "--resync-size", default="1GiB", help="partial-resync volume (1GiB; the issue's: 4GiB)"
+        "--resync-size", default="4GiB", help="partial-resync volume (4GiB: the issue's case)"
     )
     parser.add_argument(
         "--resync-fraction", type=float, default=0.01, help="share of 4 KiB blocks changed (0.01)"
+    )
+    parser.add_argument(
+        "--queue-limit",
+        default=DEFAULT_QUEUE_LIMIT,
+        help=f"the async mirror's queue limit ({DEFAULT_QUEUE_LIMIT}, the API's default)",
     )
     parser.add_argument("--rtt-samples", type=int, default=1000, help="ping-pongs (1000)")
     parser.add_argument("--skip-fio", action="store_true", help="only the resync part")
@@ -964,6 +1140,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.job_list = [job for job in JOBS if job.name in names]
     if not 0 < args.resync_fraction <= 1:
         parser.error("--resync-fraction must be in (0, 1]")
+    for option in ("size", "resync_size", "queue_limit"):
+        try:
+            parse_size(getattr(args, option))
+        except ValueError as exc:
+            parser.error(f"--{option.replace('_', '-')}: {exc}")
     if args.py_spy and shutil.which(py_spy_path()) is None:
         parser.error("py-spy is not installed: .venv/bin/pip install py-spy")
     for tool in ("fio", "rsync"):
@@ -972,18 +1153,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_space(args: argparse.Namespace, workdir: Path) -> None:
+    """Refuse to start a run that would fill the disk halfway through."""
+    need = 0
+    if not args.skip_fio:  # 3 prefilled files, 2 targets filled by their full resync
+        need += (len(SETUPS) + len(MODES)) * parse_size(args.size)
+    if not args.skip_resync:  # source, target, two copies of the target
+        need += 4 * parse_size(args.resync_size)
+    free = shutil.disk_usage(workdir).free
+    if need > free:
+        raise SystemExit(
+            f"not enough space in {workdir}: the run needs {format_size(need)}, "
+            f"{format_size(free)} is free (--workdir elsewhere, or smaller --size/--resync-size)"
+        )
+
+
 def execute(args: argparse.Namespace, workdir: Path, log: Log) -> int:
     started = time.monotonic()
-    notes: list[str] = [
-        "async mode is not implemented yet: no async numbers (the async column is n/a)"
-    ]
+    notes: list[str] = []
     if args.py_spy:
         notes.append("the daemons ran under py-spy: their numbers are not representative")
-    fio_runs = len(args.job_list) * 2 * args.repeat * (not args.skip_fio)
+    fio_runs = len(args.job_list) * len(SETUPS) * args.repeat * (not args.skip_fio)
     log(
-        f"# mirror overhead: {fio_runs} fio runs x {args.runtime} s (volume {args.size}); "
+        f"# mirror overhead: {fio_runs} fio runs x {args.runtime} s (volume {args.size}; "
+        f"unmirrored, async mirror with queue limit {args.queue_limit}, sync mirror); "
         f"partial resync on {args.resync_size}" + (" (skipped)" if args.skip_resync else "")
     )
+    check_space(args, workdir)
     busy = busy_cores()
     hungry = hungry_processes()
     log(f"machine load before the run: {busy:.2f} of {os.cpu_count()} cores busy")
@@ -1007,11 +1203,10 @@ def execute(args: argparse.Namespace, workdir: Path, log: Log) -> int:
     tables, failed = [], False
     if not args.skip_fio:
         fio = fio_part(args, workdir, notes, log)
-        notes[0] += f"; POST /jobs mode=async: {fio['full_resync']['async_probe']}"
         rows = summarise(fio["runs"], args.job_list, rtt_us)
         document.update(summary=rows, runs=fio["runs"], full_resync=fio["full_resync"])
         tables.append(fio_markdown(rows))
-        failed |= any(row["pass"] is False for row in rows)
+        failed |= any(row[f"pass_{mode}"] is False for row in rows for mode in MODES)
     if not args.skip_resync:
         resync = resync_part(args, workdir, log)
         document["resync"] = resync
@@ -1045,8 +1240,10 @@ def report(
         log("")
     if not args.skip_fio:
         log(
-            f"ratio = sync mirror / unmirrored, medians of {args.repeat} run(s); CPU = utime+stime"
-            f" of every daemon (alpha+beta when mirrored); loopback RTT p50 = {rtt:.1f} us."
+            f"ratio = async or sync mirror / unmirrored, medians of {args.repeat} run(s); CPU ="
+            " utime+stime of every daemon (alpha+beta when mirrored), per GiB: from fio's start"
+            " until the mirror has drained (Mirroring, queue 0), CPU %: while fio ran; loopback"
+            f" RTT p50 = {rtt:.1f} us; async queue limit {args.queue_limit}."
         )
     for note in notes:
         log(f"note: {note}")

@@ -78,6 +78,42 @@ def test_pinned_extents_are_never_evicted() -> None:
     assert later is not None and later.extents == (1,)
 
 
+def _commit(log: ActivityLog) -> Snapshot:
+    snapshot = log.transaction()
+    assert snapshot is not None
+    log.committed(snapshot)
+    return snapshot
+
+
+def test_a_sequential_writer_activates_the_next_extents_in_the_same_transaction() -> None:
+    log = ActivityLog(capacity=16, extent_bytes=EXTENT)
+    log.pin([0])
+    log.anticipate(0, 512, 4, limit=100)  # nothing active before extent 0: no run yet
+    assert _commit(log).extents == (0,)
+    assert not log.pin([1])
+    log.anticipate(EXTENT + 512, 512, 4, limit=100)  # not at extent 1's start: random
+    assert _commit(log).extents == (0, 1)
+    assert not log.pin([2])
+    log.anticipate(2 * EXTENT - 512, 1024, 4, limit=100)  # crosses into 2 from 1: a run
+    assert _commit(log).extents == (0, 1, 2, 3, 4, 5, 6)
+    for extent in (3, 4, 5, 6):
+        assert log.pin([extent])  # already durable: no transaction, no wait
+    assert log.transaction() is None
+    assert log.pinned_extents == 7
+
+
+def test_anticipated_extents_stop_at_the_limit_and_are_evicted_first() -> None:
+    log = ActivityLog(capacity=4, extent_bytes=EXTENT)
+    log.pin([6])
+    _commit(log)
+    log.pin([7])
+    log.anticipate(7 * EXTENT, EXTENT, 8, limit=9)  # the volume has 9 extents: only 8 is added
+    assert _commit(log).extents == (6, 7, 8)
+    log.pin([1])
+    log.pin([2])
+    assert _commit(log).extents == (1, 2, 6, 7)  # 8 was never pinned: it made room first
+
+
 def test_bad_parameters() -> None:
     with pytest.raises(ValueError, match="capacity"):
         ActivityLog(capacity=MAX_CAPACITY + 1)

@@ -605,7 +605,7 @@ def test_bad_utf8(kind: int, body: bytes, message: str) -> None:
         (1, hello_body(role=255), "HELLO frame 1: unknown role 255"),
         (2, hello_ok_body(state=4), "HELLO_OK frame 1: unknown data state 4"),
         (3, b"\x00\x00", "REFUSE frame 1: unknown refusal reason 0"),
-        (3, b"\x00\x09oops", "REFUSE frame 1: unknown refusal reason 9"),
+        (3, b"\x00\x0aoops", "REFUSE frame 1: unknown refusal reason 10"),
         (12, b"\xff\xff", "GOODBYE frame 1: unknown goodbye reason 65535"),
         (13, struct.pack(">BQQ", 9, 1, 0), "STATE frame 1: unknown data state 9"),
     ],

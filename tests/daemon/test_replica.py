@@ -170,6 +170,24 @@ def test_a_source_must_start_with_hello(tmp_path: Path) -> None:
     run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
 
 
+def test_a_silent_connection_is_closed_after_the_hello_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("volkeeper.daemon.replica.HELLO_TIMEOUT", 0.2)
+
+    async def scenario(target: Target) -> None:
+        silent, talker = Source(), Source()
+        silent.link = await connect(target.address, silent.on_frame, silent.on_lost)
+        talker.link = await connect(target.address, talker.on_frame, talker.on_lost)
+        talker.link.send(hello())
+        await asyncio.sleep(0.6)
+        assert silent.lost, "a connection that never said HELLO is still open"
+        assert not talker.lost and isinstance(talker.frames[0], pw.HelloOk)
+        talker.link.close("done")
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
+
+
 def test_locks_survive_a_restart_and_goodbye_deleted_releases(tmp_path: Path) -> None:
     async def claim(target: Target) -> None:
         source = await target.source(hello())

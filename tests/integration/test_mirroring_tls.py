@@ -53,10 +53,13 @@ def pem_files(
 
 
 def tls_pair(
-    start_node: NodeFactory, tmp_path: Path, beta_issuer: trustme.CA | None = None
+    start_node: NodeFactory,
+    tmp_path: Path,
+    beta_issuer: trustme.CA | None = None,
+    alpha_named: str = "alpha",
 ) -> tuple[LocalNode, LocalNode]:
     """beta (target) then alpha (source), both with [tls]; beta's certificate from
-    ``beta_issuer`` (default: the CA both trust)."""
+    ``beta_issuer`` (default: the CA both trust), alpha's naming ``alpha_named``."""
     ca = trustme.CA()
     pki = tmp_path / "pki"
     beta = start_node(
@@ -68,7 +71,7 @@ def tls_pair(
         "alpha",
         [VolumeSpec("data1", "32MiB")],
         peers={"beta": beta.peer_port},
-        tls=pem_files(pki / "alpha", ca, "alpha", ca),
+        tls=pem_files(pki / "alpha", ca, alpha_named, ca),
     )
     return alpha, beta
 
@@ -145,6 +148,26 @@ def test_certificate_from_another_ca_keeps_the_mirror_pending(
     for node in (alpha, beta):
         assert node.process is not None and node.process.poll() is None, node.log_text()
         assert node.status()["node"] == node.name
+    with beta.api() as api:
+        (volume,) = api.get("/volumes").json()
+    assert (volume["role"], volume["locked"]) == ("standalone", None), volume
+
+
+def test_a_source_whose_certificate_names_another_node_is_refused(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    """A certificate from the trusted CA is not enough: it must name the node the HELLO
+    claims to be, or any holder of a certificate could feed any target."""
+    alpha, beta = tls_pair(start_node, tmp_path, alpha_named="mallory")
+    assert post_job(alpha).status_code == 201
+    deadline = time.monotonic() + 20
+    view = mirror_view(alpha)
+    while "certificate names" not in (view["last_error"] or ""):
+        assert time.monotonic() < deadline, view
+        time.sleep(0.1)
+        view = mirror_view(alpha)
+    assert "names mallory, not the source node 'alpha'" in view["last_error"], view
+    assert view["state"] == "Resync pending" and view["sent_bytes"] == 0, view
     with beta.api() as api:
         (volume,) = api.get("/volumes").json()
     assert (volume["role"], volume["locked"]) == ("standalone", None), volume

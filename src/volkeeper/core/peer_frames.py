@@ -124,6 +124,7 @@ class RefuseReason(enum.IntEnum):
     SPLIT_BRAIN = 6  # the generation ids show diverged data
     BUSY = 7
     OTHER = 8
+    IS_SOURCE = 9  # the volume is a mirror source on the target node
 
 
 class GoodbyeReason(enum.IntEnum):

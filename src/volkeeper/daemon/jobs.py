@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_state import IllegalTransition, MirrorState
@@ -34,6 +36,8 @@ from volkeeper.errors import VolkeeperError
 from volkeeper.io.intent_store import Generations, Geometry, IntentStore
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
+
+log = structlog.get_logger("volkeeper.jobs")
 
 STOP_SYNC_TIMEOUT = 10.0
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -94,7 +98,14 @@ class Jobs:
     def load(self) -> None:
         for path in sorted(self.directory.glob("*.json")):
             record = JobRecord(**json.loads(path.read_text()))
-            self._start(record, IntentStore.open(self._log_path(record.name)))
+            store = IntentStore.open(self._log_path(record.name))
+            if store.recovered_bytes:
+                log.warning(
+                    "intent log recovered after an unclean shutdown: hot regions marked",
+                    job=record.name,
+                    recovered_bytes=store.recovered_bytes,
+                )
+            self._start(record, store)
 
     def create(
         self,
@@ -253,6 +264,11 @@ class Jobs:
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(path)
+        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # the rename itself must survive a power loss too
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
     def _log_path(self, name: str) -> Path:
         return self.bitmap_dir / f"{name}.vkil"

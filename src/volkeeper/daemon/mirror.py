@@ -292,6 +292,7 @@ class Mirror:
             op.durable_done()
         elif self.state is MirrorState.BROKEN:
             self.store.activity_log.unpin(op.extents)
+            op.release_payload()
             op.part_done()
         else:
             self._mark(op)
@@ -330,6 +331,7 @@ class Mirror:
         self.store.bitmap.mark(op.offset, op.length)
         if self.resync is not None:
             self.resync.note_race(op)
+        op.release_payload()
         op.part_done()
         extents = op.extents
         self.intent.after_durable(lambda: self.store.activity_log.unpin(extents))
@@ -352,6 +354,7 @@ class Mirror:
         self.ack_latency.observe(size, self._clock() - sent_at)
         if not op.is_flush:
             self._undurable.append((ack.sequence, op))
+            op.release_payload()
         if owed:
             op.part_done()
         if op.is_flush:

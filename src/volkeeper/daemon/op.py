@@ -9,6 +9,9 @@ A flush also has *durable parts*: it proves every earlier write durable on one s
 side has flushed -- the local disk when its flush returns, a target when it ACKs the FLUSH
 frame (for an async mirror that is after the reply).  Once every side has, ``on_durable``
 runs: the activity-log pins of the writes before the flush can go.
+
+A write's payload buffer belongs to the NBD connection that received it; ``release_payload``
+hands it back (for the next request) once the disk and every target are done with it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer_wire import Buffer
 
 
 def _nothing(error: BaseException | None) -> None:
@@ -32,7 +36,7 @@ class Op:
     command: str  # "write", "zero", "trim" or "flush"
     offset: int
     length: int
-    payload: bytes | bytearray | memoryview = b""
+    payload: Buffer = b""
     fua: bool = False
     may_trim: bool = False
     extents: range = range(0)
@@ -42,6 +46,16 @@ class Op:
     durable_parts: int = 0  # flush only: sides that have not yet made it durable
     on_durable: Callable[[], None] = _nothing_durable
     sequences: dict[str, int] = field(default_factory=dict)  # mirror job -> frame sequence
+    recycle: Callable[[Buffer], None] | None = None  # takes the payload back for reuse
+    holds: int = 0  # write with recycle: sides that may still read the payload
+
+    def release_payload(self) -> None:
+        """This side is done with the payload (written, or ACKed by the target).  A mirror
+        whose link dropped never releases it: the closing socket may still be sending it."""
+        if self.recycle is not None:
+            self.holds -= 1
+            if self.holds == 0:
+                self.recycle(self.payload)
 
     def part_done(self, error: BaseException | None = None) -> None:
         if error is not None and self.error is None:

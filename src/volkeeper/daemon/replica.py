@@ -3,7 +3,9 @@
 How this works: every connection to the node's replication port gets a ``ReplicaSession``.
 Its first frame must be a HELLO, which ``admit`` checks against the node: the volume exists,
 has the source's sector size and at least its size, and is not already the target of another
-mirror nor fed by another live connection.  The first HELLO for a volume claims it: a
+mirror nor fed by another live connection, nor the source of a mirror here.  A connection
+that says nothing is closed after ``HELLO_TIMEOUT``.  Over TLS, the source's certificate must
+name the node its HELLO claims to be.  The first HELLO for a volume claims it: a
 ``TargetRecord`` is written (durably, before the answer) and the volume is locked, so its NBD
 export refuses writes from then on (DESIGN invariant 4).  The answer is HELLO_OK with what
 the record says of this copy (data state, generations), or REFUSE naming the reason.
@@ -11,10 +13,13 @@ the record says of this copy (data state, generations), or REFUSE naming the rea
 After that the session applies WRITE, RESYNC_DATA, ZERO, TRIM and FLUSH frames through the
 volume's writer thread -- one FIFO -- so they reach the disk in the order the source sent them
 (invariant 1), and ACKs each with its sequence number once done; a FLUSH's ACK carries
-DURABLE.  A STATE frame rewrites the record through the same FIFO, so "UpToDate" is recorded
-only after every earlier write.  A GOODBYE(DELETED) releases the volume: the record goes, the
-lock goes, the data stays as it is.  Anything out of place closes that session only.  When
-the node stops cleanly, each session flushes its volume and says GOODBYE(SHUTDOWN) first.
+DURABLE. A small write that arrives while that thread has nothing queued is copied to the page
+cache on the loop instead (as on the NBD path): nothing earlier is pending, so the order
+holds, and its ACK leaves with the others of the same receive. A STATE frame rewrites the
+record through the same FIFO, so "UpToDate" is recorded only after every earlier write. A
+GOODBYE(DELETED) releases the volume: the record goes, the lock goes, the data stays as it is.
+Anything out of place closes that session only. When the node stops cleanly, each session
+flushes its volume and says GOODBYE(SHUTDOWN) first.
 
 Records live in ``state_dir/targets/VOLUME.json`` and are written atomically (temporary
 file, fsync, rename, fsync of the directory), so a target that restarts knows its locks.
@@ -41,6 +46,7 @@ from volkeeper.io.volume_service import VolumeService
 log = structlog.get_logger("volkeeper.replica")
 
 SHUTDOWN_FLUSH_TIMEOUT = 10.0
+HELLO_TIMEOUT = 10.0  # a connection that has not said HELLO by then is closed
 
 
 @dataclasses.dataclass
@@ -114,7 +120,9 @@ class Replicas:
 
     def make_link(self) -> PeerLink:
         session = ReplicaSession(self)
-        return PeerLink(session.on_frame, session.on_lost)
+        link = PeerLink(session.on_frame, session.on_lost)
+        asyncio.get_running_loop().call_later(HELLO_TIMEOUT, session.expire, link)
+        return link
 
     def admit(self, hello: pw.Hello) -> tuple[VolumeService, TargetRecord] | pw.Refuse:
         """Check a HELLO; claim the volume on its first HELLO.  Blocks briefly (one fsync)."""
@@ -140,6 +148,11 @@ class Replicas:
         where = f"{self.node}:{hello.volume}"
         if service is None:
             return pw.Refuse(R.NO_SUCH_VOLUME, f"node {self.node} has no volume {hello.volume!r}")
+        if service.replication is not None:
+            return pw.Refuse(
+                R.IS_SOURCE,
+                f"{where} is the source of a mirror here: it cannot be a target too",
+            )
         volume = service.volume
         if volume.sector_size != hello.sector_size:
             return pw.Refuse(
@@ -204,6 +217,10 @@ class ReplicaSession:
             return
         apply(self, link, sequence, frame)
 
+    def expire(self, link: PeerLink) -> None:
+        if self.service is None and link.is_open:
+            link.close(f"no HELLO within {HELLO_TIMEOUT:.0f} s")
+
     def on_lost(self, link: PeerLink, reason: str) -> None:
         if self.volume is not None and self.replicas.sessions.get(self.volume) is self:
             del self.replicas.sessions[self.volume]
@@ -212,7 +229,15 @@ class ReplicaSession:
         if not isinstance(frame, pw.Hello):
             link.close(f"expected HELLO, got {frame.TYPE.name}")
             return
-        admitted = self.replicas.admit(frame)
+        names = link.certificate_names()
+        if names is not None and frame.node not in names:
+            shown = ", ".join(names) or "no DNS name"
+            message = f"the TLS certificate names {shown}, not the source node {frame.node!r}"
+            admitted: tuple[VolumeService, TargetRecord] | pw.Refuse = pw.Refuse(
+                pw.RefuseReason.OTHER, message
+            )
+        else:
+            admitted = self.replicas.admit(frame)
         if isinstance(admitted, pw.Refuse):
             log.warning("mirror source refused", source=frame.node, why=admitted.message)
             link.send(admitted)
@@ -235,12 +260,19 @@ class ReplicaSession:
             )
         )
 
-    # -- applying frames, in order, on the volume's writer thread ---------------------------
+    # -- applying frames in order: small writes inline while the writer is idle, else on it --
 
     def _submit(
-        self, link: PeerLink, sequence: int, function: Callable[..., Any], *args: Any, durable: bool
+        self,
+        link: PeerLink,
+        sequence: int,
+        function: Callable[..., Any],
+        *args: Any,
+        durable: bool,
+        recycle: pw.Buffer = b"",
     ) -> None:
         def done(result: object, error: BaseException | None) -> None:
+            link.recycle(recycle)
             code = 0
             if isinstance(error, VolumeError):
                 code = error.errno
@@ -256,11 +288,26 @@ class ReplicaSession:
 
     def _write(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Write | pw.ResyncData) and self.service is not None
+        service, data = self.service, frame.data
         received = self.replicas.received_bytes
-        received[self.service.name] = received.get(self.service.name, 0) + len(frame.data)
+        received[service.name] = received.get(service.name, 0) + len(data)
+        if not frame.fua:  # a small write while the writer is idle: a page-cache copy, here
+            try:
+                done = service.try_write(frame.offset, data)
+            except VolumeError as error:
+                log.error("applying a mirror frame failed", sequence=sequence, error=str(error))
+                link.send(pw.Ack(sequence, error.errno))
+                return
+            if done == len(data):
+                link.send(pw.Ack(sequence, 0))
+                link.recycle(data)
+                return
+            if done:
+                rest = memoryview(data)[done:]
+                frame = dataclasses.replace(frame, offset=frame.offset + done, data=rest)
         self._submit(
-            link, sequence, self.service.write, frame.offset, frame.data, frame.fua,
-            durable=frame.fua,
+            link, sequence, service.write, frame.offset, frame.data, frame.fua,
+            durable=frame.fua, recycle=data,
         )  # fmt: skip
 
     def _zero(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:

@@ -24,15 +24,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 from collections.abc import Callable
 
 from volkeeper.daemon.mirror import Mirror
 from volkeeper.daemon.op import Op
 from volkeeper.errors import VolkeeperError
-from volkeeper.io.volume_service import VolumeService
+from volkeeper.io.volume_service import Buffer, VolumeService
 
 SYNC_INTERVAL = 30.0
 PRESSURE_CHECK = 0.2  # how often the need for a sync is looked at
+LOOKAHEAD_EXTENTS = 8  # a sequential writer's next extents, activated with the one it needs
 
 
 class Replication:
@@ -40,6 +42,8 @@ class Replication:
         self.service = service
         self.mirrors = mirrors
         self._queue: collections.deque[Op] = collections.deque()
+        extent = mirrors[0].store.activity_log.extent_bytes if mirrors else 1
+        self._extent_count = -(-service.volume.size // extent)
         self.in_flight: set[Op] = set()
         self._syncing = False
         self._sync_task: asyncio.Task[None] | None = None
@@ -65,12 +69,17 @@ class Replication:
         fua: bool = False,
         may_trim: bool = False,
         on_done: Callable[[BaseException | None], None],
+        recycle: Callable[[Buffer], None] | None = None,
     ) -> None:
         op = Op(command, offset, length, payload, fua, may_trim, on_done=on_done)
+        if recycle is not None:
+            op.recycle, op.holds = recycle, 1 + len(self.mirrors)
         if command != "flush" and self.mirrors:
             op.extents = self.mirrors[0].store.activity_log.extents_of(offset, length)
             for mirror in self.mirrors:
-                mirror.store.activity_log.pin(op.extents)
+                log = mirror.store.activity_log
+                if not log.pin(op.extents):
+                    log.anticipate(offset, length, LOOKAHEAD_EXTENTS, self._extent_count)
         self._queue.append(op)
         self._pump()
 
@@ -102,7 +111,8 @@ class Replication:
         if op.command == "write" and not op.fua and self._write_inline(op):
             return
         function, args = _local(self.service, op)
-        self.service.submit(function, *args, mutating=True, on_done=lambda r, e: _local_done(op, e))
+        done_locally = functools.partial(_locally_done, op)
+        self.service.submit(function, *args, mutating=True, on_done=done_locally)
 
     def _released(self, flush: Op) -> None:
         """``flush`` holds locally and on every target: the writes before it are durable."""
@@ -113,17 +123,16 @@ class Replication:
         try:
             done = self.service.try_write(op.offset, op.payload)
         except VolkeeperError as error:
-            op.part_done(error)
+            _local_done(op, error)
             return True
         if done != len(op.payload):
             if done:  # rare: a partial non-blocking write; the writer thread does the rest
                 rest = (op.offset + done, memoryview(op.payload)[done:], False)
-                self.service.submit(
-                    self.service.write, *rest, mutating=True, on_done=lambda r, e: op.part_done(e)
-                )
+                done_locally = functools.partial(_locally_done, op)
+                self.service.submit(self.service.write, *rest, mutating=True, on_done=done_locally)
                 return True
             return False
-        op.part_done()
+        _local_done(op, None)
         return True
 
     async def _sync_periodically(self) -> None:
@@ -161,7 +170,12 @@ class Replication:
         await done
 
 
+def _locally_done(op: Op, result: object, error: BaseException | None) -> None:
+    _local_done(op, error)
+
+
 def _local_done(op: Op, error: BaseException | None) -> None:
+    op.release_payload()
     op.part_done(error)
     if op.is_flush and error is None:
         op.durable_done()

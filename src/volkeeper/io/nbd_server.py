@@ -321,8 +321,14 @@ class NbdConnection(asyncio.BufferedProtocol):
             fua=request.fua,
             may_trim=not request.flags & NO_HOLE,
             on_done=lambda error: self._completed(request, started, None, error, recycle=False),
+            recycle=self._recycle if request.command == Cmd.WRITE else None,
         )
         self._update_reading()
+
+    def _recycle(self, payload: bytes | bytearray | memoryview) -> None:
+        """A replicated write's payload is written and every target has it: reuse it."""
+        if self._parser is not None and isinstance(payload, bytearray):
+            self._parser.recycle(payload)
 
     def _completed(
         self,
@@ -331,7 +337,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         result: object,
         error: BaseException | None,
         *,
-        recycle: bool = True,  # False when the payload may still sit in a peer's send buffer
+        recycle: bool = True,  # False: the replication path hands the payload back itself
     ) -> None:
         self._in_flight -= 1
         self._server.in_flight -= 1

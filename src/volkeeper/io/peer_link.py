@@ -1,12 +1,16 @@
 """asyncio adapter for the replication protocol: one ``PeerLink`` per TCP connection.
 
-How this works: ``PeerLink`` is an ``asyncio.Protocol`` wrapped around the sans-IO codec of
-core/peer_wire.py.  Bytes read go to a ``FrameDecoder``; each frame is handed to the owner's
-``on_frame`` callback in arrival order (the order the peer sent them, which is the order writes
-must be applied in).  ``send(frame)`` encodes with the link's ``FrameEncoder`` and writes the
-buffers with one ``writelines`` (a payload is never copied); it returns the frame's sequence
-number, which the peer's ACK will name.  ``drained()`` waits while the socket's send buffer is
-above its high-water mark, so a sender can apply back-pressure.
+How this works: ``PeerLink`` is an ``asyncio.BufferedProtocol`` wrapped around the sans-IO
+codec of core/peer_wire.py.  The socket is read into a fixed chunk that the ``FrameDecoder``
+is fed from -- or, while a large WRITE's data is still arriving, straight into that frame's
+own buffer (``payload_window``: no copy at all); hand such a buffer back with ``recycle``
+once it is written.  Each frame goes to the owner's ``on_frame`` callback in arrival order
+(the order the peer sent them, which is the order writes must be applied in).
+``send(frame)`` encodes with the link's ``FrameEncoder`` (a payload is never copied) and
+returns the frame's sequence number, which the peer's ACK will name.  Frames sent while a
+receive is being handled (ACKs, mostly) are gathered and written at its end with one
+``writelines``; other sends are written at once.  ``drained()`` waits while the socket's send
+buffer is above its high-water mark, so a sender can apply back-pressure.
 
 A corrupt or unexpected frame closes that connection with the decoder's reason, and the owner
 hears about it once, through ``on_lost(reason)``; nothing propagates further.
@@ -38,7 +42,7 @@ from typing import cast
 import structlog
 
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.core.peer_wire import Frame, FrameDecoder, FrameEncoder
+from volkeeper.core.peer_wire import Buffer, Frame, FrameDecoder, FrameEncoder
 from volkeeper.errors import PeerError, ProtocolError
 from volkeeper.io.listeners import bind_listener, remove_listener
 from volkeeper.io.peer_tls import describe, looks_like_tls
@@ -46,12 +50,13 @@ from volkeeper.io.peer_tls import describe, looks_like_tls
 log = structlog.get_logger("volkeeper.peer")
 
 SOCKET_BUFFER = 4 * 1024 * 1024
+RECEIVE_CHUNK = 64 * 1024  # bytes read at once when not straight into a payload
 TLS_HANDSHAKE_TIMEOUT = 10.0  # server side: a connection that never finishes its handshake
 OnFrame = Callable[["PeerLink", Frame], None]
 OnLost = Callable[["PeerLink", str], None]
 
 
-class PeerLink(asyncio.Protocol):
+class PeerLink(asyncio.BufferedProtocol):
     def __init__(self, on_frame: OnFrame, on_lost: OnLost) -> None:
         self._on_frame = on_frame
         self._on_lost = on_lost
@@ -63,9 +68,12 @@ class PeerLink(asyncio.Protocol):
         self._lost = False
         self._first_bytes = b""  # the first few bytes received, to recognise a TLS peer
         self._tls = False
+        self._chunk = memoryview(bytearray(RECEIVE_CHUNK))
+        self._into_payload = False  # the last buffer handed out was a payload window
+        self._corked: list[Buffer] | None = None  # frames sent while handling a receive
         self.peer = "?"
 
-    # -- asyncio.Protocol -------------------------------------------------------------------
+    # -- asyncio.BufferedProtocol -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -77,17 +85,36 @@ class PeerLink(asyncio.Protocol):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        window = self._decoder.payload_window()
+        self._into_payload = window is not None
+        return window if window is not None else self._chunk
+
+    def buffer_updated(self, nbytes: int) -> None:
         if self._lost:
             return
-        if len(self._first_bytes) < 3:
-            self._first_bytes += data[: 3 - len(self._first_bytes)]
-        self._decoder.feed(data)
+        if self._into_payload:
+            self._decoder.payload_received(nbytes)
+        else:
+            data = self._chunk[:nbytes]
+            if len(self._first_bytes) < 3:
+                self._first_bytes += bytes(data[: 3 - len(self._first_bytes)])
+            self._decoder.feed(data)
+        self._corked = []
         try:
             while not self._lost and (frame := self._decoder.next_frame()) is not None:
                 self._on_frame(self, frame)
         except ProtocolError as exc:
             self.close(f"protocol error from {self.peer}: {exc}{self._tls_hint()}")
+        finally:
+            self._uncork()
+
+    def _uncork(self) -> None:
+        """Send what the frames just handled made us send (ACKs...) in one write."""
+        corked, self._corked = self._corked, None
+        transport = self._transport
+        if corked and transport is not None and not transport.is_closing():
+            transport.writelines(corked)
 
     def _tls_hint(self) -> str:
         if not looks_like_tls(self._first_bytes):
@@ -136,9 +163,23 @@ class PeerLink(asyncio.Protocol):
         if not self.is_open:
             raise PeerError(f"link to {self.peer} is closed")
         parts = self._encoder.encode(frame)
-        assert self._transport is not None
-        self._transport.writelines(parts)
+        if self._corked is not None:
+            self._corked += parts
+        else:
+            assert self._transport is not None
+            self._transport.writelines(parts)
         return self._encoder.sequence
+
+    def recycle(self, data: Buffer) -> None:
+        """A received frame's data has been written: its buffer may take the next one."""
+        self._decoder.recycle(data)
+
+    def certificate_names(self) -> list[str] | None:
+        """DNS names in the peer's TLS certificate; None on a plain TCP link."""
+        if self._transport is None or not self._tls:
+            return None
+        certificate = self._transport.get_extra_info("peercert") or {}
+        return [value for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"]
 
     @property
     def last_received(self) -> int:
@@ -149,6 +190,7 @@ class PeerLink(asyncio.Protocol):
         await self._writable.wait()
 
     def close(self, reason: str) -> None:
+        self._uncork()  # a REFUSE or GOODBYE sent just before goes out first
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
         self._report_lost(reason)

@@ -48,7 +48,10 @@ class WriteHook(Protocol):
         fua: bool = False,
         may_trim: bool = False,
         on_done: Callable[[BaseException | None], None],
-    ) -> None: ...
+        recycle: Callable[[Buffer], None] | None = None,
+    ) -> None:
+        """``on_done(error)`` answers the request; ``recycle(payload)``, if given, is called
+        once nothing (disk, peer socket) holds the payload any more."""
 
 
 INLINE_WRITE_MAX = 64 * 1024  # larger writes overlap with parsing on the writer thread
