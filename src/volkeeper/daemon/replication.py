@@ -74,12 +74,17 @@ class Replication:
         op = Op(command, offset, length, payload, fua, may_trim, on_done=on_done)
         if recycle is not None:
             op.recycle, op.holds = recycle, 1 + len(self.mirrors)
+        hot = True
         if command != "flush" and self.mirrors:
             op.extents = self.mirrors[0].store.activity_log.extents_of(offset, length)
             for mirror in self.mirrors:
                 log = mirror.store.activity_log
                 if not log.pin(op.extents):
+                    hot = False
                     log.anticipate(offset, length, LOOKAHEAD_EXTENTS, self._extent_count)
+        if hot and not self._queue:  # the common case: nothing to wait for
+            self._issue(op)
+            return
         self._queue.append(op)
         self._pump()
 

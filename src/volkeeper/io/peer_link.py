@@ -7,10 +7,12 @@ own buffer (``payload_window``: no copy at all); hand such a buffer back with ``
 once it is written.  Each frame goes to the owner's ``on_frame`` callback in arrival order
 (the order the peer sent them, which is the order writes must be applied in).
 ``send(frame)`` encodes with the link's ``FrameEncoder`` (a payload is never copied) and
-returns the frame's sequence number, which the peer's ACK will name.  Frames sent while a
-receive is being handled (ACKs, mostly) are gathered and written at its end with one
-``writelines``; other sends are written at once.  ``drained()`` waits while the socket's send
-buffer is above its high-water mark, so a sender can apply back-pressure.
+returns the frame's sequence number, which the peer's ACK will name.  Frames sent during one
+turn of the event loop (the writes of one burst of NBD requests, the ACKs of one receive)
+are gathered and handed to the transport with one ``writelines`` right after it
+(``call_soon``): one system call for many frames, and an NBD reply is never held up by it.
+``drained()`` hands them over at once and waits while the socket's send buffer is above its
+high-water mark, so a sender can apply back-pressure.
 
 A corrupt or unexpected frame closes that connection with the decoder's reason, and the owner
 hears about it once, through ``on_lost(reason)``; nothing propagates further.
@@ -70,7 +72,8 @@ class PeerLink(asyncio.BufferedProtocol):
         self._tls = False
         self._chunk = memoryview(bytearray(RECEIVE_CHUNK))
         self._into_payload = False  # the last buffer handed out was a payload window
-        self._corked: list[Buffer] | None = None  # frames sent while handling a receive
+        self._outbox: list[Buffer] = []  # frames sent and not yet handed to the transport
+        self._flush_scheduled = False
         self.peer = "?"
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
@@ -100,21 +103,19 @@ class PeerLink(asyncio.BufferedProtocol):
             if len(self._first_bytes) < 3:
                 self._first_bytes += bytes(data[: 3 - len(self._first_bytes)])
             self._decoder.feed(data)
-        self._corked = []
         try:
             while not self._lost and (frame := self._decoder.next_frame()) is not None:
                 self._on_frame(self, frame)
         except ProtocolError as exc:
             self.close(f"protocol error from {self.peer}: {exc}{self._tls_hint()}")
-        finally:
-            self._uncork()
 
-    def _uncork(self) -> None:
-        """Send what the frames just handled made us send (ACKs...) in one write."""
-        corked, self._corked = self._corked, None
+    def _flush(self) -> None:
+        """Hand every frame sent since the last flush to the transport in one write."""
+        self._flush_scheduled = False
+        outbox, self._outbox = self._outbox, []
         transport = self._transport
-        if corked and transport is not None and not transport.is_closing():
-            transport.writelines(corked)
+        if outbox and transport is not None and not transport.is_closing():
+            transport.writelines(outbox)
 
     def _tls_hint(self) -> str:
         if not looks_like_tls(self._first_bytes):
@@ -162,12 +163,10 @@ class PeerLink(asyncio.BufferedProtocol):
         """Queue ``frame``; returns its sequence number.  Raises PeerError once lost."""
         if not self.is_open:
             raise PeerError(f"link to {self.peer} is closed")
-        parts = self._encoder.encode(frame)
-        if self._corked is not None:
-            self._corked += parts
-        else:
-            assert self._transport is not None
-            self._transport.writelines(parts)
+        self._outbox += self._encoder.encode(frame)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
         return self._encoder.sequence
 
     def recycle(self, data: Buffer) -> None:
@@ -187,10 +186,12 @@ class PeerLink(asyncio.BufferedProtocol):
         return self._decoder.sequence
 
     async def drained(self) -> None:
+        if self._outbox:
+            self._flush()
         await self._writable.wait()
 
     def close(self, reason: str) -> None:
-        self._uncork()  # a REFUSE or GOODBYE sent just before goes out first
+        self._flush()  # a REFUSE or GOODBYE sent just before goes out first
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
         self._report_lost(reason)
