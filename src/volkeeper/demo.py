@@ -133,7 +133,9 @@ def main() -> int:
         f"{alpha.config_path}` (and {beta.config_path}),\n"
         f"then `volkeeper status --config {alpha.config_path}`; write with `nbdcopy` or\n"
         f"`fio --ioengine=nbd` to {alpha.uri()};\n"
-        "stop beta and watch the mirror go Resync pending, then resync when it returns."
+        "stop beta and watch the mirror go Resync pending, then resync when it returns;\n"
+        f"`volkeeper mirror pause web --config {alpha.config_path}` (then `continue`), or\n"
+        "delete the job and create it again with `--mode async`."
     )
     return max(codes)
 

@@ -138,8 +138,9 @@ def test_mirror_commands_refuse_bad_requests_and_delete_unlocks(start_node: Node
 
 def test_async_mirror_under_fio_load_is_identical(start_node: NodeFactory, tmp_path: Path) -> None:
     alpha, beta = pair(start_node, "64MiB")
-    create_job(alpha, "--mode", "async")
+    create_job(alpha, "--mode", "async", "--region-size", "64KiB")
     assert mirror_view(alpha)["mode"] == "async"
+    assert mirror_view(alpha)["intent_log"]["region_bytes"] == 64 * 1024
     fio(alpha.uri(), tmp_path, "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=32m",
         "--io_size=48m", *VERIFY)  # fmt: skip
     fio(alpha.uri(), tmp_path, "--rw=write", "--bs=1m", "--iodepth=4", "--size=64m", *VERIFY)
@@ -186,7 +187,9 @@ def test_async_queue_full_tracks_instead_of_blocking(
     stop_both_and_compare(alpha, beta)
 
 
-def test_async_mode_is_refused_with_a_bad_queue_limit(start_node: NodeFactory) -> None:
+def test_job_create_refuses_a_bad_mode_queue_limit_or_region_size(
+    start_node: NodeFactory,
+) -> None:
     alpha, _ = pair(start_node, "16MiB")
     body = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "mode": "async",
             "confirm": True}  # fmt: skip
@@ -196,4 +199,8 @@ def test_async_mode_is_refused_with_a_bad_queue_limit(start_node: NodeFactory) -
             assert answer.status_code == 400 and words in answer.text, answer.text
         answer = api.post("/jobs", json={**body, "mode": "semi"})
         assert answer.status_code == 400 and "sync, async" in answer.text, answer.text
+        for region in ("3000", "2MiB", "1KiB"):
+            answer = api.post("/jobs", json={**body, "region_size": region})
+            assert answer.status_code == 400, answer.text
+            assert "region size must be a power of two from 4 KiB to 1 MiB" in answer.text
     assert alpha.status()["mirrors"] == []

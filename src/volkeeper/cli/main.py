@@ -94,6 +94,9 @@ def job_create(
     queue_limit: Annotated[
         str, typer.Option("--queue-limit", help="async: unacknowledged bytes before tracking")
     ] = "64MiB",
+    region_size: Annotated[
+        str, typer.Option("--region-size", help="intent-log bytes per bit (4KiB..1MiB)")
+    ] = "4KiB",
     yes: Annotated[bool, typer.Option("--yes", help="confirm: the target is overwritten")] = False,
     node: NodeOption = None,
     config: ConfigOption = None,
@@ -102,7 +105,7 @@ def job_create(
     """Create a job mirroring SOURCE to TARGET (a full resync overwrites the target)."""
     body = {
         "name": name, "source": source, "target": target, "mode": mode, "confirm": yes,
-        "queue_limit": queue_limit,
+        "queue_limit": queue_limit, "region_size": region_size,
     }  # fmt: skip
     mirror = _client(node, config).request("POST", "/jobs", body)
     if as_json:

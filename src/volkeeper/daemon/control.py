@@ -42,7 +42,14 @@ class NodeView(Protocol):
     def job_list(self) -> list[dict[str, Any]]: ...
 
     async def create_job(
-        self, name: str, source: str, target: str, mode: str, confirm: bool, queue_limit: int
+        self,
+        name: str,
+        source: str,
+        target: str,
+        mode: str,
+        confirm: bool,
+        queue_limit: int,
+        region_size: int,
     ) -> dict[str, Any]: ...
 
     async def delete_job(self, name: str) -> None: ...
@@ -61,6 +68,9 @@ class JobRequest(BaseModel):
     queue_limit: int | str = Field(
         "64MiB", description="async mode: bytes sent and not yet acknowledged, at most"
     )
+    region_size: int | str = Field(
+        "4KiB", description="intent-log bitmap: bytes per bit, a power of two, 4KiB to 1MiB"
+    )
 
 
 class MirrorAction(enum.StrEnum):
@@ -76,6 +86,13 @@ class MirrorCommand(BaseModel):
 
 
 _STATUS = {"not_found": 404, "conflict": 409, "confirmation_required": 412, "bad_request": 400}
+
+
+def _size(field: str, value: int | str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise JobError("bad_request", f"{field}: {exc}") from None
 
 
 def error_body(code: str, message: str, hint: str = "") -> dict[str, Any]:
@@ -121,12 +138,10 @@ def create_app(node: NodeView) -> FastAPI:
     @app.post("/jobs", status_code=201)
     async def create_job(job: JobRequest) -> dict[str, Any]:
         """Create a job: one mirror, starting with a full resync (needs confirm=true)."""
-        try:
-            queue_limit = parse_size(job.queue_limit)
-        except ValueError as exc:
-            raise JobError("bad_request", f"queue_limit: {exc}") from None
+        queue_limit = _size("queue_limit", job.queue_limit)
+        region_size = _size("region_size", job.region_size)
         return await node.create_job(
-            job.name, job.source, job.target, job.mode, job.confirm, queue_limit
+            job.name, job.source, job.target, job.mode, job.confirm, queue_limit, region_size
         )
 
     @app.post("/jobs/{name}/mirror/{action}")

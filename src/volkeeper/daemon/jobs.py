@@ -29,6 +29,7 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.bitmap import MIN_REGION_SIZE, image_size
 from volkeeper.core.mirror_state import IllegalTransition, MirrorState
 from volkeeper.daemon.mirror import DEFAULT_QUEUE_LIMIT, MODES, Mirror, MirrorSpec
 from volkeeper.daemon.replication import Replication
@@ -115,8 +116,13 @@ class Jobs:
         mode: str,
         confirm: bool,
         queue_limit: int = DEFAULT_QUEUE_LIMIT,
+        region_size: int = MIN_REGION_SIZE,
     ) -> JobRecord:
         record = self._check(name, source, target, mode, queue_limit)
+        try:
+            image_size(MIN_REGION_SIZE, region_size)  # the bitmap's own check of the size
+        except ValueError as exc:
+            raise JobError("bad_request", f"region_size: {exc}") from None
         if not confirm:
             raise JobError(
                 "confirmation_required",
@@ -124,7 +130,7 @@ class Jobs:
                 "resend with confirm=true (CLI: --yes)",
             )
         service = self.services[record.source_volume]
-        geometry = Geometry(volume_size=service.volume.size)
+        geometry = Geometry(volume_size=service.volume.size, region_size=region_size)
         generations = Generations(secrets.randbits(64) or 1)
         store = IntentStore.create(self._log_path(name), geometry, generations, all_dirty=True)
         self._save(record)

@@ -147,10 +147,17 @@ class Node:
         return self.jobs.views() if self.jobs is not None else []
 
     async def create_job(
-        self, name: str, source: str, target: str, mode: str, confirm: bool, queue_limit: int
+        self,
+        name: str,
+        source: str,
+        target: str,
+        mode: str,
+        confirm: bool,
+        queue_limit: int,
+        region_size: int,
     ) -> dict[str, Any]:
         assert self.jobs is not None
-        self.jobs.create(name, source, target, mode, confirm, queue_limit)
+        self.jobs.create(name, source, target, mode, confirm, queue_limit, region_size)
         return self.jobs.running[name].mirror.view()
 
     async def mirror_command(
