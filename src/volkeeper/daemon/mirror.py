@@ -105,7 +105,9 @@ class Mirror:
         self.on_state: Callable[[Mirror], None] = lambda mirror: None
         self.intent = IntentWriter(store, spec.job, self._break)
         self._pending: dict[int, tuple[Op, float, bool]] = {}  # sequence -> op, sent, reply owed
-        self._undurable: list[tuple[int, Op]] = []  # ACKed, not yet durable on the target
+        # ACKed, not yet known durable on the target: (sequence, offset, length, extents) --
+        # not the op, whose payload must not be kept alive until the next flush
+        self._undurable: list[tuple[int, int, int, range]] = []
         self._answer: asyncio.Future[pw.Frame] | None = None
         self._stopping = False
         self._lost = asyncio.Event()
@@ -237,8 +239,8 @@ class Mirror:
             self._acked(link, frame)
         elif isinstance(frame, pw.Goodbye) and frame.reason == pw.GoodbyeReason.SHUTDOWN:
             # A clean target stop: it made every write it ACKed durable before saying so.
-            for _, op in self._undurable:
-                self.store.activity_log.unpin(op.extents)
+            for _, _, _, extents in self._undurable:
+                self.store.activity_log.unpin(extents)
             self._undurable.clear()
         elif not isinstance(frame, pw.Pong | pw.Goodbye):
             link.close(f"unexpected {frame.TYPE.name} frame from the target")
@@ -256,23 +258,23 @@ class Mirror:
         if self.state in _SENDING:
             self._set(MirrorEvent.DISCONNECTED)
         pending = list(self._pending.values())
-        lost = [op for op, _, _ in pending] + [op for _, op in self._undurable]
+        flushes = [op for op, _, _ in pending if op.is_flush]
+        lost = [(op.offset, op.length, op.extents) for op, _, _ in pending if not op.is_flush]
+        lost += [(offset, length, extents) for _, offset, length, extents in self._undurable]
         self._pending.clear()
         self._undurable.clear()
         self.queued_bytes = 0
-        for op in lost:
-            if not op.is_flush:
-                self.store.bitmap.mark(op.offset, op.length)
+        for offset, length, _ in lost:
+            self.store.bitmap.mark(offset, length)
         for op, _, owed in pending:  # the marks cover them: the replies need not wait
             if owed:
                 op.part_done()
 
         def durable() -> None:
-            for op in lost:
-                if op.is_flush:
-                    op.durable_done()
-                else:
-                    self.store.activity_log.unpin(op.extents)
+            for _, _, extents in lost:
+                self.store.activity_log.unpin(extents)
+            for flush in flushes:
+                flush.durable_done()
 
         self.intent.after_durable(durable)
         self._lost.set()
@@ -353,7 +355,7 @@ class Mirror:
         self.queued_bytes -= size
         self.ack_latency.observe(size, self._clock() - sent_at)
         if not op.is_flush:
-            self._undurable.append((ack.sequence, op))
+            self._undurable.append((ack.sequence, op.offset, op.length, op.extents))
             op.release_payload()
         if owed:
             op.part_done()
@@ -366,16 +368,20 @@ class Mirror:
         if sequence is None:
             return
         keep = []
-        for acked, earlier in self._undurable:
-            if acked < sequence:
-                self.store.activity_log.unpin(earlier.extents)
+        for entry in self._undurable:
+            if entry[0] < sequence:
+                self.store.activity_log.unpin(entry[3])
             else:
-                keep.append((acked, earlier))
+                keep.append(entry)
         self._undurable = keep
 
     @property
     def needs_flush(self) -> bool:
         return bool(self._undurable)
+
+    @property
+    def undurable_writes(self) -> int:
+        return len(self._undurable)
 
     @property
     def lag_seconds(self) -> float:

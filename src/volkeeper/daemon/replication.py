@@ -12,7 +12,8 @@ leaves, when the local disk and every mirror are done with it (sync mode: the ta
 A completed FLUSH is durable locally and on every connected target, so it releases the
 activity-log pins of the writes before it.  Pins only matter when an extent must leave the
 log, so the engine issues a sync of its own only under pressure -- a write waits for an
-extent while the log is full of pinned ones, or more than half the log is pinned -- and as a
+extent while the log is full of pinned ones, more than half the log is pinned, or a mirror
+remembers more than ``UNDURABLE_WRITES`` ACKed writes that no flush has covered yet -- and as a
 backstop every ``SYNC_INTERVAL`` (a periodic fdatasync of everything would stall writes).
 
 A small write is written inline (a page-cache copy on the loop) while the volume's writer
@@ -34,6 +35,7 @@ from volkeeper.io.volume_service import Buffer, VolumeService
 
 SYNC_INTERVAL = 30.0
 PRESSURE_CHECK = 0.2  # how often the need for a sync is looked at
+UNDURABLE_WRITES = 65536  # ACKed writes a mirror remembers until a flush covers them, at most
 LOOKAHEAD_EXTENTS = 8  # a sequential writer's next extents, activated with the one it needs
 
 
@@ -156,6 +158,8 @@ class Replication:
         for mirror in self.mirrors:
             log = mirror.store.activity_log
             if log.pinned_extents * 2 > log.capacity or (self._queue and log.waiting):
+                return True
+            if mirror.undurable_writes > UNDURABLE_WRITES:
                 return True
         return False
 
