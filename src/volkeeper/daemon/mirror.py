@@ -135,6 +135,11 @@ class Mirror:
             except (PeerError, TimeoutError) as exc:
                 self.last_error = str(exc)
                 log.info("mirror target unreachable", job=self.spec.job, why=str(exc))
+            except Exception as exc:  # a bug: say so, drop the link, keep the mirror alive
+                self.last_error = f"internal error: {exc!r}"
+                log.exception("mirror connection failed", job=self.spec.job)
+                if self.link is not None:
+                    self.link.close(self.last_error)
             await self._sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
             attempt += 1
 
