@@ -56,7 +56,7 @@ log = structlog.get_logger("volkeeper.mirror")
 HANDSHAKE_TIMEOUT = 10.0
 PING_INTERVAL = 2.0  # an idle link is pinged this often
 TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
-BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)
+BACKOFF = (0.2, 0.5, 1.0, 2.0)  # seconds between attempts; the last one repeats
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024  # async mode: bytes sent and not yet ACKed, at most
 MODES = ("sync", "async")
 
