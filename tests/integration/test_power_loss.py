@@ -47,7 +47,6 @@ tests are skipped.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -63,6 +62,7 @@ import pytest
 
 from tests.integration.powerloss_fs import PowerLossDisk
 from tests.integration.rawnbd import FLAG_FUA, OK, NbdClosed, NbdTimeout, RawNbd
+from tests.integration.test_mirroring import sha256
 from volkeeper.core.bitmap import DirtyBitmap, image_size
 from volkeeper.daemon import replication
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
@@ -278,14 +278,6 @@ def differing_regions(a: Path, b: Path) -> list[int]:
                     if x[at : at + REGION] != y[at : at + REGION]
                 ]
     return regions
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- nodes --------------------------------------------------------------------------------------

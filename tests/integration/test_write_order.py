@@ -26,7 +26,6 @@ daemons are restarted before a test ends, so the fixture's teardown (SIGTERM, ex
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import struct
@@ -40,6 +39,7 @@ import pytest
 from tests.conftest import NodeFactory
 from tests.integration import rawnbd
 from tests.integration.rawnbd import RawNbd
+from tests.integration.test_mirroring import sha256
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
 MiB = 1 << 20
@@ -182,14 +182,6 @@ def test_prefix_check_rejects_reordered_images() -> None:
 
 
 # -- daemons ----------------------------------------------------------------------------------
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(4 * MiB):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data1(node: LocalNode) -> Path:

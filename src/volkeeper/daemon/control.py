@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from volkeeper import __version__
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.core.units import parse_size
-from volkeeper.daemon.jobs import JobError
+from volkeeper.daemon.jobs import JobError, JobRequest
 from volkeeper.daemon.metrics import render
 from volkeeper.io.listeners import bind_listener, remove_listener
 
@@ -41,16 +41,7 @@ class NodeView(Protocol):
 
     def job_list(self) -> list[dict[str, Any]]: ...
 
-    async def create_job(
-        self,
-        name: str,
-        source: str,
-        target: str,
-        mode: str,
-        confirm: bool,
-        queue_limit: int,
-        region_size: int,
-    ) -> dict[str, Any]: ...
+    async def create_job(self, request: JobRequest) -> dict[str, Any]: ...
 
     async def delete_job(self, name: str) -> None: ...
 
@@ -59,7 +50,7 @@ class NodeView(Protocol):
     ) -> dict[str, Any]: ...
 
 
-class JobRequest(BaseModel):
+class JobBody(BaseModel):
     name: str
     source: str = Field(description="NODE:VOLUME on this node")
     target: str = Field(description="NODE:VOLUME on a peer")
@@ -136,13 +127,13 @@ def create_app(node: NodeView) -> FastAPI:
         return node.job_list()
 
     @app.post("/jobs", status_code=201)
-    async def create_job(job: JobRequest) -> dict[str, Any]:
+    async def create_job(job: JobBody) -> dict[str, Any]:
         """Create a job: one mirror, starting with a full resync (needs confirm=true)."""
-        queue_limit = _size("queue_limit", job.queue_limit)
-        region_size = _size("region_size", job.region_size)
-        return await node.create_job(
-            job.name, job.source, job.target, job.mode, job.confirm, queue_limit, region_size
-        )
+        request = JobRequest(
+            job.name, job.source, job.target, job.mode, job.confirm,
+            _size("queue_limit", job.queue_limit), _size("region_size", job.region_size),
+        )  # fmt: skip
+        return await node.create_job(request)
 
     @app.post("/jobs/{name}/mirror/{action}")
     async def mirror_command(

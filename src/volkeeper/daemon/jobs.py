@@ -61,6 +61,19 @@ class JobRecord:
     admin: str = "active"  # or "paused" / "broken": the administrator's last word
 
 
+@dataclass(frozen=True)
+class JobRequest:
+    """What an administrator asks for when creating a job (API body, CLI options)."""
+
+    name: str
+    source: str  # NODE:VOLUME on this node
+    target: str  # NODE:VOLUME on a peer
+    mode: str = "sync"
+    confirm: bool = False  # the full resync overwrites the target
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
+    region_size: int = MIN_REGION_SIZE
+
+
 _ADMIN_STATES = {"paused": MirrorState.PAUSED, "broken": MirrorState.BROKEN}
 
 
@@ -108,22 +121,14 @@ class Jobs:
                 )
             self._start(record, store)
 
-    def create(
-        self,
-        name: str,
-        source: str,
-        target: str,
-        mode: str,
-        confirm: bool,
-        queue_limit: int = DEFAULT_QUEUE_LIMIT,
-        region_size: int = MIN_REGION_SIZE,
-    ) -> JobRecord:
-        record = self._check(name, source, target, mode, queue_limit)
+    def create(self, request: JobRequest) -> JobRecord:
+        record = self._check(request)
+        name, target, region_size = request.name, request.target, request.region_size
         try:
             image_size(MIN_REGION_SIZE, region_size)  # the bitmap's own check of the size
         except ValueError as exc:
             raise JobError("bad_request", f"region_size: {exc}") from None
-        if not confirm:
+        if not request.confirm:
             raise JobError(
                 "confirmation_required",
                 f"creating job {name!r} starts a full resync that overwrites {target}",
@@ -137,7 +142,9 @@ class Jobs:
         self._start(record, store)
         return record
 
-    def _check(self, name: str, source: str, target: str, mode: str, queue_limit: int) -> JobRecord:
+    def _check(self, request: JobRequest) -> JobRecord:
+        name, mode, queue_limit = request.name, request.mode, request.queue_limit
+        source, target = request.source, request.target
         if not NAME.fullmatch(name):
             raise JobError("bad_request", f"job name {name!r} must match {NAME.pattern}")
         if name in self.running:

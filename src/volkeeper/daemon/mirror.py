@@ -431,10 +431,8 @@ class Mirror:
 
     def resume(self) -> None:
         """Continue a paused mirror: reconnect now, then resync what was marked."""
-        if self.state is MirrorState.PAUSED:
-            self._set(MirrorEvent.CONTINUE)
-        elif self.state is MirrorState.BROKEN:
-            self._set(MirrorEvent.CONTINUE)  # raises: a Broken mirror needs a full resync
+        if self.state in (MirrorState.PAUSED, MirrorState.BROKEN):
+            self._set(MirrorEvent.CONTINUE)  # the table refuses it for Broken: --full only
         self._wake.set()
 
     def break_(self) -> None:

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from volkeeper.daemon.config import NodeConfig
 from volkeeper.daemon.control import ControlServer
-from volkeeper.daemon.jobs import Jobs
+from volkeeper.daemon.jobs import JobRequest, Jobs
 from volkeeper.daemon.metrics import MirrorCollector, NodeCollector
 from volkeeper.daemon.replica import Replicas, TargetRecord, TargetRecords
 from volkeeper.errors import VolumeError
@@ -146,19 +146,10 @@ class Node:
     def job_list(self) -> list[dict[str, Any]]:
         return self.jobs.views() if self.jobs is not None else []
 
-    async def create_job(
-        self,
-        name: str,
-        source: str,
-        target: str,
-        mode: str,
-        confirm: bool,
-        queue_limit: int,
-        region_size: int,
-    ) -> dict[str, Any]:
+    async def create_job(self, request: JobRequest) -> dict[str, Any]:
         assert self.jobs is not None
-        self.jobs.create(name, source, target, mode, confirm, queue_limit, region_size)
-        return self.jobs.running[name].mirror.view()
+        self.jobs.create(request)
+        return self.jobs.running[request.name].mirror.view()
 
     async def mirror_command(
         self, job: str, action: str, target: str | None, full: bool
