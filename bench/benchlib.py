@@ -1,8 +1,9 @@
 """Pieces the benchmarks share: child processes stopped by PID, CPU time, fio numbers.
 
 How this works: every child a benchmark starts goes through ``spawn`` and is remembered by
-PID, so ``reap_children`` can stop whatever is left on any exit, Ctrl-C included (install
-``raise_interrupt`` for SIGTERM).  ``cpu_seconds`` reads a process's utime + stime from
+PID, so ``reap_children`` can stop whatever is left on any exit, Ctrl-C included;
+``run_benchmark`` is the shared main (signals become KeyboardInterrupt, every process is
+reaped, the work directory goes).  ``cpu_seconds`` reads a process's utime + stime from
 /proc; ``percentile_us`` and ``format_number`` read and print fio's JSON numbers.
 """
 
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,30 @@ def reap_children() -> None:
 
 def raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_benchmark(
+    workdir: Path | None,
+    keep: bool,
+    prefix: str,
+    execute: Callable[[Path, Callable[[str], None]], int],
+    reap_all: Callable[[], None],
+) -> int:
+    """A benchmark's main: signals become KeyboardInterrupt, every process started is reaped
+    on the way out, and a temporary work directory is removed unless ``keep``."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: a shell's
+        signal.signal(signum, raise_interrupt)  # background job starts with it ignored
+    directory = workdir or Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return execute(directory, lambda line: print(line, flush=True))
+    except KeyboardInterrupt:
+        print("interrupted; stopping every process started", file=sys.stderr)
+        return 130
+    finally:
+        reap_all()
+        if not keep and workdir is None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -54,7 +54,6 @@ import statistics
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -68,11 +67,11 @@ from benchlib import (  # bench/ is the script's directory, so it is on sys.path
     cpu_seconds,
     reap,
     reap_children,
+    run_benchmark,
     spawn,
 )
 from benchlib import format_number as _number
 from benchlib import percentile_us as _percentile_us
-from benchlib import raise_interrupt as _raise_interrupt
 
 from volkeeper.core.units import format_size, parse_size
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
@@ -1251,19 +1250,10 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: a shell's
-        signal.signal(signum, _raise_interrupt)  # background job starts with it ignored
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="volkeeper-mirror-", dir="/var/tmp"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        return execute(args, workdir, lambda line: print(line, flush=True))
-    except KeyboardInterrupt:
-        print("interrupted; stopping every process started", file=sys.stderr)
-        return 130
-    finally:
-        reap_all()
-        if not args.keep and args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return run_benchmark(
+        args.workdir, args.keep, "volkeeper-mirror-",
+        lambda workdir, say: execute(args, workdir, say), reap_all,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,11 +38,11 @@ from benchlib import (  # bench/ is the script's directory, so it is on sys.path
     cpu_seconds,
     reap,
     reap_children,
+    run_benchmark,
     spawn,
 )
 from benchlib import format_number as _number
 from benchlib import percentile_us as _percentile_us
-from benchlib import raise_interrupt as _raise_interrupt
 
 from volkeeper.core.units import parse_size
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
@@ -557,19 +556,10 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="volkeeper-bench-", dir="/var/tmp"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        return execute(args, workdir, lambda line: print(line, flush=True))
-    except KeyboardInterrupt:
-        print("interrupted; stopping every process started", file=sys.stderr)
-        return 130
-    finally:
-        reap_all()
-        if not args.keep and args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return run_benchmark(
+        args.workdir, args.keep, "volkeeper-bench-",
+        lambda workdir, say: execute(args, workdir, say), reap_all,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
