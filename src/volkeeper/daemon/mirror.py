@@ -306,7 +306,10 @@ class Mirror:
 
     def _send(self, link: PeerLink, op: Op) -> None:
         sequence = link.send(frame_of(op))
-        op.sequences[self.spec.job] = sequence
+        if op.is_flush:
+            if op.sequences is None:
+                op.sequences = {}
+            op.sequences[self.spec.job] = sequence
         owed = not self.asynchronous
         self._pending[sequence] = (op, self._clock(), owed)
         size = len(op.payload)
@@ -369,7 +372,7 @@ class Mirror:
 
     def release_durable(self, op: Op) -> None:
         """``op`` (a flush) is durable locally and on the target: unpin what it covered."""
-        sequence = op.sequences.get(self.spec.job)
+        sequence = op.sequences.get(self.spec.job) if op.sequences else None
         if sequence is None:
             return
         keep = []

@@ -17,7 +17,7 @@ hands it back (for the next request) once the disk and every target are done wit
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.peer_wire import Buffer
@@ -45,7 +45,8 @@ class Op:
     error: BaseException | None = None
     durable_parts: int = 0  # flush only: sides that have not yet made it durable
     on_durable: Callable[[], None] = _nothing_durable
-    sequences: dict[str, int] = field(default_factory=dict)  # mirror job -> frame sequence
+    # flush only: mirror job -> sequence of the FLUSH frame (what its ACK and release name)
+    sequences: dict[str, int] | None = None
     recycle: Callable[[Buffer], None] | None = None  # takes the payload back for reuse
     holds: int = 0  # write with recycle: sides that may still read the payload
 
