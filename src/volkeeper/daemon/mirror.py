@@ -311,6 +311,8 @@ class Mirror:
                 op.sequences = {}
             op.sequences[self.spec.job] = sequence
         owed = not self.asynchronous
+        if owed:
+            link.push()
         self._pending[sequence] = (op, self._clock(), owed)
         size = len(op.payload)
         self.queued_bytes += size

@@ -8,9 +8,11 @@ once it is written.  Each frame goes to the owner's ``on_frame`` callback in arr
 (the order the peer sent them, which is the order writes must be applied in).
 ``send(frame)`` encodes with the link's ``FrameEncoder`` (a payload is never copied) and
 returns the frame's sequence number, which the peer's ACK will name.  Frames sent during one
-turn of the event loop (the writes of one burst of NBD requests, the ACKs of one receive)
-are gathered and handed to the transport with one ``writelines`` right after it
-(``call_soon``): one system call for many frames, and an NBD reply is never held up by it.
+turn of the event loop (the async writes of one burst of NBD requests) are gathered and
+handed to the transport with one ``writelines`` right after it (``call_soon``): one system
+call for many frames, and an NBD reply is never held up by it.  Frames sent while a receive
+is handled (ACKs) leave together at its end; ``push()`` sends at once (a sync write, whose
+reply waits for the target: measured, that is worth a system call per frame).
 ``drained()`` hands them over at once and waits while the socket's send buffer is above its
 high-water mark, so a sender can apply back-pressure.
 
@@ -74,6 +76,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._into_payload = False  # the last buffer handed out was a payload window
         self._outbox: list[Buffer] = []  # frames sent and not yet handed to the transport
         self._flush_scheduled = False
+        self._receiving = False  # inside buffer_updated: sends wait for its end
         self.peer = "?"
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
@@ -103,11 +106,15 @@ class PeerLink(asyncio.BufferedProtocol):
             if len(self._first_bytes) < 3:
                 self._first_bytes += bytes(data[: 3 - len(self._first_bytes)])
             self._decoder.feed(data)
+        self._receiving = True
         try:
             while not self._lost and (frame := self._decoder.next_frame()) is not None:
                 self._on_frame(self, frame)
         except ProtocolError as exc:
             self.close(f"protocol error from {self.peer}: {exc}{self._tls_hint()}")
+        finally:
+            self._receiving = False
+            self._flush()  # the ACKs of this receive, in one write
 
     def _flush(self) -> None:
         """Hand every frame sent since the last flush to the transport in one write."""
@@ -168,6 +175,12 @@ class PeerLink(asyncio.BufferedProtocol):
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         return self._encoder.sequence
+
+    def push(self) -> None:
+        """Hand what was sent to the transport now, not at the end of the loop turn (a
+        synchronous write's frame: the target starts on it while the source writes locally)."""
+        if not self._receiving:
+            self._flush()
 
     def recycle(self, data: Buffer) -> None:
         """A received frame's data has been written: its buffer may take the next one."""
