@@ -386,10 +386,6 @@ class Mirror:
         self._undurable = keep
 
     @property
-    def needs_flush(self) -> bool:
-        return bool(self._undurable)
-
-    @property
     def undurable_writes(self) -> int:
         return len(self._undurable)
 

@@ -148,7 +148,7 @@ class Replication:
         while True:
             await asyncio.sleep(PRESSURE_CHECK)
             due = loop.time() - last >= SYNC_INTERVAL or self._under_pressure()
-            if due and not self._syncing and any(m.needs_flush for m in self.mirrors):
+            if due and not self._syncing and any(m.undurable_writes for m in self.mirrors):
                 self._syncing = True
                 last = loop.time()
                 self.submit("flush", 0, 0, on_done=self._synced)
