@@ -33,6 +33,7 @@ from volkeeper.core.peer_wire import (
     GoodbyeReason,
     Hello,
     HelloOk,
+    Job,
     Ping,
     Pong,
     Refuse,
@@ -173,6 +174,7 @@ SAMPLES: list[Frame] = [
     Pong(0x0123456789ABCDEF),
     Goodbye(GoodbyeReason.SHUTDOWN, "daemon stopping — à bientôt"),
     State(DataState.UP_TO_DATE, 0xAAAA, 0xBBBB),
+    Job('{"name": "web", "description": "web server — à jour"}'),
 ]  # fmt: skip
 
 
@@ -357,6 +359,7 @@ def test_write_layout_matches_the_spec() -> None:
         (Pong(9), 11, 0, struct.pack(">Q", 9)),
         (Goodbye(GoodbyeReason.PAUSED, ""), 12, 0, b"\x00\x02"),
         (State(DataState.INCONSISTENT, 5, 4), 13, 0, struct.pack(">BQQ", 2, 5, 4)),
+        (Job('{"name":"web"}'), 14, 0, b'{"name":"web"}'),
     ],
     ids=lambda v: v.TYPE.name if hasattr(v, "TYPE") else "",
 )
@@ -464,7 +467,7 @@ def test_garbage_is_refused_after_four_bytes() -> None:
         decoder.next_frame()
 
 
-@pytest.mark.parametrize("kind", [0, 14, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, 15, 0xFFFF])
 def test_unknown_frame_type(kind: int) -> None:
     good = stream([Ping(1)])
     assert decode_error(good + raw_frame(kind, b"", seq=2)) == f"frame 2: unknown frame type {kind}"
@@ -538,6 +541,7 @@ def test_truncated_bodies_are_refused(frame: Frame) -> None:
         11: 8,
         12: 2,
         13: 17,
+        14: 0,  # the whole body is the JSON text: a cut one is caught by the JSON parser
     }[kind]
     # Strings make every proper prefix of a HELLO / HELLO_OK invalid; elsewhere the tail
     # after the fixed part is data or a message, so only a cut into the fixed part is.
@@ -592,6 +596,7 @@ BAD_UTF8 = b"ab\xff\xfe"
         (2, hello_ok_body(volume=b"\xed\xa0\x80"), "HELLO_OK frame 1: volume name is not valid"),
         (3, b"\x00\x01" + BAD_UTF8, "REFUSE frame 1: message is not valid UTF-8"),
         (12, b"\x00\x01" + BAD_UTF8, "GOODBYE frame 1: message is not valid UTF-8"),
+        (14, BAD_UTF8, "JOB frame 1: job document is not valid UTF-8"),
     ],
 )
 def test_bad_utf8(kind: int, body: bytes, message: str) -> None:
@@ -736,3 +741,10 @@ def test_protocol_version_constant() -> None:
         node="a", volume="b", job="c", source_volume="d", volume_size=0, sector_size=512,
         current_generation=0, previous_generation=0,
     ).max_version == 1  # fmt: skip
+
+
+def test_job_document_size_is_bounded() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        Job("x" * (pw.MAX_JOB_DOCUMENT + 1)).encode(1)
+    big = raw_frame(14, b"x" * (pw.MAX_JOB_DOCUMENT + 1))
+    assert "longer than" in decode_error(big)

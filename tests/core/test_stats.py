@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from volkeeper.core.stats import LATENCY_BUCKETS, OPS, OpStats, VolumeStats
+from volkeeper.core.stats import LATENCY_BUCKETS, OPS, OpStats, RateMeter, VolumeStats
 
 EXPECTED_BOUNDS = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
@@ -144,3 +144,15 @@ def test_record_matches_a_model(observations: list[tuple[str, int, float, bool]]
             assert count == sum(1 for _, x, _ in mine if x <= bound)
         counts = [c for _, c in cumulative]
         assert counts == sorted(counts)
+
+
+def test_rate_meter_measures_over_its_window() -> None:
+    meter = RateMeter(window=5.0, spacing=0.25)
+    assert meter.rate(0.0, 0) == 0.0
+    for second in range(11):  # 100 bytes/s for 10 s
+        meter.sample(float(second), 100 * second)
+        meter.sample(second + 0.1, 100 * second)  # closer than spacing: ignored
+    assert meter.rate(10.0, 1000) == pytest.approx(100.0)
+    # The total stops growing: the rate falls as the window slides past the growth.
+    assert meter.rate(14.0, 1000) == pytest.approx((1000 - 900) / (14 - 9))
+    assert meter.rate(20.0, 1000) == 0.0

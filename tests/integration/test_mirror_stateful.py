@@ -195,7 +195,7 @@ class Rig:
         self.repairs += 1
         with self.alpha.api() as api:
             deleted = api.delete("/jobs/web")
-            assert deleted.status_code == 204, deleted.text
+            assert deleted.status_code == 200, deleted.text
             created = api.post("/jobs", json={**JOB, "confirm": True})
             assert created.status_code == 201, created.text
         self.settle()
@@ -525,11 +525,19 @@ class MirrorMachine(RuleBasedStateMachine):
     @rule()
     @step
     def recreate_job(self) -> None:
-        """Delete job web and create it again: a full resync (the link may be cut)."""
+        """Delete job web and create it again: a full resync.  With the link cut, creating
+        is refused (the target cannot be prepared) and leaves nothing; the link comes back
+        and the second attempt succeeds."""
         with self.rig.alpha.api() as api:
             deleted = api.delete("/jobs/web")
-            assert deleted.status_code == 204, deleted.text
+            assert deleted.status_code == 200, deleted.text
             created = api.post("/jobs", json={**JOB, "confirm": True})
+            if not self.rig.proxy.connected:
+                assert created.status_code == 503, created.text
+                assert "cannot prepare beta:data1" in created.json()["error"]["message"]
+                assert api.get("/jobs").json() == []
+                self.rig.proxy.restore()
+                created = api.post("/jobs", json={**JOB, "confirm": True})
             assert created.status_code == 201, created.text
 
     def kill_and_restart_source(self) -> None:
@@ -616,15 +624,21 @@ def test_link_lost_while_the_handshake_waits_for_the_intent_log(tmp_path: Path) 
         alpha = LocalNode(
             tmp_path / "alpha", "alpha", [VolumeSpec("data1", SIZE)], peers={"beta": proxy.port}
         )
+        # Declared in the config, so the mirror's own connection is the first one (a job
+        # created through the API claims its target first, on a connection of its own).
+        alpha.write_config()
+        with alpha.config_path.open("a") as config:
+            config.write(
+                f'\n[[job]]\nname = "web"\n[[job.mirror]]\nsource = "alpha:data1"\n'
+                f'target = "beta:data1"\nmode = "{MODE}"\n'
+            )
+        random_data = random.Random(7).randbytes(MiB)
+        proxy.cut_after_reply()
         started.append(alpha)
         alpha.start()
         rig = Rig(alpha, beta, proxy)
         with rig.open(alpha) as client:
-            assert client.write(MiB, random.Random(7).randbytes(MiB)).error == 0
-        proxy.cut_after_reply()
-        with alpha.api() as api:
-            created = api.post("/jobs", json={**JOB, "confirm": True})
-            assert created.status_code == 201, created.text
+            assert client.write(MiB, random_data).error == 0
         deadline = time.monotonic() + 10
         while proxy.connected:
             assert time.monotonic() < deadline, "the source never got its HELLO_OK through"

@@ -322,13 +322,15 @@ def test_job_needs_confirmation_then_full_resync_locks_the_target(
     assert states.index("Resyncing") < states.index("Mirroring"), states
     assert view["out_of_sync_bytes"] == 0
     assert view["sent_bytes"] >= 128 * MiB, view  # a full resync
-    assert list(bitmaps.glob("*.vkil")) == [bitmaps / "web.vkil"]
+    assert list(bitmaps.glob("*.vkil")) == [bitmaps / "web@beta:data1.vkil"]
 
     listed = cli("job", "list", "--json", "--node", f"unix:{alpha.control_socket}")
     assert listed.returncode == 0, listed.stderr
     (job,) = json.loads(listed.stdout)
-    assert (job["job"], job["source"], job["target"], job["mode"], job["state"]) == (
-        "web", "alpha:data1", "beta:data1", "sync", "Mirroring",
+    assert (job["name"], job["role"], job["source_node"]) == ("web", "source", "alpha")
+    (mirror,) = job["mirrors"]
+    assert (mirror["source"], mirror["target"], mirror["mode"], mirror["state"]) == (
+        "alpha:data1", "beta:data1", "sync", "Mirroring",
     )  # fmt: skip
 
     assert volume_view(alpha)["role"] == "source"
@@ -547,7 +549,7 @@ def test_kill_source_under_fio_load_recovers_the_intent_log(
     alpha.start()  # same config, no job create
     with alpha.api() as api:
         jobs = api.get("/jobs").json()
-    assert [(j["job"], j["source"], j["target"]) for j in jobs] == [
+    assert [(j["name"], m["source"], m["target"]) for j in jobs for m in j["mirrors"]] == [
         ("web", "alpha:data1", "beta:data1")
     ], jobs
     back = wait_state(alpha, "Mirroring", timeout=30)
@@ -572,23 +574,24 @@ def test_refusals_small_target_second_job_unknown_peer_foreign_source(
     small = beta.volume_path(beta.volumes[1])
     before = sha256(small)
 
+    # The target is prepared before anything is created: refused, nothing is left behind.
     created = post_job(alpha, "web", target="beta:small")
-    assert created.status_code == 201, created.text
-    deadline, states = time.monotonic() + 4, set()
-    view = mirror_view(alpha)
-    while time.monotonic() < deadline:
-        view = mirror_view(alpha)
-        states.add(view["state"])
-        time.sleep(0.05)
-    assert states == {"Resync pending"}, states
-    assert view["last_error"] and "smaller" in view["last_error"], view
+    assert created.status_code == 400, created.text
+    assert "smaller" in created.json()["error"]["message"], created.json()
+    assert alpha.status()["mirrors"] == [] and alpha.status()["jobs"] == []
+    assert not list((alpha.directory / "state" / "bitmaps").glob("*.vkil"))
+    assert not list((alpha.directory / "state" / "jobs").glob("*.json"))
     assert volume_view(beta, "small")["role"] == "standalone"
     assert volume_view(beta, "small")["locked"] is None
     assert sha256(small) == before
 
-    second = post_job(alpha, "db", source="alpha:data1", target="beta:data1")
+    assert post_job(alpha, "web").status_code == 201
+    second = post_job(alpha, "db", source="alpha:data1", target="beta:small")
     assert second.status_code == 409, second.text
     assert "'web'" in second.json()["error"]["message"], second.json()
+    taken = post_job(alpha, "db", source="alpha:data2", target="beta:data1")
+    assert taken.status_code == 409, taken.text
+    assert "already a target of job 'web'" in taken.json()["error"]["message"], taken.json()
 
     unknown = post_job(alpha, "other", source="alpha:data2", target="gamma:data1")
     assert unknown.status_code == 404, unknown.text
@@ -599,10 +602,10 @@ def test_refusals_small_target_second_job_unknown_peer_foreign_source(
     assert foreign.json()["error"]["code"] == "bad_request"
 
     with alpha.api() as api:
-        assert [j["job"] for j in api.get("/jobs").json()] == ["web"]
-    assert volume_view(beta)["role"] == "standalone"
+        assert [j["name"] for j in api.get("/jobs").json()] == ["web"]
+    assert volume_view(beta)["role"] == "target"
     bitmaps = alpha.directory / "state" / "bitmaps"
-    assert sorted(p.name for p in bitmaps.glob("*.vkil")) == ["web.vkil"]
+    assert sorted(p.name for p in bitmaps.glob("*.vkil")) == ["web@beta:data1.vkil"]
 
 
 # -- 7. both nodes restart ---------------------------------------------------------------------
@@ -625,7 +628,7 @@ def test_restart_of_both_nodes_resends_almost_nothing(
     beta.start()
     alpha.start()
     with alpha.api() as api:
-        assert [j["job"] for j in api.get("/jobs").json()] == ["web"]
+        assert [j["name"] for j in api.get("/jobs").json()] == ["web"]
     back = wait_state(alpha, "Mirroring", timeout=30)
     assert back["sent_bytes"] <= 256 * 1024, f"restart resent {back['sent_bytes']} bytes"
     assert back["out_of_sync_bytes"] == 0
@@ -647,12 +650,13 @@ def test_job_delete_unlocks_the_target_and_keeps_its_data(
         "--io_size=2M", "--fsync=64")  # fmt: skip
     digest = sha256(data1(alpha))
     assert sha256(data1(beta)) == digest
-    vkil = alpha.directory / "state" / "bitmaps" / "web.vkil"
+    vkil = alpha.directory / "state" / "bitmaps" / "web@beta:data1.vkil"
     assert vkil.exists()
 
     with alpha.api() as api:
         response = api.delete("/jobs/web")
-        assert response.status_code == 204, response.text
+        assert response.status_code == 200, response.text
+        assert response.json() == {"deleted": "web", "warnings": []}
         assert api.get("/jobs").json() == []
     assert alpha.status()["mirrors"] == []
     assert volume_view(alpha)["role"] == "standalone"

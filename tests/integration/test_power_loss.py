@@ -475,7 +475,8 @@ def test_source_power_loss_recovers_from_the_intent_log(
     assert not load.failures, (context, load.failures)
 
     # What alpha's disk holds now, read before anything restarts.
-    volume, vkil = disk.backing / "data1.img", disk.backing / "state" / "bitmaps" / "web.vkil"
+    volume = disk.backing / "data1.img"
+    vkil = disk.backing / "state" / "bitmaps" / "web@beta:data1.vkil"
     problems, lost = check_sectors(load, volume, load.durable_floor(cut), cut)
     assert not problems, f"{context}: a durable write is missing on alpha: {problems}"
     left_open, store = recovered_log(vkil, tmp_path)
@@ -551,7 +552,7 @@ def test_target_power_loss_is_repaired_by_partial_resync(
     volume = disk.backing / "data1.img"
     problems, lost = check_sectors(load, volume, load.durable_floor(cut), cut)
     assert not problems, f"{context}: a write alpha called durable is missing on beta: {problems}"
-    bitmap = durable_bitmap(alpha.directory / "state" / "bitmaps" / "web.vkil")
+    bitmap = durable_bitmap(alpha.directory / "state" / "bitmaps" / "web@beta:data1.vkil")
     differing = differing_regions(alpha.volume_path(alpha.volumes[0]), volume)
     unmarked = [r for r in differing if not bitmap.is_marked(r)]
     away = mirror_view(alpha)

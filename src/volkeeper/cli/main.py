@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from volkeeper.cli.client import CliError, ControlClient, resolve_node
+from volkeeper.cli.events import stream_events
 from volkeeper.core.units import format_size
 from volkeeper.errors import VolkeeperError
 
@@ -24,7 +29,7 @@ volume_app = typer.Typer(no_args_is_help=True, help="Volumes of a node.")
 app.add_typer(volume_app, name="volume")
 job_app = typer.Typer(no_args_is_help=True, help="Jobs: an application's mirrors.")
 app.add_typer(job_app, name="job")
-mirror_app = typer.Typer(no_args_is_help=True, help="The mirror of a job: pause, resync, ...")
+mirror_app = typer.Typer(no_args_is_help=True, help="The mirrors of a job: pause, resync, ...")
 app.add_typer(mirror_app, name="mirror")
 
 NodeOption = Annotated[
@@ -33,8 +38,22 @@ NodeOption = Annotated[
 ConfigOption = Annotated[str | None, typer.Option("--config", help="read the node address here")]
 JsonOption = Annotated[bool, typer.Option("--json", help="print the API's JSON")]
 TargetOption = Annotated[
-    str | None, typer.Option("--target", help="NODE:VOLUME of the mirror (if the job has more)")
+    str | None, typer.Option("--target", help="NODE:VOLUME of one mirror (default: all)")
 ]
+ModeOption = Annotated[str, typer.Option("--mode", help="sync or async")]
+QueueLimitOption = Annotated[
+    str, typer.Option("--queue-limit", help="async: unacknowledged bytes before tracking")
+]
+RegionSizeOption = Annotated[
+    str, typer.Option("--region-size", help="intent-log bytes per bit (4KiB..1MiB)")
+]
+CompressionOption = Annotated[
+    str, typer.Option("--compression", help="none, zlib:1..9, zstd:1..19 or lz4")
+]
+ThrottleOption = Annotated[
+    str | None, typer.Option("--throttle", help="bytes per second, e.g. 50MiB (none: off)")
+]
+YesOption = Annotated[bool, typer.Option("--yes", help="confirm: the target is overwritten")]
 
 
 def _client(node: str | None, config: str | None) -> ControlClient:
@@ -52,25 +71,64 @@ def daemon(
 
     node_config = load_config(config)
     configure_logging(node_config.node.log_level)
-    run(node_config)
+    run(node_config, Path(config))
 
 
 @app.command()
 def status(
-    node: NodeOption = None, config: ConfigOption = None, as_json: JsonOption = False
+    node: NodeOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    watch: Annotated[bool, typer.Option("--watch", help="refresh until Ctrl-C")] = False,
+    interval: Annotated[float, typer.Option("--interval", help="--watch: seconds")] = 2.0,
 ) -> None:
-    """Show the node, its volumes and its mirrors."""
-    document = _client(node, config).get("/status")
-    if as_json:
-        print(json.dumps(document, indent=2))
+    """Show the node, its volumes, its jobs and their mirrors."""
+    client = _client(node, config)
+    if not watch:
+        document = client.get("/status")
+        if as_json:
+            print(json.dumps(document, indent=2))
+        else:
+            Console().print(_status_view(document))
         return
-    console = Console()
-    console.print(f"[bold]node[/bold] {document['node']}")
-    console.print(_volume_table(document["volumes"]))
-    if document["mirrors"]:
-        console.print(_mirror_table(document["mirrors"]))
-    else:
-        console.print("no mirrors")
+    with Live(_status_view(client.get("/status")), auto_refresh=False) as live:
+        while True:  # until Ctrl-C; a node that stops answering is shown, not fatal
+            time.sleep(max(0.1, interval))
+            view: Group | Text
+            try:
+                view = _status_view(client.get("/status"))
+            except CliError as exc:
+                view = Text(f"{time.strftime('%H:%M:%S')} {exc}", style="red")
+            live.update(view, refresh=True)
+
+
+@app.command()
+def events(
+    node: NodeOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+    initial: Annotated[
+        bool, typer.Option("--initial/--no-initial", help="first the current state")
+    ] = True,
+) -> None:
+    """Stream every change of mirrors, jobs and volumes as it happens (until Ctrl-C)."""
+    stream_events(resolve_node(node, config), as_json, initial, sys.stdout)
+
+
+@app.command()
+def reload(node: NodeOption = None, config: ConfigOption = None) -> None:
+    """Make the node re-read its config file (as SIGHUP does) and say what changed."""
+    answer = _client(node, config).request("POST", "/reload")
+    for key in ("created", "changed", "deleted", "unchanged", "peers_changed"):
+        if answer.get(key):
+            print(f"{key.replace('_', ' ')}: {', '.join(answer[key])}")
+    for error in answer.get("errors", []):
+        print(f"not applied: {error}", file=sys.stderr)
+    if answer.get("needs_restart"):
+        sections = ", ".join(answer["needs_restart"])
+        print(f"changed but applied only by a restart: {sections}", file=sys.stderr)
+    if answer.get("errors"):
+        raise typer.Exit(1)
 
 
 @volume_app.command("list")
@@ -85,60 +143,132 @@ def volume_list(
     Console().print(_volume_table(volumes))
 
 
+def _volume_command(action: str, volume: str, node: str | None, config: str | None) -> None:
+    view = _client(node, config).request("POST", f"/volumes/{volume}/{action}")
+    locked = f"locked ({view['locked']})" if view.get("locked") else "unlocked"
+    print(f"volume {volume}: {view['role']}, {locked}")
+
+
+@volume_app.command("unlock")
+def volume_unlock(volume: str, node: NodeOption = None, config: ConfigOption = None) -> None:
+    """Let a target volume be written here while its mirror is Paused.  Writes made here are
+    overwritten when the mirror continues (its resync is then a full one)."""
+    _volume_command("unlock", volume, node, config)
+
+
+@volume_app.command("lock")
+def volume_lock(volume: str, node: NodeOption = None, config: ConfigOption = None) -> None:
+    """Lock an unlocked target volume again (the mirror's next connection does it too)."""
+    _volume_command("lock", volume, node, config)
+
+
+@volume_app.command("release")
+def volume_release(volume: str, node: NodeOption = None, config: ConfigOption = None) -> None:
+    """Forget the mirror a target volume serves, when its source is gone for good (the
+    source's `mirror delete` normally does this).  The data stays as it is."""
+    _volume_command("release", volume, node, config)
+
+
+def _settings(
+    mode: str, queue_limit: str, region_size: str, compression: str, throttle: str | None
+) -> dict[str, Any]:
+    return {
+        "mode": mode, "queue_limit": queue_limit, "region_size": region_size,
+        "compression": compression, "throttle": throttle,
+    }  # fmt: skip
+
+
 @job_app.command("create")
 def job_create(
     name: str,
     source: Annotated[str, typer.Option("--source", help="NODE:VOLUME on this node")],
-    target: Annotated[str, typer.Option("--target", help="NODE:VOLUME on a peer")],
-    mode: Annotated[str, typer.Option("--mode", help="sync or async")] = "sync",
-    queue_limit: Annotated[
-        str, typer.Option("--queue-limit", help="async: unacknowledged bytes before tracking")
-    ] = "64MiB",
-    region_size: Annotated[
-        str, typer.Option("--region-size", help="intent-log bytes per bit (4KiB..1MiB)")
-    ] = "4KiB",
-    yes: Annotated[bool, typer.Option("--yes", help="confirm: the target is overwritten")] = False,
+    target: Annotated[
+        list[str], typer.Option("--target", help="NODE:VOLUME on a peer (give one or two)")
+    ],
+    description: Annotated[str, typer.Option("--description", help="what the job is for")] = "",
+    mode: ModeOption = "sync",
+    queue_limit: QueueLimitOption = "64MiB",
+    region_size: RegionSizeOption = "4KiB",
+    compression: CompressionOption = "none",
+    throttle: ThrottleOption = None,
+    yes: YesOption = False,
     node: NodeOption = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Create a job mirroring SOURCE to TARGET (a full resync overwrites the target)."""
-    body = {
-        "name": name, "source": source, "target": target, "mode": mode, "confirm": yes,
-        "queue_limit": queue_limit, "region_size": region_size,
-    }  # fmt: skip
-    mirror = _client(node, config).request("POST", "/jobs", body)
-    if as_json:
-        print(json.dumps(mirror, indent=2))
-    else:
-        print(f"job {name}: {mirror['source']} -> {mirror['target']} ({mirror['state']})")
+    """Create a job mirroring SOURCE to each TARGET (a full resync overwrites them)."""
+    settings = _settings(mode, queue_limit, region_size, compression, throttle)
+    body = {"name": name, "description": description, "source": source, "target": target,
+            "confirm": yes, **settings}  # fmt: skip
+    _print_job(_client(node, config).request("POST", "/jobs", body), as_json)
+
+
+@job_app.command("add-target")
+def job_add_target(
+    job: str,
+    target: Annotated[str, typer.Option("--target", help="NODE:VOLUME on a peer")],
+    source: Annotated[
+        str | None, typer.Option("--source", help="NODE:VOLUME (if the job has several)")
+    ] = None,
+    mode: ModeOption = "sync",
+    queue_limit: QueueLimitOption = "64MiB",
+    region_size: RegionSizeOption = "4KiB",
+    compression: CompressionOption = "none",
+    throttle: ThrottleOption = None,
+    yes: YesOption = False,
+    node: NodeOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Add a mirror to TARGET to a job (a full resync overwrites the target)."""
+    settings = _settings(mode, queue_limit, region_size, compression, throttle)
+    body = {"target": target, "source": source, "confirm": yes, **settings}
+    _print_job(_client(node, config).request("POST", f"/jobs/{job}/targets", body), as_json)
 
 
 @job_app.command("list")
 def job_list(
     node: NodeOption = None, config: ConfigOption = None, as_json: JsonOption = False
 ) -> None:
-    """List the jobs of the node and the state of their mirrors."""
-    mirrors = _client(node, config).get("/jobs")
+    """List the jobs the node takes part in, with the state of their mirrors."""
+    jobs = _client(node, config).get("/jobs")
     if as_json:
-        print(json.dumps(mirrors, indent=2))
+        print(json.dumps(jobs, indent=2))
         return
-    Console().print(_mirror_table(mirrors))
+    Console().print(_job_table(jobs))
 
 
 @job_app.command("delete")
 def job_delete(name: str, node: NodeOption = None, config: ConfigOption = None) -> None:
-    """Delete a job: its target is unlocked and keeps its data as it is."""
-    _client(node, config).request("DELETE", f"/jobs/{name}")
+    """Delete a job: its targets are unlocked and keep their data as it is."""
+    answer = _client(node, config).request("DELETE", f"/jobs/{name}")
     print(f"job {name} deleted")
+    for warning in answer.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _print_job(job: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(job, indent=2))
+        return
+    for mirror in job["mirrors"]:
+        print(f"job {job['name']}: {mirror['source']} -> {mirror['target']} {mirror['state']}")
+    if not job["mirrors"]:
+        print(f"job {job['name']}: no mirrors left, deleted")
 
 
 def _mirror_command(
     action: str, job: str, target: str | None, node: str | None, config: str | None, **extra: Any
 ) -> None:
     body = {"target": target, **extra}
-    mirror = _client(node, config).request("POST", f"/jobs/{job}/mirror/{action}", body)
-    print(f"job {job}: {mirror['source']} -> {mirror['target']} {mirror['state']}")
+    answer = _client(node, config).request("POST", f"/jobs/{job}/mirror/{action}", body)
+    _print_job(_only(answer, target), as_json=False)
+
+
+def _only(job: dict[str, Any], target: str | None) -> dict[str, Any]:
+    """The job view, with only the mirror to ``target`` (if given)."""
+    mirrors = [m for m in job["mirrors"] if target is None or m["target"] == target]
+    return {**job, "mirrors": mirrors}
 
 
 @mirror_app.command("pause")
@@ -181,22 +311,69 @@ def mirror_resync(
 def mirror_delete(
     job: str, target: TargetOption = None, node: NodeOption = None, config: ConfigOption = None
 ) -> None:
-    """Delete the mirror (and its job): the target is unlocked and keeps its data."""
-    path = f"/jobs/{job}/mirror" + (f"?target={target}" if target else "")
-    _client(node, config).request("DELETE", path)
-    print(f"job {job}: mirror deleted")
+    """Delete a mirror (the job goes with its last one): the target is unlocked and keeps
+    its data.  --target is needed when the job has several mirrors."""
+    params = f"?target={target}" if target else ""
+    answer = _client(node, config).request("DELETE", f"/jobs/{job}/mirror{params}")
+    print(f"job {job}: mirror deleted" + ("" if answer["mirrors"] else "; the job is gone"))
+
+
+@mirror_app.command("set")
+def mirror_set(
+    job: str,
+    target: TargetOption = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="sync or async")] = None,
+    queue_limit: Annotated[str | None, typer.Option("--queue-limit")] = None,
+    compression: Annotated[str | None, typer.Option("--compression")] = None,
+    throttle: ThrottleOption = None,
+    node: NodeOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Change mode, queue limit, compression or throttle of live mirrors."""
+    given = {"mode": mode, "queue_limit": queue_limit, "compression": compression,
+             "throttle": throttle}  # fmt: skip
+    body = {"target": target, **{key: value for key, value in given.items() if value is not None}}
+    answer = _client(node, config).request("PATCH", f"/jobs/{job}/mirror", body)
+    for mirror in _only(answer, target)["mirrors"]:
+        throttle_text = format_size(mirror["throttle"]) + "/s" if mirror["throttle"] else "none"
+        print(f"job {job}: {mirror['target']} mode {mirror['mode']}, compression "
+              f"{mirror['compression']}, throttle {throttle_text}")  # fmt: skip
+
+
+def _status_view(document: dict[str, Any]) -> Group:
+    parts: list[Any] = [Text.from_markup(f"[bold]node[/bold] {document['node']}")]
+    parts.append(_volume_table(document["volumes"]))
+    parts.append(_mirror_table(document["mirrors"]) if document["mirrors"] else "no mirrors")
+    return Group(*parts)
+
+
+def _job_table(jobs: list[dict[str, Any]]) -> Table:
+    table = Table("job", "role", "description", "mirrors", title="jobs")
+    for job in jobs:
+        mirrors = ", ".join(f"{m['target']} {m['state']}" for m in job["mirrors"])
+        table.add_row(job["name"], job["role"], job["description"], mirrors)
+    return table
 
 
 def _mirror_table(mirrors: list[dict[str, Any]]) -> Table:
-    table = Table("job", "source", "target", "mode", "state", "out of sync", "sent", "queue",
-                  "resync", title="mirrors")  # fmt: skip
+    table = Table("job", "source", "target", "role", "mode", "state", "out of sync",
+                  "throughput", "queue", "resync", title="mirrors")  # fmt: skip
     for mirror in mirrors:
         table.add_row(
-            mirror["job"], mirror["source"], mirror["target"], mirror["mode"], mirror["state"],
-            format_size(mirror["out_of_sync_bytes"]), format_size(mirror["sent_bytes"]),
-            format_size(mirror.get("queue_bytes", 0)), _progress(mirror["resync"]),
+            mirror["job"], mirror["source"], mirror["target"], mirror["role"],
+            mirror["mode"] or "?", mirror["state"], _size(mirror["out_of_sync_bytes"]),
+            _rate(mirror["throughput_bytes_per_s"]), _size(mirror["queue_bytes"]),
+            _progress(mirror["resync"]),
         )  # fmt: skip
     return table
+
+
+def _size(value: int | None) -> str:
+    return "?" if value is None else format_size(value)
+
+
+def _rate(value: int | None) -> str:
+    return "?" if value is None else f"{format_size(value)}/s"
 
 
 def _progress(resync: dict[str, Any]) -> str:

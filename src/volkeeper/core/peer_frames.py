@@ -30,6 +30,8 @@ Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-
     PING / PONG  both  u64 opaque token
     GOODBYE      both  u16 GoodbyeReason, UTF-8 message (<= 4096 bytes)
     STATE        s->t  STATE_BODY: u8 DataState, u64 current, u64 previous generation
+    JOB          s->t  UTF-8 JSON: the job's record, so the target knows the job it serves
+                       (<= MAX_JOB_DOCUMENT bytes; sent after HELLO_OK and on each change)
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ MAX_PAYLOAD = 32 * 1024 * 1024  # largest WRITE / RESYNC_DATA data
 MAX_BODY = MAX_PAYLOAD + 64  # any larger length is refused from the header alone
 MAX_MESSAGE = 4096  # REFUSE / GOODBYE message, UTF-8 bytes
 MAX_NAME = 4096  # node, volume and job names in HELLO / HELLO_OK, UTF-8 bytes
+MAX_JOB_DOCUMENT = 64 * 1024  # JOB: the job record as JSON, UTF-8 bytes
 MAX_SPARE_BYTES = 64 * 1024 * 1024  # recycled payload buffers a decoder keeps
 DIRECT_MIN = 64 * 1024  # data this large that arrives in pieces gets a buffer of its own
 
@@ -100,6 +103,7 @@ class FrameType(enum.IntEnum):
     PONG = 11
     GOODBYE = 12
     STATE = 13
+    JOB = 14
 
 
 class Role(enum.IntEnum):
@@ -362,6 +366,20 @@ class State:
         return _packed(self.TYPE, 0, sequence, body)
 
 
+@dataclass(frozen=True, slots=True)
+class Job:
+    """The job this mirror belongs to, as JSON (the target stores it; the source owns it)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.JOB
+    document: str
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        raw = self.document.encode()
+        if len(raw) > MAX_JOB_DOCUMENT:
+            raise ValueError(f"job document of {len(raw)} bytes exceeds {MAX_JOB_DOCUMENT}")
+        return _packed(self.TYPE, 0, sequence, raw)
+
+
 Frame: TypeAlias = (
     Hello
     | HelloOk
@@ -376,6 +394,7 @@ Frame: TypeAlias = (
     | Pong
     | Goodbye
     | State
+    | Job
 )
 
 
@@ -402,6 +421,7 @@ __all__ = [
     "HELLO_OK_FIXED",
     "MAGIC",
     "MAX_BODY",
+    "MAX_JOB_DOCUMENT",
     "MAX_MESSAGE",
     "MAX_NAME",
     "MAX_PAYLOAD",
@@ -424,6 +444,7 @@ __all__ = [
     "GoodbyeReason",
     "Hello",
     "HelloOk",
+    "Job",
     "Ping",
     "Pong",
     "Refuse",

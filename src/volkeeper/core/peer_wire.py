@@ -165,6 +165,7 @@ _LAYOUTS: dict[int, _Layout] = {
     _T.PONG: _Layout("PONG", TOKEN.size, TOKEN.size, 0, lambda b, f: Pong(*TOKEN.unpack(b))),
     _T.GOODBYE: _Layout("GOODBYE", REASON.size, REASON.size + MAX_MESSAGE, 0, _goodbye),
     _T.STATE: _Layout("STATE", STATE_BODY.size, STATE_BODY.size, 0, _state),
+    _T.JOB: _Layout("JOB", 0, MAX_JOB_DOCUMENT, 0, lambda b, f: Job(_utf8(b, "job document"))),
 }
 _MAGIC_BYTES = MAGIC.to_bytes(4, "big")
 _TRAILER = HEADER.size + CHECKSUM.size  # bytes of a frame besides its body

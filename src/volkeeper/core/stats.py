@@ -9,6 +9,7 @@ numbers when scraped.  Durations come in as arguments: this module never reads a
 from __future__ import annotations
 
 import bisect
+import collections
 from dataclasses import dataclass, field
 
 OPS = ("read", "write", "flush", "trim", "zero", "cache")
@@ -52,3 +53,27 @@ class VolumeStats:
         stats.observe(nbytes, seconds)
         if failed:
             stats.errors += 1
+
+
+class RateMeter:
+    """Bytes per second of a growing total over the last ``window`` seconds.
+
+    ``sample`` is called as the total grows (it keeps at most one sample per ``spacing``);
+    ``rate`` trims samples older than the window, keeping the newest of them as the base.
+    """
+
+    def __init__(self, window: float = 5.0, spacing: float = 0.25) -> None:
+        self.window, self.spacing = window, spacing
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def sample(self, now: float, total: int) -> None:
+        if not self._samples or now - self._samples[-1][0] >= self.spacing:
+            self._samples.append((now, total))
+
+    def rate(self, now: float, total: int) -> float:
+        samples = self._samples
+        while len(samples) > 1 and now - samples[1][0] >= self.window:
+            samples.popleft()
+        if not samples or now <= samples[0][0]:
+            return 0.0
+        return (total - samples[0][1]) / (now - samples[0][0])

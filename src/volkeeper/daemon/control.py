@@ -26,14 +26,17 @@ from starlette.exceptions import HTTPException
 
 from volkeeper import __version__
 from volkeeper.core.addresses import TcpAddress, UnixAddress
-from volkeeper.core.units import parse_size
-from volkeeper.daemon.jobs import JobError, JobRequest
+from volkeeper.core.units import parse_rate, parse_size
+from volkeeper.daemon.events import EventBus, sse_response
+from volkeeper.daemon.job_record import JobError
+from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.metrics import render
 from volkeeper.io.listeners import bind_listener, remove_listener
 
 
 class NodeView(Protocol):
     registry: CollectorRegistry
+    events: EventBus
 
     def status(self) -> dict[str, Any]: ...
 
@@ -41,27 +44,71 @@ class NodeView(Protocol):
 
     def job_list(self) -> list[dict[str, Any]]: ...
 
+    def event_snapshot(self) -> list[dict[str, Any]]: ...
+
     async def create_job(self, request: JobRequest) -> dict[str, Any]: ...
 
-    async def delete_job(self, name: str) -> None: ...
+    async def add_target(
+        self, job: str, request: MirrorRequest, confirm: bool
+    ) -> dict[str, Any]: ...
+
+    async def delete_job(self, name: str) -> list[str]: ...
 
     async def mirror_command(
         self, job: str, action: str, target: str | None, full: bool
     ) -> dict[str, Any]: ...
 
+    async def mirror_set(
+        self, job: str, target: str | None, changes: dict[str, Any]
+    ) -> dict[str, Any]: ...
 
-class JobBody(BaseModel):
-    name: str
-    source: str = Field(description="NODE:VOLUME on this node")
-    target: str = Field(description="NODE:VOLUME on a peer")
+    def lock_volume(self, volume: str, lock: bool) -> dict[str, Any]: ...
+
+    def release_volume(self, volume: str) -> dict[str, Any]: ...
+
+    async def reload(self) -> dict[str, Any]: ...
+
+
+class MirrorSettings(BaseModel):
     mode: str = Field("sync", description="sync or async")
-    confirm: bool = Field(False, description="the full resync overwrites the target")
     queue_limit: int | str = Field(
         "64MiB", description="async mode: bytes sent and not yet acknowledged, at most"
     )
     region_size: int | str = Field(
         "4KiB", description="intent-log bitmap: bytes per bit, a power of two, 4KiB to 1MiB"
     )
+    compression: str = Field("none", description="none, zlib:1..9, zstd:1..19 or lz4")
+    throttle: int | str | None = Field(None, description="bytes per second; null: unthrottled")
+
+
+class MirrorBody(MirrorSettings):
+    source: str = Field(description="NODE:VOLUME on this node")
+    target: str = Field(description="NODE:VOLUME on a peer")
+
+
+class JobBody(MirrorSettings):
+    name: str
+    description: str = ""
+    source: str | None = Field(None, description="NODE:VOLUME on this node")
+    target: str | list[str] | None = Field(None, description="NODE:VOLUME on a peer, or several")
+    mirrors: list[MirrorBody] = Field(
+        default_factory=list, description="instead of source/target: mirrors with own settings"
+    )
+    confirm: bool = Field(False, description="the full resync overwrites the targets")
+
+
+class TargetBody(MirrorSettings):
+    target: str = Field(description="NODE:VOLUME on a peer")
+    source: str | None = Field(None, description="NODE:VOLUME; the job's, if it has one")
+    confirm: bool = Field(False, description="the full resync overwrites the target")
+
+
+class SetBody(BaseModel):
+    target: str | None = Field(None, description="NODE:VOLUME; left out: every mirror")
+    mode: str | None = None
+    queue_limit: int | str | None = None
+    compression: str | None = None
+    throttle: int | str | None = Field(None, description='a rate, or "none" to remove it')
 
 
 class MirrorAction(enum.StrEnum):
@@ -71,12 +118,24 @@ class MirrorAction(enum.StrEnum):
     resync = "resync"
 
 
+class VolumeAction(enum.StrEnum):
+    lock = "lock"
+    unlock = "unlock"
+    release = "release"
+
+
 class MirrorCommand(BaseModel):
     target: str | None = Field(None, description="NODE:VOLUME; may be left out (one mirror)")
     full: bool = Field(False, description="resync: resend every region, not only marked ones")
 
 
-_STATUS = {"not_found": 404, "conflict": 409, "confirmation_required": 412, "bad_request": 400}
+_STATUS = {
+    "not_found": 404,
+    "conflict": 409,
+    "confirmation_required": 412,
+    "bad_request": 400,
+    "unavailable": 503,
+}
 
 
 def _size(field: str, value: int | str) -> int:
@@ -84,6 +143,51 @@ def _size(field: str, value: int | str) -> int:
         return parse_size(value)
     except ValueError as exc:
         raise JobError("bad_request", f"{field}: {exc}") from None
+
+
+def _throttle(value: int | str | None) -> int | None:
+    if value is None or value in ("none", "off", "unlimited"):
+        return None
+    try:
+        return parse_rate(value)
+    except ValueError as exc:
+        raise JobError("bad_request", f"throttle: {exc}") from None
+
+
+def _mirror_request(source: str, target: str, settings: MirrorSettings) -> MirrorRequest:
+    return MirrorRequest(
+        source, target, settings.mode, _size("queue_limit", settings.queue_limit),
+        _size("region_size", settings.region_size), settings.compression,
+        _throttle(settings.throttle),
+    )  # fmt: skip
+
+
+def _job_request(body: JobBody) -> JobRequest:
+    mirrors = [_mirror_request(m.source, m.target, m) for m in body.mirrors]
+    if body.source is not None or body.target is not None:
+        if mirrors or body.source is None or not body.target:
+            raise JobError("bad_request", "give either source and target, or mirrors")
+        targets = [body.target] if isinstance(body.target, str) else body.target
+        mirrors = [_mirror_request(body.source, target, body) for target in targets]
+    return JobRequest(body.name, tuple(mirrors), body.description, body.confirm)
+
+
+def _changes(body: SetBody) -> dict[str, Any]:
+    given = body.model_fields_set - {"target"}
+    if not given:
+        raise JobError(
+            "bad_request", "nothing to set: give mode, queue_limit, compression or throttle"
+        )
+    changes: dict[str, Any] = {}
+    if "mode" in given and body.mode is not None:
+        changes["mode"] = body.mode
+    if "queue_limit" in given and body.queue_limit is not None:
+        changes["queue_limit"] = _size("queue_limit", body.queue_limit)
+    if "compression" in given and body.compression is not None:
+        changes["compression"] = body.compression
+    if "throttle" in given:
+        changes["throttle"] = _throttle(body.throttle)
+    return changes
 
 
 def error_body(code: str, message: str, hint: str = "") -> dict[str, Any]:
@@ -123,17 +227,20 @@ def create_app(node: NodeView) -> FastAPI:
 
     @app.get("/jobs")
     async def jobs() -> list[dict[str, Any]]:
-        """Jobs of this node (as a source) with their mirror's state."""
+        """Jobs this node takes part in (role source or target), each with its mirrors."""
         return node.job_list()
 
     @app.post("/jobs", status_code=201)
     async def create_job(job: JobBody) -> dict[str, Any]:
-        """Create a job: one mirror, starting with a full resync (needs confirm=true)."""
-        request = JobRequest(
-            job.name, job.source, job.target, job.mode, job.confirm,
-            _size("queue_limit", job.queue_limit), _size("region_size", job.region_size),
-        )  # fmt: skip
-        return await node.create_job(request)
+        """Create a job: its targets are prepared (checked and locked) first, then every
+        mirror starts with a full resync (needs confirm=true).  Answers the job's view."""
+        return await node.create_job(_job_request(job))
+
+    @app.post("/jobs/{name}/targets", status_code=201)
+    async def add_target(name: str, body: TargetBody) -> dict[str, Any]:
+        """Add a mirror to a job (a full resync of the new target; needs confirm=true)."""
+        request = _mirror_request(body.source or "", body.target, body)
+        return await node.add_target(name, request, body.confirm)
 
     @app.post("/jobs/{name}/mirror/{action}")
     async def mirror_command(
@@ -141,20 +248,47 @@ def create_app(node: NodeView) -> FastAPI:
     ) -> dict[str, Any]:
         """pause (writes are marked, nothing is sent), continue (reconnect and resync what
         was marked), break (stop tracking: only a full resync repairs it), resync (now; with
-        full=true every region).  Answers the mirror's view after the command."""
+        full=true every region) -- on the mirror to ``target``, or on all of the job's.
+        Answers the job's view after the command."""
         command = command or MirrorCommand(target=None, full=False)
         return await node.mirror_command(name, action.value, command.target, command.full)
 
-    @app.delete("/jobs/{name}/mirror", status_code=204)
-    async def delete_mirror(name: str, target: str | None = None) -> None:
-        """Delete the job's mirror: the target is unlocked and keeps its data.  A job has one
-        mirror, so the job goes with it."""
-        await node.mirror_command(name, "delete", target, False)
+    @app.patch("/jobs/{name}/mirror")
+    async def mirror_set(name: str, body: SetBody) -> dict[str, Any]:
+        """Change mode, queue limit, compression or throttle of live mirrors."""
+        return await node.mirror_set(name, body.target, _changes(body))
 
-    @app.delete("/jobs/{name}", status_code=204)
-    async def delete_job(name: str) -> None:
-        """Delete a job: the target is unlocked and keeps its data as it is."""
-        await node.delete_job(name)
+    @app.delete("/jobs/{name}/mirror")
+    async def delete_mirror(name: str, target: str | None = None) -> dict[str, Any]:
+        """Delete a mirror of the job (``target``; may be left out if it has one): the
+        target is unlocked and keeps its data.  The job goes with its last mirror."""
+        return await node.mirror_command(name, "delete", target, False)
+
+    @app.delete("/jobs/{name}")
+    async def delete_job(name: str) -> dict[str, Any]:
+        """Delete a job: its targets are unlocked and keep their data as it is.  Warnings
+        name targets that could not be told (they stay locked)."""
+        return {"deleted": name, "warnings": await node.delete_job(name)}
+
+    @app.post("/volumes/{name}/{action}")
+    async def volume_command(name: str, action: VolumeAction) -> dict[str, Any]:
+        """On a target node: unlock (only while the mirror is Paused; writes made here are
+        overwritten by the next resync, which is then a full one), lock, or release (forget
+        the mirror, when its source is gone for good)."""
+        if action is VolumeAction.release:
+            return node.release_volume(name)
+        return node.lock_volume(name, action is VolumeAction.lock)
+
+    @app.get("/events")
+    async def events(initial: bool = True) -> Response:
+        """Server-sent events: every change of a mirror, job or volume as it happens
+        (with initial=true, first an ``exists`` event per object, then ``exists -``)."""
+        return sse_response(node.events, node.event_snapshot if initial else None)
+
+    @app.post("/reload")
+    async def reload() -> dict[str, Any]:
+        """Re-read the config file and apply it (as SIGHUP does); answers what changed."""
+        return await node.reload()
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -1,14 +1,21 @@
-"""Jobs on a source node: durable records, the mirrors they run, the administrator's commands.
+"""Jobs on a source node: their records, the mirrors they run, the administrator's commands.
 
-How this works: a job names one source volume of this node and its target (``NODE:VOLUME``,
-the node being one of the config's ``[peers]``).  ``Jobs.create`` checks the request, writes
-the mirror's intent log with every region marked (mirror creation is a full resync, which
-overwrites the target: the caller must confirm it), then the job record, and starts the
-mirror; ``Jobs.load`` restarts every recorded job when the node starts (opening an intent log
-that was not closed cleanly is crash recovery).  Records are JSON files in
-``state_dir/jobs``, written atomically; a record also keeps whether the administrator paused
-or broke the mirror, so a restart does not undo it.  Errors are ``JobError`` with a stable
-code.
+How this works: a job (daemon/job_record.py) names mirrors from volumes of this node to
+volumes of its peers.  ``create`` checks the request, writes each mirror's intent log with
+every region marked (a new mirror is a full resync, which overwrites the target: the caller
+must confirm it) and the job record, then *claims* every target over the peer link
+(daemon/peer_session.py: the target checks its volume, locks it and records the job).  If any
+claim fails, the claims that succeeded are released and the record and logs removed, so
+nothing is left half-created; only then do the mirrors start.  ``add_target`` does the same
+for one more mirror of a job.  ``load`` restarts every recorded job when the node starts.
+
+Each mirror runs its own task (daemon/mirror.py); the mirrors of one source volume share
+that volume's ``Replication`` (the write path), which ships every write to each of them.
+Deleting a mirror detaches it from the write path, lets its ops finish, and tells the target
+(GOODBYE(DELETED): unlocked, data kept); a target that cannot be told stays locked and the
+answer says so.  Commands that change jobs run one at a time (``_changing``).  State changes
+of mirrors, and every change of a job, are published as events; a pause or break is kept in
+the record so a restart does not undo it.
 """
 
 from __future__ import annotations
@@ -16,12 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
-import os
-import re
 import secrets
 import ssl
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +34,31 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.core.bitmap import MIN_REGION_SIZE, image_size
-from volkeeper.core.mirror_state import IllegalTransition, MirrorState
-from volkeeper.daemon.mirror import DEFAULT_QUEUE_LIMIT, MODES, Mirror, MirrorSpec
+from volkeeper.core.mirror_state import MirrorEvent, MirrorState
+from volkeeper.daemon.job_record import (
+    JobError,
+    JobRecord,
+    JobRecords,
+    MirrorRecord,
+    check_description,
+    check_name,
+    check_settings,
+)
+from volkeeper.daemon.job_rules import (
+    JobRequest,
+    MirrorRequest,
+    NodeFacts,
+    check_command,
+    check_mirrors,
+)
+from volkeeper.daemon.mirror import Mirror, MirrorSpec, hello_for
+from volkeeper.daemon.peer_session import (
+    Refused,
+    Target,
+    Unreachable,
+    claim_all,
+    release_retrying,
+)
 from volkeeper.daemon.replication import Replication
 from volkeeper.errors import VolkeeperError
 from volkeeper.io.intent_store import Generations, Geometry, IntentStore
@@ -41,47 +68,21 @@ from volkeeper.io.workers import IoWorkers
 log = structlog.get_logger("volkeeper.jobs")
 
 STOP_SYNC_TIMEOUT = 10.0
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-
-
-class JobError(VolkeeperError):
-    def __init__(self, code: str, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.code, self.hint = code, hint
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    name: str
-    source_volume: str
-    target_node: str
-    target_volume: str
-    mode: str = "sync"
-    queue_limit: int = DEFAULT_QUEUE_LIMIT  # async mode: bytes sent and not yet ACKed
-    admin: str = "active"  # or "paused" / "broken": the administrator's last word
-
-
-@dataclass(frozen=True)
-class JobRequest:
-    """What an administrator asks for when creating a job (API body, CLI options)."""
-
-    name: str
-    source: str  # NODE:VOLUME on this node
-    target: str  # NODE:VOLUME on a peer
-    mode: str = "sync"
-    confirm: bool = False  # the full resync overwrites the target
-    queue_limit: int = DEFAULT_QUEUE_LIMIT
-    region_size: int = MIN_REGION_SIZE
-
+DRAIN_TIMEOUT = 10.0
+Publish = Callable[..., None]
 
 _ADMIN_STATES = {"paused": MirrorState.PAUSED, "broken": MirrorState.BROKEN}
+_REFUSAL_CODES = {
+    pw.RefuseReason.NO_SUCH_VOLUME: "not_found",
+    pw.RefuseReason.SIZE: "bad_request",
+    pw.RefuseReason.SECTOR_SIZE: "bad_request",
+}
 
 
 @dataclass
-class RunningJob:
-    record: JobRecord
+class RunningMirror:
+    job: str
     mirror: Mirror
-    replication: Replication
     task: asyncio.Task[None]
 
 
@@ -94,204 +95,463 @@ class Jobs:
         peers: dict[str, TcpAddress],
         services: dict[str, VolumeService],
         readers: IoWorkers,
-        is_target: Any,
+        is_target: Callable[[str], bool],
         tls: ssl.SSLContext | None = None,
+        publish: Publish | None = None,
     ) -> None:
-        self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
         self.node = node
-        self.directory = state_dir / "jobs"
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.store = JobRecords(state_dir / "jobs")
         self.bitmap_dir = bitmap_dir
         self.bitmap_dir.mkdir(parents=True, exist_ok=True)
         self.peers = peers
         self.services = services
         self.readers = readers
         self.is_target = is_target
-        self.running: dict[str, RunningJob] = {}
+        self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
+        self.publish: Publish = publish or _ignore
+        self.records: dict[str, JobRecord] = {}
+        self.running: dict[tuple[str, str], RunningMirror] = {}  # (job, target) ->
+        self.problems: dict[tuple[str, str], str] = {}  # recorded mirrors that could not start
+        self.replications: dict[str, Replication] = {}  # source volume ->
+        self._changing = asyncio.Lock()
+
+    # -- start and stop ---------------------------------------------------------------------
 
     def load(self) -> None:
-        for path in sorted(self.directory.glob("*.json")):
-            record = JobRecord(**json.loads(path.read_text()))
-            store = IntentStore.open(self._log_path(record.name))
-            if store.recovered_bytes:
-                log.warning(
-                    "intent log recovered after an unclean shutdown: hot regions marked",
-                    job=record.name,
-                    recovered_bytes=store.recovered_bytes,
-                )
-            self._start(record, store)
+        for record in self.store.load_all():
+            self.records[record.name] = record
+            for mirror in record.mirrors:
+                try:
+                    store = IntentStore.open(self._log_path(record.name, mirror.target))
+                except (OSError, VolkeeperError) as exc:
+                    self._cannot_start(record.name, mirror, f"intent log unreadable: {exc}")
+                    continue
+                if store.recovered_bytes:
+                    log.warning(
+                        "intent log recovered after an unclean shutdown: hot regions marked",
+                        job=record.name,
+                        target=mirror.target,
+                        recovered_bytes=store.recovered_bytes,
+                    )
+                self._start(record, mirror, store)
 
-    def create(self, request: JobRequest) -> JobRecord:
-        record = self._check(request)
-        name, target, region_size = request.name, request.target, request.region_size
-        try:
-            image_size(MIN_REGION_SIZE, region_size)  # the bitmap's own check of the size
-        except ValueError as exc:
-            raise JobError("bad_request", f"region_size: {exc}") from None
-        if not request.confirm:
-            raise JobError(
-                "confirmation_required",
-                f"creating job {name!r} starts a full resync that overwrites {target}",
-                "resend with confirm=true (CLI: --yes)",
-            )
-        service = self.services[record.source_volume]
-        geometry = Geometry(volume_size=service.volume.size, region_size=region_size)
-        generations = Generations(secrets.randbits(64) or 1)
-        store = IntentStore.create(self._log_path(name), geometry, generations, all_dirty=True)
-        self._save(record)
-        self._start(record, store)
-        return record
-
-    def _check(self, request: JobRequest) -> JobRecord:
-        name, mode, queue_limit = request.name, request.mode, request.queue_limit
-        source, target = request.source, request.target
-        if not NAME.fullmatch(name):
-            raise JobError("bad_request", f"job name {name!r} must match {NAME.pattern}")
-        if name in self.running:
-            raise JobError("conflict", f"job {name!r} exists already")
-        source_node, source_volume = _split(source, "source")
-        target_node, target_volume = _split(target, "target")
-        if source_node != self.node:
-            raise JobError(
-                "bad_request", f"source {source} is not on this node ({self.node})",
-                "send the request to the source node",
-            )  # fmt: skip
-        if source_volume not in self.services:
-            raise JobError("not_found", f"node {self.node} has no volume {source_volume!r}")
-        if self.is_target(source_volume):
-            raise JobError("conflict", f"{source} is a mirror target; it cannot be a source too")
-        for job in self.running.values():
-            if job.record.source_volume == source_volume:
-                raise JobError(
-                    "conflict", f"{source} is already the source of job {job.record.name!r}"
-                )
-        if target_node not in self.peers:
-            known = ", ".join(self.peers) or "none"
-            raise JobError("not_found", f"node {target_node!r} is not in [peers] (known: {known})")
-        if mode not in MODES:
-            raise JobError("bad_request", f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if queue_limit < 1024 * 1024:
-            raise JobError("bad_request", f"queue limit must be at least 1 MiB, got {queue_limit}")
-        return JobRecord(name, source_volume, target_node, target_volume, mode, queue_limit)
-
-    def _start(self, record: JobRecord, store: IntentStore) -> None:
-        service = self.services[record.source_volume]
-        spec = MirrorSpec(
-            record.name, record.source_volume, record.target_node,
-            self.peers[record.target_node], record.target_volume, record.mode,
-            record.queue_limit,
-        )  # fmt: skip
-        state = _ADMIN_STATES.get(record.admin, MirrorState.RESYNC_PENDING)
-        mirror = Mirror(spec, self.node, service, store, self.readers, self.tls, state)
-        replication = Replication(service, [mirror])
-        service.replication = replication
-        replication.start()
-        task = asyncio.create_task(mirror.run())
-        job = self.running[record.name] = RunningJob(record, mirror, replication, task)
-        mirror.on_state = lambda changed: self._remember(job)
-
-    async def delete(self, name: str) -> None:
-        job = self._job(name)
-        await self._halt(job, pw.GoodbyeReason.DELETED)
-        (self.directory / f"{name}.json").unlink(missing_ok=True)  # first: never reloaded
-        self._log_path(name).unlink(missing_ok=True)
-        del self.running[name]
-
-    # -- the administrator's commands on a job's mirror ---------------------------------------
-
-    async def command(
-        self, name: str, action: str, target: str | None, full: bool
-    ) -> dict[str, Any]:
-        """pause | continue | break | resync [full] | delete the mirror of job ``name``."""
-        job = self._job(name)
-        mirror = job.mirror
-        if target is not None and target != mirror.spec.target:
-            raise JobError(
-                "not_found", f"job {name!r} has no mirror to {target}",
-                f"its mirror goes to {mirror.spec.target}",
-            )  # fmt: skip
-        if action == "delete":
-            view = mirror.view()
-            await self.delete(name)
-            return view
-        if full and action != "resync":
-            raise JobError("bad_request", "full applies to resync only")
-        try:  # a state change is recorded by _remember
-            if action == "pause":
-                mirror.pause()
-            elif action == "continue":
-                mirror.resume()
-            elif action == "break":
-                mirror.break_()
-            elif action == "resync" and full:
-                await mirror.full_resync()
-            elif action == "resync":
-                mirror.resume()
-            else:
-                raise JobError("bad_request", f"unknown mirror command {action!r}")
-        except IllegalTransition as exc:
-            what = "resync (without --full)" if action == "resync" else action
-            hint = "only `mirror resync --full` repairs a Broken mirror"
-            raise JobError(
-                "conflict", f"cannot {what} job {name!r}: its mirror is {exc.state.value}", hint
-            ) from None
-        return mirror.view()
-
-    def _remember(self, job: RunningJob) -> None:
-        """On every state change: record a pause or break (or its end), so that a restart
-        keeps it."""
-        state = job.mirror.state
-        admin = next((a for a, s in _ADMIN_STATES.items() if s is state), "active")
-        if admin != job.record.admin:
-            job.record = dataclasses.replace(job.record, admin=admin)
-            self._save(job.record)
-
-    def _job(self, name: str) -> RunningJob:
-        job = self.running.get(name)
-        if job is None:
-            raise JobError("not_found", f"no job named {name!r}")
-        return job
+    def _cannot_start(self, job: str, mirror: MirrorRecord, problem: str) -> None:
+        log.error("mirror not started", job=job, target=mirror.target, problem=problem)
+        self.problems[(job, mirror.target)] = problem
 
     async def stop_all(self) -> None:
-        for job in list(self.running.values()):
-            await self._halt(job, None)
-        self.running.clear()
+        """Node shutdown: a last sync of every source volume, then every mirror stops."""
+        for replication in self.replications.values():
+            with contextlib.suppress(TimeoutError):  # so a restart resends nothing
+                await asyncio.wait_for(replication.sync(), STOP_SYNC_TIMEOUT)
+        for key in list(self.running):
+            await self._stop_mirror(key, None)
 
-    async def _halt(self, job: RunningJob, goodbye: pw.GoodbyeReason | None) -> None:
-        with contextlib.suppress(TimeoutError):  # a last sync, so a restart resends nothing
-            await asyncio.wait_for(job.replication.sync(), STOP_SYNC_TIMEOUT)
-        await job.mirror.stop(goodbye)
-        job.task.cancel()
-        await asyncio.gather(job.task, return_exceptions=True)
-        await job.replication.stop()
-        while job.replication.in_flight:
-            await asyncio.sleep(0.01)
-        job.replication.service.replication = None
-        job.mirror.close()
+    # -- creating ---------------------------------------------------------------------------
 
-    def _save(self, record: JobRecord) -> None:
-        path = self.directory / f"{record.name}.json"
-        temporary = path.with_suffix(".tmp")
-        with temporary.open("w") as handle:
-            json.dump(asdict(record), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(path)
-        directory = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:  # the rename itself must survive a power loss too
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    async def create(self, request: JobRequest) -> JobRecord:
+        async with self._changing:
+            check_name(request.name, "job name")
+            check_description(request.description)
+            if request.name in self.records:
+                raise JobError("conflict", f"job {request.name!r} exists already")
+            if not request.mirrors:
+                raise JobError("bad_request", f"job {request.name!r} needs at least one mirror")
+            mirrors = check_mirrors(request.mirrors, self._facts(), self.records.values())
+            if not (request.confirm or request.declared):
+                targets = ", ".join(m.target for m in mirrors)
+                raise JobError(
+                    "confirmation_required",
+                    f"creating job {request.name!r} starts a full resync that overwrites {targets}",
+                    "resend with confirm=true (CLI: --yes)",
+                )
+            record = JobRecord(
+                request.name, self.node, tuple(mirrors), request.description, request.declared
+            )
+            sizes = {m.target: r.region_size for m, r in zip(mirrors, request.mirrors, strict=True)}
+            await self._add(record, mirrors, sizes, claim_targets=not request.declared)
+            self.publish("create", "job", job=record.name, description=record.description)
+            return record
 
-    def _log_path(self, name: str) -> Path:
-        return self.bitmap_dir / f"{name}.vkil"
+    async def add_target(
+        self, job: str, request: MirrorRequest, confirm: bool, claim_targets: bool = True
+    ) -> JobRecord:
+        async with self._changing:
+            record = self._record(job)
+            if not request.source:
+                sources = {m.source_volume for m in record.mirrors}
+                if len(sources) != 1:
+                    raise JobError(
+                        "bad_request", f"job {job!r} has several source volumes: name one"
+                    )
+                request = dataclasses.replace(request, source=f"{self.node}:{sources.pop()}")
+            (mirror,) = check_mirrors((request,), self._facts(), self.records.values(), job)
+            if not confirm:
+                raise JobError(
+                    "confirmation_required",
+                    f"adding {mirror.target} to job {job!r} starts a full resync, which "
+                    "overwrites it",
+                    "resend with confirm=true (CLI: --yes)",
+                )
+            record = dataclasses.replace(record, mirrors=(*record.mirrors, mirror))
+            sizes = {mirror.target: request.region_size}
+            await self._add(record, [mirror], sizes, claim_targets)
+            self._announce(record)
+            return record
 
-    def views(self) -> list[dict[str, Any]]:
-        return [job.mirror.view() for job in self.running.values()]
+    async def _add(
+        self,
+        record: JobRecord,
+        mirrors: list[MirrorRecord],
+        region_sizes: dict[str, int],
+        claim_targets: bool,
+    ) -> None:
+        """Intent logs and record first (so a crash leaves a whole job), then the claims;
+        undo all of it if any claim fails; then start the new mirrors."""
+        stores = {}
+        for mirror in mirrors:
+            service = self.services[mirror.source_volume]
+            geometry = Geometry(service.volume.size, region_sizes[mirror.target])
+            generations = Generations(secrets.randbits(64) or 1)
+            path = self._log_path(record.name, mirror.target)
+            stores[mirror.target] = IntentStore.create(path, geometry, generations, all_dirty=True)
+        previous = self.records.get(record.name)
+        self.store.save(record)
+        if claim_targets:
+            try:
+                await self._claim_all(record, mirrors, stores)
+            except JobError:
+                for mirror in mirrors:
+                    stores[mirror.target].close()
+                    self._log_path(record.name, mirror.target).unlink(missing_ok=True)
+                if previous is None:
+                    self.store.remove(record.name)
+                else:
+                    self.store.save(previous)
+                raise
+        self.records[record.name] = record
+        for mirror in mirrors:
+            self._start(record, mirror, stores[mirror.target])
+            self.publish(
+                "create", "mirror", job=record.name, source=self._source(mirror),
+                target=mirror.target, mode=mirror.mode,
+            )  # fmt: skip
+
+    async def _claim_all(
+        self, record: JobRecord, mirrors: list[MirrorRecord], stores: dict[str, IntentStore]
+    ) -> None:
+        targets = [self._target(record.name, m, stores[m.target].generations) for m in mirrors]
+        try:
+            await claim_all(targets, pw.Job(record.to_json()), self.tls)
+        except Refused as exc:
+            raise JobError(_REFUSAL_CODES.get(exc.refusal.reason, "conflict"), str(exc)) from None
+        except Unreachable as exc:
+            hint = "the target node must be running and reachable to create a mirror"
+            raise JobError("unavailable", str(exc), hint) from None
+
+    def _target(self, job: str, mirror: MirrorRecord, generations: Generations) -> Target:
+        spec = self._spec(job, mirror)
+        service = self.services[mirror.source_volume]
+        hello = hello_for(spec, self.node, service, generations)
+        return Target(spec.target_address, spec.target_node, hello)
+
+    def _start(self, record: JobRecord, mirror_record: MirrorRecord, store: IntentStore) -> None:
+        if mirror_record.target_node not in self.peers:
+            store.close()
+            problem = f"node {mirror_record.target_node!r} is not in [peers]"
+            self._cannot_start(record.name, mirror_record, problem)
+            return
+        service = self.services.get(mirror_record.source_volume)
+        if service is None:
+            store.close()
+            problem = f"no volume {mirror_record.source_volume!r} on this node"
+            self._cannot_start(record.name, mirror_record, problem)
+            return
+        spec = self._spec(record.name, mirror_record)
+        state = _ADMIN_STATES.get(mirror_record.admin, MirrorState.RESYNC_PENDING)
+        mirror = Mirror(spec, self.node, service, store, self.readers, self.tls, state)
+        mirror.job_document = lambda: self.records[record.name].to_json()
+        mirror.on_state = self._state_changed
+        replication = self.replications.get(service.name)
+        if replication is None:
+            replication = self.replications[service.name] = Replication(service)
+            service.replication = replication
+            replication.start()
+        replication.add(mirror)
+        task = asyncio.create_task(mirror.run())
+        self.running[(record.name, spec.target)] = RunningMirror(record.name, mirror, task)
+
+    def _spec(self, job: str, mirror: MirrorRecord) -> MirrorSpec:
+        return MirrorSpec(
+            job, mirror.source_volume, mirror.target_node, self.peers[mirror.target_node],
+            mirror.target_volume, mirror.mode, mirror.queue_limit, mirror.compression,
+            mirror.throttle,
+        )  # fmt: skip
+
+    # -- deleting ---------------------------------------------------------------------------
+
+    async def delete(self, name: str) -> list[str]:
+        """Delete a job and its mirrors; returns warnings (targets that could not be told)."""
+        async with self._changing:
+            record = self._record(name)
+            self.store.remove(name)  # first: never reloaded, whatever happens next
+            warnings = []
+            for mirror in record.mirrors:
+                warnings += await self._delete_mirror(record, mirror)
+            del self.records[name]
+            self.publish("destroy", "job", job=name)
+            return warnings
+
+    async def _delete_mirror(self, record: JobRecord, mirror: MirrorRecord) -> list[str]:
+        key = (record.name, mirror.target)
+        self.problems.pop(key, None)
+        told = key in self.running and await self._stop_mirror(key, pw.GoodbyeReason.DELETED)
+        warnings = [] if told else await self._release(record, mirror)
+        self._log_path(record.name, mirror.target).unlink(missing_ok=True)
+        self.publish("destroy", "mirror", job=record.name, target=mirror.target)
+        return warnings
+
+    async def _release(self, record: JobRecord, mirror: MirrorRecord) -> list[str]:
+        """Tell a target that is not connected to forget the mirror."""
+        if mirror.target_node not in self.peers or mirror.source_volume not in self.services:
+            problem: str | None = "its node or source volume is no longer configured"
+        else:
+            target = self._target(record.name, mirror, Generations(0))
+            problem = await release_retrying(target, self.tls, f"job {record.name} deleted")
+        if problem is None:
+            return []
+        warning = (
+            f"{mirror.target} was not told the mirror is gone ({problem}); it stays locked: "
+            f"on {mirror.target_node}, run `volkeeper volume release {mirror.target_volume}`"
+        )
+        log.warning("mirror target not released", job=record.name, warning=warning)
+        return [warning]
+
+    async def _stop_mirror(self, key: tuple[str, str], goodbye: pw.GoodbyeReason | None) -> bool:
+        """Take the mirror off the write path and stop it; True if the target heard
+        ``goodbye`` (it was connected)."""
+        running = self.running.pop(key)
+        mirror = running.mirror
+        replication = self.replications[mirror.spec.source_volume]
+        replication.detach(mirror)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(replication.drained(mirror), DRAIN_TIMEOUT)
+        told = mirror.link is not None and mirror.link.is_open and goodbye is not None
+        await mirror.stop(goodbye)
+        running.task.cancel()
+        await asyncio.gather(running.task, return_exceptions=True)
+        if not replication.mirrors:
+            await replication.stop()
+            while replication.in_flight:
+                await asyncio.sleep(0.01)
+            replication.service.replication = None
+            del self.replications[mirror.spec.source_volume]
+        mirror.close()
+        return told
+
+    # -- the administrator's commands on mirrors --------------------------------------------
+
+    async def command(self, name: str, action: str, target: str | None, full: bool) -> JobRecord:
+        """pause | continue | break | resync [full] | delete, on one mirror of job ``name``
+        (``target``) or, except delete, on all of them."""
+        async with self._changing:
+            record = self._record(name)
+            mirrors = self._selected(record, target)
+            if action == "delete":
+                return await self._delete_one(record, target)
+            if full and action != "resync":
+                raise JobError("bad_request", "full applies to resync only")
+            if action not in ("pause", "continue", "break", "resync"):
+                raise JobError("bad_request", f"unknown mirror command {action!r}")
+            running = [self._running(name, m.target) for m in mirrors]
+            for mirror in running:  # all or nothing: check every mirror first
+                check_command(name, mirror.spec.target, mirror.state, action, full)
+            for mirror in running:  # a state change is recorded by _state_changed
+                if action == "pause":
+                    mirror.pause()
+                elif action == "break":
+                    mirror.break_()
+                elif action == "resync" and full:
+                    await mirror.full_resync()
+                else:
+                    mirror.resume()
+            return self.records[name]
+
+    async def _delete_one(self, record: JobRecord, target: str | None) -> JobRecord:
+        if target is None and len(record.mirrors) > 1:
+            targets = ", ".join(m.target for m in record.mirrors)
+            raise JobError(
+                "bad_request", f"job {record.name!r} has {len(record.mirrors)} mirrors ({targets})",
+                "say which with target (CLI: --target), or delete the job",
+            )  # fmt: skip
+        mirror = record.mirror(target) if target else record.mirrors[0]
+        assert mirror is not None
+        remaining = record.without_mirror(mirror.target)
+        if remaining.mirrors:
+            self.store.save(remaining)
+            self.records[record.name] = remaining
+        else:  # its last mirror: the job goes with it
+            self.store.remove(record.name)
+        warnings = await self._delete_mirror(record, mirror)
+        if remaining.mirrors:
+            self._announce(remaining)
+        else:
+            del self.records[record.name]
+            self.publish("destroy", "job", job=record.name)
+        for warning in warnings:
+            log.warning("mirror deleted", warning=warning)
+        return remaining
+
+    async def configure(self, name: str, target: str | None, changes: dict[str, Any]) -> JobRecord:
+        """``mirror set``: mode, queue_limit, compression, throttle of live mirrors."""
+        async with self._changing:
+            record = self._record(name)
+            updated = record
+            for mirror in self._selected(record, target):
+                changed = check_settings(dataclasses.replace(mirror, **changes))
+                updated = updated.with_mirror(changed)
+            self._apply_settings(record, updated)
+            return updated
+
+    def _apply_settings(self, record: JobRecord, updated: JobRecord) -> None:
+        if updated == record:
+            return  # idempotent: nothing written, nothing announced
+        self.store.save(updated)
+        self.records[record.name] = updated
+        for before, after in zip(record.mirrors, updated.mirrors, strict=True):
+            running = self.running.get((record.name, after.target))
+            if running is not None and before != after:
+                running.mirror.configure(self._spec(record.name, after))
+                self.publish(
+                    "change", "mirror", job=record.name, target=after.target, mode=after.mode,
+                    queue_limit=after.queue_limit, compression=after.compression,
+                    throttle=after.throttle,
+                )  # fmt: skip
+        self._announce(updated)
+
+    def reconnect(self, nodes: list[str]) -> None:
+        """The addresses of ``nodes`` changed: their mirrors reconnect to the new ones."""
+        for (job, target), running in self.running.items():
+            record = self.records[job].mirror(target)
+            if (
+                record is not None
+                and record.target_node in nodes
+                and record.target_node in self.peers
+            ):
+                running.mirror.configure(self._spec(job, record))
+                running.mirror.drop_link("the target node's address changed")
+
+    def describe(self, name: str, description: str) -> JobRecord:
+        check_description(description)
+        record = dataclasses.replace(self._record(name), description=description)
+        self.store.save(record)
+        self.records[name] = record
+        self._announce(record)
+        self.publish("change", "job", job=name, description=description)
+        return record
+
+    def _announce(self, record: JobRecord) -> None:
+        for mirror in record.mirrors:
+            running = self.running.get((record.name, mirror.target))
+            if running is not None:
+                running.mirror.announce()
+
+    def _state_changed(self, mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:
+        """Publish the change; record a pause or break (or its end) for restarts."""
+        spec = mirror.spec
+        self.publish(
+            "change", "mirror", job=spec.job, source=f"{self.node}:{spec.source_volume}",
+            target=spec.target, state=mirror.state.value, was=was.value, cause=cause.value,
+        )  # fmt: skip
+        record = self.records.get(spec.job)
+        current = record.mirror(spec.target) if record is not None else None
+        if record is None or current is None or (spec.job, spec.target) not in self.running:
+            return  # being deleted
+        admin = next((a for a, s in _ADMIN_STATES.items() if s is mirror.state), "active")
+        if admin != current.admin:
+            updated = record.with_mirror(dataclasses.replace(current, admin=admin))
+            self.store.save(updated)
+            self.records[spec.job] = updated
+
+    # -- lookups and views ------------------------------------------------------------------
+
+    def _record(self, name: str) -> JobRecord:
+        record = self.records.get(name)
+        if record is None:
+            raise JobError("not_found", f"no job named {name!r}")
+        return record
+
+    def _selected(self, record: JobRecord, target: str | None) -> tuple[MirrorRecord, ...]:
+        if target is None:
+            return record.mirrors
+        mirror = record.mirror(target)
+        if mirror is None:
+            targets = ", ".join(m.target for m in record.mirrors)
+            raise JobError(
+                "not_found", f"job {record.name!r} has no mirror to {target}",
+                f"its mirrors go to {targets}",
+            )  # fmt: skip
+        return (mirror,)
+
+    def _running(self, job: str, target: str) -> Mirror:
+        running = self.running.get((job, target))
+        if running is None:
+            problem = self.problems.get((job, target), "not running")
+            raise JobError(
+                "conflict", f"the mirror of job {job!r} to {target} is not running: {problem}"
+            )
+        return running.mirror
+
+    def _facts(self) -> NodeFacts:
+        return NodeFacts(self.node, self.services, self.peers, self.is_target)
+
+    def _source(self, mirror: MirrorRecord) -> str:
+        return f"{self.node}:{mirror.source_volume}"
+
+    def _log_path(self, job: str, target: str) -> Path:
+        return self.bitmap_dir / f"{job}@{target}.vkil"
+
+    def mirror_views(self) -> list[dict[str, Any]]:
+        return [view for record in self.records.values() for view in self._views(record)]
+
+    def job_view(self, record: JobRecord) -> dict[str, Any]:
+        return {
+            "name": record.name,
+            "description": record.description,
+            "source_node": record.source_node,
+            "role": "source",
+            "declared": record.declared,
+            "mirrors": self._views(record),
+        }
+
+    def job_views(self) -> list[dict[str, Any]]:
+        return [self.job_view(record) for record in self.records.values()]
+
+    def _views(self, record: JobRecord) -> list[dict[str, Any]]:
+        views = []
+        for mirror in record.mirrors:
+            key = (record.name, mirror.target)
+            running = self.running.get(key)
+            if running is not None:
+                views.append(running.mirror.view())
+            else:
+                problem = self.problems.get(key)
+                views.append(_unknown_view(record, mirror, self._source(mirror), problem))
+        return views
 
 
-def _split(text: str, what: str) -> tuple[str, str]:
-    node, _, volume = text.partition(":")
-    if not node or not volume:
-        raise JobError("bad_request", f"{what} must be NODE:VOLUME, got {text!r}")
-    return node, volume
+def _unknown_view(
+    record: JobRecord, mirror: MirrorRecord, source: str, problem: str | None
+) -> dict[str, Any]:
+    return {
+        "job": record.name, "source": source, "target": mirror.target, "role": "source",
+        "mode": mirror.mode, "state": "Unknown", "out_of_sync_bytes": None, "sent_bytes": 0,
+        "queue_bytes": 0, "queue_limit_bytes": None, "lag_s": 0.0, "throughput_bytes_per_s": 0,
+        "compression": mirror.compression, "throttle": mirror.throttle,
+        "resync": {"done_bytes": 0, "total_bytes": 0, "rate_bytes_per_s": 0, "eta_s": None},
+        "intent_log": None, "last_error": problem,
+    }  # fmt: skip
+
+
+def _ignore(*args: object, **fields: object) -> None:
+    return None

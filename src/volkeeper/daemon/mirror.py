@@ -41,24 +41,23 @@ import structlog
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState, next_state
-from volkeeper.core.stats import OpStats
+from volkeeper.core.stats import OpStats, RateMeter
 from volkeeper.daemon.intent_writer import IntentWriter
+from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
 from volkeeper.daemon.op import Op, frame_of
+from volkeeper.daemon.peer_session import open_session
 from volkeeper.daemon.resync import Resync
 from volkeeper.errors import PeerError
-from volkeeper.io.intent_store import IntentStore
-from volkeeper.io.peer_link import PeerLink, connect
+from volkeeper.io.intent_store import Generations, IntentStore
+from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
 
 log = structlog.get_logger("volkeeper.mirror")
 
-HANDSHAKE_TIMEOUT = 10.0
 PING_INTERVAL = 2.0  # an idle link is pinged this often
 TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
 BACKOFF = (0.2, 0.5, 1.0, 2.0)  # seconds between attempts; the last one repeats
-DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024  # async mode: bytes sent and not yet ACKed, at most
-MODES = ("sync", "async")
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,29 @@ class MirrorSpec:
     target_volume: str
     mode: str = "sync"
     queue_limit: int = DEFAULT_QUEUE_LIMIT
+    compression: str = "none"
+    throttle: int | None = None
 
     @property
     def target(self) -> str:
         return f"{self.target_node}:{self.target_volume}"
+
+
+def hello_for(
+    spec: MirrorSpec, node: str, service: VolumeService, generations: Generations
+) -> pw.Hello:
+    """The HELLO that opens a session of ``spec``'s mirror with its target."""
+    volume = service.volume
+    return pw.Hello(
+        node=node,
+        volume=spec.target_volume,
+        job=spec.job,
+        source_volume=spec.source_volume,
+        volume_size=volume.size,
+        sector_size=volume.sector_size,
+        current_generation=generations.current,
+        previous_generation=generations.previous,
+    )
 
 
 class Mirror:
@@ -102,13 +120,14 @@ class Mirror:
         self.queued_bytes = 0  # write payload bytes sent and not yet ACKed
         self.overflows = 0  # async ops marked because the queue was full
         self.ack_latency = OpStats()  # send -> ACK of application writes and flushes
-        self.on_state: Callable[[Mirror], None] = lambda mirror: None
-        self.intent = IntentWriter(store, spec.job, self._break)
+        self.throughput = RateMeter()  # of sent_bytes
+        self.on_state: Callable[[Mirror, MirrorState, MirrorEvent], None] = _no_callback
+        self.job_document: Callable[[], str] = str  # the job record sent to the target
+        self.intent = IntentWriter(store, f"{spec.job} -> {spec.target}", self._break)
         self._pending: dict[int, tuple[Op, float, bool]] = {}  # sequence -> op, sent, reply owed
         # ACKed, not yet known durable on the target: (sequence, offset, length, extents) --
         # not the op, whose payload must not be kept alive until the next flush
         self._undurable: list[tuple[int, int, int, range]] = []
-        self._answer: asyncio.Future[pw.Frame] | None = None
         self._stopping = False
         self._lost = asyncio.Event()
         self._wake = asyncio.Event()
@@ -167,36 +186,15 @@ class Mirror:
 
     async def _connect_and_serve(self) -> None:
         self._lost.clear()
-        link = await connect(
-            self.spec.target_address,
-            self._on_frame,
-            self._on_lost,
-            tls=self.tls,
-            peer_name=self.spec.target_node,
-        )
-        loop = asyncio.get_running_loop()
-        self._last_heard = loop.time()
+        hello = hello_for(self.spec, self.node, self.service, self.store.generations)
+        link, answer = await open_session(
+            self.spec.target_address, hello, self._on_frame, self._on_lost,
+            tls=self.tls, peer_name=self.spec.target_node,
+        )  # fmt: skip
+        self._last_heard = self._clock()
         self.link = link
-        self._answer = loop.create_future()
-        volume = self.service.volume
-        generations = self.store.generations
-        link.send(
-            pw.Hello(
-                node=self.node,
-                volume=self.spec.target_volume,
-                job=self.spec.job,
-                source_volume=self.spec.source_volume,
-                volume_size=volume.size,
-                sector_size=volume.sector_size,
-                current_generation=generations.current,
-                previous_generation=generations.previous,
-            )
-        )
-        answer = await asyncio.wait_for(self._answer, HANDSHAKE_TIMEOUT)
-        if isinstance(answer, pw.Refuse):
-            link.close("refused")
-            raise PeerError(f"{self.spec.target} refused: {answer.message}")
-        assert isinstance(answer, pw.HelloOk)
+        if not link.is_open:  # lost before it was ours: _on_lost ignored it
+            raise PeerError("link lost during the handshake")
         await self._admitted(link, answer)
         await self._watch(link)
 
@@ -215,6 +213,7 @@ class Mirror:
                 return
             token += 1
             link.send(pw.Ping(token))
+            self.throughput.sample(loop.time(), self.sent_bytes)
 
     async def _admitted(self, link: PeerLink, ok: pw.HelloOk) -> None:
         current = self.store.generations.current
@@ -226,6 +225,7 @@ class Mirror:
             link.close("mirror paused or broken during the handshake")
             return
         self.last_error = ""
+        self.announce()
         if self.store.bitmap.marked_count:
             self._set(MirrorEvent.CONNECTED_DIRTY)
             self._start_resync(link)
@@ -236,10 +236,6 @@ class Mirror:
 
     def _on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
         self._last_heard = self._clock()
-        answer = self._answer
-        if answer is not None and not answer.done() and isinstance(frame, pw.HelloOk | pw.Refuse):
-            answer.set_result(frame)
-            return
         if isinstance(frame, pw.Ack):
             self._acked(link, frame)
         elif isinstance(frame, pw.Goodbye) and frame.reason == pw.GoodbyeReason.SHUTDOWN:
@@ -255,12 +251,10 @@ class Mirror:
             return
         self.link = None
         self.last_error = reason
-        if self._answer is not None and not self._answer.done():
-            self._answer.set_exception(PeerError(reason))
         if self.resync is not None:
             self.resync.lost(reason)
             self.resync = None
-        if self.state in _SENDING:
+        if self.state in _SENDING and not self._stopping:  # stopping is no "target lost"
             self._set(MirrorEvent.DISCONNECTED)
         pending = list(self._pending.values())
         flushes = [op for op, _, _ in pending if op.is_flush]
@@ -309,7 +303,7 @@ class Mirror:
         if op.is_flush:
             if op.sequences is None:
                 op.sequences = {}
-            op.sequences[self.spec.job] = sequence
+            op.sequences[self.spec.target] = sequence
         owed = not self.asynchronous
         if owed:
             link.push()
@@ -374,7 +368,7 @@ class Mirror:
 
     def release_durable(self, op: Op) -> None:
         """``op`` (a flush) is durable locally and on the target: unpin what it covered."""
-        sequence = op.sequences.get(self.spec.job) if op.sequences else None
+        sequence = op.sequences.get(self.spec.target) if op.sequences else None
         if sequence is None:
             return
         keep = []
@@ -457,6 +451,24 @@ class Mirror:
             self._start_resync(link)
         self._wake.set()
 
+    def configure(self, spec: MirrorSpec) -> None:
+        """New settings (mode, queue limit, compression, throttle), live: ops already sent
+        keep the terms they were sent on (a sync op still waits for its ACK)."""
+        self.spec = spec
+        self.asynchronous = spec.mode == "async"
+
+    def announce(self) -> None:
+        """Send the job's record to the target (after HELLO_OK, and when the job changed)."""
+        link, document = self.link, self.job_document()
+        if link is not None and link.is_open and document:
+            link.send(pw.Job(document))
+
+    def drop_link(self, message: str) -> None:
+        """Close the link (it reconnects, to the spec's address, after the backoff)."""
+        link = self.link
+        if link is not None and link.is_open:
+            link.close(message)
+
     def _drop_link(self, reason: pw.GoodbyeReason, message: str) -> None:
         link = self.link
         if link is not None and link.is_open:
@@ -477,15 +489,16 @@ class Mirror:
                 was=before.value,
                 cause=event.value,
             )
-            self.on_state(self)
+            self.on_state(self, before, event)
 
     def _break(self) -> None:
         with contextlib.suppress(ValueError):
             self._set(MirrorEvent.BREAK)
 
     def view(self) -> dict[str, Any]:
-        resync = self.resync
-        rate = resync.rate(self._clock()) if resync is not None else 0.0
+        resync, now = self.resync, self._clock()
+        rate = resync.rate(now) if resync is not None else 0.0
+        self.throughput.sample(now, self.sent_bytes)
         done = resync.done_bytes if resync is not None else 0
         remaining = resync.remaining_bytes if resync is not None else 0
         activity_log = self.store.activity_log
@@ -496,6 +509,7 @@ class Mirror:
             "job": self.spec.job,
             "source": f"{self.node}:{self.spec.source_volume}",
             "target": self.spec.target,
+            "role": "source",
             "mode": self.spec.mode,
             "state": self.state.value,
             "out_of_sync_bytes": out_of_sync,
@@ -503,8 +517,9 @@ class Mirror:
             "queue_bytes": self.queued_bytes,
             "queue_limit_bytes": self.spec.queue_limit if self.asynchronous else None,
             "lag_s": round(self.lag_seconds, 3),
-            "compression": "none",
-            "throttle": None,
+            "throughput_bytes_per_s": round(self.throughput.rate(now, self.sent_bytes)),
+            "compression": self.spec.compression,
+            "throttle": self.spec.throttle,
             "resync": {
                 "done_bytes": done,
                 "total_bytes": done + remaining if resync is not None else 0,
@@ -521,6 +536,10 @@ class Mirror:
             },
             "last_error": self.last_error or None,
         }
+
+
+def _no_callback(mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:
+    return None
 
 
 _SENDING = frozenset({MirrorState.MIRRORING, MirrorState.RESYNCING})

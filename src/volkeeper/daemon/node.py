@@ -5,6 +5,11 @@ starts the NBD listener (the data path) and the control API (management).  The c
 runs as a separate task: if it fails, the node logs it and keeps serving NBD.  ``stop()`` is
 the orderly shutdown SIGTERM/SIGINT trigger: stop accepting, let in-flight requests finish,
 flush every volume, close.  ``run(config)`` is the ``volkeeper daemon`` entry point.
+
+``reload()`` (SIGHUP, or POST /reload) re-reads the config file: jobs declared there are
+applied (daemon/declared_jobs.py) and changed peer addresses reach the mirrors; a change to
+``[node]``, ``[[volume]]`` or ``[tls]`` needs a restart, and the answer says so.  A config
+that does not load changes nothing.
 """
 
 from __future__ import annotations
@@ -20,12 +25,16 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from volkeeper.daemon.config import NodeConfig
+from volkeeper.daemon import declared_jobs
+from volkeeper.daemon.config import NodeConfig, load_config
 from volkeeper.daemon.control import ControlServer
-from volkeeper.daemon.jobs import JobRequest, Jobs
+from volkeeper.daemon.events import EventBus
+from volkeeper.daemon.job_record import JobError, JobRecord
+from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
+from volkeeper.daemon.jobs import Jobs
 from volkeeper.daemon.metrics import MirrorCollector, NodeCollector
 from volkeeper.daemon.replica import Replicas, TargetRecord, TargetRecords
-from volkeeper.errors import VolumeError
+from volkeeper.errors import ConfigError, VolumeError
 from volkeeper.io import peer_tls
 from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.peer_link import PeerServer
@@ -39,8 +48,9 @@ IO_THREADS = 16  # enough for a QD32 cold-read load on two cores; threads mostly
 
 
 class Node:
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # re-read by reload()
         self.name = config.node.name
         # First, so a bad certificate or key stops the daemon before anything is bound.
         self.tls_server, self.tls_client = _peer_tls_contexts(config)
@@ -50,13 +60,14 @@ class Node:
         self.replicas: Replicas | None = None
         self.peer_server: PeerServer | None = None
         self.jobs: Jobs | None = None
+        self.events = EventBus()
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(
             NodeCollector(lambda: self.services, lambda: self.nbd.connection_count)
         )
         self.registry.register(
             MirrorCollector(
-                lambda: [job.mirror for job in self.jobs.running.values()] if self.jobs else [],
+                lambda: [run.mirror for run in self.jobs.running.values()] if self.jobs else [],
                 lambda: self.replicas.received() if self.replicas else [],
             )
         )
@@ -83,16 +94,19 @@ class Node:
             log.info("volume opened", volume=volume.name, path=volume.path, size=volume.size)
         by_name = {service.name: service for service in self.services}
         state_dir = Path(self.config.node.state_dir)
-        self.replicas = Replicas(self.name, by_name.get, TargetRecords(state_dir / "targets"))
+        self.replicas = Replicas(
+            self.name, by_name.get, TargetRecords(state_dir / "targets"), self.events.publish
+        )
         self.peer_server = PeerServer(self.replicas.make_link, tls=self.tls_server)
         await self.peer_server.listen(self.config.node.listen)
         _log_peer_security(self.config)
         self.jobs = Jobs(
             self.name, state_dir, Path(self.config.node.bitmap_dir), dict(self.config.peers),
             by_name, self.readers, lambda volume: volume in self.replicas_records(),
-            tls=self.tls_client,
+            tls=self.tls_client, publish=self.events.publish,
         )  # fmt: skip
         self.jobs.load()
+        await declared_jobs.apply(self.jobs, list(self.config.jobs))
         await self.nbd.listen(self.config.node.nbd)
         self._control_task = asyncio.create_task(self._serve_control())
 
@@ -105,11 +119,45 @@ class Node:
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
 
+    async def reload(self) -> dict[str, Any]:
+        if self.config_path is None:
+            raise JobError("bad_request", "this node was not started from a config file")
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            raise JobError("bad_request", f"config not reloaded: {exc}") from None
+        old = self.config
+        restart = [
+            section for section in ("node", "volumes", "tls")
+            if getattr(config, section) != getattr(old, section)
+        ]  # fmt: skip
+        jobs = self._jobs()
+        moved = [name for name, address in config.peers.items() if old.peers.get(name) != address]
+        jobs.peers.clear()
+        jobs.peers.update(config.peers)
+        jobs.reconnect(moved)
+        summary = await declared_jobs.apply(jobs, list(config.jobs))
+        self.config = old.model_copy(update={"peers": config.peers, "jobs": config.jobs})
+        if restart:
+            log.warning("config reloaded; these sections need a restart", sections=restart)
+        self.events.publish("change", "node", reloaded=True, **summary)
+        return {**summary, "peers_changed": moved, "needs_restart": restart}
+
+    async def reload_logged(self) -> None:
+        """SIGHUP: reload, and log (nobody waits for an answer)."""
+        try:
+            summary = await self.reload()
+        except JobError as exc:
+            log.error("reload failed", error=str(exc))
+        else:
+            log.info("config reloaded", **summary)
+
     def request_stop(self) -> None:
         log.info("stop requested")
         self._stopped.set()
 
     async def stop(self) -> None:
+        self.events.close()  # ends the event streams, or uvicorn waits for them
         self.control.stop()
         await self.nbd.close()
         if self.jobs is not None:
@@ -140,26 +188,82 @@ class Node:
         return [_volume_view(service, service.name in targets) for service in self.services]
 
     def status(self) -> dict[str, Any]:
-        mirrors = self.jobs.views() if self.jobs is not None else []
-        return {"node": self.name, "volumes": self.volume_list(), "mirrors": mirrors}
+        return {
+            "node": self.name,
+            "volumes": self.volume_list(),
+            "mirrors": self._mirror_views(),
+            "jobs": self.job_list(),
+        }
+
+    def _mirror_views(self) -> list[dict[str, Any]]:
+        source = self.jobs.mirror_views() if self.jobs is not None else []
+        return source + (self.replicas.views() if self.replicas is not None else [])
 
     def job_list(self) -> list[dict[str, Any]]:
-        return self.jobs.views() if self.jobs is not None else []
+        """Jobs this node is the source of, then those it serves as a target."""
+        jobs = self.jobs.job_views() if self.jobs is not None else []
+        if self.replicas is not None:
+            views = self.replicas.views()
+            for job in self.replicas.jobs():
+                mirrors = [view for view in views if view["job"] == job.name]
+                jobs.append(_target_job_view(job, mirrors))
+        return jobs
+
+    def event_snapshot(self) -> list[dict[str, Any]]:
+        """Every object as it is now, for a new event stream's ``exists`` events."""
+        volumes = [{"object": "volume", **_brief_volume(v)} for v in self.volume_list()]
+        jobs = [
+            {"object": "job", "job": j["name"], "role": j["role"], "description": j["description"]}
+            for j in self.job_list()
+        ]
+        mirrors = [{"object": "mirror", **_brief_mirror(m)} for m in self._mirror_views()]
+        return [{"object": "node", "node": self.name}, *volumes, *jobs, *mirrors]
+
+    def _jobs(self) -> Jobs:
+        assert self.jobs is not None, "the node has not started"
+        return self.jobs
 
     async def create_job(self, request: JobRequest) -> dict[str, Any]:
-        assert self.jobs is not None
-        self.jobs.create(request)
-        return self.jobs.running[request.name].mirror.view()
+        jobs = self._jobs()
+        return jobs.job_view(await jobs.create(request))
+
+    async def add_target(self, job: str, request: MirrorRequest, confirm: bool) -> dict[str, Any]:
+        jobs = self._jobs()
+        return jobs.job_view(await jobs.add_target(job, request, confirm))
 
     async def mirror_command(
         self, job: str, action: str, target: str | None, full: bool
     ) -> dict[str, Any]:
-        assert self.jobs is not None
-        return await self.jobs.command(job, action, target, full)
+        jobs = self._jobs()
+        return jobs.job_view(await jobs.command(job, action, target, full))
 
-    async def delete_job(self, name: str) -> None:
-        assert self.jobs is not None
-        await self.jobs.delete(name)
+    async def mirror_set(
+        self, job: str, target: str | None, changes: dict[str, Any]
+    ) -> dict[str, Any]:
+        jobs = self._jobs()
+        return jobs.job_view(await jobs.configure(job, target, changes))
+
+    async def delete_job(self, name: str) -> list[str]:
+        return await self._jobs().delete(name)
+
+    def lock_volume(self, volume: str, lock: bool) -> dict[str, Any]:
+        assert self.replicas is not None
+        if lock:
+            self.replicas.lock(volume)
+        else:
+            self.replicas.unlock(volume)
+        self.events.publish("change", "volume", volume=volume, locked=lock)
+        return self._volume(volume)
+
+    def release_volume(self, volume: str) -> dict[str, Any]:
+        """Forget the mirror a target volume serves (its source is gone for good)."""
+        assert self.replicas is not None
+        self.replicas.forget(volume)
+        self.events.publish("destroy", "mirror", target=f"{self.name}:{volume}", role="target")
+        return self._volume(volume)
+
+    def _volume(self, name: str) -> dict[str, Any]:
+        return {v["name"]: v for v in self.volume_list()}[name]
 
 
 def _peer_tls_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -184,6 +288,26 @@ def _log_peer_security(config: NodeConfig) -> None:
         )
 
 
+def _target_job_view(job: JobRecord, mirrors: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "name": job.name,
+        "description": job.description,
+        "source_node": job.source_node,
+        "role": "target",
+        "declared": job.declared,
+        "mirrors": mirrors,
+    }
+
+
+def _brief_volume(view: dict[str, Any]) -> dict[str, Any]:
+    return {"volume": view["name"], "role": view["role"], "locked": bool(view["locked"])}
+
+
+def _brief_mirror(view: dict[str, Any]) -> dict[str, Any]:
+    keys = ("job", "source", "target", "role", "mode", "state")
+    return {key: view[key] for key in keys}
+
+
 def _volume_view(service: VolumeService, target: bool) -> dict[str, Any]:
     volume, ops = service.volume, service.stats.ops
     role = "source" if service.replication is not None else "target" if target else "standalone"
@@ -201,12 +325,20 @@ def _volume_view(service: VolumeService, target: bool) -> dict[str, Any]:
     }
 
 
-async def serve(config: NodeConfig) -> None:
-    """Run a node until SIGTERM or SIGINT, then shut it down cleanly."""
-    node = Node(config)
+async def serve(config: NodeConfig, config_path: Path | None = None) -> None:
+    """Run a node until SIGTERM or SIGINT, then shut it down cleanly; SIGHUP reloads."""
+    node = Node(config, config_path)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, node.request_stop)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = asyncio.create_task(node.reload_logged())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await node.start()
         log.info(
@@ -217,10 +349,10 @@ async def serve(config: NodeConfig) -> None:
         await node.stop()
 
 
-def run(config: NodeConfig) -> None:
+def run(config: NodeConfig, config_path: Path | None = None) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, config_path))
     else:
-        uvloop.run(serve(config))
+        uvloop.run(serve(config, config_path))

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.peer_wire import Buffer
+
+if TYPE_CHECKING:
+    from volkeeper.daemon.mirror import Mirror
 
 
 def _nothing(error: BaseException | None) -> None:
@@ -41,11 +45,12 @@ class Op:
     may_trim: bool = False
     extents: range = range(0)
     on_done: Callable[[BaseException | None], None] = _nothing
+    mirrors: tuple[Mirror, ...] = ()  # the mirrors that ship it (those of its submission)
     parts: int = 0  # reply parts still owed (the local disk and each mirror)
     error: BaseException | None = None
     durable_parts: int = 0  # flush only: sides that have not yet made it durable
     on_durable: Callable[[], None] = _nothing_durable
-    # flush only: mirror job -> sequence of the FLUSH frame (what its ACK and release name)
+    # flush only: mirror target -> sequence of the FLUSH frame (what its ACK and release name)
     sequences: dict[str, int] | None = None
     recycle: Callable[[Buffer], None] | None = None  # takes the payload back for reuse
     holds: int = 0  # write with recycle: sides that may still read the payload

@@ -22,7 +22,14 @@ Anything out of place closes that session only. When the node stops cleanly, eac
 flushes its volume and says GOODBYE(SHUTDOWN) first.
 
 Records live in ``state_dir/targets/VOLUME.json`` and are written atomically (temporary
-file, fsync, rename, fsync of the directory), so a target that restarts knows its locks.
+file, fsync, rename, fsync of the directory), so a target that restarts knows its locks.  A
+record also keeps the job's document (the JOB frame the source sends after HELLO_OK and on
+every change), so this node can answer for the job, and whether the source said the mirror
+is paused: only then may the administrator unlock the volume by hand (``unlock``).  Writes to
+an unlocked target make its copy differ from the source in ways no intent log tracks, so the
+lock that ends it (by hand, or the source's next HELLO) invalidates the record's generation
+when anything was written (or the node restarted while unlocked): the next resync is a full
+one, which overwrites the target's own changes.
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +45,9 @@ from typing import Any, ClassVar
 import structlog
 
 from volkeeper.core import peer_wire as pw
+from volkeeper.daemon.job_record import JobError, JobRecord
 from volkeeper.errors import VolumeError
+from volkeeper.io import durable_files
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 
@@ -57,10 +65,19 @@ class TargetRecord:
     data_state: str = pw.DataState.INCONSISTENT.name
     current_generation: int = 0
     previous_generation: int = 0
+    job_document: str = ""  # the job's record as the source last sent it (JSON)
+    paused: bool = False  # the source said GOODBYE(PAUSED) and has not come back since
+    unlocked: bool = False  # the administrator unlocked the volume (while paused)
 
     @property
     def mirror(self) -> str:
         return f"job {self.job!r} from {self.source_node}:{self.source_volume}"
+
+    def job_record(self) -> JobRecord | None:
+        try:
+            return JobRecord.from_json(self.job_document) if self.job_document else None
+        except ValueError:
+            return None
 
 
 class TargetRecords:
@@ -77,25 +94,10 @@ class TargetRecords:
         return records
 
     def save(self, volume: str, record: TargetRecord) -> None:
-        path = self.directory / f"{volume}.json"
-        temporary = path.with_suffix(".tmp")
-        with temporary.open("w") as handle:
-            json.dump(dataclasses.asdict(record), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(path)
-        self._sync_directory()
+        durable_files.write_json(self.directory / f"{volume}.json", dataclasses.asdict(record))
 
     def remove(self, volume: str) -> None:
-        (self.directory / f"{volume}.json").unlink(missing_ok=True)
-        self._sync_directory()
-
-    def _sync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        durable_files.remove(self.directory / f"{volume}.json")
 
 
 class Replicas:
@@ -106,16 +108,26 @@ class Replicas:
         node: str,
         service: Callable[[str], VolumeService | None],
         records: TargetRecords,
+        publish: Callable[..., None] | None = None,
     ) -> None:
         self.node = node
         self.service = service
         self.store = records
+        self.publish = publish or _ignore
+        self._shown: dict[str, str] = {}  # target volume -> state last published
         self.records = records.load_all()
         self.sessions: dict[str, ReplicaSession] = {}
         self.received_bytes: dict[str, int] = {}  # target volume -> payload bytes received
+        # unlocked target volume -> its mutating requests when unlocked (None: unknown, as
+        # after a restart while unlocked -- taken as "written")
+        self._unlocked_at: dict[str, int | None] = {}
         for volume, record in self.records.items():
             found = service(volume)
-            if found is not None:
+            if found is None:
+                continue
+            if record.unlocked:
+                self._unlocked_at[volume] = None
+            else:
                 found.lock(f"target of mirror {record.mirror}")
 
     def make_link(self) -> PeerLink:
@@ -133,11 +145,155 @@ class Replicas:
         record = self.records.get(hello.volume)
         if record is None:
             record = TargetRecord(hello.job, hello.node, hello.source_volume)
-            self.store.save(hello.volume, record)
-            self.records[hello.volume] = record
+            self._save(hello.volume, record)
             log.info("volume claimed as mirror target", volume=hello.volume, mirror=record.mirror)
+        elif record.unlocked:
+            record = self.lock(hello.volume)
+        if record.paused:
+            record = self._save(hello.volume, dataclasses.replace(record, paused=False))
         service.lock(f"target of mirror {record.mirror}")
         return service, record
+
+    def _save(self, volume: str, record: TargetRecord) -> TargetRecord:
+        self.store.save(volume, record)
+        self.records[volume] = record
+        self.changed(volume)
+        return record
+
+    def changed(self, volume: str) -> None:
+        """Publish the target-side state of ``volume``'s mirror if it changed."""
+        record = self.records.get(volume)
+        if record is None:
+            return
+        state, was = self._state(volume, record), self._shown.get(volume)
+        if state != was:
+            self._shown[volume] = state
+            self.publish(
+                "change" if was else "create", "mirror", job=record.job, role="target",
+                source=f"{record.source_node}:{record.source_volume}",
+                target=f"{self.node}:{volume}", state=state, was=was,
+            )  # fmt: skip
+
+    # -- the administrator's lock and unlock ------------------------------------------------
+
+    def unlock(self, volume: str) -> TargetRecord:
+        """Let the target volume be written here, while its mirror is Paused."""
+        record, service = self._target(volume)
+        if record.unlocked:
+            return record
+        where = f"{self.node}:{volume}"
+        command = f"volkeeper mirror pause {record.job} --target {where}"
+        hint = f"pause it on {record.source_node}: {command}"
+        if volume in self.sessions:
+            raise JobError("conflict", f"cannot unlock {where}: {record.mirror} is connected", hint)
+        if not record.paused:
+            raise JobError(
+                "conflict",
+                f"cannot unlock {where}: {record.mirror} is not Paused (its source may only be "
+                "unreachable)",
+                hint,
+            )
+        record = self._save(volume, dataclasses.replace(record, unlocked=True))
+        self._unlocked_at[volume] = _mutations(service)
+        service.unlock()
+        log.warning(
+            "mirror target unlocked by the administrator: writes here are overwritten by the "
+            "next resync",
+            volume=volume,
+            mirror=record.mirror,
+        )
+        return record
+
+    def lock(self, volume: str) -> TargetRecord:
+        """End an unlock: written since -> the next resync is a full one."""
+        record, service = self._target(volume)
+        if not record.unlocked:
+            return record
+        baseline = self._unlocked_at.pop(volume, None)
+        written = baseline is None or _mutations(service) != baseline
+        record = dataclasses.replace(record, unlocked=False)
+        if written:  # the copy no longer matches any generation of the source
+            record = dataclasses.replace(
+                record, current_generation=0, data_state=pw.DataState.INCONSISTENT.name
+            )
+        self._save(volume, record)
+        service.lock(f"target of mirror {record.mirror}")
+        log.info("mirror target locked again", volume=volume, written_while_unlocked=written)
+        return record
+
+    def _target(self, volume: str) -> tuple[TargetRecord, VolumeService]:
+        record, service = self.records.get(volume), self.service(volume)
+        if service is None:
+            raise JobError("not_found", f"node {self.node} has no volume {volume!r}")
+        if record is None:
+            raise JobError("conflict", f"{self.node}:{volume} is not a mirror target")
+        return record, service
+
+    def forget(self, volume: str) -> None:
+        """The administrator's release of a target whose source cannot say so any more."""
+        record, _ = self._target(volume)
+        if volume in self.sessions:
+            raise JobError(
+                "conflict", f"{self.node}:{volume} is connected to {record.mirror}",
+                f"delete the mirror on {record.source_node} instead",
+            )  # fmt: skip
+        self.release(volume)
+
+    def paused(self, volume: str) -> None:
+        record = self.records.get(volume)
+        if record is not None and not record.paused:
+            self._save(volume, dataclasses.replace(record, paused=True))
+
+    # -- views ------------------------------------------------------------------------------
+
+    def views(self) -> list[dict[str, Any]]:
+        """The mirrors this node is the target of, as far as it can tell."""
+        return [self._view(volume, record) for volume, record in self.records.items()]
+
+    def _view(self, volume: str, record: TargetRecord) -> dict[str, Any]:
+        job = record.job_record()
+        target = f"{self.node}:{volume}"
+        settings = job.mirror(target) if job is not None else None
+        received = self.received_bytes.get(volume, 0)
+        return {
+            "job": record.job,
+            "source": f"{record.source_node}:{record.source_volume}",
+            "target": target,
+            "role": "target",
+            "mode": settings.mode if settings is not None else None,
+            "state": self._state(volume, record),
+            "data_state": _DATA_STATE_NAMES[record.data_state],
+            "out_of_sync_bytes": None,  # the source's intent log knows; ask it
+            "sent_bytes": None,
+            "received_bytes": received,
+            "queue_bytes": None,
+            "queue_limit_bytes": None,
+            "lag_s": None,
+            "throughput_bytes_per_s": None,
+            "compression": settings.compression if settings is not None else None,
+            "throttle": settings.throttle if settings is not None else None,
+            "resync": {"done_bytes": 0, "total_bytes": 0, "rate_bytes_per_s": 0, "eta_s": None},
+            "unlocked": record.unlocked,
+            "last_error": None,
+        }
+
+    def _state(self, volume: str, record: TargetRecord) -> str:
+        if volume in self.sessions:
+            return "Mirroring" if record.data_state == "UP_TO_DATE" else "Resyncing"
+        if record.paused:
+            return "Paused"
+        if record.data_state == "OUTDATED":
+            return "Broken"
+        return "Unknown"  # the source is not connected: only it knows
+
+    def jobs(self) -> list[JobRecord]:
+        """The jobs this node serves as a target, as their sources last described them."""
+        found: dict[str, JobRecord] = {}
+        for record in self.records.values():
+            job = record.job_record()
+            if job is not None:
+                found.setdefault(job.name, job)
+        return list(found.values())
 
     def _check(self, hello: pw.Hello) -> VolumeService | pw.Refuse:
         R = pw.RefuseReason
@@ -190,8 +346,13 @@ class Replicas:
 
     def release(self, volume: str) -> None:
         """The source deleted the mirror: unlock the volume, keep its data."""
-        self.records.pop(volume, None)
+        record = self.records.pop(volume, None)
+        self._unlocked_at.pop(volume, None)
+        self._shown.pop(volume, None)
         self.store.remove(volume)
+        if record is not None:
+            target = f"{self.node}:{volume}"
+            self.publish("destroy", "mirror", job=record.job, role="target", target=target)
         service = self.service(volume)
         if service is not None:
             service.unlock()
@@ -224,6 +385,7 @@ class ReplicaSession:
     def on_lost(self, link: PeerLink, reason: str) -> None:
         if self.volume is not None and self.replicas.sessions.get(self.volume) is self:
             del self.replicas.sessions[self.volume]
+            self.replicas.changed(self.volume)
 
     def _handshake(self, link: PeerLink, frame: pw.Frame) -> None:
         if not isinstance(frame, pw.Hello):
@@ -247,6 +409,7 @@ class ReplicaSession:
         self.volume = frame.volume
         self.link = link
         self.replicas.sessions[frame.volume] = self
+        self.replicas.changed(frame.volume)
         volume = self.service.volume
         link.send(
             pw.HelloOk(
@@ -332,6 +495,22 @@ class ReplicaSession:
             current_generation=frame.current_generation,
             previous_generation=frame.previous_generation,
         )
+        self._record(link, sequence, record)
+
+    def _job(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        assert isinstance(frame, pw.Job) and self.record is not None
+        try:
+            job = JobRecord.from_json(frame.document)
+        except ValueError as exc:
+            link.close(f"JOB frame {sequence}: bad job document: {exc}")
+            return
+        if job.name != self.record.job:
+            link.close(f"JOB frame {sequence}: job {job.name!r}, but this is {self.record.mirror}")
+            return
+        self._record(link, sequence, dataclasses.replace(self.record, job_document=frame.document))
+
+    def _record(self, link: PeerLink, sequence: int, record: TargetRecord) -> None:
+        """Rewrite this volume's record in the FIFO, after every earlier write; ACK it then."""
         volume = self.volume
         assert volume is not None
 
@@ -339,6 +518,7 @@ class ReplicaSession:
             self.replicas.store.save(volume, record)
 
         self.record = self.replicas.records[volume] = record
+        self.replicas.changed(volume)
         self._submit(link, sequence, save, durable=True)
 
     async def flush_and_leave(self) -> None:
@@ -366,6 +546,8 @@ class ReplicaSession:
         assert isinstance(frame, pw.Goodbye) and self.volume is not None
         if frame.reason == pw.GoodbyeReason.DELETED:
             self.replicas.release(self.volume)
+        elif frame.reason == pw.GoodbyeReason.PAUSED:
+            self.replicas.paused(self.volume)
         link.close(f"source said goodbye: {frame.reason.name} {frame.message}".strip())
 
     _APPLY: ClassVar[dict[type, Callable[[ReplicaSession, PeerLink, int, pw.Frame], None]]] = {
@@ -375,6 +557,25 @@ class ReplicaSession:
         pw.Trim: _trim,
         pw.Flush: _flush,
         pw.State: _state,
+        pw.Job: _job,
         pw.Ping: _ping,
         pw.Goodbye: _goodbye,
     }
+
+
+_DATA_STATE_NAMES = {
+    "UP_TO_DATE": "UpToDate",
+    "CONSISTENT": "Consistent",
+    "INCONSISTENT": "Inconsistent",
+    "OUTDATED": "Outdated",
+}
+
+
+def _mutations(service: VolumeService) -> int:
+    """Write, zero and trim requests the volume has served over NBD."""
+    ops = service.stats.ops
+    return ops["write"].requests + ops["zero"].requests + ops["trim"].requests
+
+
+def _ignore(*args: object, **fields: object) -> None:
+    return None

@@ -18,6 +18,11 @@ backstop every ``SYNC_INTERVAL`` (a periodic fdatasync of everything would stall
 
 A small write is written inline (a page-cache copy on the loop) while the volume's writer
 thread has nothing queued, as on an unmirrored volume; anything else goes to that thread.
+
+Mirrors come and go while writes flow (a target added to a job, a mirror deleted): each op
+remembers the mirrors it was submitted to (``op.mirrors``) and only those pin, ship and
+release it.  A new mirror starts with every region marked, so it needs none of the ops before
+it; a detached mirror gets no new ops, and ``drained`` waits until the ones it had are done.
 """
 
 from __future__ import annotations
@@ -40,17 +45,31 @@ LOOKAHEAD_EXTENTS = 8  # a sequential writer's next extents, activated with the 
 
 
 class Replication:
-    def __init__(self, service: VolumeService, mirrors: list[Mirror]) -> None:
+    def __init__(self, service: VolumeService) -> None:
         self.service = service
-        self.mirrors = mirrors
+        self.mirrors: tuple[Mirror, ...] = ()  # replaced, never changed: ops keep theirs
         self._queue: collections.deque[Op] = collections.deque()
-        extent = mirrors[0].store.activity_log.extent_bytes if mirrors else 1
-        self._extent_count = -(-service.volume.size // extent)
         self.in_flight: set[Op] = set()
         self._syncing = False
         self._sync_task: asyncio.Task[None] | None = None
-        for mirror in mirrors:
-            mirror.in_flight_ops = lambda: tuple(self.in_flight)
+
+    def add(self, mirror: Mirror) -> None:
+        """Ship every op submitted from now on to ``mirror`` too."""
+        if self.mirrors:
+            extent_bytes = self.mirrors[0].store.activity_log.extent_bytes
+            if mirror.store.activity_log.extent_bytes != extent_bytes:
+                raise ValueError("the mirrors of a volume must share their extent size")
+        mirror.in_flight_ops = lambda: tuple(self.in_flight)
+        self.mirrors = (*self.mirrors, mirror)
+
+    def detach(self, mirror: Mirror) -> None:
+        """Ship nothing more to ``mirror``; ops it already has still complete."""
+        self.mirrors = tuple(m for m in self.mirrors if m is not mirror)
+
+    async def drained(self, mirror: Mirror) -> None:
+        """Wait until no op submitted to ``mirror`` is queued or in flight."""
+        while any(mirror in op.mirrors for op in (*self._queue, *self.in_flight)):
+            await asyncio.sleep(0.01)
 
     def start(self) -> None:
         self._sync_task = asyncio.create_task(self._sync_periodically())
@@ -73,17 +92,20 @@ class Replication:
         on_done: Callable[[BaseException | None], None],
         recycle: Callable[[Buffer], None] | None = None,
     ) -> None:
-        op = Op(command, offset, length, payload, fua, may_trim, on_done=on_done)
+        mirrors = self.mirrors
+        op = Op(command, offset, length, payload, fua, may_trim, on_done=on_done, mirrors=mirrors)
         if recycle is not None:
-            op.recycle, op.holds = recycle, 1 + len(self.mirrors)
+            op.recycle, op.holds = recycle, 1 + len(mirrors)
         hot = True
-        if command != "flush" and self.mirrors:
-            op.extents = self.mirrors[0].store.activity_log.extents_of(offset, length)
-            for mirror in self.mirrors:
+        if command != "flush" and mirrors:
+            first = mirrors[0].store.activity_log
+            op.extents = first.extents_of(offset, length)
+            for mirror in mirrors:
                 log = mirror.store.activity_log
                 if not log.pin(op.extents):
                     hot = False
-                    log.anticipate(offset, length, LOOKAHEAD_EXTENTS, self._extent_count)
+                    extent_count = -(-self.service.volume.size // log.extent_bytes)
+                    log.anticipate(offset, length, LOOKAHEAD_EXTENTS, extent_count)
         if hot and not self._queue:  # the common case: nothing to wait for
             self._issue(op)
             return
@@ -93,7 +115,7 @@ class Replication:
     def _pump(self) -> None:
         while self._queue:
             head = self._queue[0]
-            waiting = [m for m in self.mirrors if not m.store.activity_log.ready(head.extents)]
+            waiting = [m for m in head.mirrors if not m.store.activity_log.ready(head.extents)]
             if waiting:
                 for mirror in waiting:
                     mirror.intent.write_snapshot(then=self._pump)
@@ -108,12 +130,12 @@ class Replication:
             reply(error)
 
         op.on_done = finished
-        op.parts = 1 + len(self.mirrors)
+        op.parts = 1 + len(op.mirrors)
         if op.is_flush:
-            op.durable_parts = 1 + len(self.mirrors)
+            op.durable_parts = 1 + len(op.mirrors)
             op.on_durable = lambda: self._released(op)
         self.in_flight.add(op)
-        for mirror in self.mirrors:  # ship first: an inline local write completes at once
+        for mirror in op.mirrors:  # ship first: an inline local write completes at once
             mirror.ship(op)
         if op.command == "write" and not op.fua and self._write_inline(op):
             return
@@ -123,7 +145,7 @@ class Replication:
 
     def _released(self, flush: Op) -> None:
         """``flush`` holds locally and on every target: the writes before it are durable."""
-        for mirror in self.mirrors:
+        for mirror in flush.mirrors:
             mirror.release_durable(flush)
 
     def _write_inline(self, op: Op) -> bool:

@@ -18,7 +18,6 @@ Progress (done bytes, a rate over the last few seconds, ETA) is kept here for ``
 from __future__ import annotations
 
 import asyncio
-import collections
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.mirror_state import MirrorState
+from volkeeper.core.stats import RateMeter
 from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import PeerLink
 
@@ -56,7 +56,7 @@ class Resync:
         self.link = link
         self.bitmap = mirror.store.bitmap
         self.done_bytes = 0
-        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._meter = RateMeter(RATE_WINDOW)
         self._chunks: list[Chunk] = []  # sent (or being read) since the last FLUSH
         self._reads = 0  # outstanding
         self._read_slot = asyncio.Event()
@@ -72,17 +72,10 @@ class Resync:
 
     def rate(self, now: float) -> float:
         """Bytes per second over the last RATE_WINDOW seconds."""
-        samples = self._samples
-        while len(samples) > 1 and now - samples[0][0] > RATE_WINDOW:
-            samples.popleft()
-        if not samples or now <= samples[0][0]:
-            return 0.0
-        return (self.done_bytes - samples[0][1]) / (now - samples[0][0])
+        return self._meter.rate(now, self.done_bytes)
 
     def _sample(self) -> None:
-        now = asyncio.get_running_loop().time()
-        if not self._samples or now - self._samples[-1][0] >= 0.25:
-            self._samples.append((now, self.done_bytes))
+        self._meter.sample(asyncio.get_running_loop().time(), self.done_bytes)
 
     # -- the walk ---------------------------------------------------------------------------
 

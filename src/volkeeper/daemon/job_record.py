@@ -1,0 +1,173 @@
+"""What a job is: its record, as kept on disk by every node that takes part and sent to targets.
+
+How this works: a ``JobRecord`` names the job, its source node, a description and its
+mirrors; a ``MirrorRecord`` is one source volume -> target volume with its own settings and
+the administrator's last word on it (``admin``: active, paused or broken), so a restart does
+not undo a pause.  Records are JSON; ``to_json``/``from_json`` go through a pydantic
+TypeAdapter in strict mode, so a file or a JOB frame with a wrong type is refused with the
+field it is about.  The source node keeps one file per job in ``state_dir/jobs``
+(``JobRecords``); targets keep the document inside their target records (daemon/replica.py).
+``check_mirror`` holds the rules every new or changed mirror must pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import structlog
+
+from volkeeper.core.compression_setting import parse_compression
+from volkeeper.errors import VolkeeperError
+from volkeeper.io import durable_files
+
+log = structlog.get_logger("volkeeper.jobs")
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+MODES = ("sync", "async")
+ADMIN_STATES = ("active", "paused", "broken")
+DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024  # async mode: bytes sent and not yet ACKed, at most
+MIN_QUEUE_LIMIT = 1024 * 1024
+MAX_DESCRIPTION = 1024
+
+
+class JobError(VolkeeperError):
+    """A refused job or mirror command; ``code`` is stable (not_found, conflict, ...)."""
+
+    def __init__(self, code: str, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.code, self.hint = code, hint
+
+
+@dataclass(frozen=True)
+class MirrorRecord:
+    source_volume: str
+    target_node: str
+    target_volume: str
+    mode: str = "sync"
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
+    compression: str = "none"
+    throttle: int | None = None  # bytes per second, None: unthrottled
+    admin: str = "active"  # or "paused" / "broken": the administrator's last word
+
+    @property
+    def target(self) -> str:
+        return f"{self.target_node}:{self.target_volume}"
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    name: str
+    source_node: str
+    mirrors: tuple[MirrorRecord, ...]
+    description: str = ""
+    declared: bool = False  # declared in the config file: a reload may change or delete it
+
+    def mirror(self, target: str) -> MirrorRecord | None:
+        return next((m for m in self.mirrors if m.target == target), None)
+
+    def with_mirror(self, mirror: MirrorRecord) -> JobRecord:
+        """This record with ``mirror`` added, or replacing the one with its target."""
+        kept = tuple(m for m in self.mirrors if m.target != mirror.target)
+        if len(kept) == len(self.mirrors):
+            return dataclasses.replace(self, mirrors=(*self.mirrors, mirror))
+        mirrors = tuple(mirror if m.target == mirror.target else m for m in self.mirrors)
+        return dataclasses.replace(self, mirrors=mirrors)
+
+    def without_mirror(self, target: str) -> JobRecord:
+        return dataclasses.replace(
+            self, mirrors=tuple(m for m in self.mirrors if m.target != target)
+        )
+
+    def to_json(self) -> str:
+        return _ADAPTER.dump_json(self).decode()
+
+    @staticmethod
+    def from_json(text: str | bytes) -> JobRecord:
+        """Raises ValueError naming the first bad field."""
+        try:
+            return _ADAPTER.validate_json(text, strict=True)
+        except pydantic.ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "document"
+            raise ValueError(f"{where}: {first['msg']}") from None
+
+
+_ADAPTER = pydantic.TypeAdapter(JobRecord)
+
+
+def check_name(name: str, what: str) -> None:
+    if not NAME.fullmatch(name):
+        raise JobError("bad_request", f"{what} {name!r} must match {NAME.pattern}")
+
+
+def split_volume(text: str, what: str) -> tuple[str, str]:
+    """``NODE:VOLUME`` -> (node, volume), both valid names."""
+    node, _, volume = text.partition(":")
+    if not NAME.fullmatch(node) or not NAME.fullmatch(volume):
+        raise JobError("bad_request", f"{what} must be NODE:VOLUME, got {text!r}")
+    return node, volume
+
+
+def check_settings(mirror: MirrorRecord) -> MirrorRecord:
+    """Mode, queue limit, compression and throttle; returns the record normalised."""
+    if mirror.mode not in MODES:
+        raise JobError(
+            "bad_request", f"mode must be one of {', '.join(MODES)}, got {mirror.mode!r}"
+        )
+    if mirror.queue_limit < MIN_QUEUE_LIMIT:
+        raise JobError(
+            "bad_request", f"queue limit must be at least 1 MiB, got {mirror.queue_limit}"
+        )
+    try:
+        compression = parse_compression(mirror.compression)
+    except ValueError as exc:
+        raise JobError("bad_request", f"compression: {exc}") from None
+    if mirror.throttle is not None and mirror.throttle <= 0:
+        raise JobError("bad_request", f"throttle must be a positive rate, got {mirror.throttle}")
+    if compression != "none" or mirror.throttle is not None:  # refused, not silently ignored
+        raise JobError(
+            "bad_request",
+            "compression and throttle are not applied by this version of the replication link",
+            "leave them at none / unthrottled",
+        )
+    return dataclasses.replace(mirror, compression=compression)
+
+
+def check_description(description: str) -> None:
+    if len(description) > MAX_DESCRIPTION:
+        raise JobError("bad_request", f"description is longer than {MAX_DESCRIPTION} characters")
+
+
+class JobRecords:
+    """``state_dir/jobs/NAME.json``: the jobs this node is the source of."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def load_all(self) -> list[JobRecord]:
+        records = []
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                records.append(JobRecord.from_json(path.read_bytes()))
+            except (OSError, ValueError) as exc:  # one bad file must not stop the node
+                log.error("job record unreadable: job not started", path=str(path), error=str(exc))
+        return records
+
+    def save(self, record: JobRecord) -> None:
+        durable_files.write_json(self._path(record.name), _as_document(record))
+
+    def remove(self, name: str) -> None:
+        durable_files.remove(self._path(name))
+
+    def _path(self, name: str) -> Path:
+        return self.directory / f"{name}.json"
+
+
+def _as_document(record: JobRecord) -> Any:
+    return _ADAPTER.dump_python(record, mode="json")

@@ -1,0 +1,127 @@
+"""What an administrator may ask of jobs, checked before anything is written or sent.
+
+How this works: a ``JobRequest`` (API body, CLI options or a config ``[[job]]``) names
+mirrors as ``MirrorRequest``s; ``check_mirrors`` turns them into ``MirrorRecord``s or raises
+``JobError`` naming the rule broken: the source is a volume of this node that is not a
+mirror target here and not the source of another job; the target is on a known peer and
+not already the target of a mirror (the target node checks its side when claimed); the
+settings are valid.  ``check_command`` asks the state table whether a mirror may take a
+command, so a command on several mirrors is refused before any of them changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from volkeeper.core.bitmap import MIN_REGION_SIZE, image_size
+from volkeeper.core.mirror_state import IllegalTransition, MirrorEvent, MirrorState, next_state
+from volkeeper.daemon.job_record import (
+    DEFAULT_QUEUE_LIMIT,
+    JobError,
+    JobRecord,
+    MirrorRecord,
+    check_settings,
+    split_volume,
+)
+
+
+@dataclass(frozen=True)
+class MirrorRequest:
+    """One mirror an administrator asks for."""
+
+    source: str  # NODE:VOLUME on this node
+    target: str  # NODE:VOLUME on a peer
+    mode: str = "sync"
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
+    region_size: int = MIN_REGION_SIZE
+    compression: str = "none"
+    throttle: int | None = None
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    name: str
+    mirrors: tuple[MirrorRequest, ...]
+    description: str = ""
+    confirm: bool = False  # the full resync overwrites the targets
+    declared: bool = False  # from the config file: confirmed by being written there
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the rules need to know of the node."""
+
+    name: str
+    volumes: Iterable[str]
+    peers: Iterable[str]
+    is_target: Callable[[str], bool]
+
+
+def check_mirrors(
+    requests: tuple[MirrorRequest, ...],
+    node: NodeFacts,
+    records: Iterable[JobRecord],
+    job: str | None = None,
+) -> list[MirrorRecord]:
+    """``job``: the job the mirrors are added to (its own source volume is fine)."""
+    others = [record for record in records if record.name != job]
+    taken = {m.target: f"job {r.name!r}" for r in records for m in r.mirrors}
+    mirrors: list[MirrorRecord] = []
+    for request in requests:
+        source, target = request.source, request.target
+        source_node, source_volume = split_volume(source, "source")
+        target_node, target_volume = split_volume(target, "target")
+        if source_node != node.name:
+            raise JobError(
+                "bad_request", f"source {source} is not on this node ({node.name})",
+                "send the request to the source node",
+            )  # fmt: skip
+        if source_volume not in node.volumes:
+            raise JobError("not_found", f"node {node.name} has no volume {source_volume!r}")
+        if node.is_target(source_volume):
+            raise JobError("conflict", f"{source} is a mirror target; it cannot be a source too")
+        if target_node not in node.peers:
+            known = ", ".join(node.peers) or "none"
+            raise JobError("not_found", f"node {target_node!r} is not in [peers] (known: {known})")
+        if target in taken:
+            raise JobError("conflict", f"{target} is already a target of {taken[target]}")
+        owner = next(
+            (r.name for r in others for m in r.mirrors if m.source_volume == source_volume), None
+        )
+        if owner is not None:
+            raise JobError(
+                "conflict", f"{source} is already the source of job {owner!r}",
+                f"add the target to that job: volkeeper job add-target {owner} --target {target}",
+            )  # fmt: skip
+        try:
+            image_size(MIN_REGION_SIZE, request.region_size)  # the bitmap's own check
+        except ValueError as exc:
+            raise JobError("bad_request", f"region_size: {exc}") from None
+        record = MirrorRecord(
+            source_volume, target_node, target_volume, request.mode, request.queue_limit,
+            request.compression, request.throttle,
+        )  # fmt: skip
+        mirrors.append(check_settings(record))
+        taken[target] = "this request"
+    return mirrors
+
+
+def check_command(job: str, target: str, state: MirrorState, action: str, full: bool) -> None:
+    """Refuse ``action`` on a mirror in ``state`` if the state table does not allow it."""
+    event = {"pause": MirrorEvent.PAUSE, "break": MirrorEvent.BREAK}.get(action)
+    if action == "resync" and full:
+        event = MirrorEvent.FULL_RESYNC
+    elif action in ("continue", "resync") and state in (MirrorState.PAUSED, MirrorState.BROKEN):
+        event = MirrorEvent.CONTINUE
+    if event is None:
+        return
+    try:
+        next_state(state, event)
+    except IllegalTransition:
+        what = "resync (without --full)" if action == "resync" else action
+        raise JobError(
+            "conflict",
+            f"cannot {what} the mirror of job {job!r} to {target}: it is {state.value}",
+            "only `mirror resync --full` repairs a Broken mirror",
+        ) from None
