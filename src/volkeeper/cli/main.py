@@ -91,15 +91,24 @@ def status(
         else:
             Console().print(_status_view(document))
         return
-    with Live(_status_view(client.get("/status")), auto_refresh=False) as live:
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: one status after the other, like a log
+        while True:
+            console.print(Text(time.strftime("%Y-%m-%d %H:%M:%S"), style="bold"))
+            console.print(_watched(client))
+            sys.stdout.flush()
+            time.sleep(max(0.1, interval))
+    with Live(_watched(client), console=console, auto_refresh=False) as live:
         while True:  # until Ctrl-C; a node that stops answering is shown, not fatal
             time.sleep(max(0.1, interval))
-            view: Group | Text
-            try:
-                view = _status_view(client.get("/status"))
-            except CliError as exc:
-                view = Text(f"{time.strftime('%H:%M:%S')} {exc}", style="red")
-            live.update(view, refresh=True)
+            live.update(_watched(client), refresh=True)
+
+
+def _watched(client: ControlClient) -> Group | Text:
+    try:
+        return _status_view(client.get("/status"))
+    except CliError as exc:
+        return Text(f"{time.strftime('%H:%M:%S')} {exc}", style="red")
 
 
 @app.command()
@@ -406,7 +415,7 @@ def _volume_table(volumes: list[dict[str, Any]]) -> Table:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a typer.Exit(n) comes back as n here
     except VolkeeperError as exc:
         _report(str(exc), 2 if type(exc).__name__ == "ConfigError" else 1)
     except typer.Exit as exc:
@@ -420,6 +429,7 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def _report(message: str, code: int) -> None:

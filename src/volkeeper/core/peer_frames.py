@@ -23,6 +23,10 @@ Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-
     REFUSE       t->s  u16 RefuseReason, UTF-8 message (rest of body, <= 4096 bytes)
     WRITE        s->t  u64 offset, data (rest of body)          flags: FUA
     RESYNC_DATA  s->t  same as WRITE; a resync block, not an application write
+    WRITE_Z      s->t  COMPRESSED_HEAD: u64 offset, u8 Codec, u32 raw length; then the
+                       compressed data (rest of body): a WRITE whose data was compressed
+                                                                  flags: FUA
+    RESYNC_Z     s->t  same as WRITE_Z, for RESYNC_DATA
     ZERO         s->t  RANGE: u64 offset, u64 length              flags: FUA, MAY_TRIM
     TRIM         s->t  RANGE                                      flags: FUA
     FLUSH        s->t  empty: a barrier, every earlier write durable before its ACK
@@ -69,6 +73,9 @@ STR_LEN = struct.Struct(">H")
 REASON = struct.Struct(">H")
 # WRITE / RESYNC_DATA: u64 offset; the data is the rest of the body.
 DATA_OFFSET = struct.Struct(">Q")
+# WRITE_Z / RESYNC_Z: u64 offset, u8 Codec, u32 length of the data once decompressed; the
+# compressed data is the rest of the body.
+COMPRESSED_HEAD = struct.Struct(">QBI")
 # ZERO / TRIM: u64 offset, u64 length.
 RANGE = struct.Struct(">QQ")
 # ACK: u64 acknowledged sequence (of the peer's frame), u32 errno (0 = success).
@@ -104,6 +111,8 @@ class FrameType(enum.IntEnum):
     GOODBYE = 12
     STATE = 13
     JOB = 14
+    WRITE_Z = 15
+    RESYNC_Z = 16
 
 
 class Role(enum.IntEnum):
@@ -117,6 +126,14 @@ class DataState(enum.IntEnum):
     CONSISTENT = 1
     INCONSISTENT = 2
     OUTDATED = 3
+
+
+class Codec(enum.IntEnum):
+    """How a WRITE_Z / RESYNC_Z payload is compressed (the level is the sender's business)."""
+
+    ZLIB = 1
+    ZSTD = 2
+    LZ4 = 3  # lz4 block format, no size prefix (the frame carries the raw length)
 
 
 class RefuseReason(enum.IntEnum):
@@ -275,6 +292,46 @@ class ResyncData(_DataFrame):
     TYPE: ClassVar[FrameType] = FrameType.RESYNC_DATA
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class _CompressedFrame:
+    """COMPRESSED_HEAD + compressed data: the layout WRITE_Z and RESYNC_Z share."""
+
+    TYPE: ClassVar[FrameType]
+    offset: int
+    codec: Codec
+    raw_length: int  # of the data once decompressed
+    data: Buffer  # compressed
+    fua: bool = False
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        size = self.data.nbytes if isinstance(self.data, memoryview) else len(self.data)
+        if self.raw_length > MAX_PAYLOAD or size > MAX_PAYLOAD:
+            raise ValueError(f"{self.TYPE.name} of {self.raw_length} bytes exceeds {MAX_PAYLOAD}")
+        head = HEADER.pack(
+            MAGIC, self.TYPE, FUA if self.fua else 0, COMPRESSED_HEAD.size + size, sequence
+        ) + COMPRESSED_HEAD.pack(self.offset, self.codec, self.raw_length)
+        hasher = xxh3_64(head)
+        hasher.update(self.data)
+        return [head, self.data, hasher.digest()]
+
+    def __repr__(self) -> str:
+        size = self.data.nbytes if isinstance(self.data, memoryview) else len(self.data)
+        return (
+            f"{type(self).__name__}(offset={self.offset}, codec={self.codec.name}, "
+            f"raw_length={self.raw_length}, data=<{size} bytes>, fua={self.fua})"
+        )
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class WriteCompressed(_CompressedFrame):
+    TYPE: ClassVar[FrameType] = FrameType.WRITE_Z
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class ResyncCompressed(_CompressedFrame):
+    TYPE: ClassVar[FrameType] = FrameType.RESYNC_Z
+
+
 @dataclass(frozen=True, slots=True)
 class Zero:
     TYPE: ClassVar[FrameType] = FrameType.ZERO
@@ -395,6 +452,8 @@ Frame: TypeAlias = (
     | Goodbye
     | State
     | Job
+    | WriteCompressed
+    | ResyncCompressed
 )
 
 
@@ -412,6 +471,7 @@ class FrameEncoder:
 __all__ = [
     "ACK_BODY",
     "CHECKSUM",
+    "COMPRESSED_HEAD",
     "DATA_OFFSET",
     "DIRECT_MIN",
     "DURABLE",
@@ -435,6 +495,7 @@ __all__ = [
     "TOKEN",
     "Ack",
     "Buffer",
+    "Codec",
     "DataState",
     "Flush",
     "Frame",
@@ -449,11 +510,13 @@ __all__ = [
     "Pong",
     "Refuse",
     "RefuseReason",
+    "ResyncCompressed",
     "ResyncData",
     "Role",
     "State",
     "Trim",
     "Write",
+    "WriteCompressed",
     "Zero",
     "choose_version",
 ]

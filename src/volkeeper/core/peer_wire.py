@@ -110,6 +110,22 @@ def _resync_data(body: memoryview, flags: int) -> ResyncData:
     return ResyncData(offset, bytes(body[DATA_OFFSET.size :]), flags == FUA)
 
 
+def _compressed_fields(body: memoryview, flags: int) -> tuple[int, Codec, int, bytes, bool]:
+    offset, codec, raw_length = COMPRESSED_HEAD.unpack_from(body)
+    if raw_length > MAX_PAYLOAD:
+        raise _Bad(f"raw length {raw_length} exceeds {MAX_PAYLOAD}")
+    data = bytes(body[COMPRESSED_HEAD.size :])
+    return offset, _enum(Codec, codec, "codec"), raw_length, data, flags == FUA
+
+
+def _write_z(body: memoryview, flags: int) -> WriteCompressed:
+    return WriteCompressed(*_compressed_fields(body, flags))
+
+
+def _resync_z(body: memoryview, flags: int) -> ResyncCompressed:
+    return ResyncCompressed(*_compressed_fields(body, flags))
+
+
 def _zero(body: memoryview, flags: int) -> Zero:
     offset, length = RANGE.unpack_from(body)
     return Zero(offset, length, fua=bool(flags & FUA), may_trim=bool(flags & MAY_TRIM))
@@ -166,6 +182,20 @@ _LAYOUTS: dict[int, _Layout] = {
     _T.GOODBYE: _Layout("GOODBYE", REASON.size, REASON.size + MAX_MESSAGE, 0, _goodbye),
     _T.STATE: _Layout("STATE", STATE_BODY.size, STATE_BODY.size, 0, _state),
     _T.JOB: _Layout("JOB", 0, MAX_JOB_DOCUMENT, 0, lambda b, f: Job(_utf8(b, "job document"))),
+    _T.WRITE_Z: _Layout(
+        "WRITE_Z",
+        COMPRESSED_HEAD.size,
+        COMPRESSED_HEAD.size + MAX_PAYLOAD,
+        FUA,
+        _write_z,
+    ),
+    _T.RESYNC_Z: _Layout(
+        "RESYNC_Z",
+        COMPRESSED_HEAD.size,
+        COMPRESSED_HEAD.size + MAX_PAYLOAD,
+        FUA,
+        _resync_z,
+    ),
 }
 _MAGIC_BYTES = MAGIC.to_bytes(4, "big")
 _TRAILER = HEADER.size + CHECKSUM.size  # bytes of a frame besides its body

@@ -129,12 +129,6 @@ def check_settings(mirror: MirrorRecord) -> MirrorRecord:
         raise JobError("bad_request", f"compression: {exc}") from None
     if mirror.throttle is not None and mirror.throttle <= 0:
         raise JobError("bad_request", f"throttle must be a positive rate, got {mirror.throttle}")
-    if compression != "none" or mirror.throttle is not None:  # refused, not silently ignored
-        raise JobError(
-            "bad_request",
-            "compression and throttle are not applied by this version of the replication link",
-            "leave them at none / unthrottled",
-        )
     return dataclasses.replace(mirror, compression=compression)
 
 

@@ -68,6 +68,7 @@ from volkeeper.io.workers import IoWorkers
 log = structlog.get_logger("volkeeper.jobs")
 
 STOP_SYNC_TIMEOUT = 10.0
+COMPRESSION_THREADS = 2  # the codecs release the GIL: one per core here
 DRAIN_TIMEOUT = 10.0
 Publish = Callable[..., None]
 
@@ -106,6 +107,7 @@ class Jobs:
         self.peers = peers
         self.services = services
         self.readers = readers
+        self.compressors = IoWorkers(COMPRESSION_THREADS, "volkeeper-compress")
         self.is_target = is_target
         self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
         self.publish: Publish = publish or _ignore
@@ -146,6 +148,7 @@ class Jobs:
                 await asyncio.wait_for(replication.sync(), STOP_SYNC_TIMEOUT)
         for key in list(self.running):
             await self._stop_mirror(key, None)
+        self.compressors.shutdown()
 
     # -- creating ---------------------------------------------------------------------------
 
@@ -269,7 +272,9 @@ class Jobs:
             return
         spec = self._spec(record.name, mirror_record)
         state = _ADMIN_STATES.get(mirror_record.admin, MirrorState.RESYNC_PENDING)
-        mirror = Mirror(spec, self.node, service, store, self.readers, self.tls, state)
+        mirror = Mirror(
+            spec, self.node, service, store, self.readers, self.compressors, self.tls, state
+        )
         mirror.job_document = lambda: self.records[record.name].to_json()
         mirror.on_state = self._state_changed
         replication = self.replications.get(service.name)
@@ -546,6 +551,7 @@ def _unknown_view(
     return {
         "job": record.name, "source": source, "target": mirror.target, "role": "source",
         "mode": mirror.mode, "state": "Unknown", "out_of_sync_bytes": None, "sent_bytes": 0,
+        "wire_bytes": 0, "compression_ratio": None,
         "queue_bytes": 0, "queue_limit_bytes": None, "lag_s": 0.0, "throughput_bytes_per_s": 0,
         "compression": mirror.compression, "throttle": mirror.throttle,
         "resync": {"done_bytes": 0, "total_bytes": 0, "rate_bytes_per_s": 0, "eta_s": None},

@@ -98,6 +98,11 @@ class MirrorCollector(Collector):
         sent = CounterMetricFamily(
             "volkeeper_mirror_sent_bytes", "Write and resync payload bytes sent", labels=labels
         )
+        wire = CounterMetricFamily(
+            "volkeeper_mirror_wire_bytes",
+            "Write and resync payload bytes put on the wire (after compression)",
+            labels=labels,
+        )
         queue = GaugeMetricFamily(
             "volkeeper_mirror_queue_bytes", "Write bytes sent, not yet acknowledged", labels=labels
         )
@@ -125,6 +130,7 @@ class MirrorCollector(Collector):
                 state.add_metric([*key, each.value], 1 if mirror.state is each else 0)
             out_of_sync.add_metric(key, view["out_of_sync_bytes"])
             sent.add_metric(key, view["sent_bytes"])
+            wire.add_metric(key, view["wire_bytes"])
             queue.add_metric(key, view["queue_bytes"])
             lag.add_metric(key, view["lag_s"])
             overflows.add_metric(key, mirror.overflows)
@@ -138,7 +144,7 @@ class MirrorCollector(Collector):
         )
         for volume, source, count in self._received():
             received.add_metric([volume, source], count)
-        yield from (state, out_of_sync, sent, queue, lag, overflows, resync_done, resync_rate)
+        yield from (state, out_of_sync, sent, wire, queue, lag, overflows, resync_done, resync_rate)
         yield from (ack, received)
 
 

@@ -47,7 +47,9 @@ from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
 from volkeeper.daemon.op import Op, frame_of
 from volkeeper.daemon.peer_session import open_session
 from volkeeper.daemon.resync import Resync
+from volkeeper.daemon.sender import Sender
 from volkeeper.errors import PeerError
+from volkeeper.io.codecs import compressor_for
 from volkeeper.io.intent_store import Generations, IntentStore
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
@@ -94,6 +96,15 @@ def hello_for(
     )
 
 
+@dataclass(slots=True)
+class Pending:
+    """An op given to the link: sent (at ``sent_at``) or queued in the sender."""
+
+    op: Op
+    owed: bool  # the op's reply waits for the ACK (sync mode when it was sent)
+    sent_at: float = 0.0
+
+
 class Mirror:
     def __init__(
         self,
@@ -102,6 +113,7 @@ class Mirror:
         service: VolumeService,
         store: IntentStore,
         readers: IoWorkers,
+        compressors: IoWorkers,
         tls: ssl.SSLContext | None = None,
         state: MirrorState = MirrorState.RESYNC_PENDING,
     ) -> None:
@@ -110,10 +122,13 @@ class Mirror:
         self.service = service
         self.store = store
         self.readers = readers
+        self.compressors = compressors
         self.tls = tls
         self.state = state
         self.asynchronous = spec.mode == "async"
         self.link: PeerLink | None = None
+        self.sender: Sender | None = None  # the link's ordered, compressed, throttled way out
+        self._earlier_wire_bytes = 0  # of links before this one
         self.resync: Resync | None = None
         self.last_error = ""
         self.sent_bytes = 0  # write and resync payload bytes shipped
@@ -124,7 +139,7 @@ class Mirror:
         self.on_state: Callable[[Mirror, MirrorState, MirrorEvent], None] = _no_callback
         self.job_document: Callable[[], str] = str  # the job record sent to the target
         self.intent = IntentWriter(store, f"{spec.job} -> {spec.target}", self._break)
-        self._pending: dict[int, tuple[Op, float, bool]] = {}  # sequence -> op, sent, reply owed
+        self._pending: dict[int, Pending] = {}  # frame sequence ->
         # ACKed, not yet known durable on the target: (sequence, offset, length, extents) --
         # not the op, whose payload must not be kept alive until the next flush
         self._undurable: list[tuple[int, int, int, range]] = []
@@ -193,6 +208,9 @@ class Mirror:
         )  # fmt: skip
         self._last_heard = self._clock()
         self.link = link
+        self.sender = Sender(
+            link, self.compressors, compressor_for(self.spec.compression), self.spec.throttle
+        )
         if not link.is_open:  # lost before it was ours: _on_lost ignored it
             raise PeerError("link lost during the handshake")
         await self._admitted(link, answer)
@@ -232,7 +250,7 @@ class Mirror:
         else:
             self._set(MirrorEvent.CONNECTED_CLEAN)
             if ok.data_state != pw.DataState.UP_TO_DATE:
-                link.send(pw.State(pw.DataState.UP_TO_DATE, current, 0))
+                self._sender().send(pw.State(pw.DataState.UP_TO_DATE, current, 0))
 
     def _on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
         self._last_heard = self._clock()
@@ -251,23 +269,26 @@ class Mirror:
             return
         self.link = None
         self.last_error = reason
+        unsent = self._sender().abandon()
+        self._earlier_wire_bytes += self._sender().wire_bytes
+        self.sender = None
         if self.resync is not None:
-            self.resync.lost(reason)
+            self.resync.lost(reason, unsent)
             self.resync = None
         if self.state in _SENDING and not self._stopping:  # stopping is no "target lost"
             self._set(MirrorEvent.DISCONNECTED)
-        pending = list(self._pending.values())
-        flushes = [op for op, _, _ in pending if op.is_flush]
-        lost = [(op.offset, op.length, op.extents) for op, _, _ in pending if not op.is_flush]
+        pending = [*self._pending.values(), *(p for p in unsent if isinstance(p, Pending))]
+        flushes = [p.op for p in pending if p.op.is_flush]
+        lost = [(p.op.offset, p.op.length, p.op.extents) for p in pending if not p.op.is_flush]
         lost += [(offset, length, extents) for _, offset, length, extents in self._undurable]
         self._pending.clear()
         self._undurable.clear()
         self.queued_bytes = 0
         for offset, length, _ in lost:
             self.store.bitmap.mark(offset, length)
-        for op, _, owed in pending:  # the marks cover them: the replies need not wait
-            if owed:
-                op.part_done()
+        for entry in pending:  # the marks cover them: the replies need not wait
+            if entry.owed:
+                entry.op.part_done()
 
         def durable() -> None:
             for _, _, extents in lost:
@@ -285,7 +306,7 @@ class Mirror:
         link = self.link
         if link is not None and self.state in _SENDING and link.is_open:
             if not (self.asynchronous and self._queue_full(op)):
-                self._send(link, op)
+                self._send(op)
                 return
             self._overflow(link)
         if op.is_flush:  # the writes it covers are marked: nothing to make durable there
@@ -298,16 +319,8 @@ class Mirror:
         else:
             self._mark(op)
 
-    def _send(self, link: PeerLink, op: Op) -> None:
-        sequence = link.send(frame_of(op))
-        if op.is_flush:
-            if op.sequences is None:
-                op.sequences = {}
-            op.sequences[self.spec.target] = sequence
+    def _send(self, op: Op) -> None:
         owed = not self.asynchronous
-        if owed:
-            link.push()
-        self._pending[sequence] = (op, self._clock(), owed)
         size = len(op.payload)
         self.queued_bytes += size
         self.sent_bytes += size
@@ -315,6 +328,23 @@ class Mirror:
             self.resync.note_race(op)
         if not owed:
             op.part_done()
+        self._sender().send(frame_of(op), size, self._sent, Pending(op, owed))
+
+    def _sent(self, pending: Pending, sequence: int) -> None:
+        """``pending``'s frame is on the link as ``sequence``."""
+        op = pending.op
+        if op.is_flush:
+            if op.sequences is None:
+                op.sequences = {}
+            op.sequences[self.spec.target] = sequence
+        if pending.owed:
+            self._sender().link.push()
+        pending.sent_at = self._clock()
+        self._pending[sequence] = pending
+
+    def _sender(self) -> Sender:
+        assert self.sender is not None, "no link"
+        return self.sender
 
     def _queue_full(self, op: Op) -> bool:
         return not op.is_flush and self.queued_bytes + len(op.payload) > self.spec.queue_limit
@@ -354,14 +384,14 @@ class Mirror:
             link.close(f"{self.spec.target} failed to apply frame {ack.sequence}: {why}")
             return
         del self._pending[ack.sequence]
-        op, sent_at, owed = entry
+        op = entry.op
         size = len(op.payload)
         self.queued_bytes -= size
-        self.ack_latency.observe(size, self._clock() - sent_at)
+        self.ack_latency.observe(size, self._clock() - entry.sent_at)
         if not op.is_flush:
             self._undurable.append((ack.sequence, op.offset, op.length, op.extents))
             op.release_payload()
-        if owed:
+        if entry.owed:
             op.part_done()
         if op.is_flush:
             op.durable_done()
@@ -380,6 +410,11 @@ class Mirror:
         self._undurable = keep
 
     @property
+    def wire_bytes(self) -> int:
+        """Payload bytes put on the wire (after compression), over every link so far."""
+        return self._earlier_wire_bytes + (self.sender.wire_bytes if self.sender else 0)
+
+    @property
     def undurable_writes(self) -> int:
         return len(self._undurable)
 
@@ -388,15 +423,16 @@ class Mirror:
         """Age of the oldest write sent and not yet ACKed (async mode's lag)."""
         if not self._pending:
             return 0.0
-        _, sent_at, _ = next(iter(self._pending.values()))
-        return max(0.0, self._clock() - sent_at)
+        oldest = next(iter(self._pending.values()))
+        return max(0.0, self._clock() - oldest.sent_at)
 
     # -- resync -------------------------------------------------------------------------------
 
     def _start_resync(self, link: PeerLink) -> None:
         """The target gets marked regions from now on: its copy is Inconsistent until done."""
-        link.send(pw.State(pw.DataState.INCONSISTENT, self.store.generations.current, 0))
-        self.resync = Resync(self, link)
+        sender = self._sender()
+        sender.send(pw.State(pw.DataState.INCONSISTENT, self.store.generations.current, 0))
+        self.resync = Resync(self, link, sender)
         self._resync_task = asyncio.create_task(self.resync.run())
         self._resync_task.add_done_callback(self._resync_ended)
 
@@ -456,12 +492,14 @@ class Mirror:
         keep the terms they were sent on (a sync op still waits for its ACK)."""
         self.spec = spec
         self.asynchronous = spec.mode == "async"
+        if self.sender is not None:
+            self.sender.configure(compressor_for(spec.compression), spec.throttle)
 
     def announce(self) -> None:
         """Send the job's record to the target (after HELLO_OK, and when the job changed)."""
-        link, document = self.link, self.job_document()
-        if link is not None and link.is_open and document:
-            link.send(pw.Job(document))
+        sender, document = self.sender, self.job_document()
+        if sender is not None and sender.link.is_open and document:
+            sender.send(pw.Job(document))
 
     def drop_link(self, message: str) -> None:
         """Close the link (it reconnects, to the spec's address, after the backoff)."""
@@ -514,6 +552,8 @@ class Mirror:
             "state": self.state.value,
             "out_of_sync_bytes": out_of_sync,
             "sent_bytes": self.sent_bytes,
+            "wire_bytes": self.wire_bytes,
+            "compression_ratio": _ratio(self.sent_bytes, self.wire_bytes),
             "queue_bytes": self.queued_bytes,
             "queue_limit_bytes": self.spec.queue_limit if self.asynchronous else None,
             "lag_s": round(self.lag_seconds, 3),
@@ -536,6 +576,10 @@ class Mirror:
             },
             "last_error": self.last_error or None,
         }
+
+
+def _ratio(before: int, after: int) -> float | None:
+    return round(before / after, 2) if after else None
 
 
 def _no_callback(mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:

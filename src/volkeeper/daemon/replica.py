@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +47,9 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.daemon.job_record import JobError, JobRecord
-from volkeeper.errors import VolumeError
+from volkeeper.errors import ProtocolError, VolumeError
 from volkeeper.io import durable_files
+from volkeeper.io.codecs import decompress
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 
@@ -185,7 +187,8 @@ class Replicas:
         command = f"volkeeper mirror pause {record.job} --target {where}"
         hint = f"pause it on {record.source_node}: {command}"
         if volume in self.sessions:
-            raise JobError("conflict", f"cannot unlock {where}: {record.mirror} is connected", hint)
+            connected = f"{record.mirror} is connected (unlock only while Paused)"
+            raise JobError("conflict", f"cannot unlock {where}: {connected}", hint)
         if not record.paused:
             raise JobError(
                 "conflict",
@@ -265,6 +268,8 @@ class Replicas:
             "data_state": _DATA_STATE_NAMES[record.data_state],
             "out_of_sync_bytes": None,  # the source's intent log knows; ask it
             "sent_bytes": None,
+            "wire_bytes": None,
+            "compression_ratio": None,
             "received_bytes": received,
             "queue_bytes": None,
             "queue_limit_bytes": None,
@@ -440,6 +445,9 @@ class ReplicaSession:
             if isinstance(error, VolumeError):
                 code = error.errno
                 log.error("applying a mirror frame failed", sequence=sequence, error=str(error))
+            elif isinstance(error, ProtocolError):  # compressed data that does not decompress
+                code = errno.EBADMSG
+                log.error("a mirror frame's data is corrupt", sequence=sequence, error=str(error))
             elif error is not None:
                 code = 5
                 log.error("applying a mirror frame crashed", sequence=sequence, error=repr(error))
@@ -472,6 +480,20 @@ class ReplicaSession:
             link, sequence, service.write, frame.offset, frame.data, frame.fua,
             durable=frame.fua, recycle=data,
         )  # fmt: skip
+
+    def _write_compressed(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        """Decompressed on the volume's writer thread, in its place in the FIFO."""
+        assert isinstance(frame, pw.WriteCompressed | pw.ResyncCompressed)
+        service = self.service
+        assert service is not None
+        received = self.replicas.received_bytes
+        received[service.name] = received.get(service.name, 0) + frame.raw_length
+
+        def write() -> None:
+            data = decompress(frame.codec, bytes(frame.data), frame.raw_length)
+            service.write(frame.offset, data, frame.fua)
+
+        self._submit(link, sequence, write, durable=frame.fua)
 
     def _zero(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Zero) and self.service is not None
@@ -553,6 +575,8 @@ class ReplicaSession:
     _APPLY: ClassVar[dict[type, Callable[[ReplicaSession, PeerLink, int, pw.Frame], None]]] = {
         pw.Write: _write,
         pw.ResyncData: _write,
+        pw.WriteCompressed: _write_compressed,
+        pw.ResyncCompressed: _write_compressed,
         pw.Zero: _zero,
         pw.Trim: _trim,
         pw.Flush: _flush,

@@ -32,6 +32,7 @@ from volkeeper.io.peer_link import PeerLink
 if TYPE_CHECKING:
     from volkeeper.daemon.mirror import Mirror
     from volkeeper.daemon.op import Op
+    from volkeeper.daemon.sender import Sender
 
 log = structlog.get_logger("volkeeper.resync")
 
@@ -51,9 +52,10 @@ class Chunk:
 
 
 class Resync:
-    def __init__(self, mirror: Mirror, link: PeerLink) -> None:
+    def __init__(self, mirror: Mirror, link: PeerLink, sender: Sender) -> None:
         self.mirror = mirror
         self.link = link
+        self.sender = sender  # frames go out through it, in order with application writes
         self.bitmap = mirror.store.bitmap
         self.done_bytes = 0
         self._meter = RateMeter(RATE_WINDOW)
@@ -104,7 +106,7 @@ class Resync:
             self._read_slot.clear()
             await self._read_slot.wait()
         self._check()
-        await self.link.drained()
+        await self.sender.drained()
         self._check()
 
     def _check(self) -> None:
@@ -141,7 +143,7 @@ class Resync:
     def _ship(self, chunk: Chunk, data: bytes | bytearray) -> None:
         if not self.link.is_open:
             return
-        self.link.send(pw.ResyncData(chunk.offset, data))
+        self.sender.send(pw.ResyncData(chunk.offset, data), chunk.length)
         self.mirror.sent_bytes += chunk.length
         self.done_bytes += chunk.length
         self._sample()
@@ -172,8 +174,11 @@ class Resync:
     async def _ask(self, frame: pw.Frame) -> int:
         """Send ``frame`` and wait for the target's ACK; returns its errno."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.acks[self.link.send(frame)] = future
+        self.sender.send(frame, 0, self._asked, future)
         return await future
+
+    def _asked(self, future: asyncio.Future[int], sequence: int) -> None:
+        self.acks[sequence] = future
 
     # -- from the mirror ----------------------------------------------------------------------
 
@@ -185,9 +190,10 @@ class Resync:
             future.set_result(ack.errno)
         return True
 
-    def lost(self, reason: str) -> None:
-        for future in self.acks.values():
-            if not future.done():
+    def lost(self, reason: str, unsent: list[object]) -> None:
+        """The link is gone; ``unsent``: what the sender still held (our questions too)."""
+        for future in [*self.acks.values(), *unsent]:
+            if isinstance(future, asyncio.Future) and not future.done():
                 future.set_exception(PeerError(reason))
         self.acks.clear()
         self._chunks.clear()
