@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.peer_wire import (
     Ack,
+    Codec,
     DataState,
     Flush,
     Frame,
@@ -38,11 +39,13 @@ from volkeeper.core.peer_wire import (
     Pong,
     Refuse,
     RefuseReason,
+    ResyncCompressed,
     ResyncData,
     Role,
     State,
     Trim,
     Write,
+    WriteCompressed,
     Zero,
     choose_version,
 )
@@ -175,6 +178,8 @@ SAMPLES: list[Frame] = [
     Goodbye(GoodbyeReason.SHUTDOWN, "daemon stopping — à bientôt"),
     State(DataState.UP_TO_DATE, 0xAAAA, 0xBBBB),
     Job('{"name": "web", "description": "web server — à jour"}'),
+    WriteCompressed(8192, Codec.ZSTD, 65536, b"\x28\xb5\x2f\xfd" + bytes(40), fua=True),
+    ResyncCompressed(1 << 20, Codec.LZ4, 4096, bytes(range(200))),
 ]  # fmt: skip
 
 
@@ -360,6 +365,13 @@ def test_write_layout_matches_the_spec() -> None:
         (Goodbye(GoodbyeReason.PAUSED, ""), 12, 0, b"\x00\x02"),
         (State(DataState.INCONSISTENT, 5, 4), 13, 0, struct.pack(">BQQ", 2, 5, 4)),
         (Job('{"name":"web"}'), 14, 0, b'{"name":"web"}'),
+        (
+            WriteCompressed(5, Codec.ZLIB, 4096, b"zz", fua=True),
+            15,
+            1,
+            struct.pack(">QBI", 5, 1, 4096) + b"zz",
+        ),
+        (ResyncCompressed(6, Codec.LZ4, 512, b"q"), 16, 0, struct.pack(">QBI", 6, 3, 512) + b"q"),
     ],
     ids=lambda v: v.TYPE.name if hasattr(v, "TYPE") else "",
 )
@@ -467,7 +479,7 @@ def test_garbage_is_refused_after_four_bytes() -> None:
         decoder.next_frame()
 
 
-@pytest.mark.parametrize("kind", [0, 15, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, 17, 0xFFFF])
 def test_unknown_frame_type(kind: int) -> None:
     good = stream([Ping(1)])
     assert decode_error(good + raw_frame(kind, b"", seq=2)) == f"frame 2: unknown frame type {kind}"
@@ -542,6 +554,8 @@ def test_truncated_bodies_are_refused(frame: Frame) -> None:
         12: 2,
         13: 17,
         14: 0,  # the whole body is the JSON text: a cut one is caught by the JSON parser
+        15: 13,
+        16: 13,
     }[kind]
     # Strings make every proper prefix of a HELLO / HELLO_OK invalid; elsewhere the tail
     # after the fixed part is data or a message, so only a cut into the fixed part is.
@@ -613,6 +627,7 @@ def test_bad_utf8(kind: int, body: bytes, message: str) -> None:
         (3, b"\x00\x0aoops", "REFUSE frame 1: unknown refusal reason 10"),
         (12, b"\xff\xff", "GOODBYE frame 1: unknown goodbye reason 65535"),
         (13, struct.pack(">BQQ", 9, 1, 0), "STATE frame 1: unknown data state 9"),
+        (15, struct.pack(">QBI", 0, 9, 10) + b"x", "WRITE_Z frame 1: unknown codec 9"),
     ],
 )
 def test_unknown_enum_values(kind: int, body: bytes, message: str) -> None:
@@ -748,3 +763,12 @@ def test_job_document_size_is_bounded() -> None:
         Job("x" * (pw.MAX_JOB_DOCUMENT + 1)).encode(1)
     big = raw_frame(14, b"x" * (pw.MAX_JOB_DOCUMENT + 1))
     assert "longer than" in decode_error(big)
+
+
+def test_compressed_frames_refuse_a_raw_length_over_the_payload_limit() -> None:
+    body = struct.pack(">QBI", 0, 1, pw.MAX_PAYLOAD + 1) + b"x"
+    assert decode_error(raw_frame(15, body)) == (
+        f"WRITE_Z frame 1: raw length {pw.MAX_PAYLOAD + 1} exceeds {pw.MAX_PAYLOAD}"
+    )
+    with pytest.raises(ValueError, match="exceeds"):
+        WriteCompressed(0, Codec.ZLIB, pw.MAX_PAYLOAD + 1, b"x").encode(1)

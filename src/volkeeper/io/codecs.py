@@ -61,7 +61,7 @@ def decompress(codec: pw.Codec, data: bytes, raw_length: int) -> bytes:
             inflater = zlib.decompressobj()
             raw = inflater.decompress(data, raw_length)
             if inflater.unconsumed_tail or not inflater.eof:
-                raise ProtocolError(f"zlib data longer than the announced {raw_length} bytes")
+                raise ProtocolError(f"ZLIB data longer than the announced {raw_length} bytes")
         elif codec is pw.Codec.ZSTD:
             raw = _zstd_decompressor().decompress(data, max_output_size=raw_length)
         else:
