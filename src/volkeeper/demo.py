@@ -134,8 +134,9 @@ def main() -> int:
         f"then `volkeeper status --config {alpha.config_path}`; write with `nbdcopy` or\n"
         f"`fio --ioengine=nbd` to {alpha.uri()};\n"
         "stop beta and watch the mirror go Resync pending, then resync when it returns;\n"
-        f"`volkeeper mirror pause web --config {alpha.config_path}` (then `continue`), or\n"
-        "delete the job and create it again with `--mode async`."
+        f"`volkeeper mirror pause web --config {alpha.config_path}` (then `continue`),\n"
+        "`volkeeper mirror set web --mode async --compression zstd:3 --throttle 50MiB` (live),\n"
+        "and `volkeeper events` in another terminal to watch every change as it happens."
     )
     return max(codes)
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import resource
 
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,3 +73,19 @@ def test_zlib_bomb_is_cut_at_the_announced_length() -> None:
     assert packed is not None
     with pytest.raises(ProtocolError, match="ZLIB data longer than the announced 4096"):
         decompress(pw.Codec.ZLIB, packed, 4096)
+
+
+def test_a_zstd_header_claiming_more_than_announced_allocates_nothing_big() -> None:
+    """A 1 GiB zstd frame built without ever holding 1 GiB: decompressing it for a 4 KiB
+    write must not allocate it either (the one-shot API would: the peak RSS would jump)."""
+    zeros = bytes(1 << 20)
+    packer = zstandard.ZstdCompressor(level=1).compressobj(size=1 << 30)
+    bomb = b"".join([*(packer.compress(zeros) for _ in range(1024)), packer.flush()])
+    headless = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(1 << 20))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ProtocolError, match="says 1073741824 bytes, not 4096"):
+        decompress(pw.Codec.ZSTD, bomb, 4096)
+    with pytest.raises(ProtocolError, match="not 4096"):
+        decompress(pw.Codec.ZSTD, headless, 4096)  # no size in the header: read, bounded
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 * 1024, f"decompressing grew the peak RSS by {grown_kib} KiB"

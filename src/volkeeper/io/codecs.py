@@ -63,7 +63,7 @@ def decompress(codec: pw.Codec, data: bytes, raw_length: int) -> bytes:
             if inflater.unconsumed_tail or not inflater.eof:
                 raise ProtocolError(f"ZLIB data longer than the announced {raw_length} bytes")
         elif codec is pw.Codec.ZSTD:
-            raw = _zstd_decompressor().decompress(data, max_output_size=raw_length)
+            raw = _zstd_bounded(data, raw_length)
         else:
             raw = cast(bytes, lz4.block.decompress(data, uncompressed_size=raw_length))
     except (zlib.error, zstandard.ZstdError, lz4.block.LZ4BlockError) as exc:
@@ -71,6 +71,20 @@ def decompress(codec: pw.Codec, data: bytes, raw_length: int) -> bytes:
     if len(raw) != raw_length:
         raise ProtocolError(f"{codec.name} data gave {len(raw)} bytes, not {raw_length}")
     return raw
+
+
+def _zstd_bounded(data: bytes, raw_length: int) -> bytes:
+    """zstd output, never more than ``raw_length`` + 1 bytes of it: a frame's header may
+    claim any size (the one-shot API would allocate what it claims)."""
+    claimed = zstandard.get_frame_parameters(data).content_size
+    if claimed not in (zstandard.CONTENTSIZE_UNKNOWN, raw_length):
+        raise ProtocolError(f"ZSTD data says {claimed} bytes, not {raw_length}")
+    pieces, size = [], 0
+    with _zstd_decompressor().stream_reader(data) as reader:
+        while size <= raw_length and (piece := reader.read(raw_length + 1 - size)):
+            pieces.append(piece)
+            size += len(piece)
+    return b"".join(pieces)
 
 
 def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
