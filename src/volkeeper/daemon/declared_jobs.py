@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from volkeeper.daemon.config import JobConfig, MirrorConfig
+from volkeeper.daemon.config_jobs import JobConfig, MirrorConfig
 from volkeeper.daemon.job_record import JobError, JobRecord
 from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.jobs import Jobs

@@ -9,10 +9,9 @@ claim fails, the claims that succeeded are released and the record and logs remo
 nothing is left half-created; only then do the mirrors start.  ``add_target`` does the same
 for one more mirror of a job.  ``load`` restarts every recorded job when the node starts.
 
-Each mirror runs its own task (daemon/mirror.py); the mirrors of one source volume share
-that volume's ``Replication`` (the write path), which ships every write to each of them.
-Deleting a mirror detaches it from the write path, lets its ops finish, and tells the target
-(GOODBYE(DELETED): unlocked, data kept); a target that cannot be told stays locked and the
+The mirrors themselves run in ``Mirrors`` (daemon/mirrors.py).  Deleting a mirror stops it
+there and tells the target (GOODBYE(DELETED): unlocked, data kept), over a short session of
+its own if the mirror was not connected; a target that cannot be told stays locked and the
 answer says so.  Commands that change jobs run one at a time (``_changing``).  State changes
 of mirrors, and every change of a job, are published as events; a pause or break is kept in
 the record so a restart does not undo it.
@@ -21,12 +20,10 @@ the record so a restart does not undo it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import secrets
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +48,14 @@ from volkeeper.daemon.job_rules import (
     check_command,
     check_mirrors,
 )
-from volkeeper.daemon.mirror import Mirror, MirrorSpec, hello_for
+from volkeeper.daemon.mirror import Mirror
+from volkeeper.daemon.mirrors import ADMIN_STATES, Mirrors
 from volkeeper.daemon.peer_session import (
     Refused,
-    Target,
     Unreachable,
     claim_all,
     release_retrying,
 )
-from volkeeper.daemon.replication import Replication
 from volkeeper.errors import VolkeeperError
 from volkeeper.io.intent_store import Generations, Geometry, IntentStore
 from volkeeper.io.volume_service import VolumeService
@@ -67,24 +63,13 @@ from volkeeper.io.workers import IoWorkers
 
 log = structlog.get_logger("volkeeper.jobs")
 
-STOP_SYNC_TIMEOUT = 10.0
-COMPRESSION_THREADS = 2  # the codecs release the GIL: one per core here
-DRAIN_TIMEOUT = 10.0
 Publish = Callable[..., None]
 
-_ADMIN_STATES = {"paused": MirrorState.PAUSED, "broken": MirrorState.BROKEN}
 _REFUSAL_CODES = {
     pw.RefuseReason.NO_SUCH_VOLUME: "not_found",
     pw.RefuseReason.SIZE: "bad_request",
     pw.RefuseReason.SECTOR_SIZE: "bad_request",
 }
-
-
-@dataclass
-class RunningMirror:
-    job: str
-    mirror: Mirror
-    task: asyncio.Task[None]
 
 
 class Jobs:
@@ -106,15 +91,11 @@ class Jobs:
         self.bitmap_dir.mkdir(parents=True, exist_ok=True)
         self.peers = peers
         self.services = services
-        self.readers = readers
-        self.compressors = IoWorkers(COMPRESSION_THREADS, "volkeeper-compress")
         self.is_target = is_target
         self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
         self.publish: Publish = publish or _ignore
         self.records: dict[str, JobRecord] = {}
-        self.running: dict[tuple[str, str], RunningMirror] = {}  # (job, target) ->
-        self.problems: dict[tuple[str, str], str] = {}  # recorded mirrors that could not start
-        self.replications: dict[str, Replication] = {}  # source volume ->
+        self.mirrors = Mirrors(node, peers, services, readers, tls, self._state_changed)
         self._changing = asyncio.Lock()
 
     # -- start and stop ---------------------------------------------------------------------
@@ -126,7 +107,7 @@ class Jobs:
                 try:
                     store = IntentStore.open(self._log_path(record.name, mirror.target))
                 except (OSError, VolkeeperError) as exc:
-                    self._cannot_start(record.name, mirror, f"intent log unreadable: {exc}")
+                    self.mirrors.cannot_start(record.name, mirror, f"intent log unreadable: {exc}")
                     continue
                 if store.recovered_bytes:
                     log.warning(
@@ -137,18 +118,8 @@ class Jobs:
                     )
                 self._start(record, mirror, store)
 
-    def _cannot_start(self, job: str, mirror: MirrorRecord, problem: str) -> None:
-        log.error("mirror not started", job=job, target=mirror.target, problem=problem)
-        self.problems[(job, mirror.target)] = problem
-
     async def stop_all(self) -> None:
-        """Node shutdown: a last sync of every source volume, then every mirror stops."""
-        for replication in self.replications.values():
-            with contextlib.suppress(TimeoutError):  # so a restart resends nothing
-                await asyncio.wait_for(replication.sync(), STOP_SYNC_TIMEOUT)
-        for key in list(self.running):
-            await self._stop_mirror(key, None)
-        self.compressors.shutdown()
+        await self.mirrors.stop_all()
 
     # -- creating ---------------------------------------------------------------------------
 
@@ -243,7 +214,9 @@ class Jobs:
     async def _claim_all(
         self, record: JobRecord, mirrors: list[MirrorRecord], stores: dict[str, IntentStore]
     ) -> None:
-        targets = [self._target(record.name, m, stores[m.target].generations) for m in mirrors]
+        targets = [
+            self.mirrors.target(record.name, m, stores[m.target].generations) for m in mirrors
+        ]
         try:
             await claim_all(targets, pw.Job(record.to_json()), self.tls)
         except Refused as exc:
@@ -252,46 +225,9 @@ class Jobs:
             hint = "the target node must be running and reachable to create a mirror"
             raise JobError("unavailable", str(exc), hint) from None
 
-    def _target(self, job: str, mirror: MirrorRecord, generations: Generations) -> Target:
-        spec = self._spec(job, mirror)
-        service = self.services[mirror.source_volume]
-        hello = hello_for(spec, self.node, service, generations)
-        return Target(spec.target_address, spec.target_node, hello)
-
-    def _start(self, record: JobRecord, mirror_record: MirrorRecord, store: IntentStore) -> None:
-        if mirror_record.target_node not in self.peers:
-            store.close()
-            problem = f"node {mirror_record.target_node!r} is not in [peers]"
-            self._cannot_start(record.name, mirror_record, problem)
-            return
-        service = self.services.get(mirror_record.source_volume)
-        if service is None:
-            store.close()
-            problem = f"no volume {mirror_record.source_volume!r} on this node"
-            self._cannot_start(record.name, mirror_record, problem)
-            return
-        spec = self._spec(record.name, mirror_record)
-        state = _ADMIN_STATES.get(mirror_record.admin, MirrorState.RESYNC_PENDING)
-        mirror = Mirror(
-            spec, self.node, service, store, self.readers, self.compressors, self.tls, state
-        )
-        mirror.job_document = lambda: self.records[record.name].to_json()
-        mirror.on_state = self._state_changed
-        replication = self.replications.get(service.name)
-        if replication is None:
-            replication = self.replications[service.name] = Replication(service)
-            service.replication = replication
-            replication.start()
-        replication.add(mirror)
-        task = asyncio.create_task(mirror.run())
-        self.running[(record.name, spec.target)] = RunningMirror(record.name, mirror, task)
-
-    def _spec(self, job: str, mirror: MirrorRecord) -> MirrorSpec:
-        return MirrorSpec(
-            job, mirror.source_volume, mirror.target_node, self.peers[mirror.target_node],
-            mirror.target_volume, mirror.mode, mirror.queue_limit, mirror.compression,
-            mirror.throttle,
-        )  # fmt: skip
+    def _start(self, record: JobRecord, mirror: MirrorRecord, store: IntentStore) -> None:
+        name = record.name
+        self.mirrors.start(name, mirror, store, lambda: self.records[name].to_json())
 
     # -- deleting ---------------------------------------------------------------------------
 
@@ -308,9 +244,7 @@ class Jobs:
             return warnings
 
     async def _delete_mirror(self, record: JobRecord, mirror: MirrorRecord) -> list[str]:
-        key = (record.name, mirror.target)
-        self.problems.pop(key, None)
-        told = key in self.running and await self._stop_mirror(key, pw.GoodbyeReason.DELETED)
+        told = await self.mirrors.stop((record.name, mirror.target), pw.GoodbyeReason.DELETED)
         warnings = [] if told else await self._release(record, mirror)
         self._log_path(record.name, mirror.target).unlink(missing_ok=True)
         self.publish("destroy", "mirror", job=record.name, target=mirror.target)
@@ -321,7 +255,7 @@ class Jobs:
         if mirror.target_node not in self.peers or mirror.source_volume not in self.services:
             problem: str | None = "its node or source volume is no longer configured"
         else:
-            target = self._target(record.name, mirror, Generations(0))
+            target = self.mirrors.target(record.name, mirror, Generations(0))
             problem = await release_retrying(target, self.tls, f"job {record.name} deleted")
         if problem is None:
             return []
@@ -331,28 +265,6 @@ class Jobs:
         )
         log.warning("mirror target not released", job=record.name, warning=warning)
         return [warning]
-
-    async def _stop_mirror(self, key: tuple[str, str], goodbye: pw.GoodbyeReason | None) -> bool:
-        """Take the mirror off the write path and stop it; True if the target heard
-        ``goodbye`` (it was connected)."""
-        running = self.running.pop(key)
-        mirror = running.mirror
-        replication = self.replications[mirror.spec.source_volume]
-        replication.detach(mirror)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(replication.drained(mirror), DRAIN_TIMEOUT)
-        told = mirror.link is not None and mirror.link.is_open and goodbye is not None
-        await mirror.stop(goodbye)
-        running.task.cancel()
-        await asyncio.gather(running.task, return_exceptions=True)
-        if not replication.mirrors:
-            await replication.stop()
-            while replication.in_flight:
-                await asyncio.sleep(0.01)
-            replication.service.replication = None
-            del self.replications[mirror.spec.source_volume]
-        mirror.close()
-        return told
 
     # -- the administrator's commands on mirrors --------------------------------------------
 
@@ -424,9 +336,8 @@ class Jobs:
         self.store.save(updated)
         self.records[record.name] = updated
         for before, after in zip(record.mirrors, updated.mirrors, strict=True):
-            running = self.running.get((record.name, after.target))
-            if running is not None and before != after:
-                running.mirror.configure(self._spec(record.name, after))
+            if before != after:
+                self.mirrors.reconfigure(record.name, after)
                 self.publish(
                     "change", "mirror", job=record.name, target=after.target, mode=after.mode,
                     queue_limit=after.queue_limit, compression=after.compression,
@@ -436,15 +347,10 @@ class Jobs:
 
     def reconnect(self, nodes: list[str]) -> None:
         """The addresses of ``nodes`` changed: their mirrors reconnect to the new ones."""
-        for (job, target), running in self.running.items():
-            record = self.records[job].mirror(target)
-            if (
-                record is not None
-                and record.target_node in nodes
-                and record.target_node in self.peers
-            ):
-                running.mirror.configure(self._spec(job, record))
-                running.mirror.drop_link("the target node's address changed")
+        for record in self.records.values():
+            for mirror in record.mirrors:
+                if mirror.target_node in nodes:
+                    self.mirrors.reconfigure(record.name, mirror, reconnect=True)
 
     def describe(self, name: str, description: str) -> JobRecord:
         check_description(description)
@@ -457,9 +363,9 @@ class Jobs:
 
     def _announce(self, record: JobRecord) -> None:
         for mirror in record.mirrors:
-            running = self.running.get((record.name, mirror.target))
+            running = self.mirrors.get((record.name, mirror.target))
             if running is not None:
-                running.mirror.announce()
+                running.announce()
 
     def _state_changed(self, mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:
         """Publish the change; record a pause or break (or its end) for restarts."""
@@ -470,9 +376,9 @@ class Jobs:
         )  # fmt: skip
         record = self.records.get(spec.job)
         current = record.mirror(spec.target) if record is not None else None
-        if record is None or current is None or (spec.job, spec.target) not in self.running:
+        if record is None or current is None or (spec.job, spec.target) not in self.mirrors.running:
             return  # being deleted
-        admin = next((a for a, s in _ADMIN_STATES.items() if s is mirror.state), "active")
+        admin = next((a for a, s in ADMIN_STATES.items() if s is mirror.state), "active")
         if admin != current.admin:
             updated = record.with_mirror(dataclasses.replace(current, admin=admin))
             self.store.save(updated)
@@ -499,13 +405,13 @@ class Jobs:
         return (mirror,)
 
     def _running(self, job: str, target: str) -> Mirror:
-        running = self.running.get((job, target))
+        running = self.mirrors.get((job, target))
         if running is None:
-            problem = self.problems.get((job, target), "not running")
+            problem = self.mirrors.problems.get((job, target), "not running")
             raise JobError(
                 "conflict", f"the mirror of job {job!r} to {target} is not running: {problem}"
             )
-        return running.mirror
+        return running
 
     def _facts(self) -> NodeFacts:
         return NodeFacts(self.node, self.services, self.peers, self.is_target)
@@ -536,11 +442,11 @@ class Jobs:
         views = []
         for mirror in record.mirrors:
             key = (record.name, mirror.target)
-            running = self.running.get(key)
+            running = self.mirrors.get(key)
             if running is not None:
-                views.append(running.mirror.view())
+                views.append(running.view())
             else:
-                problem = self.problems.get(key)
+                problem = self.mirrors.problems.get(key)
                 views.append(_unknown_view(record, mirror, self._source(mirror), problem))
         return views
 

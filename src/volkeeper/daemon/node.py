@@ -33,7 +33,7 @@ from volkeeper.daemon.job_record import JobError, JobRecord
 from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.jobs import Jobs
 from volkeeper.daemon.metrics import MirrorCollector, NodeCollector
-from volkeeper.daemon.replica import Replicas, TargetRecord, TargetRecords
+from volkeeper.daemon.targets import Replicas, TargetRecord, TargetRecords
 from volkeeper.errors import ConfigError, VolumeError
 from volkeeper.io import peer_tls
 from volkeeper.io.nbd_server import NbdServer
@@ -67,7 +67,9 @@ class Node:
         )
         self.registry.register(
             MirrorCollector(
-                lambda: [run.mirror for run in self.jobs.running.values()] if self.jobs else [],
+                lambda: (
+                    [run.mirror for run in self.jobs.mirrors.running.values()] if self.jobs else []
+                ),
                 lambda: self.replicas.received() if self.replicas else [],
             )
         )

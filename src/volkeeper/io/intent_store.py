@@ -40,6 +40,7 @@ from volkeeper.core.activity_log import (
 )
 from volkeeper.core.bitmap import PAGE_BYTES, DirtyBitmap, image_size
 from volkeeper.errors import VolumeError
+from volkeeper.io import durable_files
 
 MAGIC = 0x564B494C  # "VKIL"
 VERSION = 1
@@ -91,7 +92,7 @@ class IntentStore:
         store.bitmap.take_dirty_pages()
         store._write(RING_OFFSET, bytes(BLOCK_BYTES * RING_BLOCKS))
         store._write_header(open_=True)
-        _fsync_directory(path.parent)
+        durable_files.sync_directory(path.parent)
         return store
 
     @classmethod
@@ -216,11 +217,3 @@ def _open(path: Path, flags: int) -> int:
         raise VolumeError(
             f"intent log {path}: cannot open: {exc.strerror}", exc.errno or 5
         ) from exc
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
