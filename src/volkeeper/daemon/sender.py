@@ -127,6 +127,8 @@ class Sender:
             head = queue[0]
             if head.packed is _PENDING:
                 return  # its compression's completion pumps again
+            if not self.link.is_open:
+                return  # the link's loss calls abandon(): the mirror marks what is left
             frame, wire = _on_the_wire(head)
             if self.bucket is not None and wire:
                 now = self._loop.time()
@@ -138,8 +140,6 @@ class Sender:
                 self.bucket.spend(wire, now)
             queue.popleft()
             self.queued_bytes -= head.size
-            if not self.link.is_open:
-                continue  # abandon() has the rest; these are lost with the link
             self.wire_bytes += wire
             sequence = self.link.send(frame)
             (head.on_sent or _nothing)(head.context, sequence)
