@@ -57,7 +57,8 @@ def test_illegal_moves_name_state_and_event(state: MirrorState, event: MirrorEve
         next_state(state, event)
 
 
-def test_broken_is_left_only_by_a_full_resync() -> None:
+def test_broken_is_left_only_by_a_resync_of_every_region() -> None:
+    """Full, or by checksum: both consider every region, whatever the bitmap says."""
     exits = {event for (state, event), target in TRANSITIONS.items() if state is S.BROKEN}
     leaving = {e for e in exits if TRANSITIONS[(S.BROKEN, e)] is not S.BROKEN}
-    assert leaving == {E.FULL_RESYNC}
+    assert leaving == {E.FULL_RESYNC, E.CHECKSUM_RESYNC}

@@ -32,6 +32,8 @@ from volkeeper.core.peer_wire import (
     FrameType,
     Goodbye,
     GoodbyeReason,
+    Hashes,
+    HashRequest,
     Hello,
     HelloOk,
     Job,
@@ -180,6 +182,8 @@ SAMPLES: list[Frame] = [
     Job('{"name": "web", "description": "web server — à jour"}'),
     WriteCompressed(8192, Codec.ZSTD, 65536, b"\x28\xb5\x2f\xfd" + bytes(40), fua=True),
     ResyncCompressed(1 << 20, Codec.LZ4, 4096, bytes(range(200))),
+    HashRequest(1 << 20, 1 << 20, 4096),
+    Hashes(7, bytes(range(32))),
 ]  # fmt: skip
 
 
@@ -479,7 +483,7 @@ def test_garbage_is_refused_after_four_bytes() -> None:
         decoder.next_frame()
 
 
-@pytest.mark.parametrize("kind", [0, 17, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, 19, 0xFFFF])
 def test_unknown_frame_type(kind: int) -> None:
     good = stream([Ping(1)])
     assert decode_error(good + raw_frame(kind, b"", seq=2)) == f"frame 2: unknown frame type {kind}"
@@ -556,6 +560,8 @@ def test_truncated_bodies_are_refused(frame: Frame) -> None:
         14: 0,  # the whole body is the JSON text: a cut one is caught by the JSON parser
         15: 13,
         16: 13,
+        17: 16,
+        18: 8,
     }[kind]
     # Strings make every proper prefix of a HELLO / HELLO_OK invalid; elsewhere the tail
     # after the fixed part is data or a message, so only a cut into the fixed part is.
@@ -772,3 +778,24 @@ def test_compressed_frames_refuse_a_raw_length_over_the_payload_limit() -> None:
     )
     with pytest.raises(ValueError, match="exceeds"):
         WriteCompressed(0, Codec.ZLIB, pw.MAX_PAYLOAD + 1, b"x").encode(1)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (struct.pack(">QII", 0, 4096, 1000), "region size 1000 is not a power of two >= 512"),
+        (struct.pack(">QII", 0, 4096, 256), "region size 256 is not a power of two >= 512"),
+        (struct.pack(">QII", 0, 0, 4096), "range 0+0 is not whole regions"),
+        (struct.pack(">QII", 512, 4096, 4096), "range 512+4096 is not whole regions"),
+        (struct.pack(">QII", 0, pw.MAX_HASH_SPAN + 4096, 4096), "is not whole regions of at most"),
+    ],
+)
+def test_bad_hash_requests(body: bytes, message: str) -> None:
+    assert message in decode_error(raw_frame(17, body))
+
+
+def test_hashes_must_be_whole_digests() -> None:
+    message = decode_error(raw_frame(18, struct.pack(">Q", 3) + bytes(17)))
+    assert message == "HASHES frame 1: 17 digest bytes are not a whole number of digests"
+    frame = decode([raw_frame(18, struct.pack(">Q", 3) + bytes(range(32)))])[0]
+    assert isinstance(frame, Hashes) and list(frame) == [bytes(range(16)), bytes(range(16, 32))]

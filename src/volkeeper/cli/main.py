@@ -124,6 +124,42 @@ def events(
     stream_events(resolve_node(node, config), as_json, initial, sys.stdout)
 
 
+@app.command("plan")
+def plan_command(
+    volume: str,
+    seconds: Annotated[float, typer.Option("--seconds", help="how long to measure")] = 60.0,
+    node: NodeOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure VOLUME's write rate through this node and print the bandwidth a mirror of it
+    needs with each compression setting (measured on the volume's own data)."""
+    client = ControlClient(resolve_node(node, config), timeout=seconds + 120)
+    answer = client.get(f"/volumes/{volume}/plan?seconds={seconds}")
+    if as_json:
+        print(json.dumps(answer, indent=2))
+        return
+    write = answer["write"]
+    console = Console()
+    console.print(
+        f"[bold]{volume}[/bold] over {answer['seconds']:g} s: writes average "
+        f"{_rate(write['average_bytes_per_s'])}, p95 {_rate(write['p95_bytes_per_s'])}, "
+        f"peak {_rate(write['peak_bytes_per_s'])} (compression measured on "
+        f"{format_size(answer['sample_bytes'])} of its data)"
+    )
+    columns = ("compression", "ratio", "needs (average)", "needs (p95)", "needs (peak)",
+               "codec speed / core", "cores at peak")  # fmt: skip
+    table = Table(*columns, title="bandwidth a mirror needs")
+    for row in answer["settings"]:
+        speed = row["compress_bytes_per_s_per_core"]
+        table.add_row(
+            row["compression"], f"{row['ratio']:.2f}", _rate(row["average_bytes_per_s"]),
+            _rate(row["p95_bytes_per_s"]), _rate(row["peak_bytes_per_s"]),
+            _rate(speed) if speed else "-", f"{row['cores_at_peak']:.2f}",
+        )  # fmt: skip
+    console.print(table)
+
+
 @app.command()
 def reload(node: NodeOption = None, config: ConfigOption = None) -> None:
     """Make the node re-read its config file (as SIGHUP does) and say what changed."""
@@ -309,11 +345,48 @@ def mirror_resync(
     job: str,
     target: TargetOption = None,
     full: Annotated[bool, typer.Option("--full", help="resend every region")] = False,
+    checksum: Annotated[
+        bool, typer.Option("--checksum", help="compare every region, send what differs")
+    ] = False,
     node: NodeOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Resync now: the marked regions, or with --full the whole volume."""
-    _mirror_command("resync", job, target, node, config, full=full)
+    """Resync now: the marked regions; with --full the whole volume; with --checksum every
+    region whose digest differs on the target (after a restore, or an untrusted bitmap)."""
+    _mirror_command("resync", job, target, node, config, full=full, checksum=checksum)
+
+
+@mirror_app.command("verify")
+def mirror_verify(
+    job: str,
+    target: TargetOption = None,
+    mark: Annotated[bool, typer.Option("--mark", help="mark differing regions for resync")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the result")] = False,
+    node: NodeOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Compare source and target region by region while mirroring goes on.  With --wait,
+    print the result and exit 1 if regions differ."""
+    client = _client(node, config)
+    answer = client.request("POST", f"/jobs/{job}/mirror/verify", {"target": target, "mark": mark})
+    mirrors = _only(answer, target)["mirrors"]
+    while wait and any(m["verify"] and m["verify"]["running"] for m in mirrors):
+        time.sleep(0.5)
+        mirrors = _only(client.get("/status"), target)["mirrors"]
+        mirrors = [m for m in mirrors if m["job"] == job and m["role"] == "source"]
+    differing = False
+    for mirror in mirrors:
+        result = mirror["verify"] or {}
+        if not wait:
+            print(f"job {job}: {mirror['target']} verify started")
+            continue
+        differing = differing or bool(result.get("differing_bytes"))
+        print(f"job {job}: {mirror['target']} differing {format_size(result['differing_bytes'])}"
+              f", unverified {format_size(result['unverified_bytes'])}"
+              + (f", error: {result['error']}" if result.get("error") else "")
+              + (" (marked for resync)" if result.get("mark") and differing else ""))  # fmt: skip
+    if differing:
+        raise typer.Exit(1)
 
 
 @mirror_app.command("delete")

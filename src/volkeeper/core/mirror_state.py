@@ -32,6 +32,8 @@ class MirrorEvent(enum.Enum):
     CONTINUE = "continue"
     BREAK = "break"
     FULL_RESYNC = "full resync requested"
+    CHECKSUM_RESYNC = "checksum resync requested"  # every region compared, the differing sent
+    VERIFY_MARKED = "verify marked differing regions"
 
 
 class IllegalTransition(ValueError):
@@ -51,6 +53,8 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.RESYNC_PENDING, E.PAUSE): S.PAUSED,
     (S.RESYNC_PENDING, E.BREAK): S.BROKEN,
     (S.RESYNC_PENDING, E.FULL_RESYNC): S.RESYNC_PENDING,
+    (S.RESYNC_PENDING, E.CHECKSUM_RESYNC): S.RESYNC_PENDING,
+    (S.RESYNC_PENDING, E.VERIFY_MARKED): S.RESYNC_PENDING,
     # Resyncing: marked regions stream to the target while new writes are mirrored.
     (S.RESYNCING, E.RESYNC_DONE): S.MIRRORING,
     (S.RESYNCING, E.DISCONNECTED): S.RESYNC_PENDING,
@@ -58,22 +62,29 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.RESYNCING, E.PAUSE): S.PAUSED,
     (S.RESYNCING, E.BREAK): S.BROKEN,
     (S.RESYNCING, E.FULL_RESYNC): S.RESYNCING,
+    (S.RESYNCING, E.CHECKSUM_RESYNC): S.RESYNCING,
+    (S.RESYNCING, E.VERIFY_MARKED): S.RESYNCING,
     # Mirroring: every write reaches the target.
     (S.MIRRORING, E.DISCONNECTED): S.RESYNC_PENDING,
     (S.MIRRORING, E.QUEUE_OVERFLOW): S.RESYNCING,
     (S.MIRRORING, E.PAUSE): S.PAUSED,
     (S.MIRRORING, E.BREAK): S.BROKEN,
     (S.MIRRORING, E.FULL_RESYNC): S.RESYNCING,
+    (S.MIRRORING, E.CHECKSUM_RESYNC): S.RESYNCING,
+    (S.MIRRORING, E.VERIFY_MARKED): S.RESYNCING,
     # Paused by the administrator: writes are marked, nothing is sent.
     (S.PAUSED, E.CONTINUE): S.RESYNC_PENDING,
     (S.PAUSED, E.PAUSE): S.PAUSED,
     (S.PAUSED, E.DISCONNECTED): S.PAUSED,
     (S.PAUSED, E.BREAK): S.BROKEN,
     (S.PAUSED, E.FULL_RESYNC): S.RESYNC_PENDING,
+    (S.PAUSED, E.CHECKSUM_RESYNC): S.RESYNC_PENDING,
+    (S.PAUSED, E.VERIFY_MARKED): S.PAUSED,
     # Broken: changes are not tracked; only a full resync repairs it.
     (S.BROKEN, E.BREAK): S.BROKEN,
     (S.BROKEN, E.DISCONNECTED): S.BROKEN,
     (S.BROKEN, E.FULL_RESYNC): S.RESYNC_PENDING,
+    (S.BROKEN, E.CHECKSUM_RESYNC): S.RESYNC_PENDING,
 }
 
 # States in which application writes are marked in the intent log instead of (or as well as)

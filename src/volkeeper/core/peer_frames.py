@@ -27,6 +27,10 @@ Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-
                        compressed data (rest of body): a WRITE whose data was compressed
                                                                   flags: FUA
     RESYNC_Z     s->t  same as WRITE_Z, for RESYNC_DATA
+    HASH_REQUEST s->t  HASH_RANGE: u64 offset, u32 length, u32 region size: "hash these
+                       regions as they are after every frame before this one"
+    HASHES       t->s  u64 sequence of the HASH_REQUEST, then one 16-byte xxh3-128 digest
+                       per region of it, in order (the last region may be short)
     ZERO         s->t  RANGE: u64 offset, u64 length              flags: FUA, MAY_TRIM
     TRIM         s->t  RANGE                                      flags: FUA
     FLUSH        s->t  empty: a barrier, every earlier write durable before its ACK
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
@@ -85,6 +90,13 @@ TOKEN = struct.Struct(">Q")
 # STATE: u8 DataState, u64 current_generation, u64 previous_generation: what the target's
 # copy is from now on (Inconsistent when a full resync starts, UpToDate when a resync ends).
 STATE_BODY = struct.Struct(">BQQ")
+# HASH_REQUEST: u64 offset, u32 length, u32 region size (a power of two, >= 512).
+HASH_RANGE = struct.Struct(">QII")
+# HASHES: u64 sequence of the request answered; the digests (16 bytes each) follow.
+HASHES_HEAD = struct.Struct(">Q")
+DIGEST_SIZE = 16  # xxh3-128
+MAX_HASH_SPAN = 16 * 1024 * 1024  # bytes one HASH_REQUEST may cover
+MAX_DIGESTS = MAX_HASH_SPAN // 512
 # Header and WRITE offset packed at once (the hot path): HEADER then DATA_OFFSET.
 _DATA_HEAD = struct.Struct(HEADER.format + DATA_OFFSET.format[1:])
 
@@ -113,6 +125,8 @@ class FrameType(enum.IntEnum):
     JOB = 14
     WRITE_Z = 15
     RESYNC_Z = 16
+    HASH_REQUEST = 17
+    HASHES = 18
 
 
 class Role(enum.IntEnum):
@@ -437,6 +451,36 @@ class Job:
         return _packed(self.TYPE, 0, sequence, raw)
 
 
+@dataclass(frozen=True, slots=True)
+class HashRequest:
+    """Ask the target for the xxh3-128 of each ``region_size`` region of a range."""
+
+    TYPE: ClassVar[FrameType] = FrameType.HASH_REQUEST
+    offset: int
+    length: int
+    region_size: int
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        body = HASH_RANGE.pack(self.offset, self.length, self.region_size)
+        return _packed(self.TYPE, 0, sequence, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Hashes:
+    """The answer to HASH_REQUEST ``request``: the digests, concatenated, in order."""
+
+    TYPE: ClassVar[FrameType] = FrameType.HASHES
+    request: int
+    digests: bytes
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        return _packed(self.TYPE, 0, sequence, HASHES_HEAD.pack(self.request) + self.digests)
+
+    def __iter__(self) -> Iterator[bytes]:
+        digests = self.digests
+        return (digests[i : i + DIGEST_SIZE] for i in range(0, len(digests), DIGEST_SIZE))
+
+
 Frame: TypeAlias = (
     Hello
     | HelloOk
@@ -454,6 +498,8 @@ Frame: TypeAlias = (
     | Job
     | WriteCompressed
     | ResyncCompressed
+    | HashRequest
+    | Hashes
 )
 
 
@@ -473,14 +519,19 @@ __all__ = [
     "CHECKSUM",
     "COMPRESSED_HEAD",
     "DATA_OFFSET",
+    "DIGEST_SIZE",
     "DIRECT_MIN",
     "DURABLE",
     "FUA",
+    "HASHES_HEAD",
+    "HASH_RANGE",
     "HEADER",
     "HELLO_FIXED",
     "HELLO_OK_FIXED",
     "MAGIC",
     "MAX_BODY",
+    "MAX_DIGESTS",
+    "MAX_HASH_SPAN",
     "MAX_JOB_DOCUMENT",
     "MAX_MESSAGE",
     "MAX_NAME",
@@ -503,6 +554,8 @@ __all__ = [
     "FrameType",
     "Goodbye",
     "GoodbyeReason",
+    "HashRequest",
+    "Hashes",
     "Hello",
     "HelloOk",
     "Job",

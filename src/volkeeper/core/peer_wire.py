@@ -126,6 +126,23 @@ def _resync_z(body: memoryview, flags: int) -> ResyncCompressed:
     return ResyncCompressed(*_compressed_fields(body, flags))
 
 
+def _hash_request(body: memoryview, flags: int) -> HashRequest:
+    offset, length, region_size = HASH_RANGE.unpack_from(body)
+    if region_size < 512 or region_size & (region_size - 1):
+        raise _Bad(f"region size {region_size} is not a power of two >= 512")
+    if not 0 < length <= MAX_HASH_SPAN or offset % region_size:
+        raise _Bad(f"range {offset}+{length} is not whole regions of at most {MAX_HASH_SPAN}")
+    return HashRequest(offset, length, region_size)
+
+
+def _hashes(body: memoryview, flags: int) -> Hashes:
+    (request,) = HASHES_HEAD.unpack_from(body)
+    digests = bytes(body[HASHES_HEAD.size :])
+    if len(digests) % DIGEST_SIZE:
+        raise _Bad(f"{len(digests)} digest bytes are not a whole number of digests")
+    return Hashes(request, digests)
+
+
 def _zero(body: memoryview, flags: int) -> Zero:
     offset, length = RANGE.unpack_from(body)
     return Zero(offset, length, fua=bool(flags & FUA), may_trim=bool(flags & MAY_TRIM))
@@ -182,6 +199,10 @@ _LAYOUTS: dict[int, _Layout] = {
     _T.GOODBYE: _Layout("GOODBYE", REASON.size, REASON.size + MAX_MESSAGE, 0, _goodbye),
     _T.STATE: _Layout("STATE", STATE_BODY.size, STATE_BODY.size, 0, _state),
     _T.JOB: _Layout("JOB", 0, MAX_JOB_DOCUMENT, 0, lambda b, f: Job(_utf8(b, "job document"))),
+    _T.HASH_REQUEST: _Layout("HASH_REQUEST", HASH_RANGE.size, HASH_RANGE.size, 0, _hash_request),
+    _T.HASHES: _Layout(
+        "HASHES", HASHES_HEAD.size, HASHES_HEAD.size + MAX_DIGESTS * DIGEST_SIZE, 0, _hashes
+    ),
     _T.WRITE_Z: _Layout(
         "WRITE_Z",
         COMPRESSED_HEAD.size,

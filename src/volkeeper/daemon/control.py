@@ -55,7 +55,7 @@ class NodeView(Protocol):
     async def delete_job(self, name: str) -> list[str]: ...
 
     async def mirror_command(
-        self, job: str, action: str, target: str | None, full: bool
+        self, job: str, action: str, target: str | None, options: dict[str, bool]
     ) -> dict[str, Any]: ...
 
     async def mirror_set(
@@ -67,6 +67,8 @@ class NodeView(Protocol):
     def release_volume(self, volume: str) -> dict[str, Any]: ...
 
     async def reload(self) -> dict[str, Any]: ...
+
+    async def plan(self, volume: str, seconds: float) -> dict[str, Any]: ...
 
 
 class MirrorSettings(BaseModel):
@@ -116,6 +118,7 @@ class MirrorAction(enum.StrEnum):
     continue_ = "continue"
     break_ = "break"
     resync = "resync"
+    verify = "verify"
 
 
 class VolumeAction(enum.StrEnum):
@@ -127,6 +130,10 @@ class VolumeAction(enum.StrEnum):
 class MirrorCommand(BaseModel):
     target: str | None = Field(None, description="NODE:VOLUME; may be left out (one mirror)")
     full: bool = Field(False, description="resync: resend every region, not only marked ones")
+    checksum: bool = Field(
+        False, description="resync: compare every region's digest, send only what differs"
+    )
+    mark: bool = Field(False, description="verify: mark differing regions for resync")
 
 
 _STATUS = {
@@ -248,10 +255,12 @@ def create_app(node: NodeView) -> FastAPI:
     ) -> dict[str, Any]:
         """pause (writes are marked, nothing is sent), continue (reconnect and resync what
         was marked), break (stop tracking: only a full resync repairs it), resync (now; with
-        full=true every region) -- on the mirror to ``target``, or on all of the job's.
-        Answers the job's view after the command."""
-        command = command or MirrorCommand(target=None, full=False)
-        return await node.mirror_command(name, action.value, command.target, command.full)
+        full=true every region, with checksum=true every region that differs), verify
+        (compare by digests while mirroring; mark=true marks what differs) -- on the
+        mirror to ``target``, or on all of the job's.  Answers the job's view."""
+        command = command or MirrorCommand(target=None, full=False, checksum=False, mark=False)
+        options = command.model_dump(include={"full", "checksum", "mark"})
+        return await node.mirror_command(name, action.value, command.target, options)
 
     @app.patch("/jobs/{name}/mirror")
     async def mirror_set(name: str, body: SetBody) -> dict[str, Any]:
@@ -262,13 +271,20 @@ def create_app(node: NodeView) -> FastAPI:
     async def delete_mirror(name: str, target: str | None = None) -> dict[str, Any]:
         """Delete a mirror of the job (``target``; may be left out if it has one): the
         target is unlocked and keeps its data.  The job goes with its last mirror."""
-        return await node.mirror_command(name, "delete", target, False)
+        return await node.mirror_command(name, "delete", target, {})
 
     @app.delete("/jobs/{name}")
     async def delete_job(name: str) -> dict[str, Any]:
         """Delete a job: its targets are unlocked and keep their data as it is.  Warnings
         name targets that could not be told (they stay locked)."""
         return {"deleted": name, "warnings": await node.delete_job(name)}
+
+    @app.get("/volumes/{name}/plan")
+    async def plan(name: str, seconds: float = 60.0) -> dict[str, Any]:
+        """Measure the volume's write rate for ``seconds`` (average, p95, peak) and the
+        bandwidth a mirror of it needs with each compression setting, from its own data.
+        The answer comes after ``seconds``."""
+        return await node.plan(name, seconds)
 
     @app.post("/volumes/{name}/{action}")
     async def volume_command(name: str, action: VolumeAction) -> dict[str, Any]:

@@ -108,7 +108,14 @@ def check_mirrors(
 
 
 def check_command(job: str, target: str, state: MirrorState, action: str, full: bool) -> None:
-    """Refuse ``action`` on a mirror in ``state`` if the state table does not allow it."""
+    """Refuse ``action`` on a mirror in ``state`` if the state table does not allow it
+    (``full``: a resync of every region, full or checksum)."""
+    if action == "verify" and state not in (MirrorState.MIRRORING, MirrorState.RESYNCING):
+        raise JobError(
+            "conflict",
+            f"cannot verify the mirror of job {job!r} to {target}: it is {state.value}",
+            "verify compares a connected target: wait for Mirroring (or continue the mirror)",
+        )
     event = {"pause": MirrorEvent.PAUSE, "break": MirrorEvent.BREAK}.get(action)
     if action == "resync" and full:
         event = MirrorEvent.FULL_RESYNC
@@ -123,5 +130,5 @@ def check_command(job: str, target: str, state: MirrorState, action: str, full: 
         raise JobError(
             "conflict",
             f"cannot {what} the mirror of job {job!r} to {target}: it is {state.value}",
-            "only `mirror resync --full` repairs a Broken mirror",
+            "only `mirror resync --full` (or `--checksum`) repairs a Broken mirror",
         ) from None

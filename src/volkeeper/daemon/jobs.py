@@ -268,30 +268,33 @@ class Jobs:
 
     # -- the administrator's commands on mirrors --------------------------------------------
 
-    async def command(self, name: str, action: str, target: str | None, full: bool) -> JobRecord:
-        """pause | continue | break | resync [full] | delete, on one mirror of job ``name``
-        (``target``) or, except delete, on all of them."""
+    async def command(
+        self,
+        name: str,
+        action: str,
+        target: str | None,
+        full: bool = False,
+        checksum: bool = False,
+        mark: bool = False,
+    ) -> JobRecord:
+        """pause | continue | break | resync [full | checksum] | verify [mark] | delete, on
+        one mirror of job ``name`` (``target``) or, except delete, on all of them."""
         async with self._changing:
             record = self._record(name)
             mirrors = self._selected(record, target)
             if action == "delete":
                 return await self._delete_one(record, target)
-            if full and action != "resync":
-                raise JobError("bad_request", "full applies to resync only")
-            if action not in ("pause", "continue", "break", "resync"):
+            if ((full or checksum) and action != "resync") or (mark and action != "verify"):
+                raise JobError("bad_request", "full and checksum go with resync, mark with verify")
+            if full and checksum:
+                raise JobError("bad_request", "resync either full or checksum, not both")
+            if action not in ("pause", "continue", "break", "resync", "verify"):
                 raise JobError("bad_request", f"unknown mirror command {action!r}")
             running = [self._running(name, m.target) for m in mirrors]
             for mirror in running:  # all or nothing: check every mirror first
-                check_command(name, mirror.spec.target, mirror.state, action, full)
+                check_command(name, mirror.spec.target, mirror.state, action, full or checksum)
             for mirror in running:  # a state change is recorded by _state_changed
-                if action == "pause":
-                    mirror.pause()
-                elif action == "break":
-                    mirror.break_()
-                elif action == "resync" and full:
-                    await mirror.full_resync()
-                else:
-                    mirror.resume()
+                await _apply(mirror, action, full, checksum, mark)
             return self.records[name]
 
     async def _delete_one(self, record: JobRecord, target: str | None) -> JobRecord:
@@ -449,6 +452,21 @@ class Jobs:
                 problem = self.mirrors.problems.get(key)
                 views.append(_unknown_view(record, mirror, self._source(mirror), problem))
         return views
+
+
+async def _apply(mirror: Mirror, action: str, full: bool, checksum: bool, mark: bool) -> None:
+    if action == "pause":
+        mirror.pause()
+    elif action == "break":
+        mirror.break_()
+    elif action == "resync" and full:
+        await mirror.full_resync()
+    elif action == "resync" and checksum:
+        await mirror.checksum_resync()
+    elif action == "verify":
+        mirror.start_verify(mark)
+    else:
+        mirror.resume()
 
 
 def _unknown_view(

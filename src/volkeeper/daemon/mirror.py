@@ -42,12 +42,14 @@ from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState, next_state
 from volkeeper.core.stats import OpStats, RateMeter
+from volkeeper.daemon.compare import Comparer
 from volkeeper.daemon.intent_writer import IntentWriter
 from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
 from volkeeper.daemon.op import Op, frame_of
 from volkeeper.daemon.peer_session import open_session
 from volkeeper.daemon.resync import Resync
 from volkeeper.daemon.sender import Sender
+from volkeeper.daemon.verify import Verify, VerifyResult
 from volkeeper.errors import PeerError
 from volkeeper.io.codecs import compressor_for
 from volkeeper.io.intent_store import Generations, IntentStore
@@ -130,6 +132,10 @@ class Mirror:
         self.sender: Sender | None = None  # the link's ordered, compressed, throttled way out
         self._earlier_wire_bytes = 0  # of links before this one
         self.resync: Resync | None = None
+        self.comparer = Comparer(self)  # region digests of source and target
+        self.checksum_next = False  # the next resync compares before it sends
+        self.verify: Verify | None = None  # running
+        self.verified: VerifyResult | None = None  # the last verify's result
         self.last_error = ""
         self.sent_bytes = 0  # write and resync payload bytes shipped
         self.queued_bytes = 0  # write payload bytes sent and not yet ACKed
@@ -256,6 +262,9 @@ class Mirror:
         self._last_heard = self._clock()
         if isinstance(frame, pw.Ack):
             self._acked(link, frame)
+        elif isinstance(frame, pw.Hashes):
+            if not self.comparer.take(frame):
+                link.close(f"HASHES for {frame.request}, which was not asked")
         elif isinstance(frame, pw.Goodbye) and frame.reason == pw.GoodbyeReason.SHUTDOWN:
             # A clean target stop: it made every write it ACKed durable before saying so.
             for _, _, _, extents in self._undurable:
@@ -275,6 +284,7 @@ class Mirror:
         if self.resync is not None:
             self.resync.lost(reason, unsent)
             self.resync = None
+        self.comparer.lost(reason, unsent)
         if self.state in _SENDING and not self._stopping:  # stopping is no "target lost"
             self._set(MirrorEvent.DISCONNECTED)
         pending = [*self._pending.values(), *(p for p in unsent if isinstance(p, Pending))]
@@ -326,6 +336,8 @@ class Mirror:
         self.sent_bytes += size
         if self.resync is not None and not op.is_flush:
             self.resync.note_race(op)
+        if self.verify is not None and not op.is_flush:
+            self.verify.note_race(op)
         if not owed:
             op.part_done()
         self._sender().send(frame_of(op), size, self._sent, Pending(op, owed))
@@ -373,7 +385,7 @@ class Mirror:
         self.intent.after_durable(lambda: self.store.activity_log.unpin(extents))
 
     def _acked(self, link: PeerLink, ack: pw.Ack) -> None:
-        if self.resync is not None and self.resync.take_ack(ack):
+        if (self.resync is not None and self.resync.take_ack(ack)) or self.comparer.take(ack):
             return
         entry = self._pending.get(ack.sequence)
         if entry is None:
@@ -432,7 +444,7 @@ class Mirror:
         """The target gets marked regions from now on: its copy is Inconsistent until done."""
         sender = self._sender()
         sender.send(pw.State(pw.DataState.INCONSISTENT, self.store.generations.current, 0))
-        self.resync = Resync(self, link, sender)
+        self.resync = Resync(self, link, sender, self.checksum_next)
         self._resync_task = asyncio.create_task(self.resync.run())
         self._resync_task.add_done_callback(self._resync_ended)
 
@@ -447,10 +459,13 @@ class Mirror:
         if self.link is not None:
             self.link.close(self.last_error)
 
-    def resync_finished(self, done_bytes: int) -> None:
+    def resync_finished(self, resync: Resync) -> None:
         self.resync = None
+        self.checksum_next = False
         self._set(MirrorEvent.RESYNC_DONE)
-        log.info("resync finished", job=self.spec.job, bytes=done_bytes)
+        sent = resync.shipped_bytes if resync.checksum else resync.done_bytes
+        log.info("resync finished", job=self.spec.job, target=self.spec.target,
+                 bytes=resync.done_bytes, checksum=resync.checksum, sent_bytes=sent)  # fmt: skip
 
     # -- administrator commands ----------------------------------------------------------
 
@@ -486,6 +501,42 @@ class Mirror:
         if self.state is MirrorState.RESYNCING and self.resync is None and link is not None:
             self._start_resync(link)
         self._wake.set()
+
+    async def checksum_resync(self) -> None:
+        """Mark every region, then resync by comparing digests first: only regions that
+        differ are sent.  A connected mirror reconnects to start it."""
+        self.checksum_next = True
+        self.store.bitmap.mark_all()
+        await self.intent.durable()
+        self._set(MirrorEvent.CHECKSUM_RESYNC)
+        self.drop_link("checksum resync requested")
+        self._wake.set()
+
+    def start_verify(self, mark: bool) -> VerifyResult:
+        """Compare source and target while mirroring goes on (see daemon/verify.py)."""
+        sender = self.sender
+        if self.verify is not None:
+            return self.verify.result  # already running: idempotent
+        if sender is None or self.state not in _SENDING:
+            raise PeerError(f"the mirror is {self.state.value}: verify needs a connected target")
+        verify = self.verify = Verify(self, sender, mark)
+        task = asyncio.ensure_future(verify.run())
+        task.add_done_callback(self._verified)
+        return verify.result
+
+    def _verified(self, task: asyncio.Future[VerifyResult]) -> None:
+        verify, self.verify = self.verify, None
+        if verify is None:
+            return
+        self.verified = verify.result
+        if task.cancelled() or task.exception() is not None:
+            self.verified.error = self.verified.error or "verify stopped"
+            return
+        if verify.result.mark and verify.result.differing_bytes:
+            self._set(MirrorEvent.VERIFY_MARKED)
+            link = self.link
+            if self.state is MirrorState.RESYNCING and self.resync is None and link is not None:
+                self._start_resync(link)
 
     def configure(self, spec: MirrorSpec) -> None:
         """New settings (mode, queue limit, compression, throttle), live: ops already sent
@@ -535,6 +586,7 @@ class Mirror:
 
     def view(self) -> dict[str, Any]:
         resync, now = self.resync, self._clock()
+        verify = self.verify.result if self.verify is not None else self.verified
         rate = resync.rate(now) if resync is not None else 0.0
         self.throughput.sample(now, self.sent_bytes)
         done = resync.done_bytes if resync is not None else 0
@@ -574,6 +626,8 @@ class Mirror:
                     activity_log.resync_bound_bytes, self.service.volume.size
                 ),
             },
+            "verify": verify.view() if verify is not None else None,
+            "checksum_resync": self.checksum_next,
             "last_error": self.last_error or None,
         }
 

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from volkeeper.daemon import declared_jobs
+from volkeeper.daemon import declared_jobs, plan
 from volkeeper.daemon.config import NodeConfig, load_config
 from volkeeper.daemon.control import ControlServer
 from volkeeper.daemon.events import EventBus
@@ -234,10 +234,10 @@ class Node:
         return jobs.job_view(await jobs.add_target(job, request, confirm))
 
     async def mirror_command(
-        self, job: str, action: str, target: str | None, full: bool
+        self, job: str, action: str, target: str | None, options: dict[str, bool]
     ) -> dict[str, Any]:
         jobs = self._jobs()
-        return jobs.job_view(await jobs.command(job, action, target, full))
+        return jobs.job_view(await jobs.command(job, action, target, **options))
 
     async def mirror_set(
         self, job: str, target: str | None, changes: dict[str, Any]
@@ -263,6 +263,14 @@ class Node:
         self.replicas.forget(volume)
         self.events.publish("destroy", "mirror", target=f"{self.name}:{volume}", role="target")
         return self._volume(volume)
+
+    async def plan(self, volume: str, seconds: float) -> dict[str, Any]:
+        service = next((s for s in self.services if s.name == volume), None)
+        if service is None:
+            raise JobError("not_found", f"node {self.name} has no volume {volume!r}")
+        if not 1 <= seconds <= plan.MAX_SECONDS:
+            raise JobError("bad_request", f"seconds must be 1 to {plan.MAX_SECONDS:.0f}")
+        return await plan.plan(service, self.readers, seconds)
 
     def _volume(self, name: str) -> dict[str, Any]:
         return {v["name"]: v for v in self.volume_list()}[name]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import structlog
 
 from volkeeper.core import peer_wire as pw
+from volkeeper.core import region_hash
 from volkeeper.daemon.job_record import JobRecord
 from volkeeper.errors import ProtocolError, VolumeError
 from volkeeper.io.codecs import decompress
@@ -177,6 +178,28 @@ class ReplicaSession:
 
         self._submit(link, sequence, write, durable=frame.fua)
 
+    def _hash_request(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        """Digests of the range as it is after every earlier frame: hashed in the FIFO."""
+        assert isinstance(frame, pw.HashRequest) and self.service is not None
+        volume = self.service.volume
+
+        def hash_range() -> bytes:
+            if frame.offset + frame.length > volume.size:
+                raise VolumeError(f"hash range past the end of {volume.name}", errno.EINVAL)
+            return region_hash.digests(volume.read(frame.offset, frame.length), frame.region_size)
+
+        def done(result: object, error: BaseException | None) -> None:
+            if not link.is_open:
+                return
+            if isinstance(result, bytes):
+                link.send(pw.Hashes(sequence, result))
+            else:
+                code = error.errno if isinstance(error, VolumeError) else errno.EIO
+                log.error("hashing for a source failed", sequence=sequence, error=str(error))
+                link.send(pw.Ack(sequence, code))
+
+        self.service.submit(hash_range, mutating=True, on_done=done)
+
     def _zero(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Zero) and self.service is not None
         args = (frame.offset, frame.length, frame.may_trim, frame.fua)
@@ -264,6 +287,7 @@ class ReplicaSession:
         pw.Flush: _flush,
         pw.State: _state,
         pw.Job: _job,
+        pw.HashRequest: _hash_request,
         pw.Ping: _ping,
         pw.Goodbye: _goodbye,
     }

@@ -12,6 +12,11 @@ chunk stays marked and the next pass sends it again.  Application writes keep fl
 meanwhile, so a pass may leave new marks; passes repeat until the bitmap is empty, which
 converges because each pass only resends what writes touched during it.
 
+A *checksum* resync (``mirror resync --checksum``: every region is marked, but the target
+probably holds most of it already) compares each chunk first (daemon/compare.py: the
+target's region digests against ours) and sends only the regions that differ; a chunk found
+equal is cleared at the next batch like a sent one (unless a write raced it).
+
 Progress (done bytes, a rate over the last few seconds, ETA) is kept here for ``status``.
 """
 
@@ -52,10 +57,12 @@ class Chunk:
 
 
 class Resync:
-    def __init__(self, mirror: Mirror, link: PeerLink, sender: Sender) -> None:
+    def __init__(self, mirror: Mirror, link: PeerLink, sender: Sender, checksum: bool) -> None:
         self.mirror = mirror
         self.link = link
         self.sender = sender  # frames go out through it, in order with application writes
+        self.checksum = checksum
+        self.shipped_bytes = 0  # checksum mode: what differed and was sent
         self.bitmap = mirror.store.bitmap
         self.done_bytes = 0
         self._meter = RateMeter(RATE_WINDOW)
@@ -123,6 +130,11 @@ class Resync:
         for op in self.mirror.in_flight_ops():
             if not op.is_flush:
                 self.note_race(op)
+        if self.checksum:
+            self._reads += 1
+            task = asyncio.ensure_future(self._compare(chunk))
+            task.add_done_callback(self._compared)
+            return chunk.length
         data = self.mirror.service.try_read(chunk.offset, chunk.length)
         if data is not None:
             self._ship(chunk, data)
@@ -139,6 +151,29 @@ class Resync:
 
         self.mirror.readers.submit(self.mirror.service.volume.read, (offset, chunk.length), read)
         return chunk.length
+
+    async def _compare(self, chunk: Chunk) -> None:
+        region = self.bitmap.region_size
+        data, runs = await self.mirror.comparer.compare(
+            self.sender, chunk.offset, chunk.length, region
+        )
+        view = memoryview(data)
+        for first, count in runs:
+            start, stop = first * region, min((first + count) * region, chunk.length)
+            if self.link.is_open:
+                self.sender.send(
+                    pw.ResyncData(chunk.offset + start, view[start:stop]), stop - start
+                )
+            self.mirror.sent_bytes += stop - start
+            self.shipped_bytes += stop - start
+        self.done_bytes += chunk.length
+        self._sample()
+
+    def _compared(self, task: asyncio.Future[None]) -> None:
+        self._reads -= 1
+        self._read_slot.set()
+        if not task.cancelled() and task.exception() is not None:
+            self._error = task.exception()
 
     def _ship(self, chunk: Chunk, data: bytes | bytearray) -> None:
         if not self.link.is_open:
@@ -169,7 +204,7 @@ class Resync:
         if await self._ask(state):
             raise PeerError("target failed to record its new state")
         await mirror.intent.durable()
-        mirror.resync_finished(self.done_bytes)
+        mirror.resync_finished(self)
 
     async def _ask(self, frame: pw.Frame) -> int:
         """Send ``frame`` and wait for the target's ACK; returns its errno."""

@@ -1,0 +1,86 @@
+"""Comparing a range of a mirror's source and target by region digests.
+
+How this works: ``Comparer.compare`` first sends HASH_REQUEST through the link's sender, so
+the target hashes the range after every frame sent before it (its writer thread runs them in
+order), then reads the same range here on the reader threads, hashes it
+(core/region_hash.py), waits for the target's HASHES and returns the local data with the
+runs of regions whose digests differ.  Checksum resync (daemon/resync.py) ships those runs;
+verify (daemon/verify.py) reports them.  An application write to the range while this runs
+makes the answer unreliable for it: both callers use the resync's rule (a chunk that a write
+raced is neither cleared nor trusted) to deal with that.  Answers are matched to requests by
+the request's sequence number; a link that drops fails every open question.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from volkeeper.core import peer_wire as pw
+from volkeeper.core import region_hash
+from volkeeper.errors import PeerError, VolumeError
+
+if TYPE_CHECKING:
+    from volkeeper.daemon.mirror import Mirror
+    from volkeeper.daemon.sender import Sender
+
+
+class Comparer:
+    def __init__(self, mirror: Mirror) -> None:
+        self.mirror = mirror
+        self._answers: dict[int, asyncio.Future[pw.Hashes]] = {}  # request sequence ->
+
+    async def compare(
+        self, sender: Sender, offset: int, length: int, region_size: int
+    ) -> tuple[bytes, list[tuple[int, int]]]:
+        """(the local data, runs (first region, count) that differ) for the range."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[pw.Hashes] = loop.create_future()
+        sender.send(pw.HashRequest(offset, length, region_size), 0, self._asked, answer)
+        data = await self._read(offset, length)
+        ours = await loop.run_in_executor(None, region_hash.digests, data, region_size)
+        theirs = await answer
+        return data, region_hash.differing_runs(ours, theirs.digests)
+
+    def _asked(self, answer: asyncio.Future[pw.Hashes], sequence: int) -> None:
+        self._answers[sequence] = answer
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        service = self.mirror.service
+        cached = service.try_read(offset, length)
+        if cached is not None:
+            return bytes(cached)
+        done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def read(result: object, error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(bytes(result))  # type: ignore[call-overload]
+
+        self.mirror.readers.submit(service.volume.read, (offset, length), read)
+        return await done
+
+    def take(self, frame: pw.Hashes | pw.Ack) -> bool:
+        """An answer to one of our requests (HASHES, or an ACK with the target's errno)?"""
+        sequence = frame.request if isinstance(frame, pw.Hashes) else frame.sequence
+        answer = self._answers.pop(sequence, None)
+        if answer is None:
+            return False
+        if answer.done():
+            return True
+        if isinstance(frame, pw.Hashes):
+            answer.set_result(frame)
+        else:
+            why = os.strerror(frame.errno)
+            answer.set_exception(VolumeError(f"the target could not hash: {why}", frame.errno))
+        return True
+
+    def lost(self, reason: str, unsent: list[object]) -> None:
+        for answer in [*self._answers.values(), *unsent]:
+            if isinstance(answer, asyncio.Future) and not answer.done():
+                answer.set_exception(PeerError(reason))
+        self._answers.clear()
