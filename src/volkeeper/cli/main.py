@@ -53,6 +53,12 @@ CompressionOption = Annotated[
 ThrottleOption = Annotated[
     str | None, typer.Option("--throttle", help="bytes per second, e.g. 50MiB (none: off)")
 ]
+ResyncMinOption = Annotated[
+    str | None, typer.Option("--resync-min", help="a resync's rate under load (throttle / 10)")
+]
+ResyncMaxOption = Annotated[
+    str | None, typer.Option("--resync-max", help="a resync's rate, at most (none: no limit)")
+]
 YesOption = Annotated[bool, typer.Option("--yes", help="confirm: the target is overwritten")]
 
 
@@ -215,11 +221,13 @@ def volume_release(volume: str, node: NodeOption = None, config: ConfigOption = 
 
 
 def _settings(
-    mode: str, queue_limit: str, region_size: str, compression: str, throttle: str | None
+    mode: str, queue_limit: str, region_size: str, compression: str, *rates: str | None
 ) -> dict[str, Any]:
+    throttle, resync_min, resync_max = rates
     return {
         "mode": mode, "queue_limit": queue_limit, "region_size": region_size,
-        "compression": compression, "throttle": throttle,
+        "compression": compression, "throttle": throttle, "resync_min": resync_min,
+        "resync_max": resync_max,
     }  # fmt: skip
 
 
@@ -236,13 +244,16 @@ def job_create(
     region_size: RegionSizeOption = "4KiB",
     compression: CompressionOption = "none",
     throttle: ThrottleOption = None,
+    resync_min: ResyncMinOption = None,
+    resync_max: ResyncMaxOption = None,
     yes: YesOption = False,
     node: NodeOption = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a job mirroring SOURCE to each TARGET (a full resync overwrites them)."""
-    settings = _settings(mode, queue_limit, region_size, compression, throttle)
+    rates = (throttle, resync_min, resync_max)
+    settings = _settings(mode, queue_limit, region_size, compression, *rates)
     body = {"name": name, "description": description, "source": source, "target": target,
             "confirm": yes, **settings}  # fmt: skip
     _print_job(_client(node, config).request("POST", "/jobs", body), as_json)
@@ -260,13 +271,16 @@ def job_add_target(
     region_size: RegionSizeOption = "4KiB",
     compression: CompressionOption = "none",
     throttle: ThrottleOption = None,
+    resync_min: ResyncMinOption = None,
+    resync_max: ResyncMaxOption = None,
     yes: YesOption = False,
     node: NodeOption = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Add a mirror to TARGET to a job (a full resync overwrites the target)."""
-    settings = _settings(mode, queue_limit, region_size, compression, throttle)
+    rates = (throttle, resync_min, resync_max)
+    settings = _settings(mode, queue_limit, region_size, compression, *rates)
     body = {"target": target, "source": source, "confirm": yes, **settings}
     _print_job(_client(node, config).request("POST", f"/jobs/{job}/targets", body), as_json)
 
@@ -408,12 +422,14 @@ def mirror_set(
     queue_limit: Annotated[str | None, typer.Option("--queue-limit")] = None,
     compression: Annotated[str | None, typer.Option("--compression")] = None,
     throttle: ThrottleOption = None,
+    resync_min: ResyncMinOption = None,
+    resync_max: ResyncMaxOption = None,
     node: NodeOption = None,
     config: ConfigOption = None,
 ) -> None:
-    """Change mode, queue limit, compression or throttle of live mirrors."""
+    """Change mode, queue limit, compression, throttle or resync rates of live mirrors."""
     given = {"mode": mode, "queue_limit": queue_limit, "compression": compression,
-             "throttle": throttle}  # fmt: skip
+             "throttle": throttle, "resync_min": resync_min, "resync_max": resync_max}  # fmt: skip
     body = {"target": target, **{key: value for key, value in given.items() if value is not None}}
     answer = _client(node, config).request("PATCH", f"/jobs/{job}/mirror", body)
     for mirror in _only(answer, target)["mirrors"]:

@@ -26,6 +26,11 @@ class TokenBucket:
         self._refill(now)
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
+    def balance(self, now: float) -> float:
+        """Tokens now: positive is credit, negative is debt."""
+        self._refill(now)
+        return self._tokens
+
     def spend(self, nbytes: int, now: float) -> None:
         self._refill(now)
         self._tokens -= nbytes

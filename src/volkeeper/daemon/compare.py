@@ -37,7 +37,8 @@ class Comparer:
         """(the local data, runs (first region, count) that differ) for the range."""
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[pw.Hashes] = loop.create_future()
-        sender.send(pw.HashRequest(offset, length, region_size), 0, self._asked, answer)
+        request = pw.HashRequest(offset, length, region_size)  # background work: resync lane
+        sender.send(request, 0, self._asked, answer, resync=True)
         data = await self._read(offset, length)
         ours = await loop.run_in_executor(None, region_hash.digests, data, region_size)
         theirs = await answer

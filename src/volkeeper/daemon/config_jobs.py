@@ -15,6 +15,8 @@ How this works: a job is a named group of mirrors, each from a ``NODE:VOLUME`` s
     region_size = "4KiB"      # intent-log bytes per bit: a power of two, 4 KiB to 1 MiB
     compression = "zstd:3"    # "none" (the default), "lz4", "zlib:N" or "zstd:N"
     throttle = "100MiB/s"     # bytes per second; unthrottled when absent
+    resync_min = "10MiB/s"    # a resync's share under load (default: throttle / 10)
+    resync_max = "80MiB/s"    # a resync's ceiling (default: none)
 
 Scalars are checked as everywhere in the config (config_types.py). The rest is checked in
 two steps. The structure holds for every job, whichever nodes it involves, so one shared jobs
@@ -123,6 +125,8 @@ class MirrorConfig(Table):
     region_size: RegionSize = MIN_REGION_SIZE  # intent-log bytes per bit
     compression: Compression = NO_COMPRESSION
     throttle: Rate | None = None  # bytes per second; None: unthrottled
+    resync_min: Rate | None = None  # bytes per second a resync gets under load
+    resync_max: Rate | None = None  # bytes per second a resync never exceeds
 
     @field_validator("target")
     @classmethod

@@ -81,6 +81,10 @@ class MirrorSettings(BaseModel):
     )
     compression: str = Field("none", description="none, zlib:1..9, zstd:1..19 or lz4")
     throttle: int | str | None = Field(None, description="bytes per second; null: unthrottled")
+    resync_min: int | str | None = Field(
+        None, description="bytes per second a resync gets under load (default: throttle / 10)"
+    )
+    resync_max: int | str | None = Field(None, description="bytes per second, at most")
 
 
 class MirrorBody(MirrorSettings):
@@ -111,6 +115,8 @@ class SetBody(BaseModel):
     queue_limit: int | str | None = None
     compression: str | None = None
     throttle: int | str | None = Field(None, description='a rate, or "none" to remove it')
+    resync_min: int | str | None = None
+    resync_max: int | str | None = None
 
 
 class MirrorAction(enum.StrEnum):
@@ -152,20 +158,21 @@ def _size(field: str, value: int | str) -> int:
         raise JobError("bad_request", f"{field}: {exc}") from None
 
 
-def _throttle(value: int | str | None) -> int | None:
+def _rate(field: str, value: int | str | None) -> int | None:
     if value is None or value in ("none", "off", "unlimited"):
         return None
     try:
         return parse_rate(value)
     except ValueError as exc:
-        raise JobError("bad_request", f"throttle: {exc}") from None
+        raise JobError("bad_request", f"{field}: {exc}") from None
 
 
 def _mirror_request(source: str, target: str, settings: MirrorSettings) -> MirrorRequest:
     return MirrorRequest(
         source, target, settings.mode, _size("queue_limit", settings.queue_limit),
         _size("region_size", settings.region_size), settings.compression,
-        _throttle(settings.throttle),
+        _rate("throttle", settings.throttle), _rate("resync_min", settings.resync_min),
+        _rate("resync_max", settings.resync_max),
     )  # fmt: skip
 
 
@@ -183,7 +190,9 @@ def _changes(body: SetBody) -> dict[str, Any]:
     given = body.model_fields_set - {"target"}
     if not given:
         raise JobError(
-            "bad_request", "nothing to set: give mode, queue_limit, compression or throttle"
+            "bad_request",
+            "nothing to set: give mode, queue_limit, compression, throttle, resync_min or "
+            "resync_max",
         )
     changes: dict[str, Any] = {}
     if "mode" in given and body.mode is not None:
@@ -192,8 +201,9 @@ def _changes(body: SetBody) -> dict[str, Any]:
         changes["queue_limit"] = _size("queue_limit", body.queue_limit)
     if "compression" in given and body.compression is not None:
         changes["compression"] = body.compression
-    if "throttle" in given:
-        changes["throttle"] = _throttle(body.throttle)
+    for rate in ("throttle", "resync_min", "resync_max"):
+        if rate in given:
+            changes[rate] = _rate(rate, getattr(body, rate))
     return changes
 
 

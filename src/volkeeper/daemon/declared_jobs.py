@@ -23,7 +23,7 @@ from volkeeper.daemon.jobs import Jobs
 
 log = structlog.get_logger("volkeeper.jobs")
 
-_LIVE_SETTINGS = ("mode", "queue_limit", "compression", "throttle")
+_LIVE_SETTINGS = ("mode", "queue_limit", "compression", "throttle", "resync_min", "resync_max")
 
 
 async def apply(jobs: Jobs, declared: list[JobConfig]) -> dict[str, list[str]]:
@@ -94,7 +94,7 @@ def _settings(mirror: MirrorConfig) -> dict[str, Any]:
 def _request(mirror: MirrorConfig) -> MirrorRequest:
     return MirrorRequest(
         mirror.source, mirror.target, mirror.mode, mirror.queue_limit, mirror.region_size,
-        mirror.compression, mirror.throttle,
+        mirror.compression, mirror.throttle, mirror.resync_min, mirror.resync_max,
     )  # fmt: skip
 
 

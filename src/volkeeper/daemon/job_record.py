@@ -52,6 +52,8 @@ class MirrorRecord:
     queue_limit: int = DEFAULT_QUEUE_LIMIT
     compression: str = "none"
     throttle: int | None = None  # bytes per second, None: unthrottled
+    resync_min: int | None = None  # bytes per second a resync gets under load (see sender)
+    resync_max: int | None = None  # bytes per second a resync never exceeds
     admin: str = "active"  # or "paused" / "broken": the administrator's last word
 
     @property
@@ -127,8 +129,14 @@ def check_settings(mirror: MirrorRecord) -> MirrorRecord:
         compression = parse_compression(mirror.compression)
     except ValueError as exc:
         raise JobError("bad_request", f"compression: {exc}") from None
-    if mirror.throttle is not None and mirror.throttle <= 0:
-        raise JobError("bad_request", f"throttle must be a positive rate, got {mirror.throttle}")
+    for name in ("throttle", "resync_min", "resync_max"):
+        rate = getattr(mirror, name)
+        if rate is not None and rate <= 0:
+            raise JobError("bad_request", f"{name} must be a positive rate, got {rate}")
+    if mirror.resync_min and mirror.resync_max and mirror.resync_min > mirror.resync_max:
+        raise JobError(
+            "bad_request", f"resync_min {mirror.resync_min} is above resync_max {mirror.resync_max}"
+        )
     return dataclasses.replace(mirror, compression=compression)
 
 

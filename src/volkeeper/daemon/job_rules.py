@@ -37,6 +37,8 @@ class MirrorRequest:
     region_size: int = MIN_REGION_SIZE
     compression: str = "none"
     throttle: int | None = None
+    resync_min: int | None = None
+    resync_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ def check_mirrors(
             raise JobError("bad_request", f"region_size: {exc}") from None
         record = MirrorRecord(
             source_volume, target_node, target_volume, request.mode, request.queue_limit,
-            request.compression, request.throttle,
+            request.compression, request.throttle, request.resync_min, request.resync_max,
         )  # fmt: skip
         mirrors.append(check_settings(record))
         taken[target] = "this request"

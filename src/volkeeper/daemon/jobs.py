@@ -344,7 +344,8 @@ class Jobs:
                 self.publish(
                     "change", "mirror", job=record.name, target=after.target, mode=after.mode,
                     queue_limit=after.queue_limit, compression=after.compression,
-                    throttle=after.throttle,
+                    throttle=after.throttle, resync_min=after.resync_min,
+                    resync_max=after.resync_max,
                 )  # fmt: skip
         self._announce(updated)
 

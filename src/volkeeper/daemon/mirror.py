@@ -48,7 +48,7 @@ from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
 from volkeeper.daemon.op import Op, frame_of
 from volkeeper.daemon.peer_session import open_session
 from volkeeper.daemon.resync import Resync
-from volkeeper.daemon.sender import Sender
+from volkeeper.daemon.sender import Sender, SendSettings
 from volkeeper.daemon.verify import Verify, VerifyResult
 from volkeeper.errors import PeerError
 from volkeeper.io.codecs import compressor_for
@@ -75,6 +75,8 @@ class MirrorSpec:
     queue_limit: int = DEFAULT_QUEUE_LIMIT
     compression: str = "none"
     throttle: int | None = None
+    resync_min: int | None = None
+    resync_max: int | None = None
 
     @property
     def target(self) -> str:
@@ -214,9 +216,7 @@ class Mirror:
         )  # fmt: skip
         self._last_heard = self._clock()
         self.link = link
-        self.sender = Sender(
-            link, self.compressors, compressor_for(self.spec.compression), self.spec.throttle
-        )
+        self.sender = Sender(link, self.compressors, _send_settings(self.spec))
         if not link.is_open:  # lost before it was ours: _on_lost ignored it
             raise PeerError("link lost during the handshake")
         await self._admitted(link, answer)
@@ -544,7 +544,7 @@ class Mirror:
         self.spec = spec
         self.asynchronous = spec.mode == "async"
         if self.sender is not None:
-            self.sender.configure(compressor_for(spec.compression), spec.throttle)
+            self.sender.configure(_send_settings(spec))
 
     def announce(self) -> None:
         """Send the job's record to the target (after HELLO_OK, and when the job changed)."""
@@ -612,6 +612,8 @@ class Mirror:
             "throughput_bytes_per_s": round(self.throughput.rate(now, self.sent_bytes)),
             "compression": self.spec.compression,
             "throttle": self.spec.throttle,
+            "resync_min": self.spec.resync_min,
+            "resync_max": self.spec.resync_max,
             "resync": {
                 "done_bytes": done,
                 "total_bytes": done + remaining if resync is not None else 0,
@@ -630,6 +632,13 @@ class Mirror:
             "checksum_resync": self.checksum_next,
             "last_error": self.last_error or None,
         }
+
+
+def _send_settings(spec: MirrorSpec) -> SendSettings:
+    """Without a resync_min, a throttled link still gives the resync a tenth of it."""
+    compressor = compressor_for(spec.compression)
+    resync_min = spec.resync_min or (spec.throttle // 10 if spec.throttle else None)
+    return SendSettings(compressor, spec.throttle, resync_min, spec.resync_max)
 
 
 def _ratio(before: int, after: int) -> float | None:

@@ -145,7 +145,7 @@ class Mirrors:
         return MirrorSpec(
             job, record.source_volume, record.target_node, self.peers[record.target_node],
             record.target_volume, record.mode, record.queue_limit, record.compression,
-            record.throttle,
+            record.throttle, record.resync_min, record.resync_max,
         )  # fmt: skip
 
     def target(self, job: str, record: MirrorRecord, generations: Generations) -> Target:

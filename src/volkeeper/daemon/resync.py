@@ -161,9 +161,8 @@ class Resync:
         for first, count in runs:
             start, stop = first * region, min((first + count) * region, chunk.length)
             if self.link.is_open:
-                self.sender.send(
-                    pw.ResyncData(chunk.offset + start, view[start:stop]), stop - start
-                )
+                frame = pw.ResyncData(chunk.offset + start, view[start:stop])
+                self.sender.send(frame, stop - start, resync=True)
             self.mirror.sent_bytes += stop - start
             self.shipped_bytes += stop - start
         self.done_bytes += chunk.length
@@ -178,7 +177,7 @@ class Resync:
     def _ship(self, chunk: Chunk, data: bytes | bytearray) -> None:
         if not self.link.is_open:
             return
-        self.sender.send(pw.ResyncData(chunk.offset, data), chunk.length)
+        self.sender.send(pw.ResyncData(chunk.offset, data), chunk.length, resync=True)
         self.mirror.sent_bytes += chunk.length
         self.done_bytes += chunk.length
         self._sample()
@@ -209,7 +208,7 @@ class Resync:
     async def _ask(self, frame: pw.Frame) -> int:
         """Send ``frame`` and wait for the target's ACK; returns its errno."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.sender.send(frame, 0, self._asked, future)
+        self.sender.send(frame, 0, self._asked, future, resync=True)
         return await future
 
     def _asked(self, future: asyncio.Future[int], sequence: int) -> None:

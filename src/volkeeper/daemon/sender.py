@@ -1,19 +1,27 @@
-"""What a mirror sends its target, in order: compressed beside the loop, throttled.
+"""What a mirror sends its target: in order, compressed beside the loop, throttled, resync last.
 
-How this works: every frame a mirror sends through its link -- application writes, flushes,
-resync data, state and job records -- goes through ``Sender.send``, which keeps them in one
-FIFO, so the target sees them in the order they were given (invariant 1).  With neither
-compression nor a throttle, and nothing queued, a frame goes straight to the link: the fast
-path costs one branch.
+How this works: every frame a mirror sends through its link -- application writes and
+flushes, resync data and its flushes, state and job records, digest requests -- goes through
+``Sender.send``, into one of two FIFO *lanes*: the application lane and the resync lane
+(``resync=True``).  Each lane keeps its order, and the application lane keeps the order the
+target must apply writes in (invariant 1).  Between lanes, application frames go first:
+a resync uses the bandwidth the application leaves, which is safe because a resync chunk that
+an application write raced is resent (daemon/resync.py), and its own FLUSH and STATE follow
+its data in its lane.  Two rates bound the resync lane: ``resync_max`` (a token bucket it may
+not exceed) and ``resync_min`` (a credit bucket: while the resync has sent less than that
+rate, its lane goes first, so application writes cannot starve it).  This is DRBD's dynamic
+resync controller (c-min-rate, c-max-rate) with the sender's queue as the measure of what
+the application uses.  With no compression, throttle or resync bounds and nothing queued, a
+frame goes straight to the link: the fast path costs a few tests.
 
 Compression: a WRITE or RESYNC_DATA payload of at least ``MIN_COMPRESS`` bytes is compressed
-(io/codecs.py) -- inline when small, else on the node's compression threads, since the
-codecs release the GIL -- and sent as WRITE_Z / RESYNC_Z if that saves enough, as it was
-otherwise.  A frame waits at the head of the FIFO until its compression is done.
+(io/codecs.py) -- inline when small, else on the node's compression threads, since the codecs
+release the GIL -- and sent as WRITE_Z / RESYNC_Z if that saves enough, as it was otherwise.
+A frame waits at the head of its lane until its compression is done.
 
-Throttle: payload bytes on the wire are paid for from a token bucket (core/throttle.py); the
-head frame waits (a timer, not a loop) while the bucket is in debt.  Control frames cost
-nothing but keep their place in the line.
+Throttle: payload bytes on the wire, of both lanes, are paid for from a token bucket
+(core/throttle.py); the next frame waits (a timer, not a loop) while it is in debt.  Control
+frames cost nothing but keep their place in their lane.
 
 ``on_sent(context, sequence)`` tells the caller the frame's sequence number once it is on the
 link (ACKs name it).  When the link is lost, ``abandon`` returns the contexts of the frames
@@ -39,7 +47,20 @@ INLINE_COMPRESS = 16 * 1024  # at most this much is compressed on the loop itsel
 HIGH_WATER = 4 * 1024 * 1024  # queued payload bytes above which drained() waits
 
 OnSent = Callable[[Any, int], None]
+Lane = collections.deque["_Entry"]
 _PENDING = object()  # compression not finished yet
+
+
+@dataclass(frozen=True)
+class SendSettings:
+    compressor: Compressor | None = None
+    throttle: int | None = None  # bytes per second on the wire, both lanes
+    resync_min: int | None = None  # bytes per second the resync gets even under load
+    resync_max: int | None = None  # bytes per second the resync never exceeds
+
+    @property
+    def shapes(self) -> bool:
+        return bool(self.throttle or self.resync_min or self.resync_max)
 
 
 @dataclass(slots=True)
@@ -57,42 +78,43 @@ def _nothing(context: Any, sequence: int) -> None:
 
 
 class Sender:
-    def __init__(
-        self,
-        link: PeerLink,
-        pool: IoWorkers,
-        compressor: Compressor | None = None,
-        rate: int | None = None,
-    ) -> None:
+    def __init__(self, link: PeerLink, pool: IoWorkers, settings: SendSettings) -> None:
         self.link = link
         self.pool = pool
-        self.compressor = compressor
         self._loop = asyncio.get_running_loop()
-        self.bucket = TokenBucket(rate, self._loop.time()) if rate else None
         self.queued_bytes = 0  # payload bytes given and not yet on the link
         self.wire_bytes = 0  # payload bytes put on the link (after compression)
-        self._queue: collections.deque[_Entry] = collections.deque()
+        self._app: Lane = collections.deque()
+        self._resync: Lane = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
         self._room = asyncio.Event()
         self._room.set()
+        self.settings = settings
+        self.throttle: TokenBucket | None = None
+        self.resync_min: TokenBucket | None = None
+        self.resync_max: TokenBucket | None = None
+        self.configure(settings)
 
-    def configure(self, compressor: Compressor | None, rate: int | None) -> None:
+    def configure(self, settings: SendSettings) -> None:
         """New settings from the next frame on."""
-        self.compressor = compressor
+        self.settings = settings
         now = self._loop.time()
-        if not rate:
-            self.bucket = None
-        elif self.bucket is None:
-            self.bucket = TokenBucket(rate, now)
-        else:
-            self.bucket.set_rate(rate, now)
+        self.throttle = _bucket(self.throttle, settings.throttle, now)
+        self.resync_min = _bucket(self.resync_min, settings.resync_min, now)
+        self.resync_max = _bucket(self.resync_max, settings.resync_max, now)
         self._pump()
 
     def send(
-        self, frame: pw.Frame, size: int = 0, on_sent: OnSent | None = None, context: Any = None
+        self,
+        frame: pw.Frame,
+        size: int = 0,
+        on_sent: OnSent | None = None,
+        context: Any = None,
+        resync: bool = False,
     ) -> None:
-        compress = self.compressor is not None and size >= MIN_COMPRESS and _is_data(frame)
-        if not self._queue and not compress and self.bucket is None:  # the fast path
+        settings = self.settings
+        compress = settings.compressor is not None and size >= MIN_COMPRESS and _is_data(frame)
+        if not (self._app or self._resync or compress or settings.shapes):  # the fast path
             self.wire_bytes += size
             sequence = self.link.send(frame)
             if on_sent is not None:
@@ -101,17 +123,18 @@ class Sender:
         entry = _Entry(frame, size, on_sent, context)
         if compress:
             self._compress(entry)
-        self._queue.append(entry)
+        (self._resync if resync else self._app).append(entry)
         self.queued_bytes += size
         if self.queued_bytes >= HIGH_WATER:
             self._room.clear()
         self._pump()
 
     def _compress(self, entry: _Entry) -> None:
-        assert self.compressor is not None and isinstance(entry.frame, pw.Write | pw.ResyncData)
-        data, entry.codec = entry.frame.data, self.compressor.codec
+        compressor = self.settings.compressor
+        assert compressor is not None and isinstance(entry.frame, pw.Write | pw.ResyncData)
+        data, entry.codec = entry.frame.data, compressor.codec
         if entry.size <= INLINE_COMPRESS:
-            entry.packed = self.compressor.compress(data)
+            entry.packed = compressor.compress(data)
             return
         entry.packed = _PENDING
 
@@ -119,26 +142,27 @@ class Sender:
             entry.packed = None if error is not None else packed  # a codec failure: send raw
             self._pump()
 
-        self.pool.submit(self.compressor.compress, (data,), done)
+        self.pool.submit(compressor.compress, (data,), done)
 
     def _pump(self) -> None:
-        queue = self._queue
-        while queue:
-            head = queue[0]
-            if head.packed is _PENDING:
-                return  # its compression's completion pumps again
-            if not self.link.is_open:
-                return  # the link's loss calls abandon(): the mirror marks what is left
+        while self.link.is_open:  # once lost, abandon() hands what is left to the mirror
+            now = self._loop.time()
+            lane = self._next_lane(now)
+            if lane is None:
+                break
+            head = lane[0]
             frame, wire = _on_the_wire(head)
-            if self.bucket is not None and wire:
-                now = self._loop.time()
-                wait = self.bucket.wait(now)
+            if self.throttle is not None and wire:
+                wait = self.throttle.wait(now)
                 if wait > 0:
-                    if self._timer is None:
-                        self._timer = self._loop.call_later(wait, self._tick)
+                    self._wake_in(wait)
                     return
-                self.bucket.spend(wire, now)
-            queue.popleft()
+                self.throttle.spend(wire, now)
+            if lane is self._resync and wire:
+                for bucket in (self.resync_min, self.resync_max):
+                    if bucket is not None:
+                        bucket.spend(wire, now)
+            lane.popleft()
             self.queued_bytes -= head.size
             self.wire_bytes += wire
             sequence = self.link.send(frame)
@@ -146,17 +170,37 @@ class Sender:
         if self.queued_bytes < HIGH_WATER:
             self._room.set()
 
+    def _next_lane(self, now: float) -> Lane | None:
+        """The lane whose head goes next, or None (a timer or a compression wakes us)."""
+        app = self._app if self._app and self._app[0].packed is not _PENDING else None
+        resync = self._resync if self._resync and self._resync[0].packed is not _PENDING else None
+        if resync is not None and self.resync_max is not None:
+            wait = self.resync_max.wait(now)
+            if wait > 0:
+                if app is None:
+                    self._wake_in(wait)
+                return app
+        behind = self.resync_min is not None and self.resync_min.balance(now) > 0
+        if resync is not None and (behind or app is None):
+            return resync
+        return app
+
+    def _wake_in(self, seconds: float) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(seconds, self._tick)
+
     def _tick(self) -> None:
         self._timer = None
         self._pump()
 
     def abandon(self) -> list[Any]:
-        """The link is gone: the contexts of every frame that never left, oldest first."""
+        """The link is gone: the contexts of every frame that never left."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        contexts = [entry.context for entry in self._queue]
-        self._queue.clear()
+        contexts = [entry.context for entry in (*self._app, *self._resync)]
+        self._app.clear()
+        self._resync.clear()
         self.queued_bytes = 0
         self._room.set()
         return contexts
@@ -165,6 +209,15 @@ class Sender:
         """Wait until the queue is under its high-water mark and the link can take more."""
         await self._room.wait()
         await self.link.drained()
+
+
+def _bucket(bucket: TokenBucket | None, rate: int | None, now: float) -> TokenBucket | None:
+    if not rate:
+        return None
+    if bucket is None:
+        return TokenBucket(rate, now)
+    bucket.set_rate(rate, now)
+    return bucket
 
 
 def _is_data(frame: pw.Frame) -> bool:
