@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEB_PACKAGES := libnbd-bin nbdkit qemu-utils fio util-linux dmsetup rsync fuse3
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test lint debs deps bench clean
+.PHONY: demo test lint debs deps bench bench-review clean
 
 demo: deps
 	$(PY) -m volkeeper.demo
@@ -24,6 +24,9 @@ lint: deps
 bench: deps
 	$(PY) bench/nbd_vs_nbdkit.py
 	$(PY) bench/mirror_overhead.py
+
+bench-review: deps  # the DataKeeper review's experiment: root, ~90 min (--short: ~10 min)
+	$(PY) bench/review_experiment.py $(REVIEW_ARGS)
 
 deps: debs $(STAMP)
 

@@ -45,7 +45,9 @@ class LocalNode:
     name: str = "alpha"
     volumes: list[VolumeSpec] = field(default_factory=lambda: [VolumeSpec("data1")])
     nbd_tcp: bool = False
-    peers: dict[str, int] = field(default_factory=dict)  # other nodes' replication ports
+    peers: dict[str, int | str] = field(default_factory=dict)  # port, or "host:port"
+    host: str = "127.0.0.1"  # the replication listener's address
+    netns: str | None = None  # run the daemon in this network namespace (ip netns exec)
     tls: tuple[Path, Path, Path] | None = None  # [tls] certificate, key, ca (PEM files)
     process: subprocess.Popen[bytes] | None = None
 
@@ -89,13 +91,16 @@ class LocalNode:
             "[node]",
             f'name = "{self.name}"',
             f'state_dir = "{self.directory / "state"}"',
-            f'listen = "127.0.0.1:{self.peer_port}"',
+            f'listen = "{self.host}:{self.peer_port}"',
             f'control = "unix:{self.control_socket}"',
             f'nbd = "{nbd}"',
         ]
         if self.peers:
             lines += ["", "[peers]"]
-            lines += [f'{name} = "127.0.0.1:{port}"' for name, port in self.peers.items()]
+            lines += [
+                f'{name} = "{port if isinstance(port, str) else f"127.0.0.1:{port}"}"'
+                for name, port in self.peers.items()
+            ]
         if self.tls is not None:
             certificate, key, ca = self.tls
             lines += ["", "[tls]", f'certificate = "{certificate}"']
@@ -119,8 +124,17 @@ class LocalNode:
         if not self.config_path.exists():
             self.write_config()
         log = self.log_path.open("ab")
+        netns = ["ip", "netns", "exec", self.netns] if self.netns else []  # execs: same PID
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "volkeeper", "daemon", "--config", str(self.config_path)],
+            [
+                *netns,
+                sys.executable,
+                "-m",
+                "volkeeper",
+                "daemon",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
