@@ -52,3 +52,12 @@ def test_a_sender_that_obeys_the_bucket_keeps_the_rate(rate: int, sizes: list[in
         assert sent == pytest.approx(rate * (now + owed) + bucket.burst, rel=1e-6, abs=2.0)
     else:
         assert sent <= rate * now + bucket.burst
+
+
+def test_spare_spending_uses_credit_but_never_goes_into_debt() -> None:
+    bucket = TokenBucket(MiB, now=0.0)
+    bucket.spend_spare(100 * MiB, 0.0)  # sent alone, far above the rate: no debt remembered
+    assert bucket.balance(0.0) == 0.0
+    assert bucket.balance(0.5) == pytest.approx(min(bucket.burst, MiB / 2))  # credit again
+    bucket.spend(MiB, 0.5)
+    assert bucket.balance(0.5) < 0  # an owed share still counts

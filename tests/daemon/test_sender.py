@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import statistics
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,8 +135,12 @@ async def rig(settings: SendSettings) -> AsyncIterator[Rig]:
         pool.shutdown()
 
 
-def run(scenario: Callable[[], Any]) -> None:
-    asyncio.run(scenario())
+def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(30):
+            await scenario()
+
+    asyncio.run(bounded())
 
 
 def rate(arrivals: list[Arrival], start: float, stop: float) -> float:
@@ -163,7 +167,8 @@ class Feeder:
     async def run(self, stop: float) -> None:
         kind = pw.ResyncData if self.resync else pw.Write
         while self.rig.now() < stop:
-            while self.given - self.left < self.depth:
+            # at most ``depth`` frames a tick: a lane that nothing holds back cannot spin here
+            for _ in range(self.depth - (self.given - self.left)):
                 frame = kind(self.base + self.given * FRAME, self.data)
                 self.rig.sender.send(frame, FRAME, self._on_sent, self.given, self.resync)
                 self.given += 1

@@ -35,6 +35,13 @@ class TokenBucket:
         self._refill(now)
         self._tokens -= nbytes
 
+    def spend_spare(self, nbytes: int, now: float) -> None:
+        """Bytes sent when nothing else wanted the link: they use up credit, never into
+        debt (a minimum-rate guarantee must not remember what was sent for free)."""
+        self._refill(now)
+        if self._tokens > 0:
+            self._tokens = max(0.0, self._tokens - nbytes)
+
     def set_rate(self, rate: float, now: float) -> None:
         """A new rate from now on; bytes already owed are paid at the new rate."""
         self._refill(now)

@@ -67,6 +67,9 @@ class Resync:
         self.done_bytes = 0
         self._meter = RateMeter(RATE_WINDOW)
         self._chunks: list[Chunk] = []  # sent (or being read) since the last FLUSH
+        # The batch whose FLUSH is not ACKed yet: its frames may still wait in the sender's
+        # resync lane, behind which a racing application write overtakes them.
+        self._committing: list[Chunk] = []
         self._reads = 0  # outstanding
         self._read_slot = asyncio.Event()
         self._error: BaseException | None = None
@@ -190,9 +193,13 @@ class Resync:
         self._check()
         if not self._chunks:
             return
-        chunks, self._chunks = self._chunks, []
-        if await self._ask(pw.Flush()):
-            raise PeerError("target failed to flush resync data")
+        chunks = self._committing = self._chunks
+        self._chunks = []
+        try:
+            if await self._ask(pw.Flush()):
+                raise PeerError("target failed to flush resync data")
+        finally:
+            self._committing = []
         for chunk in chunks:
             if not chunk.raced:
                 self.bitmap.clear_regions(chunk.first, chunk.count)
@@ -231,14 +238,15 @@ class Resync:
                 future.set_exception(PeerError(reason))
         self.acks.clear()
         self._chunks.clear()
+        self._committing = []
         self._read_slot.set()
 
     def note_race(self, op: Op) -> None:
         """``op`` is being written: a chunk it overlaps may have been read without it."""
-        if not self._chunks:
+        if not (self._chunks or self._committing):
             return
         first = self.bitmap.region_of(op.offset)
         last = self.bitmap.region_of(op.offset + max(op.length, 1) - 1)
-        for chunk in self._chunks:
+        for chunk in (*self._chunks, *self._committing):
             if first < chunk.first + chunk.count and chunk.first <= last:
                 chunk.raced = True

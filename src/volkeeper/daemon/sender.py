@@ -147,7 +147,7 @@ class Sender:
     def _pump(self) -> None:
         while self.link.is_open:  # once lost, abandon() hands what is left to the mirror
             now = self._loop.time()
-            lane = self._next_lane(now)
+            lane, owed = self._next_lane(now)
             if lane is None:
                 break
             head = lane[0]
@@ -159,9 +159,12 @@ class Sender:
                     return
                 self.throttle.spend(wire, now)
             if lane is self._resync and wire:
-                for bucket in (self.resync_min, self.resync_max):
-                    if bucket is not None:
-                        bucket.spend(wire, now)
+                if self.resync_max is not None:
+                    self.resync_max.spend(wire, now)
+                if self.resync_min is not None and owed:
+                    self.resync_min.spend(wire, now)
+                elif self.resync_min is not None:
+                    self.resync_min.spend_spare(wire, now)
             lane.popleft()
             self.queued_bytes -= head.size
             self.wire_bytes += wire
@@ -170,8 +173,9 @@ class Sender:
         if self.queued_bytes < HIGH_WATER:
             self._room.set()
 
-    def _next_lane(self, now: float) -> Lane | None:
-        """The lane whose head goes next, or None (a timer or a compression wakes us)."""
+    def _next_lane(self, now: float) -> tuple[Lane | None, bool]:
+        """The lane whose head goes next (None: a timer or a compression wakes us), and
+        whether it is the resync taking the share its minimum rate is owed."""
         app = self._app if self._app and self._app[0].packed is not _PENDING else None
         resync = self._resync if self._resync and self._resync[0].packed is not _PENDING else None
         if resync is not None and self.resync_max is not None:
@@ -179,11 +183,11 @@ class Sender:
             if wait > 0:
                 if app is None:
                     self._wake_in(wait)
-                return app
+                return app, False
         behind = self.resync_min is not None and self.resync_min.balance(now) > 0
-        if resync is not None and (behind or app is None):
-            return resync
-        return app
+        if resync is not None and behind and app is not None:
+            return resync, True
+        return (app, False) if app is not None else (resync, False)
 
     def _wake_in(self, seconds: float) -> None:
         if self._timer is None:
