@@ -190,8 +190,13 @@ class Sender:
         return (app, False) if app is not None else (resync, False)
 
     def _wake_in(self, seconds: float) -> None:
-        if self._timer is None:
-            self._timer = self._loop.call_later(seconds, self._tick)
+        """Pump again in ``seconds``, or sooner if already due sooner."""
+        due = self._loop.time() + seconds
+        if self._timer is not None:
+            if self._timer.when() <= due:
+                return
+            self._timer.cancel()
+        self._timer = self._loop.call_at(due, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
