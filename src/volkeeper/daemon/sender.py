@@ -87,6 +87,7 @@ class Sender:
         self._app: Lane = collections.deque()
         self._resync: Lane = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0  # loop time it fires at (uvloop's handles do not say)
         self._room = asyncio.Event()
         self._room.set()
         self.settings = settings
@@ -193,10 +194,10 @@ class Sender:
         """Pump again in ``seconds``, or sooner if already due sooner."""
         due = self._loop.time() + seconds
         if self._timer is not None:
-            if self._timer.when() <= due:
+            if self._timer_due <= due:
                 return
             self._timer.cancel()
-        self._timer = self._loop.call_at(due, self._tick)
+        self._timer, self._timer_due = self._loop.call_at(due, self._tick), due
 
     def _tick(self) -> None:
         self._timer = None
