@@ -49,11 +49,12 @@ from volkeeper.daemon.config_types import (
     as_string,
     show,
 )
-
-MIRROR_MODES = ("sync", "async")
-DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024  # as daemon/mirror.py, which this module must not import
-MIN_QUEUE_LIMIT = 1024 * 1024
-MAX_DESCRIPTION = 1024  # characters, as job records keep it
+from volkeeper.daemon.job_record import (  # the rules job records themselves follow
+    DEFAULT_QUEUE_LIMIT,
+    MAX_DESCRIPTION,
+    MIN_QUEUE_LIMIT,
+    MODES,
+)
 
 
 def _volume_ref(value: object) -> str:
@@ -90,7 +91,7 @@ def _rate(value: object) -> int:
 
 def _mode(value: object) -> str:
     mode = as_string(value).lower()
-    if mode not in MIRROR_MODES:
+    if mode not in MODES:
         raise ValueError(f'must be "sync" or "async", got {show(value)}')
     return mode
 

@@ -29,7 +29,6 @@ log = structlog.get_logger("volkeeper.jobs")
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 MODES = ("sync", "async")
-ADMIN_STATES = ("active", "paused", "broken")
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024  # async mode: bytes sent and not yet ACKed, at most
 MIN_QUEUE_LIMIT = 1024 * 1024
 MAX_DESCRIPTION = 1024
