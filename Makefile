@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := libnbd-bin nbdkit qemu-utils fio util-linux dmsetup rsync fuse3
+DEB_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio util-linux dmsetup rsync fuse3
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: demo test lint debs deps bench bench-review clean

@@ -230,7 +230,7 @@ VERIFY = ("--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
 @functools.cache
 def _python_with_libnbd() -> str | None:
     for python in (shutil.which("python3"), "/usr/bin/python3", "/usr/local/bin/python3"):
-        if python and run(python, "-c", "import nbd").returncode == 0:
+        if python and os.path.exists(python) and run(python, "-c", "import nbd").returncode == 0:
             return python
     return None
 
