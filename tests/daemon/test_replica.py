@@ -6,8 +6,9 @@ The harness here (``Source``, ``hello``, ``Target``, ``run``) serves ``test_targ
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.daemon.launcher import free_tcp_port
 from volkeeper.daemon.targets import Replicas, TargetRecords
+from volkeeper.io.faults import FaultyVolume
 from volkeeper.io.memory import MemoryVolume
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
+from volkeeper.io.volume import Volume
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
 
@@ -55,7 +58,7 @@ def hello(volume: str = "data1", *, job: str = "web", node: str = "alpha", size:
 
 
 class Target:
-    def __init__(self, directory: Path, volumes: list[MemoryVolume]) -> None:
+    def __init__(self, directory: Path, volumes: Sequence[Volume]) -> None:
         self.directory = directory
         self.readers = IoWorkers(2, "test-readers")
         self.services = {v.name: VolumeService(v, self.readers) for v in volumes}
@@ -71,7 +74,7 @@ class Target:
         return source
 
 
-def run(directory: Path, volumes: list[MemoryVolume],
+def run(directory: Path, volumes: Sequence[Volume],
         scenario: Callable[[Target], Awaitable[None]]) -> Target:  # fmt: skip
     target = Target(directory, volumes)
 
@@ -152,3 +155,62 @@ def test_a_silent_connection_is_closed_after_the_hello_deadline(
         talker.link.close("done")
 
     run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
+
+
+def test_a_failed_write_makes_the_copy_inconsistent_until_the_source_says_up_to_date(
+    tmp_path: Path,
+) -> None:
+    """A write the disk refuses is ACKed with its errno; the record goes Inconsistent at once
+    (durably), a STATE(UP_TO_DATE) already queued behind the failed write is refused, and the
+    volume's last error is shown until a later session ends with UpToDate recorded."""
+    memory = MemoryVolume("data1", 8 * MiB)
+    volume = FaultyVolume(memory, errno=errno.ENOSPC, ranges=[(MiB, MiB)])
+    volume.armed = False
+
+    def record_on_disk() -> str:
+        state: str = json.loads((tmp_path / "targets" / "data1.json").read_text())["data_state"]
+        return state
+
+    async def scenario(target: Target) -> None:
+        source = await target.source(hello())
+        link = source.link
+        assert link is not None
+        link.send(pw.State(pw.DataState.UP_TO_DATE, 0x1234, 0))  # a mirror that was in sync
+        await source.answers(2)
+        assert record_on_disk() == "UP_TO_DATE"
+        volume.armed = True
+        link.send(pw.Write(0, b"a" * 4096))
+        link.send(pw.Write(MiB, b"b" * 65536))  # ENOSPC
+        link.send(pw.Write(2 * MiB, b"c" * 4096))
+        link.send(pw.State(pw.DataState.UP_TO_DATE, 0x1234, 0))  # queued behind the failure
+        acks = [f for f in (await source.answers(6))[2:] if isinstance(f, pw.Ack)]
+        assert [(a.sequence, a.errno) for a in acks] == [
+            (3, 0), (4, errno.ENOSPC), (5, 0), (6, errno.EIO)
+        ]  # fmt: skip
+        replicas = target.replicas
+        (view,) = replicas.views()
+        assert view["data_state"] == "Inconsistent", view
+        assert "No space left on device" in view["last_error"], view
+        assert view["target_errors"] == 2
+        await asyncio.sleep(0.1)  # the downgrade is saved in the volume's FIFO
+        assert record_on_disk() == "INCONSISTENT"
+        link.close("source saw the error")
+
+        volume.armed = False  # the administrator freed space: the source comes back
+        source = await target.source(hello())
+        ok = source.frames[0]
+        assert isinstance(ok, pw.HelloOk) and ok.data_state == pw.DataState.INCONSISTENT
+        link = source.link
+        assert link is not None
+        link.send(pw.ResyncData(MiB, b"b" * 65536))
+        link.send(pw.Flush())
+        link.send(pw.State(pw.DataState.UP_TO_DATE, 0x1234, 0))
+        acks = [f for f in (await source.answers(4))[1:] if isinstance(f, pw.Ack)]
+        assert [a.errno for a in acks] == [0, 0, 0]
+        (view,) = replicas.views()
+        assert (view["data_state"], view["last_error"]) == ("UpToDate", None), view
+        assert record_on_disk() == "UP_TO_DATE"
+        assert memory.read(MiB, 65536) == b"b" * 65536
+        link.close("done")
+
+    run(tmp_path, [volume], scenario)

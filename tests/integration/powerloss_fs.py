@@ -22,6 +22,10 @@ written part of its cache when the power went:
                           (a seeded choice, in the order written), print a JSON line, exit
     sync                  apply everything pending (a clean shutdown), print a JSON line
     stats                 print a JSON line of counters
+    fail ERRNO OP...      from now on, every OP (write, fsync, read) of a file fails with the
+                          errno named ERRNO (EIO, ENOSPC, ...): a failing disk; a failed
+                          write leaves the file as it was
+    heal                  stop failing
 
 A write is torn at 4 KiB boundaries of the file (a 4Kn disk's atomic unit), never inside one.
 The process prints ``{"ready": ...}`` once the kernel has mounted it, logs every fsync to
@@ -96,7 +100,14 @@ class PowerLossFs:
         self.handles: dict[int, tuple[int, int]] = {}  # fh -> (backing fd, inode)
         self.next_fh = 1
         self.pending: dict[int, Pending] = {}  # inode -> unflushed writes
-        self.counters = {"writes": 0, "fsyncs": 0, "applied_writes": 0}
+        self.counters = {"writes": 0, "fsyncs": 0, "applied_writes": 0, "failed": 0}
+        self.failing: dict[str, int] = {}  # operation -> errno it fails with
+
+    def _gate(self, op: str) -> None:
+        code = self.failing.get(op)
+        if code is not None:
+            self.counters["failed"] += 1
+            raise OSError(code, os.strerror(code))
 
     def _real(self, path: str) -> str:
         return os.path.join(self.backing, path.lstrip("/"))
@@ -236,6 +247,7 @@ class PowerLossFs:
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         with self.mutex:
+            self._gate("read")
             fd, inode = self.handles[fh]
             entry = self.pending.get(inode)
             if entry is None:
@@ -254,6 +266,7 @@ class PowerLossFs:
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         with self.mutex:
+            self._gate("write")
             fd, inode = self.handles[fh]
             entry = self.pending.get(inode)
             if entry is None:
@@ -285,6 +298,7 @@ class PowerLossFs:
 
     def fsync(self, path: str, datasync: int, fh: int) -> None:
         with self.mutex:
+            self._gate("fsync")
             _, inode = self.handles[fh]
             entry = self.pending.get(inode)
             self._apply(inode)
@@ -315,6 +329,14 @@ def _control(fs: PowerLossFs, mountpoint: Path) -> None:
             print(json.dumps({"synced": True, **fs.apply_all()}), flush=True)
         elif words[0] == "stats":
             print(json.dumps(fs.stats()), flush=True)
+        elif words[0] == "fail" and len(words) > 2 and hasattr(errno, words[1]):
+            with fs.mutex:
+                fs.failing = {op: getattr(errno, words[1]) for op in words[2:]}
+            print(json.dumps({"failing": fs.failing}), flush=True)
+        elif words[0] == "heal":
+            with fs.mutex:
+                fs.failing = {}
+            print(json.dumps({"failing": {}}), flush=True)
         else:
             print(json.dumps({"error": f"unknown command {words[0]!r}"}), flush=True)
     lazy_unmount(mountpoint)

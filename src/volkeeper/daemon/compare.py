@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core import region_hash
+from volkeeper.core.units import format_size
 from volkeeper.errors import PeerError, VolumeError
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 class Comparer:
     def __init__(self, mirror: Mirror) -> None:
         self.mirror = mirror
-        self._answers: dict[int, asyncio.Future[pw.Hashes]] = {}  # request sequence ->
+        # request sequence -> (the answer, what was asked)
+        self._answers: dict[int, tuple[asyncio.Future[pw.Hashes], str]] = {}
 
     async def compare(
         self, sender: Sender, offset: int, length: int, region_size: int
@@ -38,14 +40,15 @@ class Comparer:
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[pw.Hashes] = loop.create_future()
         request = pw.HashRequest(offset, length, region_size)  # background work: resync lane
-        sender.send(request, 0, self._asked, answer, resync=True)
+        what = f"hash of {offset}, {format_size(length)}"
+        sender.send(request, 0, self._asked, (answer, what), resync=True)
         data = await self._read(offset, length)
         ours = await loop.run_in_executor(None, region_hash.digests, data, region_size)
         theirs = await answer
         return data, region_hash.differing_runs(ours, theirs.digests)
 
-    def _asked(self, answer: asyncio.Future[pw.Hashes], sequence: int) -> None:
-        self._answers[sequence] = answer
+    def _asked(self, question: tuple[asyncio.Future[pw.Hashes], str], sequence: int) -> None:
+        self._answers[sequence] = question
 
     async def _read(self, offset: int, length: int) -> bytes:
         service = self.mirror.service
@@ -65,23 +68,26 @@ class Comparer:
         self.mirror.readers.submit(service.volume.read, (offset, length), read)
         return await done
 
-    def take(self, frame: pw.Hashes | pw.Ack) -> bool:
-        """An answer to one of our requests (HASHES, or an ACK with the target's errno)?"""
+    def take(self, frame: pw.Hashes | pw.Ack) -> str | None:
+        """If ``frame`` answers one of our requests (HASHES, or an ACK with the target's
+        errno): what was asked; else None."""
         sequence = frame.request if isinstance(frame, pw.Hashes) else frame.sequence
-        answer = self._answers.pop(sequence, None)
-        if answer is None:
-            return False
+        question = self._answers.pop(sequence, None)
+        if question is None:
+            return None
+        answer, what = question
         if answer.done():
-            return True
+            return what
         if isinstance(frame, pw.Hashes):
             answer.set_result(frame)
         else:
             why = os.strerror(frame.errno)
             answer.set_exception(VolumeError(f"the target could not hash: {why}", frame.errno))
-        return True
+        return what
 
     def lost(self, reason: str, unsent: list[object]) -> None:
-        for answer in [*self._answers.values(), *unsent]:
+        for question in [*self._answers.values(), *unsent]:
+            answer = question[0] if isinstance(question, tuple) else None
             if isinstance(answer, asyncio.Future) and not answer.done():
                 answer.set_exception(PeerError(reason))
         self._answers.clear()

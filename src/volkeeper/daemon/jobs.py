@@ -95,7 +95,9 @@ class Jobs:
         self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
         self.publish: Publish = publish or _ignore
         self.records: dict[str, JobRecord] = {}
-        self.mirrors = Mirrors(node, peers, services, readers, tls, self._state_changed)
+        self.mirrors = Mirrors(
+            node, peers, services, readers, tls, self._state_changed, self._target_failed
+        )
         self._changing = asyncio.Lock()
 
     # -- start and stop ---------------------------------------------------------------------
@@ -387,6 +389,13 @@ class Jobs:
             updated = record.with_mirror(dataclasses.replace(current, admin=admin))
             self.store.save(updated)
             self.records[spec.job] = updated
+
+    def _target_failed(self, mirror: Mirror, message: str) -> None:
+        spec = mirror.spec
+        self.publish(
+            "change", "mirror", job=spec.job, source=f"{self.node}:{spec.source_volume}",
+            target=spec.target, state=mirror.state.value, error=message,
+        )  # fmt: skip
 
     # -- lookups and views ------------------------------------------------------------------
 

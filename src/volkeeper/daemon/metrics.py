@@ -112,6 +112,11 @@ class MirrorCollector(Collector):
         overflows = CounterMetricFamily(
             "volkeeper_mirror_queue_overflows", "Async writes tracked: queue full", labels=labels
         )
+        target_errors = CounterMetricFamily(
+            "volkeeper_mirror_target_errors",
+            "Frames the target answered with an error (its disk failed them)",
+            labels=labels,
+        )
         resync_done = GaugeMetricFamily(
             "volkeeper_mirror_resync_done_bytes", "Bytes sent by the running resync", labels=labels
         )
@@ -134,6 +139,7 @@ class MirrorCollector(Collector):
             queue.add_metric(key, view["queue_bytes"])
             lag.add_metric(key, view["lag_s"])
             overflows.add_metric(key, mirror.overflows)
+            target_errors.add_metric(key, mirror.target_errors)
             resync_done.add_metric(key, view["resync"]["done_bytes"])
             resync_rate.add_metric(key, view["resync"]["rate_bytes_per_s"])
             ack.add_metric(key, _histogram(mirror.ack_latency), mirror.ack_latency.seconds)
@@ -144,8 +150,8 @@ class MirrorCollector(Collector):
         )
         for volume, source, count in self._received():
             received.add_metric([volume, source], count)
-        yield from (state, out_of_sync, sent, wire, queue, lag, overflows, resync_done, resync_rate)
-        yield from (ack, received)
+        yield from (state, out_of_sync, sent, wire, queue, lag, overflows, target_errors)
+        yield from (resync_done, resync_rate, ack, received)
 
 
 def _histogram(stats: OpStats) -> list[tuple[str, int]]:

@@ -21,9 +21,20 @@ ordered and with their activity-log extents durably active.  What ``ship`` does:
 
 ACKed writes stay pinned in the activity log until a FLUSH has made them durable on both
 sides (``release_durable``); when the link drops, every write not known durable on the target
-is marked and persisted first, then unpinned.  Metadata I/O (snapshots, bitmap pages) runs on
-this mirror's own thread (daemon/intent_writer.py).  Administrator commands (pause, resume,
-break, resync) move the state through the same table as the engine's own events.
+is marked and persisted first, then unpinned.
+
+A frame counts as applied only when its own ACK says so.  An ACK carrying an errno -- for any
+frame: a write, resync data, zero, trim, flush, a STATE or JOB record, a hash request -- is a
+*target failure* (``_target_failed``): the link is closed at once, so everything not proven
+durable there stays marked (the resync clears nothing of that batch), the mirror falls back to
+Resync pending with the target's reason in ``last_error`` (kept until a resync completes with
+every frame ACKed), the failure is counted and published, and reconnection backs off longer
+(``TARGET_ERROR_BACKOFF``) while the administrator frees space or replaces the disk.  The
+application never sees it: its writes are tracked, as when the link is lost.
+
+Metadata I/O (snapshots, bitmap pages) runs on this mirror's own thread
+(daemon/intent_writer.py).  Administrator commands (pause, resume, break, resync) move the
+state through the same table as the engine's own events.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState, next_state
 from volkeeper.core.stats import OpStats, RateMeter
+from volkeeper.core.units import format_size
 from volkeeper.daemon.compare import Comparer
 from volkeeper.daemon.intent_writer import IntentWriter
 from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
@@ -62,6 +74,7 @@ log = structlog.get_logger("volkeeper.mirror")
 PING_INTERVAL = 2.0  # an idle link is pinged this often
 TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
 BACKOFF = (0.2, 0.5, 1.0, 2.0)  # seconds between attempts; the last one repeats
+TARGET_ERROR_BACKOFF = (1.0, 2.0, 5.0, 10.0)  # the same, after the target failed a frame
 
 
 @dataclass(frozen=True)
@@ -145,6 +158,11 @@ class Mirror:
         self.ack_latency = OpStats()  # send -> ACK of application writes and flushes
         self.throughput = RateMeter()  # of sent_bytes
         self.on_state: Callable[[Mirror, MirrorState, MirrorEvent], None] = _no_callback
+        self.on_target_error: Callable[[Mirror, str], None] = _no_error_callback
+        self.target_error = ""  # the target's last failure, until a resync ends without one
+        self.target_errors = 0  # error ACKs received, ever
+        self._failures_in_a_row = 0  # links ended by a target failure since the last success
+        self._questions: dict[int, str] = {}  # sequence of a STATE or JOB frame -> what it is
         self.job_document: Callable[[], str] = str  # the job record sent to the target
         self.intent = IntentWriter(store, f"{spec.job} -> {spec.target}", self._break)
         self._pending: dict[int, Pending] = {}  # frame sequence ->
@@ -182,8 +200,14 @@ class Mirror:
                 log.exception("mirror connection failed", job=self.spec.job)
                 if self.link is not None:
                     self.link.close(self.last_error)
-            await self._sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
+            await self._sleep(self._backoff(attempt))
             attempt += 1
+
+    def _backoff(self, attempt: int) -> float:
+        if self._failures_in_a_row:
+            steps = TARGET_ERROR_BACKOFF
+            return steps[min(self._failures_in_a_row - 1, len(steps) - 1)]
+        return BACKOFF[min(attempt, len(BACKOFF) - 1)]
 
     async def _sleep(self, seconds: float | None) -> None:
         """Sleep, cut short by an administrator's command."""
@@ -248,15 +272,15 @@ class Mirror:
         if not link.is_open or self.state is not MirrorState.RESYNC_PENDING:
             link.close("mirror paused or broken during the handshake")
             return
-        self.last_error = ""
+        self.last_error = self.target_error  # not cleared before a resync proves it gone
         self.announce()
-        if self.store.bitmap.marked_count:
+        if self.store.bitmap.marked_count or ok.data_state != pw.DataState.UP_TO_DATE:
+            # Nothing marked, but the target does not say UpToDate (it failed a frame, or a
+            # STATE was lost): an empty resync ends once it has recorded UpToDate.
             self._set(MirrorEvent.CONNECTED_DIRTY)
             self._start_resync(link)
         else:
             self._set(MirrorEvent.CONNECTED_CLEAN)
-            if ok.data_state != pw.DataState.UP_TO_DATE:
-                self._sender().send(pw.State(pw.DataState.UP_TO_DATE, current, 0))
 
     def _on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
         self._last_heard = self._clock()
@@ -285,6 +309,7 @@ class Mirror:
             self.resync.lost(reason, unsent)
             self.resync = None
         self.comparer.lost(reason, unsent)
+        self._questions.clear()
         if self.state in _SENDING and not self._stopping:  # stopping is no "target lost"
             self._set(MirrorEvent.DISCONNECTED)
         pending = [*self._pending.values(), *(p for p in unsent if isinstance(p, Pending))]
@@ -385,16 +410,37 @@ class Mirror:
         self.intent.after_durable(lambda: self.store.activity_log.unpin(extents))
 
     def _acked(self, link: PeerLink, ack: pw.Ack) -> None:
-        if (self.resync is not None and self.resync.take_ack(ack)) or self.comparer.take(ack):
-            return
-        entry = self._pending.get(ack.sequence)
-        if entry is None:
-            return
-        if ack.errno:  # the target's disk failed: drop the link, everything unsure is marked
-            why = os.strerror(ack.errno)
-            log.error("target failed a write", job=self.spec.job, errno=ack.errno, why=why)
-            link.close(f"{self.spec.target} failed to apply frame {ack.sequence}: {why}")
-            return
+        """Route an ACK to whoever sent the frame; an errno fails the target, whatever the
+        frame was (nothing in flight is then counted as applied: the link goes)."""
+        resync = self.resync
+        what = (
+            (resync.take_ack(ack) if resync is not None else None)
+            or self.comparer.take(ack)
+            or self._questions.pop(ack.sequence, None)
+        )
+        entry = self._pending.get(ack.sequence) if what is None else None
+        if ack.errno:
+            if what is None:
+                what = _describe(entry.op) if entry is not None else f"frame {ack.sequence}"
+            self._target_failed(link, ack.errno, what)
+        elif entry is not None:
+            self._write_acked(ack, entry)
+
+    def _target_failed(self, link: PeerLink, errno: int, what: str) -> None:
+        """The target could not apply a frame: say so everywhere, then drop the link, so
+        every write and resync chunk not proven durable there stays marked."""
+        why = os.strerror(errno)
+        message = f"target {self.spec.target_node}: {self.spec.target_volume}: "
+        message += f"{why[:1].lower()}{why[1:]} ({what})"
+        self.target_error = self.last_error = message
+        self.target_errors += 1
+        self._failures_in_a_row += 1
+        log.error("target failed a frame", job=self.spec.job, target=self.spec.target,
+                  error=message, errno=errno)  # fmt: skip
+        self.on_target_error(self, message)
+        link.close(message)
+
+    def _write_acked(self, ack: pw.Ack, entry: Pending) -> None:
         del self._pending[ack.sequence]
         op = entry.op
         size = len(op.payload)
@@ -443,25 +489,28 @@ class Mirror:
     def _start_resync(self, link: PeerLink) -> None:
         """The target gets marked regions from now on: its copy is Inconsistent until done."""
         sender = self._sender()
-        sender.send(pw.State(pw.DataState.INCONSISTENT, self.store.generations.current, 0))
+        self.ask(pw.State(pw.DataState.INCONSISTENT, self.store.generations.current, 0))
         self.resync = Resync(self, link, sender, self.checksum_next)
         self._resync_task = asyncio.create_task(self.resync.run())
-        self._resync_task.add_done_callback(self._resync_ended)
+        self._resync_task.add_done_callback(lambda task: self._resync_ended(link, task))
 
-    def _resync_ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
+    def _resync_ended(self, link: PeerLink, task: asyncio.Task[None]) -> None:
+        """A resync that raised: its link goes (and, if it is gone already, _on_lost has
+        moved the state), so the mirror reconnects instead of staying Resyncing."""
+        if task.cancelled() or task.exception() is None or not link.is_open:
             return
         error = task.exception()
-        if isinstance(error, PeerError):
-            return  # the link dropped: _on_lost has already moved the state
         log.error("resync failed", job=self.spec.job, error=repr(error))
         self.last_error = f"resync failed: {error}"
-        if self.link is not None:
-            self.link.close(self.last_error)
+        link.close(self.last_error)
 
     def resync_finished(self, resync: Resync) -> None:
+        """Every chunk ACKed, durable (FLUSH ACKed) and cleared; the target recorded
+        UpToDate (its STATE ACKed): the only way to Mirroring from a resync."""
         self.resync = None
         self.checksum_next = False
+        self.target_error = self.last_error = ""
+        self._failures_in_a_row = 0
         self._set(MirrorEvent.RESYNC_DONE)
         sent = resync.shipped_bytes if resync.checksum else resync.done_bytes
         log.info("resync finished", job=self.spec.job, target=self.spec.target,
@@ -550,7 +599,15 @@ class Mirror:
         """Send the job's record to the target (after HELLO_OK, and when the job changed)."""
         sender, document = self.sender, self.job_document()
         if sender is not None and sender.link.is_open and document:
-            sender.send(pw.Job(document))
+            self.ask(pw.Job(document))
+
+    def ask(self, frame: pw.State | pw.Job) -> None:
+        """Send a record the target must store; its ACK is checked like a write's."""
+        what = "job record" if isinstance(frame, pw.Job) else f"{frame.data_state.name} record"
+        self._sender().send(frame, 0, self._asked, what)
+
+    def _asked(self, what: str, sequence: int) -> None:
+        self._questions[sequence] = what
 
     def drop_link(self, message: str) -> None:
         """Close the link (it reconnects, to the spec's address, after the backoff)."""
@@ -631,6 +688,7 @@ class Mirror:
             "verify": verify.view() if verify is not None else None,
             "checksum_resync": self.checksum_next,
             "last_error": self.last_error or None,
+            "target_errors": self.target_errors,
         }
 
 
@@ -647,6 +705,17 @@ def _ratio(before: int, after: int) -> float | None:
 
 def _no_callback(mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:
     return None
+
+
+def _no_error_callback(mirror: Mirror, message: str) -> None:
+    return None
+
+
+def _describe(op: Op) -> str:
+    """What an application op did, for a target's error: "write at 79691776, 1.0 MiB"."""
+    if op.is_flush:
+        return "flush"
+    return f"{op.command} at {op.offset}, {format_size(op.length)}"
 
 
 _SENDING = frozenset({MirrorState.MIRRORING, MirrorState.RESYNCING})

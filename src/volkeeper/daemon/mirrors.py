@@ -41,6 +41,7 @@ ADMIN_STATES = {"paused": MirrorState.PAUSED, "broken": MirrorState.BROKEN}
 
 Key = tuple[str, str]  # (job, target NODE:VOLUME)
 OnState = Callable[[Mirror, MirrorState, MirrorEvent], None]
+OnTargetError = Callable[[Mirror, str], None]
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Mirrors:
         readers: IoWorkers,
         tls: ssl.SSLContext | None,
         on_state: OnState,
+        on_target_error: OnTargetError,
     ) -> None:
         self.node = node
         self.peers = peers
@@ -65,6 +67,7 @@ class Mirrors:
         self.readers = readers
         self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
         self.on_state = on_state
+        self.on_target_error = on_target_error
         self.compressors = IoWorkers(COMPRESSION_THREADS, "volkeeper-compress")
         self.running: dict[Key, RunningMirror] = {}
         self.problems: dict[Key, str] = {}  # recorded mirrors that could not start
@@ -91,6 +94,7 @@ class Mirrors:
         )
         mirror.job_document = document
         mirror.on_state = self.on_state
+        mirror.on_target_error = self.on_target_error
         replication = self.replications.get(service.name)
         if replication is None:
             replication = self.replications[service.name] = Replication(service)

@@ -187,7 +187,11 @@ class Node:
 
     def volume_list(self) -> list[dict[str, Any]]:
         targets = self.replicas_records()
-        return [_volume_view(service, service.name in targets) for service in self.services]
+        errors = self.replicas.errors if self.replicas is not None else {}
+        return [
+            _volume_view(service, service.name in targets, errors.get(service.name))
+            for service in self.services
+        ]
 
     def status(self) -> dict[str, Any]:
         return {
@@ -318,7 +322,7 @@ def _brief_mirror(view: dict[str, Any]) -> dict[str, Any]:
     return {key: view[key] for key in keys}
 
 
-def _volume_view(service: VolumeService, target: bool) -> dict[str, Any]:
+def _volume_view(service: VolumeService, target: bool, last_error: str | None) -> dict[str, Any]:
     volume, ops = service.volume, service.stats.ops
     role = "source" if service.replication is not None else "target" if target else "standalone"
     return {
@@ -332,6 +336,7 @@ def _volume_view(service: VolumeService, target: bool) -> dict[str, Any]:
         "read_bytes": ops["read"].bytes,
         "written_bytes": ops["write"].bytes,
         "requests": {op: stats.requests for op, stats in ops.items()},
+        "last_error": last_error,  # a target's: the last mirror frame it could not apply
     }
 
 

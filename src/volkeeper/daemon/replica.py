@@ -17,6 +17,12 @@ record through the same FIFO, so "UpToDate" is recorded only after every earlier
 does a JOB frame (the job's document). A GOODBYE(DELETED) releases the volume, a
 GOODBYE(PAUSED) marks its record paused. Anything out of place closes that session only.
 When the node stops cleanly, each session flushes its volume and says GOODBYE(SHUTDOWN) first.
+
+A frame that fails (a full or failing disk) is ACKed with its errno, and the copy is no
+longer a faithful one: the session is marked failed from that instant, in the thread that saw
+the error (so a STATE already queued behind the failed write cannot record UpToDate: it is
+refused), the volume's record is set Inconsistent, and the volume's last error is kept for
+``status`` (``Replicas.failed``) until a resync ends with the source's UpToDate.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ class ReplicaSession:
         self.service: VolumeService | None = None
         self.record: TargetRecord | None = None
         self.link: PeerLink | None = None
+        self.failed: str | None = None  # the first frame this session could not apply
 
     def on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
         if self.service is None:
@@ -121,24 +128,51 @@ class ReplicaSession:
         *args: Any,
         durable: bool,
         recycle: pw.Buffer = b"",
+        then: Callable[[], None] | None = None,
     ) -> None:
+        def apply(*args: Any) -> Any:  # on the writer thread, in FIFO order
+            try:
+                return function(*args)
+            except BaseException as error:
+                self.failed = self.failed or str(error) or repr(error)
+                raise
+
         def done(result: object, error: BaseException | None) -> None:
             link.recycle(recycle)
             code = 0
             if isinstance(error, VolumeError):
                 code = error.errno
-                log.error("applying a mirror frame failed", sequence=sequence, error=str(error))
             elif isinstance(error, ProtocolError):  # compressed data that does not decompress
                 code = errno.EBADMSG
-                log.error("a mirror frame's data is corrupt", sequence=sequence, error=str(error))
             elif error is not None:
-                code = 5
+                code = errno.EIO
                 log.error("applying a mirror frame crashed", sequence=sequence, error=repr(error))
+            if code:
+                corrupt = isinstance(error, ProtocolError)
+                self._failed(sequence, str(error) or repr(error), corrupt=corrupt)
+            elif then is not None:
+                then()
             if link.is_open:
                 link.send(pw.Ack(sequence, code, durable=durable and not code))
 
         assert self.service is not None
-        self.service.submit(function, *args, mutating=True, on_done=done)
+        self.service.submit(apply, *args, mutating=True, on_done=done)
+
+    def _failed(self, sequence: int, message: str, corrupt: bool = False) -> None:
+        """Frame ``sequence`` was not applied: this copy is Inconsistent from now on."""
+        what = "a mirror frame's data is corrupt" if corrupt else "applying a mirror frame failed"
+        log.error(what, sequence=sequence, error=message)
+        self.failed = self.failed or message
+        if self.volume is None or self.service is None:
+            return
+        record = self.replicas.failed(self.volume, message)
+        if record is not None:  # it was UpToDate or Consistent: record the downgrade
+            volume, self.record = self.volume, record
+
+            def save() -> None:
+                self.replicas.store.save(volume, record)
+
+            self.service.submit(save, mutating=True, on_done=_logged("saving Inconsistent"))
 
     def _write(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Write | pw.ResyncData) and self.service is not None
@@ -149,7 +183,7 @@ class ReplicaSession:
             try:
                 done = service.try_write(frame.offset, data)
             except VolumeError as error:
-                log.error("applying a mirror frame failed", sequence=sequence, error=str(error))
+                self._failed(sequence, str(error))
                 link.send(pw.Ack(sequence, error.errno))
                 return
             if done == len(data):
@@ -241,12 +275,18 @@ class ReplicaSession:
         volume = self.volume
         assert volume is not None
 
-        def save() -> None:
+        def save() -> None:  # in the FIFO: every earlier frame has been applied, or failed
+            if self.failed is not None and record.data_state == pw.DataState.UP_TO_DATE.name:
+                raise VolumeError(f"not recording UpToDate: an earlier frame failed: {self.failed}")
             self.replicas.store.save(volume, record)
+
+        def saved() -> None:
+            if record.data_state == pw.DataState.UP_TO_DATE.name:
+                self.replicas.recovered(volume)
 
         self.record = self.replicas.records[volume] = record
         self.replicas.changed(volume)
-        self._submit(link, sequence, save, durable=True)
+        self._submit(link, sequence, save, durable=True, then=saved)
 
     async def flush_and_leave(self) -> None:
         link, service = self.link, self.service
@@ -291,3 +331,11 @@ class ReplicaSession:
         pw.Ping: _ping,
         pw.Goodbye: _goodbye,
     }
+
+
+def _logged(what: str) -> Callable[[object, BaseException | None], None]:
+    def done(result: object, error: BaseException | None) -> None:
+        if error is not None:
+            log.error(f"{what} failed", error=str(error))
+
+    return done

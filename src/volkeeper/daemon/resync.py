@@ -6,9 +6,11 @@ Reads overlap: up to ``READ_DEPTH`` are outstanding on the node's reader pool (a
 page cache can answer is done on the loop), and each frame leaves as soon as its read
 returns -- regions are independent, so their order on the wire does not matter.  Every
 ``BATCH_BYTES`` the target is sent a FLUSH; once it ACKs, the chunks of that batch are
-durable there and their bits are cleared, unless an application write raced the chunk (it
-was issued, not yet complete, when the chunk was read or while it was in flight): such a
-chunk stays marked and the next pass sends it again.  Application writes keep flowing
+durable there and their bits are cleared -- only a chunk whose every frame was itself ACKed
+without an error, and that no application write raced (issued, not yet complete, when the
+chunk was read or while it was in flight): any other chunk stays marked.  A raced chunk is
+sent again by the next pass; an error ACK fails the target (the mirror drops the link, and
+this resync ends with nothing of the batch cleared).  Application writes keep flowing
 meanwhile, so a pass may leave new marks; passes repeat until the bitmap is empty, which
 converges because each pass only resends what writes touched during it.
 
@@ -31,6 +33,7 @@ import structlog
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.mirror_state import MirrorState
 from volkeeper.core.stats import RateMeter
+from volkeeper.core.units import format_size
 from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import PeerLink
 
@@ -54,6 +57,8 @@ class Chunk:
     offset: int
     length: int
     raced: bool = False
+    unacked: int = 0  # frames of it handed to the sender and not ACKed yet
+    failed: bool = False  # the target answered one of its frames with an error
 
 
 class Resync:
@@ -73,7 +78,8 @@ class Resync:
         self._reads = 0  # outstanding
         self._read_slot = asyncio.Event()
         self._error: BaseException | None = None
-        self.acks: dict[int, asyncio.Future[int]] = {}
+        self.acks: dict[int, tuple[asyncio.Future[int], str]] = {}  # sequence -> (errno, what)
+        self._frames: dict[int, Chunk] = {}  # sequence of a RESYNC_DATA frame -> its chunk
 
     # -- progress ---------------------------------------------------------------------------
 
@@ -164,8 +170,7 @@ class Resync:
         for first, count in runs:
             start, stop = first * region, min((first + count) * region, chunk.length)
             if self.link.is_open:
-                frame = pw.ResyncData(chunk.offset + start, view[start:stop])
-                self.sender.send(frame, stop - start, resync=True)
+                self._send_data(chunk, chunk.offset + start, view[start:stop])
             self.mirror.sent_bytes += stop - start
             self.shipped_bytes += stop - start
         self.done_bytes += chunk.length
@@ -180,10 +185,18 @@ class Resync:
     def _ship(self, chunk: Chunk, data: bytes | bytearray) -> None:
         if not self.link.is_open:
             return
-        self.sender.send(pw.ResyncData(chunk.offset, data), chunk.length, resync=True)
+        self._send_data(chunk, chunk.offset, data)
         self.mirror.sent_bytes += chunk.length
         self.done_bytes += chunk.length
         self._sample()
+
+    def _send_data(self, chunk: Chunk, offset: int, data: pw.Buffer) -> None:
+        chunk.unacked += 1
+        size = memoryview(data).nbytes
+        self.sender.send(pw.ResyncData(offset, data), size, self._data_sent, chunk, resync=True)
+
+    def _data_sent(self, chunk: Chunk, sequence: int) -> None:
+        self._frames[sequence] = chunk
 
     async def _commit(self) -> None:
         """FLUSH the target; once durable, clear the chunks no application write raced."""
@@ -196,47 +209,58 @@ class Resync:
         chunks = self._committing = self._chunks
         self._chunks = []
         try:
-            if await self._ask(pw.Flush()):
+            if await self._ask(pw.Flush(), "resync flush"):
                 raise PeerError("target failed to flush resync data")
         finally:
             self._committing = []
+        if any(chunk.unacked for chunk in chunks):  # the target answers in order
+            raise PeerError("the target ACKed a FLUSH before the resync data it covers")
         for chunk in chunks:
-            if not chunk.raced:
+            if not (chunk.raced or chunk.failed):
                 self.bitmap.clear_regions(chunk.first, chunk.count)
 
     async def _finish(self) -> None:
         mirror = self.mirror
         state = pw.State(pw.DataState.UP_TO_DATE, mirror.store.generations.current, 0)
-        if await self._ask(state):
+        if await self._ask(state, "UP_TO_DATE record"):
             raise PeerError("target failed to record its new state")
         await mirror.intent.durable()
         mirror.resync_finished(self)
 
-    async def _ask(self, frame: pw.Frame) -> int:
+    async def _ask(self, frame: pw.Frame, what: str) -> int:
         """Send ``frame`` and wait for the target's ACK; returns its errno."""
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.sender.send(frame, 0, self._asked, future, resync=True)
+        self.sender.send(frame, 0, self._asked, (future, what), resync=True)
         return await future
 
-    def _asked(self, future: asyncio.Future[int], sequence: int) -> None:
-        self.acks[sequence] = future
+    def _asked(self, question: tuple[asyncio.Future[int], str], sequence: int) -> None:
+        self.acks[sequence] = question
 
     # -- from the mirror ----------------------------------------------------------------------
 
-    def take_ack(self, ack: pw.Ack) -> bool:
-        future = self.acks.pop(ack.sequence, None)
-        if future is None:
-            return False
+    def take_ack(self, ack: pw.Ack) -> str | None:
+        """An ACK of one of our frames: what that frame was (for an error), else None."""
+        chunk = self._frames.pop(ack.sequence, None)
+        if chunk is not None:
+            chunk.unacked -= 1
+            chunk.failed = chunk.failed or ack.errno != 0
+            return f"resync write at {chunk.offset}, {format_size(chunk.length)}"
+        question = self.acks.pop(ack.sequence, None)
+        if question is None:
+            return None
+        future, what = question
         if not future.done():
             future.set_result(ack.errno)
-        return True
+        return what
 
     def lost(self, reason: str, unsent: list[object]) -> None:
         """The link is gone; ``unsent``: what the sender still held (our questions too)."""
-        for future in [*self.acks.values(), *unsent]:
+        for question in [*self.acks.values(), *unsent]:
+            future = question[0] if isinstance(question, tuple) else None
             if isinstance(future, asyncio.Future) and not future.done():
                 future.set_exception(PeerError(reason))
         self.acks.clear()
+        self._frames.clear()
         self._chunks.clear()
         self._committing = []
         self._read_slot.set()

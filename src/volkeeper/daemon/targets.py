@@ -104,6 +104,8 @@ class Replicas:
         self.records = records.load_all()
         self.sessions: dict[str, replica.ReplicaSession] = {}
         self.received_bytes: dict[str, int] = {}  # target volume -> payload bytes received
+        self.errors: dict[str, str] = {}  # target volume -> last frame it could not apply
+        self.error_counts: dict[str, int] = {}  # target volume -> frames it could not apply
         # unlocked target volume -> its mutating requests when unlocked (None: unknown, as
         # after a restart while unlocked -- taken as "written")
         self._unlocked_at: dict[str, int | None] = {}
@@ -159,6 +161,28 @@ class Replicas:
                 source=f"{record.source_node}:{record.source_volume}",
                 target=f"{self.node}:{volume}", state=state, was=was,
             )  # fmt: skip
+
+    # -- frames that could not be applied ----------------------------------------------------
+
+    def failed(self, volume: str, message: str) -> TargetRecord | None:
+        """A frame for ``volume`` failed: keep ``message`` for status and publish it; the copy
+        is Inconsistent now.  Returns the downgraded record for the caller to save (in the
+        volume's FIFO), or None when the record said no better already."""
+        self.errors[volume] = message
+        self.error_counts[volume] = self.error_counts.get(volume, 0) + 1
+        self.publish("change", "volume", volume=volume, role="target", error=message)
+        record = self.records.get(volume)
+        if record is None or record.data_state in _NOT_BETTER_THAN_INCONSISTENT:
+            return None
+        record = dataclasses.replace(record, data_state=pw.DataState.INCONSISTENT.name)
+        self.records[volume] = record
+        self.changed(volume)
+        return record
+
+    def recovered(self, volume: str) -> None:
+        """The source's resync completed and ``volume`` recorded UpToDate: errors are past."""
+        if self.errors.pop(volume, None) is not None:
+            log.info("mirror target recovered", volume=volume)
 
     # -- the administrator's lock and unlock ------------------------------------------------
 
@@ -263,7 +287,8 @@ class Replicas:
             "throttle": settings.throttle if settings is not None else None,
             "resync": {"done_bytes": 0, "total_bytes": 0, "rate_bytes_per_s": 0, "eta_s": None},
             "unlocked": record.unlocked,
-            "last_error": None,
+            "last_error": self.errors.get(volume),
+            "target_errors": self.error_counts.get(volume, 0),
         }
 
     def _state(self, volume: str, record: TargetRecord) -> str:
@@ -347,6 +372,8 @@ class Replicas:
             service.unlock()
         log.info("mirror target released", volume=volume)
 
+
+_NOT_BETTER_THAN_INCONSISTENT = {pw.DataState.INCONSISTENT.name, pw.DataState.OUTDATED.name}
 
 _DATA_STATE_NAMES = {
     "UP_TO_DATE": "UpToDate",
