@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
 from volkeeper.cli.client import CliError, ControlClient, resolve_node
 from volkeeper.cli.events import stream_events
+from volkeeper.cli.status_view import StatusView, VolumeTable, format_rate, job_table
 from volkeeper.core.units import format_size
 from volkeeper.errors import VolkeeperError
 
@@ -95,7 +96,7 @@ def status(
         if as_json:
             print(json.dumps(document, indent=2))
         else:
-            Console().print(_status_view(document))
+            Console().print(StatusView(document))
         return
     console = Console()
     if not console.is_terminal:  # a pipe or a file: one status after the other, like a log
@@ -110,9 +111,9 @@ def status(
             live.update(_watched(client), refresh=True)
 
 
-def _watched(client: ControlClient) -> Group | Text:
+def _watched(client: ControlClient) -> StatusView | Text:
     try:
-        return _status_view(client.get("/status"))
+        return StatusView(client.get("/status"))
     except CliError as exc:
         return Text(f"{time.strftime('%H:%M:%S')} {exc}", style="red")
 
@@ -149,8 +150,9 @@ def plan_command(
     console = Console()
     console.print(
         f"[bold]{volume}[/bold] over {answer['seconds']:g} s: writes average "
-        f"{_rate(write['average_bytes_per_s'])}, p95 {_rate(write['p95_bytes_per_s'])}, "
-        f"peak {_rate(write['peak_bytes_per_s'])} (compression measured on "
+        f"{format_rate(write['average_bytes_per_s'])}, "
+        f"p95 {format_rate(write['p95_bytes_per_s'])}, "
+        f"peak {format_rate(write['peak_bytes_per_s'])} (compression measured on "
         f"{format_size(answer['sample_bytes'])} of its data)"
     )
     columns = ("compression", "ratio", "needs (average)", "needs (p95)", "needs (peak)",
@@ -159,9 +161,9 @@ def plan_command(
     for row in answer["settings"]:
         speed = row["compress_bytes_per_s_per_core"]
         table.add_row(
-            row["compression"], f"{row['ratio']:.2f}", _rate(row["average_bytes_per_s"]),
-            _rate(row["p95_bytes_per_s"]), _rate(row["peak_bytes_per_s"]),
-            _rate(speed) if speed else "-", f"{row['cores_at_peak']:.2f}",
+            row["compression"], f"{row['ratio']:.2f}", format_rate(row["average_bytes_per_s"]),
+            format_rate(row["p95_bytes_per_s"]), format_rate(row["peak_bytes_per_s"]),
+            format_rate(speed) if speed else "-", f"{row['cores_at_peak']:.2f}",
         )  # fmt: skip
     console.print(table)
 
@@ -191,7 +193,7 @@ def volume_list(
     if as_json:
         print(json.dumps(volumes, indent=2))
         return
-    Console().print(_volume_table(volumes))
+    Console().print(VolumeTable(volumes))
 
 
 def _volume_command(action: str, volume: str, node: str | None, config: str | None) -> None:
@@ -294,7 +296,7 @@ def job_list(
     if as_json:
         print(json.dumps(jobs, indent=2))
         return
-    Console().print(_job_table(jobs))
+    Console().print(job_table(jobs))
 
 
 @job_app.command("delete")
@@ -438,70 +440,6 @@ def mirror_set(
               f"{mirror['compression']}, throttle {throttle_text}")  # fmt: skip
 
 
-def _status_view(document: dict[str, Any]) -> Group:
-    parts: list[Any] = [Text.from_markup(f"[bold]node[/bold] {document['node']}")]
-    parts.append(_volume_table(document["volumes"]))
-    parts.append(_mirror_table(document["mirrors"]) if document["mirrors"] else "no mirrors")
-    return Group(*parts)
-
-
-def _job_table(jobs: list[dict[str, Any]]) -> Table:
-    table = Table("job", "role", "description", "mirrors", title="jobs")
-    for job in jobs:
-        mirrors = ", ".join(f"{m['target']} {m['state']}" for m in job["mirrors"])
-        table.add_row(job["name"], job["role"], job["description"], mirrors)
-    return table
-
-
-def _mirror_table(mirrors: list[dict[str, Any]]) -> Table:
-    table = Table("job", "source", "target", "role", "mode", "state", "out of sync",
-                  "throughput", "queue", "resync", title="mirrors")  # fmt: skip
-    for mirror in mirrors:
-        table.add_row(
-            mirror["job"], mirror["source"], mirror["target"], mirror["role"],
-            mirror["mode"] or "?", mirror["state"], _size(mirror["out_of_sync_bytes"]),
-            _rate(mirror["throughput_bytes_per_s"]), _size(mirror["queue_bytes"]),
-            _progress(mirror["resync"]),
-        )  # fmt: skip
-    return table
-
-
-def _size(value: int | None) -> str:
-    return "?" if value is None else format_size(value)
-
-
-def _rate(value: int | None) -> str:
-    return "?" if value is None else f"{format_size(value)}/s"
-
-
-def _progress(resync: dict[str, Any]) -> str:
-    """``42% 120MiB/s ETA 3s`` while resyncing, else empty."""
-    if not resync["total_bytes"]:
-        return ""
-    text = f"{100 * resync['done_bytes'] // resync['total_bytes']}%"
-    if resync["rate_bytes_per_s"]:
-        text += f" {format_size(resync['rate_bytes_per_s'])}/s"
-    if resync["eta_s"] is not None:
-        text += f" ETA {resync['eta_s']:.0f}s"
-    return text
-
-
-def _volume_table(volumes: list[dict[str, Any]]) -> Table:
-    table = Table("volume", "size", "sector", "role", "path", "read", "written", title="volumes")
-    for volume in volumes:
-        role = volume["role"] + (" (locked)" if volume.get("locked") else "")
-        table.add_row(
-            volume["name"],
-            format_size(volume["size"]),
-            str(volume["sector_size"]),
-            role,
-            str(volume.get("path") or ""),
-            format_size(volume.get("read_bytes", 0)),
-            format_size(volume.get("written_bytes", 0)),
-        )
-    return table
-
-
 def main() -> None:
     try:
         code = app(standalone_mode=False)  # a typer.Exit(n) comes back as n here
@@ -511,12 +449,15 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+    except Exception as exc:  # usage errors arrive here in non-standalone mode
         import click
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        # typer raises its own copy of click's exceptions (typer._click), not click's
+        if isinstance(exc, click.ClickException | typer.TyperException):
+            show, code = getattr(exc, "show", None), getattr(exc, "exit_code", 2)
+            if callable(show):
+                show()
+            sys.exit(code if isinstance(code, int) else 2)
         raise
     sys.exit(code if isinstance(code, int) else 0)
 
