@@ -30,8 +30,7 @@ if TYPE_CHECKING:
 class Comparer:
     def __init__(self, mirror: Mirror) -> None:
         self.mirror = mirror
-        # request sequence -> (the answer, what was asked)
-        self._answers: dict[int, tuple[asyncio.Future[pw.Hashes], str]] = {}
+        self._answers: dict[int, asyncio.Future[pw.Hashes]] = {}  # request sequence ->
 
     async def compare(
         self, sender: Sender, offset: int, length: int, region_size: int
@@ -48,7 +47,9 @@ class Comparer:
         return data, region_hash.differing_runs(ours, theirs.digests)
 
     def _asked(self, question: tuple[asyncio.Future[pw.Hashes], str], sequence: int) -> None:
-        self._answers[sequence] = question
+        answer, what = question
+        self._answers[sequence] = answer
+        self.mirror.ledger.ask(sequence, what)  # an error ACK of it fails the target
 
     async def _read(self, offset: int, length: int) -> bytes:
         service = self.mirror.service
@@ -68,26 +69,29 @@ class Comparer:
         self.mirror.readers.submit(service.volume.read, (offset, length), read)
         return await done
 
-    def take(self, frame: pw.Hashes | pw.Ack) -> str | None:
-        """If ``frame`` answers one of our requests (HASHES, or an ACK with the target's
-        errno): what was asked; else None."""
-        sequence = frame.request if isinstance(frame, pw.Hashes) else frame.sequence
-        question = self._answers.pop(sequence, None)
-        if question is None:
-            return None
-        answer, what = question
-        if answer.done():
-            return what
-        if isinstance(frame, pw.Hashes):
+    def take(self, frame: pw.Hashes) -> bool:
+        """The answer to one of our requests?"""
+        answer = self._answers.pop(frame.request, None)
+        if answer is None:
+            return False
+        self.mirror.ledger.answered(frame.request)
+        if not answer.done():
             answer.set_result(frame)
-        else:
-            why = os.strerror(frame.errno)
-            answer.set_exception(VolumeError(f"the target could not hash: {why}", frame.errno))
-        return what
+        return True
+
+    def failed(self, sequence: int, errno: int) -> bool:
+        """The target answered request ``sequence`` with an error ACK?"""
+        answer = self._answers.pop(sequence, None)
+        if answer is None:
+            return False
+        if not answer.done():
+            why = os.strerror(errno)
+            answer.set_exception(VolumeError(f"the target could not hash: {why}", errno))
+        return True
 
     def lost(self, reason: str, unsent: list[object]) -> None:
         for question in [*self._answers.values(), *unsent]:
-            answer = question[0] if isinstance(question, tuple) else None
+            answer = question[0] if isinstance(question, tuple) else question
             if isinstance(answer, asyncio.Future) and not answer.done():
                 answer.set_exception(PeerError(reason))
         self._answers.clear()

@@ -19,9 +19,12 @@ ordered and with their activity-log extents durably active.  What ``ship`` does:
                                      extent is unpinned once the bitmap page is durable
     Broken                           nothing is tracked
 
-ACKed writes stay pinned in the activity log until a FLUSH has made them durable on both
-sides (``release_durable``); when the link drops, every write not known durable on the target
-is marked and persisted first, then unpinned.
+What each frame's fate means is decided by the mirror's ``Ledger`` (core/mirror_ledger.py,
+sans-IO): this adapter feeds it what was sent and what the target answered, and carries out
+the ``Ready`` effects it returns, in their order (``_apply``).  ACKed writes stay pinned in
+the activity log until a FLUSH has made them durable on both sides (``release_durable``);
+when the link drops, every write not known durable on the target is marked and persisted
+first, then unpinned.
 
 A frame counts as applied only when its own ACK says so.  An ACK carrying an errno -- for any
 frame: a write, resync data, zero, trim, flush, a STATE or JOB record, a hash request -- is a
@@ -51,9 +54,9 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.mirror_ledger import Ledger, Ready, Sent
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState, next_state
 from volkeeper.core.stats import OpStats, RateMeter
-from volkeeper.core.units import format_size
 from volkeeper.daemon.compare import Comparer
 from volkeeper.daemon.intent_writer import IntentWriter
 from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
@@ -113,15 +116,6 @@ def hello_for(
     )
 
 
-@dataclass(slots=True)
-class Pending:
-    """An op given to the link: sent (at ``sent_at``) or queued in the sender."""
-
-    op: Op
-    owed: bool  # the op's reply waits for the ACK (sync mode when it was sent)
-    sent_at: float = 0.0
-
-
 class Mirror:
     def __init__(
         self,
@@ -153,7 +147,7 @@ class Mirror:
         self.verified: VerifyResult | None = None  # the last verify's result
         self.last_error = ""
         self.sent_bytes = 0  # write and resync payload bytes shipped
-        self.queued_bytes = 0  # write payload bytes sent and not yet ACKed
+        self.ledger: Ledger[Op] = Ledger(store.bitmap.region_size)
         self.overflows = 0  # async ops marked because the queue was full
         self.ack_latency = OpStats()  # send -> ACK of application writes and flushes
         self.throughput = RateMeter()  # of sent_bytes
@@ -162,13 +156,8 @@ class Mirror:
         self.target_error = ""  # the target's last failure, until a resync ends without one
         self.target_errors = 0  # error ACKs received, ever
         self._failures_in_a_row = 0  # links ended by a target failure since the last success
-        self._questions: dict[int, str] = {}  # sequence of a STATE or JOB frame -> what it is
         self.job_document: Callable[[], str] = str  # the job record sent to the target
         self.intent = IntentWriter(store, f"{spec.job} -> {spec.target}", self._break)
-        self._pending: dict[int, Pending] = {}  # frame sequence ->
-        # ACKed, not yet known durable on the target: (sequence, offset, length, extents) --
-        # not the op, whose payload must not be kept alive until the next flush
-        self._undurable: list[tuple[int, int, int, range]] = []
         self._stopping = False
         self._lost = asyncio.Event()
         self._wake = asyncio.Event()
@@ -291,9 +280,7 @@ class Mirror:
                 link.close(f"HASHES for {frame.request}, which was not asked")
         elif isinstance(frame, pw.Goodbye) and frame.reason == pw.GoodbyeReason.SHUTDOWN:
             # A clean target stop: it made every write it ACKed durable before saying so.
-            for _, _, _, extents in self._undurable:
-                self.store.activity_log.unpin(extents)
-            self._undurable.clear()
+            self._apply(self.ledger.target_shut_down_cleanly())
         elif not isinstance(frame, pw.Pong | pw.Goodbye):
             link.close(f"unexpected {frame.TYPE.name} frame from the target")
 
@@ -309,30 +296,37 @@ class Mirror:
             self.resync.lost(reason, unsent)
             self.resync = None
         self.comparer.lost(reason, unsent)
-        self._questions.clear()
         if self.state in _SENDING and not self._stopping:  # stopping is no "target lost"
             self._set(MirrorEvent.DISCONNECTED)
-        pending = [*self._pending.values(), *(p for p in unsent if isinstance(p, Pending))]
-        flushes = [p.op for p in pending if p.op.is_flush]
-        lost = [(p.op.offset, p.op.length, p.op.extents) for p in pending if not p.op.is_flush]
-        lost += [(offset, length, extents) for _, offset, length, extents in self._undurable]
-        self._pending.clear()
-        self._undurable.clear()
-        self.queued_bytes = 0
-        for offset, length, _ in lost:
-            self.store.bitmap.mark(offset, length)
-        for entry in pending:  # the marks cover them: the replies need not wait
-            if entry.owed:
-                entry.op.part_done()
-
-        def durable() -> None:
-            for _, _, extents in lost:
-                self.store.activity_log.unpin(extents)
-            for flush in flushes:
-                flush.durable_done()
-
-        self.intent.after_durable(durable)
+        self._apply(self.ledger.lost([entry for entry in unsent if isinstance(entry, Sent)]))
         self._lost.set()
+
+    def _apply(self, ready: Ready[Op]) -> None:
+        """Carry out the ledger's effects in the order its ``Ready`` prescribes."""
+        bitmap = self.store.bitmap
+        for offset, length in ready.mark:
+            bitmap.mark(offset, length)
+        for first, count in ready.clear:
+            bitmap.clear_regions(first, count)
+        for op in ready.release:
+            op.release_payload()
+        for op in ready.reply:
+            op.part_done()
+        for op in ready.durable_now:
+            op.durable_done()
+        activity_log = self.store.activity_log
+        for op in ready.unpin_now:
+            activity_log.unpin(op.extents)
+        if ready.waits_for_persist:
+            unpin, durable = ready.unpin_after_persist, ready.durable_after_persist
+
+            def persisted() -> None:
+                for op in unpin:
+                    activity_log.unpin(op.extents)
+                for flush in durable:
+                    flush.durable_done()
+
+            self.intent.after_durable(persisted)
 
     # -- application writes ---------------------------------------------------------------
 
@@ -357,34 +351,35 @@ class Mirror:
     def _send(self, op: Op) -> None:
         owed = not self.asynchronous
         size = len(op.payload)
-        self.queued_bytes += size
+        entry = Sent(op, op.command, op.offset, op.length, owed, size)
+        self.ledger.queued(entry)
         self.sent_bytes += size
-        if self.resync is not None and not op.is_flush:
-            self.resync.note_race(op)
-        if self.verify is not None and not op.is_flush:
-            self.verify.note_race(op)
+        if not op.is_flush:
+            self.ledger.race(op.offset, op.length)
+            if self.verify is not None:
+                self.verify.note_race(op)
         if not owed:
             op.part_done()
-        self._sender().send(frame_of(op), size, self._sent, Pending(op, owed))
+        self._sender().send(frame_of(op), size, self._sent, entry)
 
-    def _sent(self, pending: Pending, sequence: int) -> None:
-        """``pending``'s frame is on the link as ``sequence``."""
-        op = pending.op
+    def _sent(self, entry: Sent[Op], sequence: int) -> None:
+        """``entry``'s frame is on the link as ``sequence``."""
+        op = entry.token
         if op.is_flush:
             if op.sequences is None:
                 op.sequences = {}
             op.sequences[self.spec.target] = sequence
-        if pending.owed:
+        if entry.owed:
             self._sender().link.push()
-        pending.sent_at = self._clock()
-        self._pending[sequence] = pending
+        self.ledger.sent(sequence, entry, self._clock())
 
     def _sender(self) -> Sender:
         assert self.sender is not None, "no link"
         return self.sender
 
     def _queue_full(self, op: Op) -> bool:
-        return not op.is_flush and self.queued_bytes + len(op.payload) > self.spec.queue_limit
+        queued = self.ledger.queued_bytes
+        return not op.is_flush and queued + len(op.payload) > self.spec.queue_limit
 
     def _overflow(self, link: PeerLink) -> None:
         self.overflows += 1
@@ -392,7 +387,7 @@ class Mirror:
             log.warning(
                 "async queue full: tracking and resyncing",
                 job=self.spec.job,
-                queued_bytes=self.queued_bytes,
+                queued_bytes=self.ledger.queued_bytes,
                 limit=self.spec.queue_limit,
             )
             self._set(MirrorEvent.QUEUE_OVERFLOW)
@@ -402,29 +397,28 @@ class Mirror:
         """Track ``op`` in the bitmap.  Its extent is durably active, so the reply may go
         now; the extent is unpinned once the bitmap page holding the mark is durable."""
         self.store.bitmap.mark(op.offset, op.length)
-        if self.resync is not None:
-            self.resync.note_race(op)
+        self.ledger.race(op.offset, op.length)
         op.release_payload()
         op.part_done()
         extents = op.extents
         self.intent.after_durable(lambda: self.store.activity_log.unpin(extents))
 
     def _acked(self, link: PeerLink, ack: pw.Ack) -> None:
-        """Route an ACK to whoever sent the frame; an errno fails the target, whatever the
-        frame was (nothing in flight is then counted as applied: the link goes)."""
-        resync = self.resync
-        what = (
-            (resync.take_ack(ack) if resync is not None else None)
-            or self.comparer.take(ack)
-            or self._questions.pop(ack.sequence, None)
-        )
-        entry = self._pending.get(ack.sequence) if what is None else None
-        if ack.errno:
-            if what is None:
-                what = _describe(entry.op) if entry is not None else f"frame {ack.sequence}"
-            self._target_failed(link, ack.errno, what)
-        elif entry is not None:
-            self._write_acked(ack, entry)
+        """Let the ledger judge the ACK; an errno fails the target, whatever the frame was
+        (the ledger has then marked everything in flight: the link goes)."""
+        now = self._clock()
+        entry = self.ledger.pending.get(ack.sequence)
+        if entry is not None and not ack.errno:
+            self.ack_latency.observe(entry.size, now - entry.sent_at)
+        ready = self.ledger.ack(ack.sequence, ack.errno, now)
+        self._apply(ready)
+        if ready.answer is not None:
+            sequence, errno = ready.answer
+            resync = self.resync
+            if not (resync is not None and resync.answer(sequence, errno)) and errno:
+                self.comparer.failed(sequence, errno)
+        if ready.failure is not None:
+            self._target_failed(link, *ready.failure)
 
     def _target_failed(self, link: PeerLink, errno: int, what: str) -> None:
         """The target could not apply a frame: say so everywhere, then drop the link, so
@@ -440,32 +434,11 @@ class Mirror:
         self.on_target_error(self, message)
         link.close(message)
 
-    def _write_acked(self, ack: pw.Ack, entry: Pending) -> None:
-        del self._pending[ack.sequence]
-        op = entry.op
-        size = len(op.payload)
-        self.queued_bytes -= size
-        self.ack_latency.observe(size, self._clock() - entry.sent_at)
-        if not op.is_flush:
-            self._undurable.append((ack.sequence, op.offset, op.length, op.extents))
-            op.release_payload()
-        if entry.owed:
-            op.part_done()
-        if op.is_flush:
-            op.durable_done()
-
     def release_durable(self, op: Op) -> None:
         """``op`` (a flush) is durable locally and on the target: unpin what it covered."""
         sequence = op.sequences.get(self.spec.target) if op.sequences else None
-        if sequence is None:
-            return
-        keep = []
-        for entry in self._undurable:
-            if entry[0] < sequence:
-                self.store.activity_log.unpin(entry[3])
-            else:
-                keep.append(entry)
-        self._undurable = keep
+        if sequence is not None:
+            self._apply(self.ledger.released(sequence))
 
     @property
     def wire_bytes(self) -> int:
@@ -474,14 +447,15 @@ class Mirror:
 
     @property
     def undurable_writes(self) -> int:
-        return len(self._undurable)
+        return len(self.ledger.undurable)
 
     @property
     def lag_seconds(self) -> float:
         """Age of the oldest write sent and not yet ACKed (async mode's lag)."""
-        if not self._pending:
+        pending = self.ledger.pending
+        if not pending:
             return 0.0
-        oldest = next(iter(self._pending.values()))
+        oldest = next(iter(pending.values()))
         return max(0.0, self._clock() - oldest.sent_at)
 
     # -- resync -------------------------------------------------------------------------------
@@ -607,7 +581,7 @@ class Mirror:
         self._sender().send(frame, 0, self._asked, what)
 
     def _asked(self, what: str, sequence: int) -> None:
-        self._questions[sequence] = what
+        self.ledger.ask(sequence, what)
 
     def drop_link(self, message: str) -> None:
         """Close the link (it reconnects, to the spec's address, after the backoff)."""
@@ -663,7 +637,7 @@ class Mirror:
             "sent_bytes": self.sent_bytes,
             "wire_bytes": self.wire_bytes,
             "compression_ratio": _ratio(self.sent_bytes, self.wire_bytes),
-            "queue_bytes": self.queued_bytes,
+            "queue_bytes": self.ledger.queued_bytes,
             "queue_limit_bytes": self.spec.queue_limit if self.asynchronous else None,
             "lag_s": round(self.lag_seconds, 3),
             "throughput_bytes_per_s": round(self.throughput.rate(now, self.sent_bytes)),
@@ -709,13 +683,6 @@ def _no_callback(mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:
 
 def _no_error_callback(mirror: Mirror, message: str) -> None:
     return None
-
-
-def _describe(op: Op) -> str:
-    """What an application op did, for a target's error: "write at 79691776, 1.0 MiB"."""
-    if op.is_flush:
-        return "flush"
-    return f"{op.command} at {op.offset}, {format_size(op.length)}"
 
 
 _SENDING = frozenset({MirrorState.MIRRORING, MirrorState.RESYNCING})

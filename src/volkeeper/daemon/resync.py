@@ -6,11 +6,12 @@ Reads overlap: up to ``READ_DEPTH`` are outstanding on the node's reader pool (a
 page cache can answer is done on the loop), and each frame leaves as soon as its read
 returns -- regions are independent, so their order on the wire does not matter.  Every
 ``BATCH_BYTES`` the target is sent a FLUSH; once it ACKs, the chunks of that batch are
-durable there and their bits are cleared -- only a chunk whose every frame was itself ACKed
-without an error, and that no application write raced (issued, not yet complete, when the
-chunk was read or while it was in flight): any other chunk stays marked.  A raced chunk is
-sent again by the next pass; an error ACK fails the target (the mirror drops the link, and
-this resync ends with nothing of the batch cleared).  Application writes keep flowing
+durable there and their bits are cleared.  Which chunks may be cleared is the mirror's ledger's
+decision (core/mirror_ledger.py): only a chunk whose every frame was itself ACKed without an
+error, and that no application write raced (issued, not yet complete, when the chunk was read
+or while it was in flight).  A raced chunk is sent again by the next pass; an error ACK fails
+the target (the mirror drops the link, and this resync ends with nothing of the batch
+cleared).  Application writes keep flowing
 meanwhile, so a pass may leave new marks; passes repeat until the bitmap is empty, which
 converges because each pass only resends what writes touched during it.
 
@@ -25,21 +26,19 @@ Progress (done bytes, a rate over the last few seconds, ETA) is kept here for ``
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
 
 from volkeeper.core import peer_wire as pw
+from volkeeper.core.mirror_ledger import Chunk
 from volkeeper.core.mirror_state import MirrorState
 from volkeeper.core.stats import RateMeter
-from volkeeper.core.units import format_size
 from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import PeerLink
 
 if TYPE_CHECKING:
     from volkeeper.daemon.mirror import Mirror
-    from volkeeper.daemon.op import Op
     from volkeeper.daemon.sender import Sender
 
 log = structlog.get_logger("volkeeper.resync")
@@ -48,17 +47,6 @@ CHUNK_BYTES = 1024 * 1024  # bytes read and sent per RESYNC_DATA frame, at most
 BATCH_BYTES = 16 * 1024 * 1024  # bytes sent between FLUSHes that let bits be cleared
 READ_DEPTH = 16  # reads outstanding at once
 RATE_WINDOW = 5.0  # seconds of history behind the reported rate
-
-
-@dataclass(slots=True)
-class Chunk:
-    first: int  # first region
-    count: int
-    offset: int
-    length: int
-    raced: bool = False
-    unacked: int = 0  # frames of it handed to the sender and not ACKed yet
-    failed: bool = False  # the target answered one of its frames with an error
 
 
 class Resync:
@@ -70,22 +58,18 @@ class Resync:
         self.shipped_bytes = 0  # checksum mode: what differed and was sent
         self.bitmap = mirror.store.bitmap
         self.done_bytes = 0
+        self.ledger = mirror.ledger  # the chunks' fate: read, sent, ACKed, raced, cleared
         self._meter = RateMeter(RATE_WINDOW)
-        self._chunks: list[Chunk] = []  # sent (or being read) since the last FLUSH
-        # The batch whose FLUSH is not ACKed yet: its frames may still wait in the sender's
-        # resync lane, behind which a racing application write overtakes them.
-        self._committing: list[Chunk] = []
         self._reads = 0  # outstanding
         self._read_slot = asyncio.Event()
         self._error: BaseException | None = None
-        self.acks: dict[int, tuple[asyncio.Future[int], str]] = {}  # sequence -> (errno, what)
-        self._frames: dict[int, Chunk] = {}  # sequence of a RESYNC_DATA frame -> its chunk
+        self._answers: dict[int, asyncio.Future[int]] = {}  # sequence of a question -> errno
 
     # -- progress ---------------------------------------------------------------------------
 
     @property
     def remaining_bytes(self) -> int:
-        unsent = sum(chunk.length for chunk in self._chunks)
+        unsent = sum(chunk.length for chunk in self.ledger.open_chunks)
         return max(0, self.bitmap.marked_bytes - unsent)
 
     def rate(self, now: float) -> float:
@@ -134,11 +118,10 @@ class Resync:
     def _send_chunk(self, first: int, count: int) -> int:
         offset = self.bitmap.region_span(first)[0]
         last_offset, last_length = self.bitmap.region_span(first + count - 1)
-        chunk = Chunk(first, count, offset, last_offset + last_length - offset)
-        self._chunks.append(chunk)
+        chunk = self.ledger.chunk(first, count, offset, last_offset + last_length - offset)
         for op in self.mirror.in_flight_ops():
             if not op.is_flush:
-                self.note_race(op)
+                self.ledger.race(op.offset, op.length)
         if self.checksum:
             self._reads += 1
             task = asyncio.ensure_future(self._compare(chunk))
@@ -191,33 +174,27 @@ class Resync:
         self._sample()
 
     def _send_data(self, chunk: Chunk, offset: int, data: pw.Buffer) -> None:
-        chunk.unacked += 1
+        self.ledger.chunk_frame(chunk)
         size = memoryview(data).nbytes
-        self.sender.send(pw.ResyncData(offset, data), size, self._data_sent, chunk, resync=True)
-
-    def _data_sent(self, chunk: Chunk, sequence: int) -> None:
-        self._frames[sequence] = chunk
+        self.sender.send(
+            pw.ResyncData(offset, data), size, self.ledger.chunk_frame_sent, chunk, resync=True
+        )
 
     async def _commit(self) -> None:
-        """FLUSH the target; once durable, clear the chunks no application write raced."""
+        """FLUSH the target; once durable, clear what the ledger says is proven there."""
         while self._reads:
             self._read_slot.clear()
             await self._read_slot.wait()
         self._check()
-        if not self._chunks:
+        if not self.ledger.commit():
             return
-        chunks = self._committing = self._chunks
-        self._chunks = []
-        try:
-            if await self._ask(pw.Flush(), "resync flush"):
-                raise PeerError("target failed to flush resync data")
-        finally:
-            self._committing = []
-        if any(chunk.unacked for chunk in chunks):  # the target answers in order
-            raise PeerError("the target ACKed a FLUSH before the resync data it covers")
-        for chunk in chunks:
-            if not (chunk.raced or chunk.failed):
-                self.bitmap.clear_regions(chunk.first, chunk.count)
+        if await self._ask(pw.Flush(), "resync flush"):
+            raise PeerError("target failed to flush resync data")
+        ready = self.ledger.committed()
+        if ready.failure is not None:
+            raise PeerError(ready.failure[1])
+        for first, count in ready.clear:
+            self.bitmap.clear_regions(first, count)
 
     async def _finish(self) -> None:
         mirror = self.mirror
@@ -234,43 +211,26 @@ class Resync:
         return await future
 
     def _asked(self, question: tuple[asyncio.Future[int], str], sequence: int) -> None:
-        self.acks[sequence] = question
+        future, what = question
+        self._answers[sequence] = future
+        self.ledger.ask(sequence, what)
 
     # -- from the mirror ----------------------------------------------------------------------
 
-    def take_ack(self, ack: pw.Ack) -> str | None:
-        """An ACK of one of our frames: what that frame was (for an error), else None."""
-        chunk = self._frames.pop(ack.sequence, None)
-        if chunk is not None:
-            chunk.unacked -= 1
-            chunk.failed = chunk.failed or ack.errno != 0
-            return f"resync write at {chunk.offset}, {format_size(chunk.length)}"
-        question = self.acks.pop(ack.sequence, None)
-        if question is None:
-            return None
-        future, what = question
+    def answer(self, sequence: int, errno: int) -> bool:
+        """The ACK of one of our questions (FLUSH, STATE)?  Its waiter gets the errno."""
+        future = self._answers.pop(sequence, None)
+        if future is None:
+            return False
         if not future.done():
-            future.set_result(ack.errno)
-        return what
+            future.set_result(errno)
+        return True
 
     def lost(self, reason: str, unsent: list[object]) -> None:
         """The link is gone; ``unsent``: what the sender still held (our questions too)."""
-        for question in [*self.acks.values(), *unsent]:
-            future = question[0] if isinstance(question, tuple) else None
+        for question in [*self._answers.values(), *unsent]:
+            future = question[0] if isinstance(question, tuple) else question
             if isinstance(future, asyncio.Future) and not future.done():
                 future.set_exception(PeerError(reason))
-        self.acks.clear()
-        self._frames.clear()
-        self._chunks.clear()
-        self._committing = []
+        self._answers.clear()
         self._read_slot.set()
-
-    def note_race(self, op: Op) -> None:
-        """``op`` is being written: a chunk it overlaps may have been read without it."""
-        if not (self._chunks or self._committing):
-            return
-        first = self.bitmap.region_of(op.offset)
-        last = self.bitmap.region_of(op.offset + max(op.length, 1) - 1)
-        for chunk in (*self._chunks, *self._committing):
-            if first < chunk.first + chunk.count and chunk.first <= last:
-                chunk.raced = True

@@ -1,0 +1,278 @@
+"""What a mirror's source knows of the frames it sent: which are applied, durable, or lost.
+
+How this works: one ``Ledger`` per connection to a target (sans-IO: no clock, no socket, no
+file; the adapter, daemon/mirror.py, does the I/O).  Three kinds of frames have an open fate:
+
+    application frames   WRITE / ZERO / TRIM / FLUSH carrying an op (the ``Token``), from
+                         ``sent`` to their ACK; an ACKed write then stays *undurable* until
+                         a FLUSH sent after it is durable on both sides (``released``)
+    resync chunks        a run of marked regions read and sent as one or more RESYNC_DATA
+                         frames; grouped in a batch that a FLUSH commits (``commit`` /
+                         ``committed``)
+    questions            any other frame whose ACK matters (STATE and JOB records, the
+                         resync's FLUSH, hash requests): ``ask`` names it
+
+Every input returns one ``Ready``: the effects, in the order the adapter must carry them out
+(the contract is on ``Ready``).  The rules the ledger keeps, which the property tests in
+tests/core/test_mirror_ledger.py check against a model of the target's disk:
+
+* an ACK with an errno, for any frame, fails the target: everything whose fate is open is
+  marked (as if the link were lost) and ``Ready.failure`` says why, so the adapter drops the
+  link;
+* a resync chunk is cleared only by ``committed`` after the batch's FLUSH was ACKed without
+  error, and only if every frame of the chunk was itself ACKed without error and no
+  application write raced it (``race``: issued while the chunk was read or in flight);
+* a lost link marks every write not known durable on the target, and the extents of those
+  writes are unpinned only after the marks are persisted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from volkeeper.core.units import format_size
+
+Token = TypeVar("Token")  # the adapter's op: opaque here
+
+
+@dataclass(slots=True)
+class Sent(Generic[Token]):
+    """An application frame on the link, or handed to the sender."""
+
+    token: Token
+    command: str  # "write", "zero", "trim" or "flush"
+    offset: int
+    length: int
+    owed: bool  # its reply waits for the ACK (sync mode when it was sent)
+    size: int = 0  # payload bytes (for the async queue's limit)
+    sent_at: float = 0.0
+
+    @property
+    def is_flush(self) -> bool:
+        return self.command == "flush"
+
+
+@dataclass(slots=True)
+class Chunk:
+    """A run of regions a resync read and sent; cleared once durable on the target."""
+
+    first: int  # first region
+    count: int
+    offset: int
+    length: int
+    raced: bool = False
+    unacked: int = 0  # frames of it handed to the sender and not ACKed yet
+    failed: bool = False  # the target answered one of its frames with an error
+
+
+@dataclass(slots=True)
+class Ready(Generic[Token]):
+    """Effects of one input.  The adapter carries them out in this order -- the contract:
+
+    1. ``mark``: byte ranges to mark in the bitmap, at once (in memory);
+    2. ``clear``: region runs (first, count) to clear: data the target ACKed and made durable;
+    3. ``release``: ops whose payload this mirror no longer needs;
+    4. ``reply``: ops whose reply part this mirror pays now -- safe before step 6, because a
+       marked op's activity-log extent stays pinned until then;
+    5. ``durable_now``: flushes now durable on this target; ``unpin_now``: ops whose writes a
+       durable FLUSH covers: unpin their extents;
+    6. only once every mark made so far is on stable storage: unpin the extents of
+       ``unpin_after_persist`` and count ``durable_after_persist`` flushes as durable on
+       this target -- never before (intent before data: a crash must find every region
+       that may differ marked or pinned);
+    7. ``answer``: (sequence, errno) of a question the ACK answered;
+    8. ``failure``: (errno, what) -- the target failed a frame: say so and drop the link.
+    """
+
+    mark: list[tuple[int, int]] = field(default_factory=list)
+    clear: list[tuple[int, int]] = field(default_factory=list)
+    release: list[Token] = field(default_factory=list)
+    reply: list[Token] = field(default_factory=list)
+    durable_now: list[Token] = field(default_factory=list)
+    unpin_now: list[Token] = field(default_factory=list)
+    unpin_after_persist: list[Token] = field(default_factory=list)
+    durable_after_persist: list[Token] = field(default_factory=list)
+    answer: tuple[int, int] | None = None
+    failure: tuple[int, str] | None = None
+
+    @property
+    def waits_for_persist(self) -> bool:
+        return bool(self.unpin_after_persist or self.durable_after_persist)
+
+
+class Ledger(Generic[Token]):
+    def __init__(self, region_size: int) -> None:
+        self.region_size = region_size
+        self.pending: dict[int, Sent[Token]] = {}  # sequence -> application frame
+        # ACKed, not yet known durable on the target: (sequence, op); the op's payload is
+        # released, only its range and extents matter
+        self.undurable: list[tuple[int, Sent[Token]]] = []
+        self.queued_bytes = 0  # payload bytes of application frames sent, not ACKed
+        self._questions: dict[int, str] = {}  # sequence -> what was asked
+        self._chunk_frames: dict[int, Chunk] = {}  # sequence of a RESYNC_DATA -> its chunk
+        self.open_chunks: list[Chunk] = []  # read or sent since the last commit
+        self.committing: list[Chunk] = []  # the batch whose FLUSH is not ACKed yet
+
+    # -- application frames ---------------------------------------------------------------
+
+    def sent(self, sequence: int, entry: Sent[Token], now: float) -> None:
+        """``entry``'s frame left as ``sequence`` (it was counted by ``queued`` before)."""
+        entry.sent_at = now
+        self.pending[sequence] = entry
+
+    def queued(self, entry: Sent[Token]) -> None:
+        """``entry`` was handed to the sender (it may wait there before ``sent``)."""
+        self.queued_bytes += entry.size
+
+    def ack(self, sequence: int, errno: int, now: float) -> Ready[Token]:
+        """The target's ACK of ``sequence``; an errno fails the target, whatever the frame."""
+        if errno:
+            what = self.describe(sequence)
+            chunk = self._chunk_frames.get(sequence)
+            if chunk is not None:
+                chunk.failed = True
+            asked = sequence in self._questions
+            failed = self.lost([])
+            failed.failure = (errno, what)
+            failed.answer = (sequence, errno) if asked else None
+            return failed
+        ready: Ready[Token] = Ready()
+        entry = self.pending.pop(sequence, None)
+        if entry is not None:
+            self.queued_bytes -= entry.size
+            if entry.is_flush:
+                ready.durable_now.append(entry.token)
+            else:
+                self.undurable.append((sequence, entry))
+                ready.release.append(entry.token)
+            if entry.owed:
+                ready.reply.append(entry.token)
+            return ready
+        chunk = self._chunk_frames.pop(sequence, None)
+        if chunk is not None:
+            chunk.unacked -= 1
+            return ready
+        if self._questions.pop(sequence, None) is not None:
+            ready.answer = (sequence, 0)
+        return ready
+
+    def released(self, flush_sequence: int) -> Ready[Token]:
+        """The FLUSH sent as ``flush_sequence`` is durable locally and on the target: the
+        writes ACKed before it are durable on both sides."""
+        ready: Ready[Token] = Ready()
+        keep = []
+        for sequence, entry in self.undurable:
+            if sequence < flush_sequence:
+                ready.unpin_now.append(entry.token)
+            else:
+                keep.append((sequence, entry))
+        self.undurable = keep
+        return ready
+
+    def target_shut_down_cleanly(self) -> Ready[Token]:
+        """GOODBYE(SHUTDOWN): the target made every write it ACKed durable first."""
+        ready: Ready[Token] = Ready(unpin_now=[entry.token for _, entry in self.undurable])
+        self.undurable = []
+        return ready
+
+    def lost(self, unsent: list[Sent[Token]]) -> Ready[Token]:
+        """The link is gone (``unsent``: what the sender still held): mark every write not
+        known durable there; replies owed are paid (the marks cover them); the extents are
+        unpinned and the flushes count as durable only after the marks are persisted."""
+        ready: Ready[Token] = Ready()
+        for entry in [*self.pending.values(), *unsent]:
+            if entry.owed:
+                ready.reply.append(entry.token)
+            if entry.is_flush:
+                ready.durable_after_persist.append(entry.token)
+            else:
+                ready.mark.append((entry.offset, entry.length))
+                ready.unpin_after_persist.append(entry.token)
+        for _, entry in self.undurable:
+            ready.mark.append((entry.offset, entry.length))
+            ready.unpin_after_persist.append(entry.token)
+        self.pending.clear()
+        self.undurable = []
+        self.queued_bytes = 0
+        self._questions.clear()
+        self._chunk_frames.clear()
+        self.open_chunks = []
+        self.committing = []
+        return ready
+
+    # -- questions ------------------------------------------------------------------------
+
+    def ask(self, sequence: int, what: str) -> None:
+        """The frame sent as ``sequence`` (``what``) must be ACKed, or answered, without
+        error."""
+        self._questions[sequence] = what
+
+    def answered(self, sequence: int) -> bool:
+        """A reply other than an ACK (HASHES) answered ``sequence``; False if not asked."""
+        return self._questions.pop(sequence, None) is not None
+
+    def describe(self, sequence: int) -> str:
+        """What the frame ``sequence`` was, in words, for an error message."""
+        entry = self.pending.get(sequence)
+        if entry is not None:
+            return "flush" if entry.is_flush else _span(entry.command, entry.offset, entry.length)
+        chunk = self._chunk_frames.get(sequence)
+        if chunk is not None:
+            return _span("resync write", chunk.offset, chunk.length)
+        return self._questions.get(sequence, f"frame {sequence}")
+
+    # -- resync chunks --------------------------------------------------------------------
+
+    def chunk(self, first: int, count: int, offset: int, length: int) -> Chunk:
+        """A chunk about to be read: it joins the open batch."""
+        chunk = Chunk(first, count, offset, length)
+        self.open_chunks.append(chunk)
+        return chunk
+
+    def chunk_frame(self, chunk: Chunk) -> None:
+        """One frame of ``chunk`` is handed to the sender."""
+        chunk.unacked += 1
+
+    def chunk_frame_sent(self, chunk: Chunk, sequence: int) -> None:
+        self._chunk_frames[sequence] = chunk
+
+    def race(self, offset: int, length: int) -> None:
+        """An application write to this range is being issued: a chunk it overlaps may have
+        been read without it, or its data may overtake the write's on the wire."""
+        if not (self.open_chunks or self.committing):
+            return
+        first = offset // self.region_size
+        last = (offset + max(length, 1) - 1) // self.region_size
+        for chunk in (*self.open_chunks, *self.committing):
+            if first < chunk.first + chunk.count and chunk.first <= last:
+                chunk.raced = True
+
+    def commit(self) -> bool:
+        """The open batch's FLUSH is about to be sent; False if there is nothing to commit.
+        One batch commits at a time (the resync waits for the FLUSH's ACK)."""
+        if self.committing:
+            raise ValueError("a resync batch is already committing")
+        self.committing, self.open_chunks = self.open_chunks, []
+        return bool(self.committing)
+
+    def committed(self) -> Ready[Token]:
+        """The batch's FLUSH was ACKed without error: clear what is proven durable there.
+        A chunk with a frame still unACKed means the target answered out of order: its
+        failure says so (nothing is cleared)."""
+        ready: Ready[Token] = Ready()
+        chunks, self.committing = self.committing, []
+        if any(chunk.unacked for chunk in chunks):
+            ready.failure = (0, "the target ACKed a FLUSH before the resync data it covers")
+            return ready
+        ready.clear = [(c.first, c.count) for c in chunks if not (c.raced or c.failed)]
+        return ready
+
+    @property
+    def busy(self) -> bool:
+        """Anything whose fate is open (an idle ledger has nothing to mark on loss)."""
+        return bool(self.pending or self.undurable or self.open_chunks or self.committing)
+
+
+def _span(what: str, offset: int, length: int) -> str:
+    return f"{what} at {offset}, {format_size(length)}"
