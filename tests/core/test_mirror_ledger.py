@@ -75,14 +75,14 @@ class Frame:
 
 
 class LedgerMachine(RuleBasedStateMachine):
-    ledger_class: type[Ledger[Op]] = Ledger
+    ledger_class: type[Ledger[Op, Op]] = Ledger
 
     def __init__(self) -> None:
         super().__init__()
         self.ledger = self.ledger_class(REGION)
         self.bitmap = DirtyBitmap(REGIONS * REGION, REGION)
         self.persisted: set[int] = set()  # the bitmap as on stable storage
-        self.after_persist: list[Ready[Op]] = []
+        self.after_persist: list[Ready[Op, Op]] = []
         self.source = [0] * REGIONS
         self.volatile = [0] * REGIONS
         self.durable = [0] * REGIONS
@@ -93,7 +93,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.mirroring = True  # all equal at the start
         self.failing = False
         self.fail_next = False
-        self.app_lane: list[tuple[Frame, Sent[Op] | None]] = []
+        self.app_lane: list[tuple[Frame, Sent[Op, Op] | None]] = []
         self.resync_lane: list[tuple[Frame, Chunk | None]] = []
         self.wire: list[Frame] = []  # sent, not yet applied by the target
         self.acks: list[tuple[int, int]] = []  # (sequence, errno), in order
@@ -102,7 +102,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # -- the adapter's side ---------------------------------------------------------------
 
-    def apply(self, ready: Ready[Op]) -> None:
+    def apply(self, ready: Ready[Op, Op]) -> None:
         for offset, length in ready.mark:
             self.bitmap.mark(offset, length)
         for first, count in ready.clear:
@@ -149,7 +149,7 @@ class LedgerMachine(RuleBasedStateMachine):
         for region in range(first, first + count):
             self.source[region] = self.version
         if self.connected:
-            entry = Sent(op, "write", first * REGION, count * REGION, owed=True, size=1)
+            entry = Sent(op, op, "write", first * REGION, count * REGION, owed=True, size=1)
             self.ledger.queued(entry)
             self.ledger.race(first * REGION, count * REGION)
             frame = Frame(0, "write", first, [self.version] * count)
@@ -162,7 +162,7 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule()
     def flush(self) -> None:
         op = Op("flush")
-        entry: Sent[Op] = Sent(op, "flush", 0, 0, owed=True)
+        entry: Sent[Op, Op] = Sent(op, op, "flush", 0, 0, owed=True)
         self.ledger.queued(entry)
         self.app_lane.append((Frame(0, "flush"), entry))
 
@@ -286,11 +286,10 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def covered(self, region: int) -> bool:
         """A write the ledger would mark if the link went now covers ``region``."""
-        entries = [*self.ledger.pending.values(), *(e for _, e in self.ledger.undurable)]
-        entries += [e for _, e in self.app_lane if e is not None]
-        return any(
-            e.offset <= region * REGION < e.offset + e.length for e in entries if not e.is_flush
-        )
+        spans = [(e.offset, e.length) for e in self.ledger.pending.values() if not e.is_flush]
+        spans += [(e.offset, e.length) for _, e in self.app_lane if e and not e.is_flush]
+        spans += [(offset, length) for _, offset, length, _ in self.ledger.undurable]
+        return any(offset <= region * REGION < offset + length for offset, length in spans)
 
     def pinned(self, region: int) -> bool:
         return any(op.pinned and op.first <= region < op.first + op.count for op in self.ops)
@@ -325,20 +324,20 @@ LedgerMachine.TestCase.settings = settings(max_examples=1500, stateful_step_coun
 TestLedger = LedgerMachine.TestCase
 
 
-class IgnoresFailedChunks(Ledger[Op]):
+class IgnoresFailedChunks(Ledger[Op, Op]):
     """Seeded bug: an error ACK of resync data is taken as success (issue 10's defect)."""
 
-    def ack(self, sequence: int, errno: int, now: float) -> Ready[Op]:
+    def ack(self, sequence: int, errno: int, now: float) -> Ready[Op, Op]:
         if sequence in self._chunk_frames:
             errno = 0
         return super().ack(sequence, errno, now)
 
 
-class ForgetsUndurableWrites(Ledger[Op]):
+class ForgetsUndurableWrites(Ledger[Op, Op]):
     """Seeded bug: a lost link marks the writes in flight but forgets those ACKed and not
     yet made durable by a FLUSH (a target crash then loses them unmarked)."""
 
-    def lost(self, unsent: list[Sent[Op]]) -> Ready[Op]:
+    def lost(self, unsent: list[Sent[Op, Op]]) -> Ready[Op, Op]:
         self.undurable = []
         return super().lost(unsent)
 

@@ -14,6 +14,8 @@ sync and async mirroring, compressed and plain frames, WRITE_ZEROES and TRIM, FL
 proves what the issue asks:
 
 * the source's client saw no error (every NBD reply OK);
+* the failure is published on the source's event stream (a mirror ``change`` event with an
+  ``error`` field);
 * while the target fails, the mirror never reports Mirroring: a state watcher polls the
   source's status throughout, ``out_of_sync_bytes`` covers the real difference of the two
   volume files, and ``last_error`` gives the target's reason; the target's own status shows
@@ -46,6 +48,7 @@ from tests.integration.rawnbd import (
     OK,
     RawNbd,
 )
+from tests.integration.test_compression import EventWatch
 from tests.integration.test_mirroring import (
     StateLog,
     cli,
@@ -298,9 +301,18 @@ def test_a_disk_failing_during_a_partial_resync_clears_nothing_it_did_not_write(
     assert marked >= 2 * MiB
     failing_disk.command("fail EIO write")
     watcher = watch(alpha)
-    resumed = cli("mirror", "continue", "web", "--node", f"unix:{alpha.control_socket}")
-    assert resumed.returncode == 0, resumed.stderr
-    assert_failure_shown(alpha, beta, "input/output error")
+    events = EventWatch(alpha, tmp_path / "events.jsonl")
+    try:
+        resumed = cli("mirror", "continue", "web", "--node", f"unix:{alpha.control_socket}")
+        assert resumed.returncode == 0, resumed.stderr
+        assert_failure_shown(alpha, beta, "input/output error")
+        deadline = time.monotonic() + 10
+        while not (errors := [e for e in events.of_mirror("web", "beta:data1") if "error" in e]):
+            assert time.monotonic() < deadline, events.events()
+            time.sleep(0.05)
+        assert "input/output error" in errors[0]["error"], errors
+    finally:
+        events.stop()
     writer.writes(8, compressible=True)
     writer.close()
     assert_marked(alpha, beta)

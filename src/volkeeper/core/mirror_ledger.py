@@ -5,7 +5,9 @@ file; the adapter, daemon/mirror.py, does the I/O).  Three kinds of frames have 
 
     application frames   WRITE / ZERO / TRIM / FLUSH carrying an op (the ``Token``), from
                          ``sent`` to their ACK; an ACKed write then stays *undurable* until
-                         a FLUSH sent after it is durable on both sides (``released``)
+                         a FLUSH sent after it is durable on both sides (``released``) --
+                         remembered by its range and its activity-log ``Pin`` only: the op
+                         itself (its payload, its callbacks) is not kept alive that long
     resync chunks        a run of marked regions read and sent as one or more RESYNC_DATA
                          frames; grouped in a batch that a FLUSH commits (``commit`` /
                          ``committed``)
@@ -28,19 +30,22 @@ tests/core/test_mirror_ledger.py check against a model of the target's disk:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from volkeeper.core.units import format_size
 
 Token = TypeVar("Token")  # the adapter's op: opaque here
+Pin = TypeVar("Pin")  # what the adapter unpins in the activity log (an op's extents)
 
 
 @dataclass(slots=True)
-class Sent(Generic[Token]):
+class Sent(Generic[Token, Pin]):
     """An application frame on the link, or handed to the sender."""
 
     token: Token
+    pin: Pin
     command: str  # "write", "zero", "trim" or "flush"
     offset: int
     length: int
@@ -67,7 +72,7 @@ class Chunk:
 
 
 @dataclass(slots=True)
-class Ready(Generic[Token]):
+class Ready(Generic[Token, Pin]):
     """Effects of one input.  The adapter carries them out in this order -- the contract:
 
     1. ``mark``: byte ranges to mark in the bitmap, at once (in memory);
@@ -85,14 +90,15 @@ class Ready(Generic[Token]):
     8. ``failure``: (errno, what) -- the target failed a frame: say so and drop the link.
     """
 
-    mark: list[tuple[int, int]] = field(default_factory=list)
-    clear: list[tuple[int, int]] = field(default_factory=list)
-    release: list[Token] = field(default_factory=list)
-    reply: list[Token] = field(default_factory=list)
-    durable_now: list[Token] = field(default_factory=list)
-    unpin_now: list[Token] = field(default_factory=list)
-    unpin_after_persist: list[Token] = field(default_factory=list)
-    durable_after_persist: list[Token] = field(default_factory=list)
+    # Empty tuples unless given: an ACK of a write, the hot path, builds two one-item lists.
+    mark: Sequence[tuple[int, int]] = ()
+    clear: Sequence[tuple[int, int]] = ()
+    release: Sequence[Token] = ()
+    reply: Sequence[Token] = ()
+    durable_now: Sequence[Token] = ()
+    unpin_now: Sequence[Pin] = ()
+    unpin_after_persist: Sequence[Pin] = ()
+    durable_after_persist: Sequence[Token] = ()
     answer: tuple[int, int] | None = None
     failure: tuple[int, str] | None = None
 
@@ -101,13 +107,12 @@ class Ready(Generic[Token]):
         return bool(self.unpin_after_persist or self.durable_after_persist)
 
 
-class Ledger(Generic[Token]):
+class Ledger(Generic[Token, Pin]):
     def __init__(self, region_size: int) -> None:
         self.region_size = region_size
-        self.pending: dict[int, Sent[Token]] = {}  # sequence -> application frame
-        # ACKed, not yet known durable on the target: (sequence, op); the op's payload is
-        # released, only its range and extents matter
-        self.undurable: list[tuple[int, Sent[Token]]] = []
+        self.pending: dict[int, Sent[Token, Pin]] = {}  # sequence -> application frame
+        # ACKed, not yet known durable on the target: (sequence, offset, length, pin)
+        self.undurable: list[tuple[int, int, int, Pin]] = []
         self.queued_bytes = 0  # payload bytes of application frames sent, not ACKed
         self._questions: dict[int, str] = {}  # sequence -> what was asked
         self._chunk_frames: dict[int, Chunk] = {}  # sequence of a RESYNC_DATA -> its chunk
@@ -116,16 +121,16 @@ class Ledger(Generic[Token]):
 
     # -- application frames ---------------------------------------------------------------
 
-    def sent(self, sequence: int, entry: Sent[Token], now: float) -> None:
+    def sent(self, sequence: int, entry: Sent[Token, Pin], now: float) -> None:
         """``entry``'s frame left as ``sequence`` (it was counted by ``queued`` before)."""
         entry.sent_at = now
         self.pending[sequence] = entry
 
-    def queued(self, entry: Sent[Token]) -> None:
+    def queued(self, entry: Sent[Token, Pin]) -> None:
         """``entry`` was handed to the sender (it may wait there before ``sent``)."""
         self.queued_bytes += entry.size
 
-    def ack(self, sequence: int, errno: int, now: float) -> Ready[Token]:
+    def ack(self, sequence: int, errno: int, now: float) -> Ready[Token, Pin]:
         """The target's ACK of ``sequence``; an errno fails the target, whatever the frame."""
         if errno:
             what = self.describe(sequence)
@@ -137,61 +142,60 @@ class Ledger(Generic[Token]):
             failed.failure = (errno, what)
             failed.answer = (sequence, errno) if asked else None
             return failed
-        ready: Ready[Token] = Ready()
         entry = self.pending.pop(sequence, None)
         if entry is not None:
             self.queued_bytes -= entry.size
-            if entry.is_flush:
-                ready.durable_now.append(entry.token)
-            else:
-                self.undurable.append((sequence, entry))
-                ready.release.append(entry.token)
-            if entry.owed:
-                ready.reply.append(entry.token)
-            return ready
+            token = entry.token
+            reply = (token,) if entry.owed else ()
+            if entry.command == "flush":
+                return Ready(reply=reply, durable_now=(token,))
+            self.undurable.append((sequence, entry.offset, entry.length, entry.pin))
+            return Ready(release=(token,), reply=reply)
         chunk = self._chunk_frames.pop(sequence, None)
         if chunk is not None:
             chunk.unacked -= 1
-            return ready
+            return _NOTHING
         if self._questions.pop(sequence, None) is not None:
-            ready.answer = (sequence, 0)
-        return ready
+            return Ready(answer=(sequence, 0))
+        return _NOTHING
 
-    def released(self, flush_sequence: int) -> Ready[Token]:
+    def released(self, flush_sequence: int) -> Ready[Token, Pin]:
         """The FLUSH sent as ``flush_sequence`` is durable locally and on the target: the
         writes ACKed before it are durable on both sides."""
-        ready: Ready[Token] = Ready()
-        keep = []
-        for sequence, entry in self.undurable:
-            if sequence < flush_sequence:
-                ready.unpin_now.append(entry.token)
+        unpin, keep = [], []
+        for item in self.undurable:
+            if item[0] < flush_sequence:
+                unpin.append(item[3])
             else:
-                keep.append((sequence, entry))
+                keep.append(item)
         self.undurable = keep
-        return ready
+        return Ready(unpin_now=unpin)
 
-    def target_shut_down_cleanly(self) -> Ready[Token]:
+    def target_shut_down_cleanly(self) -> Ready[Token, Pin]:
         """GOODBYE(SHUTDOWN): the target made every write it ACKed durable first."""
-        ready: Ready[Token] = Ready(unpin_now=[entry.token for _, entry in self.undurable])
+        ready: Ready[Token, Pin] = Ready(unpin_now=[pin for _, _, _, pin in self.undurable])
         self.undurable = []
         return ready
 
-    def lost(self, unsent: list[Sent[Token]]) -> Ready[Token]:
+    def lost(self, unsent: list[Sent[Token, Pin]]) -> Ready[Token, Pin]:
         """The link is gone (``unsent``: what the sender still held): mark every write not
         known durable there; replies owed are paid (the marks cover them); the extents are
         unpinned and the flushes count as durable only after the marks are persisted."""
-        ready: Ready[Token] = Ready()
+        mark, reply, unpin, durable = [], [], [], []
         for entry in [*self.pending.values(), *unsent]:
             if entry.owed:
-                ready.reply.append(entry.token)
+                reply.append(entry.token)
             if entry.is_flush:
-                ready.durable_after_persist.append(entry.token)
+                durable.append(entry.token)
             else:
-                ready.mark.append((entry.offset, entry.length))
-                ready.unpin_after_persist.append(entry.token)
-        for _, entry in self.undurable:
-            ready.mark.append((entry.offset, entry.length))
-            ready.unpin_after_persist.append(entry.token)
+                mark.append((entry.offset, entry.length))
+                unpin.append(entry.pin)
+        for _, offset, length, pin in self.undurable:
+            mark.append((offset, length))
+            unpin.append(pin)
+        ready: Ready[Token, Pin] = Ready(
+            mark=mark, reply=reply, unpin_after_persist=unpin, durable_after_persist=durable
+        )
         self.pending.clear()
         self.undurable = []
         self.queued_bytes = 0
@@ -256,17 +260,14 @@ class Ledger(Generic[Token]):
         self.committing, self.open_chunks = self.open_chunks, []
         return bool(self.committing)
 
-    def committed(self) -> Ready[Token]:
+    def committed(self) -> Ready[Token, Pin]:
         """The batch's FLUSH was ACKed without error: clear what is proven durable there.
         A chunk with a frame still unACKed means the target answered out of order: its
         failure says so (nothing is cleared)."""
-        ready: Ready[Token] = Ready()
         chunks, self.committing = self.committing, []
         if any(chunk.unacked for chunk in chunks):
-            ready.failure = (0, "the target ACKed a FLUSH before the resync data it covers")
-            return ready
-        ready.clear = [(c.first, c.count) for c in chunks if not (c.raced or c.failed)]
-        return ready
+            return Ready(failure=(0, "the target ACKed a FLUSH before the resync data it covers"))
+        return Ready(clear=[(c.first, c.count) for c in chunks if not (c.raced or c.failed)])
 
     @property
     def busy(self) -> bool:
@@ -276,3 +277,6 @@ class Ledger(Generic[Token]):
 
 def _span(what: str, offset: int, length: int) -> str:
     return f"{what} at {offset}, {format_size(length)}"
+
+
+_NOTHING: Ready[Any, Any] = Ready()  # an input with no effect (never changed: every field is empty)

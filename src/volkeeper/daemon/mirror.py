@@ -147,7 +147,7 @@ class Mirror:
         self.verified: VerifyResult | None = None  # the last verify's result
         self.last_error = ""
         self.sent_bytes = 0  # write and resync payload bytes shipped
-        self.ledger: Ledger[Op] = Ledger(store.bitmap.region_size)
+        self.ledger: Ledger[Op, range] = Ledger(store.bitmap.region_size)
         self.overflows = 0  # async ops marked because the queue was full
         self.ack_latency = OpStats()  # send -> ACK of application writes and flushes
         self.throughput = RateMeter()  # of sent_bytes
@@ -301,7 +301,7 @@ class Mirror:
         self._apply(self.ledger.lost([entry for entry in unsent if isinstance(entry, Sent)]))
         self._lost.set()
 
-    def _apply(self, ready: Ready[Op]) -> None:
+    def _apply(self, ready: Ready[Op, range]) -> None:
         """Carry out the ledger's effects in the order its ``Ready`` prescribes."""
         bitmap = self.store.bitmap
         for offset, length in ready.mark:
@@ -315,14 +315,14 @@ class Mirror:
         for op in ready.durable_now:
             op.durable_done()
         activity_log = self.store.activity_log
-        for op in ready.unpin_now:
-            activity_log.unpin(op.extents)
+        for extents in ready.unpin_now:
+            activity_log.unpin(extents)
         if ready.waits_for_persist:
             unpin, durable = ready.unpin_after_persist, ready.durable_after_persist
 
             def persisted() -> None:
-                for op in unpin:
-                    activity_log.unpin(op.extents)
+                for extents in unpin:
+                    activity_log.unpin(extents)
                 for flush in durable:
                     flush.durable_done()
 
@@ -351,7 +351,7 @@ class Mirror:
     def _send(self, op: Op) -> None:
         owed = not self.asynchronous
         size = len(op.payload)
-        entry = Sent(op, op.command, op.offset, op.length, owed, size)
+        entry = Sent(op, op.extents, op.command, op.offset, op.length, owed, size)
         self.ledger.queued(entry)
         self.sent_bytes += size
         if not op.is_flush:
@@ -362,7 +362,7 @@ class Mirror:
             op.part_done()
         self._sender().send(frame_of(op), size, self._sent, entry)
 
-    def _sent(self, entry: Sent[Op], sequence: int) -> None:
+    def _sent(self, entry: Sent[Op, range], sequence: int) -> None:
         """``entry``'s frame is on the link as ``sequence``."""
         op = entry.token
         if op.is_flush:
