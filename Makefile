@@ -13,8 +13,10 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 demo: deps
 	$(PY) -m volkeeper.demo
 
-test: deps lint
-	$(VENV)/bin/pytest
+PYTEST_WORKERS ?= 2
+test: deps lint  # tests that measure rates or times (marked serial) run alone, after the rest
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -m "not serial"
+	$(VENV)/bin/pytest -m serial
 
 lint: deps
 	$(VENV)/bin/ruff check src tests bench

@@ -13,6 +13,13 @@ from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 NodeFactory = Callable[..., LocalNode]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test ``integration`` (tests/integration) or ``unit`` (the rest)."""
+    for item in items:
+        kind = "integration" if "integration" in item.path.parts else "unit"
+        item.add_marker(getattr(pytest.mark, kind))
+
+
 @pytest.fixture
 def start_node(tmp_path: Path) -> Iterator[NodeFactory]:
     """Start daemons with ``start_node(name=..., volumes=[VolumeSpec(...)], nbd_tcp=...)``.

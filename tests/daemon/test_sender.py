@@ -33,6 +33,8 @@ from volkeeper.io.codecs import compressor_for, decompress
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
 from volkeeper.io.workers import IoWorkers
 
+pytestmark = pytest.mark.serial  # measures lane rates: runs alone
+
 KiB = 1024
 MiB = 1024 * KiB
 FRAME = 64 * KiB

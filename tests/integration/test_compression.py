@@ -279,6 +279,7 @@ def test_compressed_mirrors_are_byte_identical_under_load(
 # -- 2. live changes under load ---------------------------------------------------------------
 
 
+@pytest.mark.serial  # measures throttled rates
 def test_codec_and_throttle_change_live_under_load(
     start_node: NodeFactory, tmp_path: Path, stoppers: list[Any]
 ) -> None:
@@ -372,6 +373,7 @@ def rate_of(samples: list[tuple[float, int]]) -> float:
     return (w1 - w0) / (t1 - t0)
 
 
+@pytest.mark.serial  # measures throttled rates
 def test_throttle_holds_its_rate_for_resync_and_writes(
     start_node: NodeFactory, tmp_path: Path, stoppers: list[Any]
 ) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import NodeFactory
 from tests.integration.test_mirroring import cli, fio, start_fio
 from volkeeper.daemon.launcher import VolumeSpec
+
+pytestmark = pytest.mark.serial  # measures a write rate: runs alone
 
 MiB = 1024 * 1024
 COMPRESSIBLE = (

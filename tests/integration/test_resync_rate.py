@@ -53,6 +53,8 @@ from tests.integration.test_topologies import (
 )
 from volkeeper.daemon.launcher import LocalNode
 
+pytestmark = pytest.mark.serial  # measures resync and application rates: runs alone
+
 THROTTLE = 16 * MiB
 RESYNC_MIN = THROTTLE // 10  # the default when only a throttle is set (daemon/mirror.py)
 APP_RATE = 12 * MiB

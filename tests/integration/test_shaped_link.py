@@ -19,6 +19,8 @@ from tests.integration.test_compression import rate_of, sample_wire
 from tests.integration.test_mirroring import ok, random_file, sha256
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
+pytestmark = pytest.mark.serial  # measures rates over a shaped link: runs alone
+
 MiB = 1024 * 1024
 LINK = 80 * 1000 * 1000 / 8  # bytes/s of "80mbit"
 

@@ -322,6 +322,7 @@ def test_a_disk_failing_during_a_partial_resync_clears_nothing_it_did_not_write(
     recover_and_compare(alpha, beta, watcher)
 
 
+@pytest.mark.serial  # bounds a recovery time
 @fuse_only
 def test_mirror_resync_retries_at_once_after_the_disk_is_fixed(
     failing_disk: PowerLossDisk, start_node: NodeFactory, tmp_path: Path
