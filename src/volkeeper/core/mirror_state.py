@@ -87,11 +87,6 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.BROKEN, E.CHECKSUM_RESYNC): S.RESYNC_PENDING,
 }
 
-# States in which application writes are marked in the intent log instead of (or as well as)
-# being sent; and in which the target holds a copy that may be promoted.
-TRACKING = frozenset({S.RESYNC_PENDING, S.RESYNCING, S.PAUSED})
-TARGET_UP_TO_DATE = frozenset({S.MIRRORING})
-
 
 def next_state(state: MirrorState, event: MirrorEvent) -> MirrorState:
     try:
