@@ -42,18 +42,6 @@ import zstandard
 
 from tests.conftest import NodeFactory, need
 from tests.integration.test_mirror_admin import metric, metrics
-from tests.integration.test_mirroring import (
-    VERIFY,
-    VOLKEEPER,
-    MiB,
-    fio_argv,
-    fio_result,
-    ok,
-    pair,
-    random_file,
-    start_fio,
-    stop_process,
-)
 from tests.integration.test_peer_fuzz import Peer
 from tests.integration.test_topologies import (
     Load,
@@ -65,6 +53,18 @@ from tests.integration.test_topologies import (
     trio,
     vk_ok,
     wait_mirror,
+)
+from tests.support.mirroring import (
+    VERIFY,
+    VOLKEEPER,
+    MiB,
+    fio_argv,
+    fio_result,
+    ok,
+    pair,
+    random_file,
+    start_fio,
+    stop_process,
 )
 from volkeeper.core import peer_wire as pw
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import NodeFactory, need
-from tests.integration.test_mirroring import (
+from tests.support.mirroring import (
     MiB,
     cli,
     data1,

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import NodeFactory, need
-from tests.integration.test_mirroring import (
+from tests.support.mirroring import (
     VERIFY,
     MiB,
     cli,

@@ -19,7 +19,7 @@ import trustme
 
 from tests.conftest import NodeFactory, need
 from tests.integration.rawnbd import RawNbd
-from tests.integration.test_mirroring import (
+from tests.support.mirroring import (
     data1,
     mirror_view,
     ok,

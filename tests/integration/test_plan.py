@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NodeFactory
-from tests.integration.test_mirroring import cli, fio, start_fio
+from tests.support.mirroring import cli, fio, start_fio
 from volkeeper.daemon.launcher import VolumeSpec
 
 pytestmark = pytest.mark.serial  # measures a write rate: runs alone

@@ -62,7 +62,7 @@ import pytest
 
 from tests.integration.powerloss_fs import PowerLossDisk
 from tests.integration.rawnbd import FLAG_FUA, OK, NbdClosed, NbdTimeout, RawNbd
-from tests.integration.test_mirroring import sha256
+from tests.support.mirroring import sha256
 from volkeeper.core.bitmap import DirtyBitmap, image_size
 from volkeeper.daemon import replication
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec

@@ -33,15 +33,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import NodeFactory, need
-from tests.integration.test_mirroring import (
-    MiB,
-    fio_result,
-    ok,
-    pair,
-    random_file,
-    start_fio,
-    stop_process,
-)
 from tests.integration.test_topologies import (
     assert_identical,
     mirror,
@@ -50,6 +41,15 @@ from tests.integration.test_topologies import (
     stop_in_order,
     vk_ok,
     wait_mirror,
+)
+from tests.support.mirroring import (
+    MiB,
+    fio_result,
+    ok,
+    pair,
+    random_file,
+    start_fio,
+    stop_process,
 )
 from volkeeper.daemon.launcher import LocalNode
 

@@ -49,7 +49,7 @@ from tests.integration.rawnbd import (
     RawNbd,
 )
 from tests.integration.test_compression import EventWatch
-from tests.integration.test_mirroring import (
+from tests.support.mirroring import (
     StateLog,
     cli,
     data1,

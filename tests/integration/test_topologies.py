@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import NodeFactory, need
-from tests.integration.test_mirroring import (
+from tests.support.mirroring import (
     VERIFY,
     VOLKEEPER,
     MiB,

@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import NodeFactory, need
-from tests.integration.test_mirroring import (
+from tests.integration.test_topologies import Events, Load
+from tests.support.mirroring import (
     VERIFY,
     MiB,
     cli,
@@ -47,7 +48,6 @@ from tests.integration.test_mirroring import (
     volume_view,
     wait_state,
 )
-from tests.integration.test_topologies import Events, Load
 from volkeeper.daemon.launcher import LocalNode
 
 KiB = 1 << 10

@@ -39,7 +39,7 @@ import pytest
 from tests.conftest import NodeFactory
 from tests.integration import rawnbd
 from tests.integration.rawnbd import RawNbd
-from tests.integration.test_mirroring import sha256
+from tests.support.mirroring import sha256
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
 MiB = 1 << 20

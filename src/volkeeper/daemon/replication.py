@@ -91,9 +91,14 @@ class Replication:
         may_trim: bool = False,
         on_done: Callable[[BaseException | None], None],
         recycle: Callable[[Buffer], None] | None = None,
+        on_durable: Callable[[], None] | None = None,
     ) -> None:
+        """``on_durable`` (a flush only): called once the flush holds locally and on every
+        target, async ones included -- later than ``on_done`` when a target is async."""
         mirrors = self.mirrors
         op = Op(command, offset, length, payload, fua, may_trim, on_done=on_done, mirrors=mirrors)
+        if on_durable is not None:
+            op.on_durable = on_durable
         if recycle is not None:
             op.recycle, op.holds = recycle, 1 + len(mirrors)
         hot = True
@@ -133,7 +138,7 @@ class Replication:
         op.parts = 1 + len(op.mirrors)
         if op.is_flush:
             op.durable_parts = 1 + len(op.mirrors)
-            op.on_durable = lambda: self._released(op)
+            op.on_durable = functools.partial(self._released, op, op.on_durable)
         self.in_flight.add(op)
         for mirror in op.mirrors:  # ship first: an inline local write completes at once
             mirror.ship(op)
@@ -143,10 +148,11 @@ class Replication:
         done_locally = functools.partial(_locally_done, op)
         self.service.submit(function, *args, mutating=True, on_done=done_locally)
 
-    def _released(self, flush: Op) -> None:
+    def _released(self, flush: Op, then: Callable[[], None]) -> None:
         """``flush`` holds locally and on every target: the writes before it are durable."""
         for mirror in flush.mirrors:
             mirror.release_durable(flush)
+        then()
 
     def _write_inline(self, op: Op) -> bool:
         try:
@@ -189,15 +195,21 @@ class Replication:
         self._syncing = False
 
     async def sync(self) -> None:
-        """Flush the volume and every connected target (before a clean stop: then nothing
-        written so far has to be resent)."""
+        """Flush the volume and every connected target, and wait until the flush is durable
+        on each of them, async targets included (before a clean stop: then nothing written
+        so far has to be resent -- a mirror stopped before an async target's FLUSH ACK would
+        mark every write since the last flush, on its sync siblings too)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        def finished(error: BaseException | None) -> None:
+        def durable() -> None:
             if not done.done():
                 done.set_result(None)
 
-        self.submit("flush", 0, 0, on_done=finished)
+        def finished(error: BaseException | None) -> None:
+            if error is not None:  # the local flush failed: it will never be durable
+                durable()
+
+        self.submit("flush", 0, 0, on_done=finished, on_durable=durable)
         await done
 
 
