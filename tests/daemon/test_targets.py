@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.test_replica import MiB, Target, hello, run
+from tests.support.replica import MiB, Target, hello, run
 from volkeeper.core import peer_wire as pw
 from volkeeper.io.memory import MemoryVolume
 

@@ -19,6 +19,10 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import NodeFactory, need
+from tests.support.metrics import (
+    metric,
+    metrics,
+)
 from tests.support.mirroring import (
     VERIFY,
     MiB,
@@ -45,19 +49,6 @@ def create_job(alpha: LocalNode, *options: str) -> None:
 def mirror(alpha: LocalNode, *args: str) -> tuple[int, str, str]:
     done = cli("mirror", *args, "--node", f"unix:{alpha.control_socket}")
     return done.returncode, done.stdout, done.stderr
-
-
-def metrics(node: LocalNode) -> str:
-    with node.api() as api:
-        return api.get("/metrics").text
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for line in text.splitlines():
-        named = line.startswith((name + "{", name + " "))
-        if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} {labels} in metrics:\n{text[:3000]}")
 
 
 # -- pause / continue / restart / break / resync --full ------------------------------------------

@@ -44,13 +44,17 @@ from xxhash import xxh3_64_digest
 
 from tests.integration import rawnbd
 from tests.integration.rawnbd import RawNbd
+from tests.support.raw_peer import (
+    DEADLINE,
+    Peer,
+    encoded,
+)
 from volkeeper.core import peer_wire as pw
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
 KiB, MiB = 1 << 10, 1 << 20
 DATA1_SIZE = 32 * MiB
 SCRATCH_SIZE = 4 * MiB
-DEADLINE = 5.0  # the target must answer or hang up this soon
 FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -169,10 +173,6 @@ def healthy(target: Target) -> Iterator[Target]:
 # -- a raw peer built on the project's codec --------------------------------------------------
 
 
-def encoded(encoder: pw.FrameEncoder, frame: pw.Frame) -> bytes:
-    return b"".join(bytes(part) for part in encoder.encode(frame))
-
-
 def raw_frame(kind: int, body: bytes, *, sequence: int = 1, flags: int = 0) -> bytes:
     """A frame with any type, flags and body, and a correct checksum (to reach the parser)."""
     head = pw.HEADER.pack(pw.MAGIC, kind, flags, len(body), sequence) + body
@@ -199,70 +199,6 @@ def hello(volume: str = "scratch", **changes: Any) -> pw.Hello:
 
 def hello_bytes(volume: str = "scratch", sequence: int = 1, **changes: Any) -> bytes:
     return b"".join(bytes(p) for p in hello(volume, **changes).encode(sequence))
-
-
-class Peer:
-    """One TCP connection to the target's replication port; every read has a deadline."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=DEADLINE)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.encoder = pw.FrameEncoder()
-        self.decoder = pw.FrameDecoder()
-
-    def __enter__(self) -> Peer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def send(self, frame: pw.Frame) -> bytes:
-        raw = encoded(self.encoder, frame)
-        self.send_raw(raw)
-        return raw
-
-    def send_raw(self, data: bytes) -> None:
-        """Send; a target that already hung up is fine (the caller checks what follows)."""
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.sock.sendall(data)
-
-    def half_close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
-
-    def _recv(self, deadline: float, what: str) -> bytes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(f"the target sent nothing and did not hang up: {what}")
-        self.sock.settimeout(remaining)
-        try:
-            return self.sock.recv(1 << 16)
-        except TimeoutError:
-            raise AssertionError(f"the target sent nothing and did not hang up: {what}") from None
-        except ConnectionResetError:
-            return b""
-
-    def recv_frame(self, timeout: float = DEADLINE) -> pw.Frame | None:
-        """The target's next frame (decoded with FrameDecoder), or None if it hung up."""
-        deadline = time.monotonic() + timeout
-        while (frame := self.decoder.next_frame()) is None:
-            chunk = self._recv(deadline, "waiting for a frame")
-            if not chunk:
-                self.decoder.eof()
-                return None
-            self.decoder.feed(chunk)
-        return frame
-
-    def hangs_up(self, timeout: float = DEADLINE) -> list[pw.Frame]:
-        """Every frame the target sends until it closes; fails if it stays open."""
-        frames = []
-        while (frame := self.recv_frame(timeout)) is not None:
-            frames.append(frame)
-        return frames
 
 
 def admit_scratch(peer: Peer, target: Target) -> pw.HelloOk:

@@ -33,15 +33,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import NodeFactory, need
-from tests.integration.test_topologies import (
-    assert_identical,
-    mirror,
-    path,
-    post,
-    stop_in_order,
-    vk_ok,
-    wait_mirror,
-)
 from tests.support.mirroring import (
     MiB,
     fio_result,
@@ -50,6 +41,15 @@ from tests.support.mirroring import (
     random_file,
     start_fio,
     stop_process,
+)
+from tests.support.topologies import (
+    assert_identical,
+    mirror,
+    path,
+    post,
+    stop_in_order,
+    vk_ok,
+    wait_mirror,
 )
 from volkeeper.daemon.launcher import LocalNode
 

@@ -15,8 +15,8 @@ import pytest
 
 from tests.conftest import NodeFactory, need
 from tests.integration.netns import ShapedLink
-from tests.integration.test_compression import rate_of, sample_wire
 from tests.support.mirroring import ok, random_file, sha256
+from tests.support.watch import rate_of, sample_wire
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
 pytestmark = pytest.mark.serial  # measures rates over a shaped link: runs alone

@@ -48,7 +48,6 @@ from tests.integration.rawnbd import (
     OK,
     RawNbd,
 )
-from tests.integration.test_compression import EventWatch
 from tests.support.mirroring import (
     StateLog,
     cli,
@@ -58,6 +57,7 @@ from tests.support.mirroring import (
     volume_view,
     wait_state,
 )
+from tests.support.watch import EventWatch
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
 KiB, MiB = 1 << 10, 1 << 20

@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import NodeFactory, need
-from tests.integration.test_topologies import Events, Load
 from tests.support.mirroring import (
     VERIFY,
     MiB,
@@ -48,6 +47,7 @@ from tests.support.mirroring import (
     volume_view,
     wait_state,
 )
+from tests.support.topologies import Events, Load
 from volkeeper.daemon.launcher import LocalNode
 
 KiB = 1 << 10
