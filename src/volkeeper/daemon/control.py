@@ -28,9 +28,9 @@ from volkeeper import __version__
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.core.units import parse_rate, parse_size
 from volkeeper.daemon.events import EventBus, sse_response
-from volkeeper.daemon.job_record import JobError
 from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.metrics import render
+from volkeeper.errors import Refusal
 from volkeeper.io.listeners import bind_listener, remove_listener
 
 
@@ -142,20 +142,11 @@ class MirrorCommand(BaseModel):
     mark: bool = Field(False, description="verify: mark differing regions for resync")
 
 
-_STATUS = {
-    "not_found": 404,
-    "conflict": 409,
-    "confirmation_required": 412,
-    "bad_request": 400,
-    "unavailable": 503,
-}
-
-
 def _size(field: str, value: int | str) -> int:
     try:
         return parse_size(value)
     except ValueError as exc:
-        raise JobError("bad_request", f"{field}: {exc}") from None
+        raise Refusal("bad_request", f"{field}: {exc}") from None
 
 
 def _rate(field: str, value: int | str | None) -> int | None:
@@ -164,7 +155,7 @@ def _rate(field: str, value: int | str | None) -> int | None:
     try:
         return parse_rate(value)
     except ValueError as exc:
-        raise JobError("bad_request", f"{field}: {exc}") from None
+        raise Refusal("bad_request", f"{field}: {exc}") from None
 
 
 def _mirror_request(source: str, target: str, settings: MirrorSettings) -> MirrorRequest:
@@ -180,7 +171,7 @@ def _job_request(body: JobBody) -> JobRequest:
     mirrors = [_mirror_request(m.source, m.target, m) for m in body.mirrors]
     if body.source is not None or body.target is not None:
         if mirrors or body.source is None or not body.target:
-            raise JobError("bad_request", "give either source and target, or mirrors")
+            raise Refusal("bad_request", "give either source and target, or mirrors")
         targets = [body.target] if isinstance(body.target, str) else body.target
         mirrors = [_mirror_request(body.source, target, body) for target in targets]
     return JobRequest(body.name, tuple(mirrors), body.description, body.confirm)
@@ -189,7 +180,7 @@ def _job_request(body: JobBody) -> JobRequest:
 def _changes(body: SetBody) -> dict[str, Any]:
     given = body.model_fields_set - {"target"}
     if not given:
-        raise JobError(
+        raise Refusal(
             "bad_request",
             "nothing to set: give mode, queue_limit, compression, throttle, resync_min or "
             "resync_max",
@@ -237,10 +228,10 @@ def create_app(node: NodeView) -> FastAPI:
         """The node's volumes with size, sector size, role and I/O counters."""
         return node.volume_list()
 
-    @app.exception_handler(JobError)
-    async def job_error(request: Request, exc: JobError) -> JSONResponse:
-        status = _STATUS.get(exc.code, 400)
-        return JSONResponse(error_body(exc.code, str(exc), exc.hint), status_code=status)
+    @app.exception_handler(Refusal)
+    async def refused(request: Request, exc: Refusal) -> JSONResponse:
+        body = error_body(exc.code, str(exc), exc.hint)
+        return JSONResponse(body, status_code=exc.http_status)
 
     @app.get("/jobs")
     async def jobs() -> list[dict[str, Any]]:

@@ -17,9 +17,10 @@ from typing import Any
 import structlog
 
 from volkeeper.daemon.config_jobs import JobConfig, MirrorConfig
-from volkeeper.daemon.job_record import JobError, JobRecord
+from volkeeper.daemon.job_record import JobRecord
 from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.jobs import Jobs
+from volkeeper.errors import Refusal
 
 log = structlog.get_logger("volkeeper.jobs")
 
@@ -42,12 +43,12 @@ async def apply(jobs: Jobs, declared: list[JobConfig]) -> dict[str, list[str]]:
                 await jobs.create(JobRequest(name, _requests(job), job.description, declared=True))
                 summary["created"].append(name)
             elif not existing.declared:
-                raise JobError("conflict", "it exists already, created through the API: left alone")
+                raise Refusal("conflict", "it exists already, created through the API: left alone")
             elif await _reconcile(jobs, existing, job):
                 summary["changed"].append(name)
             else:
                 summary["unchanged"].append(name)
-        except JobError as exc:
+        except Refusal as exc:
             summary["errors"].append(f"job {name}: {exc}")
     for error in summary["errors"]:
         log.error("declared job not applied", problem=error)

@@ -22,7 +22,7 @@ import pydantic
 import structlog
 
 from volkeeper.core.compression_setting import parse_compression
-from volkeeper.errors import VolkeeperError
+from volkeeper.errors import Refusal
 from volkeeper.io import durable_files
 
 log = structlog.get_logger("volkeeper.jobs")
@@ -32,14 +32,6 @@ MODES = ("sync", "async")
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024  # async mode: bytes sent and not yet ACKed, at most
 MIN_QUEUE_LIMIT = 1024 * 1024
 MAX_DESCRIPTION = 1024
-
-
-class JobError(VolkeeperError):
-    """A refused job or mirror command; ``code`` is stable (not_found, conflict, ...)."""
-
-    def __init__(self, code: str, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.code, self.hint = code, hint
 
 
 @dataclass(frozen=True)
@@ -103,37 +95,35 @@ _ADAPTER = pydantic.TypeAdapter(JobRecord)
 
 def check_name(name: str, what: str) -> None:
     if not NAME.fullmatch(name):
-        raise JobError("bad_request", f"{what} {name!r} must match {NAME.pattern}")
+        raise Refusal("bad_request", f"{what} {name!r} must match {NAME.pattern}")
 
 
 def split_volume(text: str, what: str) -> tuple[str, str]:
     """``NODE:VOLUME`` -> (node, volume), both valid names."""
     node, _, volume = text.partition(":")
     if not NAME.fullmatch(node) or not NAME.fullmatch(volume):
-        raise JobError("bad_request", f"{what} must be NODE:VOLUME, got {text!r}")
+        raise Refusal("bad_request", f"{what} must be NODE:VOLUME, got {text!r}")
     return node, volume
 
 
 def check_settings(mirror: MirrorRecord) -> MirrorRecord:
     """Mode, queue limit, compression and throttle; returns the record normalised."""
     if mirror.mode not in MODES:
-        raise JobError(
-            "bad_request", f"mode must be one of {', '.join(MODES)}, got {mirror.mode!r}"
-        )
+        raise Refusal("bad_request", f"mode must be one of {', '.join(MODES)}, got {mirror.mode!r}")
     if mirror.queue_limit < MIN_QUEUE_LIMIT:
-        raise JobError(
+        raise Refusal(
             "bad_request", f"queue limit must be at least 1 MiB, got {mirror.queue_limit}"
         )
     try:
         compression = parse_compression(mirror.compression)
     except ValueError as exc:
-        raise JobError("bad_request", f"compression: {exc}") from None
+        raise Refusal("bad_request", f"compression: {exc}") from None
     for name in ("throttle", "resync_min", "resync_max"):
         rate = getattr(mirror, name)
         if rate is not None and rate <= 0:
-            raise JobError("bad_request", f"{name} must be a positive rate, got {rate}")
+            raise Refusal("bad_request", f"{name} must be a positive rate, got {rate}")
     if mirror.resync_min and mirror.resync_max and mirror.resync_min > mirror.resync_max:
-        raise JobError(
+        raise Refusal(
             "bad_request", f"resync_min {mirror.resync_min} is above resync_max {mirror.resync_max}"
         )
     return dataclasses.replace(mirror, compression=compression)
@@ -141,7 +131,7 @@ def check_settings(mirror: MirrorRecord) -> MirrorRecord:
 
 def check_description(description: str) -> None:
     if len(description) > MAX_DESCRIPTION:
-        raise JobError("bad_request", f"description is longer than {MAX_DESCRIPTION} characters")
+        raise Refusal("bad_request", f"description is longer than {MAX_DESCRIPTION} characters")
 
 
 class JobRecords:

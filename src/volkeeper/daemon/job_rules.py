@@ -2,7 +2,7 @@
 
 How this works: a ``JobRequest`` (API body, CLI options or a config ``[[job]]``) names
 mirrors as ``MirrorRequest``s; ``check_mirrors`` turns them into ``MirrorRecord``s or raises
-``JobError`` naming the rule broken: the source is a volume of this node that is not a
+``Refusal`` naming the rule broken: the source is a volume of this node that is not a
 mirror target here and not the source of another job; the target is on a known peer and
 not already the target of a mirror (the target node checks its side when claimed); the
 settings are valid.  ``check_command`` asks the state table whether a mirror may take a
@@ -18,12 +18,12 @@ from volkeeper.core.bitmap import MIN_REGION_SIZE, image_size
 from volkeeper.core.mirror_state import IllegalTransition, MirrorEvent, MirrorState, next_state
 from volkeeper.daemon.job_record import (
     DEFAULT_QUEUE_LIMIT,
-    JobError,
     JobRecord,
     MirrorRecord,
     check_settings,
     split_volume,
 )
+from volkeeper.errors import Refusal
 
 
 @dataclass(frozen=True)
@@ -75,31 +75,31 @@ def check_mirrors(
         source_node, source_volume = split_volume(source, "source")
         target_node, target_volume = split_volume(target, "target")
         if source_node != node.name:
-            raise JobError(
+            raise Refusal(
                 "bad_request", f"source {source} is not on this node ({node.name})",
                 "send the request to the source node",
             )  # fmt: skip
         if source_volume not in node.volumes:
-            raise JobError("not_found", f"node {node.name} has no volume {source_volume!r}")
+            raise Refusal("not_found", f"node {node.name} has no volume {source_volume!r}")
         if node.is_target(source_volume):
-            raise JobError("conflict", f"{source} is a mirror target; it cannot be a source too")
+            raise Refusal("conflict", f"{source} is a mirror target; it cannot be a source too")
         if target_node not in node.peers:
             known = ", ".join(node.peers) or "none"
-            raise JobError("not_found", f"node {target_node!r} is not in [peers] (known: {known})")
+            raise Refusal("not_found", f"node {target_node!r} is not in [peers] (known: {known})")
         if target in taken:
-            raise JobError("conflict", f"{target} is already a target of {taken[target]}")
+            raise Refusal("conflict", f"{target} is already a target of {taken[target]}")
         owner = next(
             (r.name for r in others for m in r.mirrors if m.source_volume == source_volume), None
         )
         if owner is not None:
-            raise JobError(
+            raise Refusal(
                 "conflict", f"{source} is already the source of job {owner!r}",
                 f"add the target to that job: volkeeper job add-target {owner} --target {target}",
             )  # fmt: skip
         try:
             image_size(MIN_REGION_SIZE, request.region_size)  # the bitmap's own check
         except ValueError as exc:
-            raise JobError("bad_request", f"region_size: {exc}") from None
+            raise Refusal("bad_request", f"region_size: {exc}") from None
         record = MirrorRecord(
             source_volume, target_node, target_volume, request.mode, request.queue_limit,
             request.compression, request.throttle, request.resync_min, request.resync_max,
@@ -113,7 +113,7 @@ def check_command(job: str, target: str, state: MirrorState, action: str, full: 
     """Refuse ``action`` on a mirror in ``state`` if the state table does not allow it
     (``full``: a resync of every region, full or checksum)."""
     if action == "verify" and state not in (MirrorState.MIRRORING, MirrorState.RESYNCING):
-        raise JobError(
+        raise Refusal(
             "conflict",
             f"cannot verify the mirror of job {job!r} to {target}: it is {state.value}",
             "verify compares a connected target: wait for Mirroring (or continue the mirror)",
@@ -129,7 +129,7 @@ def check_command(job: str, target: str, state: MirrorState, action: str, full: 
         next_state(state, event)
     except IllegalTransition:
         what = "resync (without --full)" if action == "resync" else action
-        raise JobError(
+        raise Refusal(
             "conflict",
             f"cannot {what} the mirror of job {job!r} to {target}: it is {state.value}",
             "only `mirror resync --full` (or `--checksum`) repairs a Broken mirror",

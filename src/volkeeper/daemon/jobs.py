@@ -33,7 +33,6 @@ from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
 from volkeeper.daemon.job_record import (
-    JobError,
     JobRecord,
     JobRecords,
     MirrorRecord,
@@ -56,7 +55,7 @@ from volkeeper.daemon.peer_session import (
     claim_all,
     release_retrying,
 )
-from volkeeper.errors import VolkeeperError
+from volkeeper.errors import Refusal, VolkeeperError
 from volkeeper.io.intent_store import Generations, Geometry, IntentStore
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
@@ -130,13 +129,13 @@ class Jobs:
             check_name(request.name, "job name")
             check_description(request.description)
             if request.name in self.records:
-                raise JobError("conflict", f"job {request.name!r} exists already")
+                raise Refusal("conflict", f"job {request.name!r} exists already")
             if not request.mirrors:
-                raise JobError("bad_request", f"job {request.name!r} needs at least one mirror")
+                raise Refusal("bad_request", f"job {request.name!r} needs at least one mirror")
             mirrors = check_mirrors(request.mirrors, self._facts(), self.records.values())
             if not (request.confirm or request.declared):
                 targets = ", ".join(m.target for m in mirrors)
-                raise JobError(
+                raise Refusal(
                     "confirmation_required",
                     f"creating job {request.name!r} starts a full resync that overwrites {targets}",
                     "resend with confirm=true (CLI: --yes)",
@@ -157,13 +156,13 @@ class Jobs:
             if not request.source:
                 sources = {m.source_volume for m in record.mirrors}
                 if len(sources) != 1:
-                    raise JobError(
+                    raise Refusal(
                         "bad_request", f"job {job!r} has several source volumes: name one"
                     )
                 request = dataclasses.replace(request, source=f"{self.node}:{sources.pop()}")
             (mirror,) = check_mirrors((request,), self._facts(), self.records.values(), job)
             if not confirm:
-                raise JobError(
+                raise Refusal(
                     "confirmation_required",
                     f"adding {mirror.target} to job {job!r} starts a full resync, which "
                     "overwrites it",
@@ -196,7 +195,7 @@ class Jobs:
         if claim_targets:
             try:
                 await self._claim_all(record, mirrors, stores)
-            except JobError:
+            except Refusal:
                 for mirror in mirrors:
                     stores[mirror.target].close()
                     self._log_path(record.name, mirror.target).unlink(missing_ok=True)
@@ -222,10 +221,10 @@ class Jobs:
         try:
             await claim_all(targets, pw.Job(record.to_json()), self.tls)
         except Refused as exc:
-            raise JobError(_REFUSAL_CODES.get(exc.refusal.reason, "conflict"), str(exc)) from None
+            raise Refusal(_REFUSAL_CODES.get(exc.refusal.reason, "conflict"), str(exc)) from None
         except Unreachable as exc:
             hint = "the target node must be running and reachable to create a mirror"
-            raise JobError("unavailable", str(exc), hint) from None
+            raise Refusal("unavailable", str(exc), hint) from None
 
     def _start(self, record: JobRecord, mirror: MirrorRecord, store: IntentStore) -> None:
         name = record.name
@@ -287,11 +286,11 @@ class Jobs:
             if action == "delete":
                 return await self._delete_one(record, target)
             if ((full or checksum) and action != "resync") or (mark and action != "verify"):
-                raise JobError("bad_request", "full and checksum go with resync, mark with verify")
+                raise Refusal("bad_request", "full and checksum go with resync, mark with verify")
             if full and checksum:
-                raise JobError("bad_request", "resync either full or checksum, not both")
+                raise Refusal("bad_request", "resync either full or checksum, not both")
             if action not in ("pause", "continue", "break", "resync", "verify"):
-                raise JobError("bad_request", f"unknown mirror command {action!r}")
+                raise Refusal("bad_request", f"unknown mirror command {action!r}")
             running = [self._running(name, m.target) for m in mirrors]
             for mirror in running:  # all or nothing: check every mirror first
                 check_command(name, mirror.spec.target, mirror.state, action, full or checksum)
@@ -302,7 +301,7 @@ class Jobs:
     async def _delete_one(self, record: JobRecord, target: str | None) -> JobRecord:
         if target is None and len(record.mirrors) > 1:
             targets = ", ".join(m.target for m in record.mirrors)
-            raise JobError(
+            raise Refusal(
                 "bad_request", f"job {record.name!r} has {len(record.mirrors)} mirrors ({targets})",
                 "say which with target (CLI: --target), or delete the job",
             )  # fmt: skip
@@ -402,7 +401,7 @@ class Jobs:
     def _record(self, name: str) -> JobRecord:
         record = self.records.get(name)
         if record is None:
-            raise JobError("not_found", f"no job named {name!r}")
+            raise Refusal("not_found", f"no job named {name!r}")
         return record
 
     def _selected(self, record: JobRecord, target: str | None) -> tuple[MirrorRecord, ...]:
@@ -411,7 +410,7 @@ class Jobs:
         mirror = record.mirror(target)
         if mirror is None:
             targets = ", ".join(m.target for m in record.mirrors)
-            raise JobError(
+            raise Refusal(
                 "not_found", f"job {record.name!r} has no mirror to {target}",
                 f"its mirrors go to {targets}",
             )  # fmt: skip
@@ -421,7 +420,7 @@ class Jobs:
         running = self.mirrors.get((job, target))
         if running is None:
             problem = self.mirrors.problems.get((job, target), "not running")
-            raise JobError(
+            raise Refusal(
                 "conflict", f"the mirror of job {job!r} to {target} is not running: {problem}"
             )
         return running

@@ -29,12 +29,12 @@ from volkeeper.daemon import declared_jobs, plan
 from volkeeper.daemon.config import NodeConfig, load_config
 from volkeeper.daemon.control import ControlServer
 from volkeeper.daemon.events import EventBus
-from volkeeper.daemon.job_record import JobError, JobRecord
+from volkeeper.daemon.job_record import JobRecord
 from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.jobs import Jobs
 from volkeeper.daemon.metrics import MirrorCollector, NodeCollector
 from volkeeper.daemon.targets import Replicas, TargetRecord, TargetRecords
-from volkeeper.errors import ConfigError, VolumeError
+from volkeeper.errors import ConfigError, Refusal, VolumeError
 from volkeeper.io import peer_tls
 from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.peer_link import PeerServer
@@ -123,11 +123,11 @@ class Node:
 
     async def reload(self) -> dict[str, Any]:
         if self.config_path is None:
-            raise JobError("bad_request", "this node was not started from a config file")
+            raise Refusal("bad_request", "this node was not started from a config file")
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
-            raise JobError("bad_request", f"config not reloaded: {exc}") from None
+            raise Refusal("bad_request", f"config not reloaded: {exc}") from None
         old = self.config
         restart = [
             section for section in ("node", "volumes", "tls")
@@ -149,7 +149,7 @@ class Node:
         """SIGHUP: reload, and log (nobody waits for an answer)."""
         try:
             summary = await self.reload()
-        except JobError as exc:
+        except Refusal as exc:
             log.error("reload failed", error=str(exc))
         else:
             log.info("config reloaded", **summary)
@@ -271,9 +271,9 @@ class Node:
     async def plan(self, volume: str, seconds: float) -> dict[str, Any]:
         service = next((s for s in self.services if s.name == volume), None)
         if service is None:
-            raise JobError("not_found", f"node {self.name} has no volume {volume!r}")
+            raise Refusal("not_found", f"node {self.name} has no volume {volume!r}")
         if not 1 <= seconds <= plan.MAX_SECONDS:
-            raise JobError("bad_request", f"seconds must be 1 to {plan.MAX_SECONDS:.0f}")
+            raise Refusal("bad_request", f"seconds must be 1 to {plan.MAX_SECONDS:.0f}")
         return await plan.plan(service, self.readers, seconds)
 
     def _volume(self, name: str) -> dict[str, Any]:

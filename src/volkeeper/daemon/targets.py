@@ -35,7 +35,8 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.daemon import replica
-from volkeeper.daemon.job_record import JobError, JobRecord
+from volkeeper.daemon.job_record import JobRecord
+from volkeeper.errors import Refusal
 from volkeeper.io import durable_files
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
@@ -196,9 +197,9 @@ class Replicas:
         hint = f"pause it on {record.source_node}: {command}"
         if volume in self.sessions:
             connected = f"{record.mirror} is connected (unlock only while Paused)"
-            raise JobError("conflict", f"cannot unlock {where}: {connected}", hint)
+            raise Refusal("conflict", f"cannot unlock {where}: {connected}", hint)
         if not record.paused:
-            raise JobError(
+            raise Refusal(
                 "conflict",
                 f"cannot unlock {where}: {record.mirror} is not Paused (its source may only be "
                 "unreachable)",
@@ -235,16 +236,16 @@ class Replicas:
     def _target(self, volume: str) -> tuple[TargetRecord, VolumeService]:
         record, service = self.records.get(volume), self.service(volume)
         if service is None:
-            raise JobError("not_found", f"node {self.node} has no volume {volume!r}")
+            raise Refusal("not_found", f"node {self.node} has no volume {volume!r}")
         if record is None:
-            raise JobError("conflict", f"{self.node}:{volume} is not a mirror target")
+            raise Refusal("conflict", f"{self.node}:{volume} is not a mirror target")
         return record, service
 
     def forget(self, volume: str) -> None:
         """The administrator's release of a target whose source cannot say so any more."""
         record, _ = self._target(volume)
         if volume in self.sessions:
-            raise JobError(
+            raise Refusal(
                 "conflict", f"{self.node}:{volume} is connected to {record.mirror}",
                 f"delete the mirror on {record.source_node} instead",
             )  # fmt: skip
