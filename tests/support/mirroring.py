@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,16 +125,24 @@ def volume_view(node: LocalNode, name: str = "data1") -> dict[str, Any]:
 def wait_state(
     node: LocalNode, state: str, timeout: float = 30.0, job: str = "web"
 ) -> dict[str, Any]:
+    return poll_state(node, lambda: mirror_view(node, job), state, timeout, f"mirror {job}")
+
+
+def poll_state(
+    node: LocalNode, read: Callable[[], dict[str, Any]], state: str, timeout: float, what: str
+) -> dict[str, Any]:
+    """``read()`` (a mirror's view) until its state is ``state``; fails after ``timeout``
+    with the view and the tail of the node's log."""
     deadline = time.monotonic() + timeout
-    view = mirror_view(node, job)
+    view = read()
     while view["state"] != state:
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"mirror {job} on {node.name} not {state!r} after {timeout}s: {view}\n"
+                f"{what} on {node.name} not {state!r} after {timeout}s: {view}\n"
                 f"--- {node.name} log (tail) ---\n{node.log_text()[-4000:]}"
             )
         time.sleep(0.05)
-        view = mirror_view(node, job)
+        view = read()
     return view
 
 

@@ -22,6 +22,7 @@ from tests.support.mirroring import (
     cli,
     fio_argv,
     fio_result,
+    poll_state,
     sha256,
     stop_process,
 )
@@ -82,17 +83,8 @@ def mirror(node: LocalNode, job: str, target: str) -> dict[str, Any]:
 def wait_mirror(
     node: LocalNode, job: str, target: str, state: str, timeout: float = 30.0
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    view = mirror(node, job, target)
-    while view["state"] != state:
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"mirror {job} -> {target} on {node.name} not {state!r} after {timeout}s: "
-                f"{view}\n--- {node.name} log (tail) ---\n{node.log_text()[-4000:]}"
-            )
-        time.sleep(0.05)
-        view = mirror(node, job, target)
-    return view
+    what = f"mirror {job} -> {target}"
+    return poll_state(node, lambda: mirror(node, job, target), state, timeout, what)
 
 
 def volume(node: LocalNode, name: str = "data1") -> dict[str, Any]:

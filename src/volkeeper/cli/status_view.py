@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from rich.console import Console, ConsoleOptions, RenderableType
+from rich.console import Console, ConsoleOptions
 from rich.table import Table
 from rich.text import Text
 
@@ -98,7 +98,7 @@ def _mirror_table(mirrors: list[dict[str, Any]], wide: bool) -> Table:
 
 
 def _errors(volumes: list[dict[str, Any]], mirrors: list[dict[str, Any]]) -> Iterator[Text]:
-    lines: list[RenderableType] = []
+    lines: list[str] = []
     for mirror in mirrors:
         if mirror.get("last_error"):
             lines.append(f"job {mirror['job']} -> {mirror['target']}: {mirror['last_error']}")
@@ -108,7 +108,7 @@ def _errors(volumes: list[dict[str, Any]], mirrors: list[dict[str, Any]]) -> Ite
     if lines:
         yield Text("last errors", style="bold")
         for line in lines:
-            yield Text(str(line), style="yellow")
+            yield Text(line, style="yellow")
 
 
 def _size(value: int | None) -> str:

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from volkeeper.core.stats import OpStats
 from volkeeper.core.units import format_size
 
 Token = TypeVar("Token")  # the adapter's op: opaque here
@@ -114,6 +115,7 @@ class Ledger(Generic[Token, Pin]):
         # ACKed, not yet known durable on the target: (sequence, offset, length, pin)
         self.undurable: list[tuple[int, int, int, Pin]] = []
         self.queued_bytes = 0  # payload bytes of application frames sent, not ACKed
+        self.ack_latency = OpStats()  # send -> ACK of application writes and flushes
         self._questions: dict[int, str] = {}  # sequence -> what was asked
         self._chunk_frames: dict[int, Chunk] = {}  # sequence of a RESYNC_DATA -> its chunk
         self.open_chunks: list[Chunk] = []  # read or sent since the last commit
@@ -145,6 +147,7 @@ class Ledger(Generic[Token, Pin]):
         entry = self.pending.pop(sequence, None)
         if entry is not None:
             self.queued_bytes -= entry.size
+            self.ack_latency.observe(entry.size, now - entry.sent_at)
             token = entry.token
             reply = (token,) if entry.owed else ()
             if entry.command == "flush":
@@ -268,11 +271,6 @@ class Ledger(Generic[Token, Pin]):
         if any(chunk.unacked for chunk in chunks):
             return Ready(failure=(0, "the target ACKed a FLUSH before the resync data it covers"))
         return Ready(clear=[(c.first, c.count) for c in chunks if not (c.raced or c.failed)])
-
-    @property
-    def busy(self) -> bool:
-        """Anything whose fate is open (an idle ledger has nothing to mark on loss)."""
-        return bool(self.pending or self.undurable or self.open_chunks or self.committing)
 
 
 def _span(what: str, offset: int, length: int) -> str:

@@ -142,7 +142,8 @@ class MirrorCollector(Collector):
             target_errors.add_metric(key, mirror.target_errors)
             resync_done.add_metric(key, view["resync"]["done_bytes"])
             resync_rate.add_metric(key, view["resync"]["rate_bytes_per_s"])
-            ack.add_metric(key, _histogram(mirror.ack_latency), mirror.ack_latency.seconds)
+            latency = mirror.ledger.ack_latency
+            ack.add_metric(key, _histogram(latency), latency.seconds)
         received = CounterMetricFamily(
             "volkeeper_mirror_received_bytes",
             "Write and resync payload bytes received for a target volume",

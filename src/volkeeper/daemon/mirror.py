@@ -56,7 +56,7 @@ from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_ledger import Ledger, Ready, Sent
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState, next_state
-from volkeeper.core.stats import OpStats, RateMeter
+from volkeeper.core.stats import RateMeter
 from volkeeper.daemon.compare import Comparer
 from volkeeper.daemon.intent_writer import IntentWriter
 from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
@@ -149,7 +149,6 @@ class Mirror:
         self.sent_bytes = 0  # write and resync payload bytes shipped
         self.ledger: Ledger[Op, range] = Ledger(store.bitmap.region_size)
         self.overflows = 0  # async ops marked because the queue was full
-        self.ack_latency = OpStats()  # send -> ACK of application writes and flushes
         self.throughput = RateMeter()  # of sent_bytes
         self.on_state: Callable[[Mirror, MirrorState, MirrorEvent], None] = _no_callback
         self.on_target_error: Callable[[Mirror, str], None] = _no_error_callback
@@ -406,11 +405,7 @@ class Mirror:
     def _acked(self, link: PeerLink, ack: pw.Ack) -> None:
         """Let the ledger judge the ACK; an errno fails the target, whatever the frame was
         (the ledger has then marked everything in flight: the link goes)."""
-        now = self._clock()
-        entry = self.ledger.pending.get(ack.sequence)
-        if entry is not None and not ack.errno:
-            self.ack_latency.observe(entry.size, now - entry.sent_at)
-        ready = self.ledger.ack(ack.sequence, ack.errno, now)
+        ready = self.ledger.ack(ack.sequence, ack.errno, self._clock())
         self._apply(ready)
         if ready.answer is not None:
             sequence, errno = ready.answer
