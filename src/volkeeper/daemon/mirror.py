@@ -47,27 +47,24 @@ import contextlib
 import os
 import ssl
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from volkeeper.core import peer_wire as pw
-from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_ledger import Ledger, Ready, Sent
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState, next_state
 from volkeeper.core.stats import RateMeter
 from volkeeper.daemon.compare import Comparer
 from volkeeper.daemon.intent_writer import IntentWriter
-from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
+from volkeeper.daemon.mirror_spec import MirrorSpec, hello_for, send_settings
 from volkeeper.daemon.op import Op, frame_of
 from volkeeper.daemon.peer_session import open_session
 from volkeeper.daemon.resync import Resync
-from volkeeper.daemon.sender import Sender, SendSettings
+from volkeeper.daemon.sender import Sender
 from volkeeper.daemon.verify import Verify, VerifyResult
 from volkeeper.errors import PeerError
-from volkeeper.io.codecs import compressor_for
-from volkeeper.io.intent_store import Generations, IntentStore
+from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
@@ -78,42 +75,6 @@ PING_INTERVAL = 2.0  # an idle link is pinged this often
 TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
 BACKOFF = (0.2, 0.5, 1.0, 2.0)  # seconds between attempts; the last one repeats
 TARGET_ERROR_BACKOFF = (1.0, 2.0, 5.0, 10.0)  # the same, after the target failed a frame
-
-
-@dataclass(frozen=True)
-class MirrorSpec:
-    job: str
-    source_volume: str
-    target_node: str
-    target_address: TcpAddress
-    target_volume: str
-    mode: str = "sync"
-    queue_limit: int = DEFAULT_QUEUE_LIMIT
-    compression: str = "none"
-    throttle: int | None = None
-    resync_min: int | None = None
-    resync_max: int | None = None
-
-    @property
-    def target(self) -> str:
-        return f"{self.target_node}:{self.target_volume}"
-
-
-def hello_for(
-    spec: MirrorSpec, node: str, service: VolumeService, generations: Generations
-) -> pw.Hello:
-    """The HELLO that opens a session of ``spec``'s mirror with its target."""
-    volume = service.volume
-    return pw.Hello(
-        node=node,
-        volume=spec.target_volume,
-        job=spec.job,
-        source_volume=spec.source_volume,
-        volume_size=volume.size,
-        sector_size=volume.sector_size,
-        current_generation=generations.current,
-        previous_generation=generations.previous,
-    )
 
 
 class Mirror:
@@ -228,7 +189,7 @@ class Mirror:
         )  # fmt: skip
         self._last_heard = self._clock()
         self.link = link
-        self.sender = Sender(link, self.compressors, _send_settings(self.spec))
+        self.sender = Sender(link, self.compressors, send_settings(self.spec))
         if not link.is_open:  # lost before it was ours: _on_lost ignored it
             raise PeerError("link lost during the handshake")
         await self._admitted(link, answer)
@@ -562,7 +523,7 @@ class Mirror:
         self.spec = spec
         self.asynchronous = spec.mode == "async"
         if self.sender is not None:
-            self.sender.configure(_send_settings(spec))
+            self.sender.configure(send_settings(spec))
 
     def announce(self) -> None:
         """Send the job's record to the target (after HELLO_OK, and when the job changed)."""
@@ -659,13 +620,6 @@ class Mirror:
             "last_error": self.last_error or None,
             "target_errors": self.target_errors,
         }
-
-
-def _send_settings(spec: MirrorSpec) -> SendSettings:
-    """Without a resync_min, a throttled link still gives the resync a tenth of it."""
-    compressor = compressor_for(spec.compression)
-    resync_min = spec.resync_min or (spec.throttle // 10 if spec.throttle else None)
-    return SendSettings(compressor, spec.throttle, resync_min, spec.resync_max)
 
 
 def _ratio(before: int, after: int) -> float | None:

@@ -25,7 +25,8 @@ from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
 from volkeeper.daemon.job_record import MirrorRecord
-from volkeeper.daemon.mirror import Mirror, MirrorSpec, hello_for
+from volkeeper.daemon.mirror import Mirror
+from volkeeper.daemon.mirror_spec import MirrorSpec, hello_for
 from volkeeper.daemon.peer_session import Target
 from volkeeper.daemon.replication import Replication
 from volkeeper.io.intent_store import Generations, IntentStore

@@ -1,0 +1,63 @@
+"""What a mirror is configured as, and what follows from it: its HELLO and its send settings.
+
+How this works: a ``MirrorSpec`` is the frozen view of one mirror's job record entry plus the
+target's address, built by ``Mirrors.spec`` from the record and replaced whole on a live
+change (``Mirror.configure``).  ``hello_for`` is the HELLO that opens (or claims) a session
+with its target; ``send_settings`` is what the link's ``Sender`` needs, with the one default
+that depends on another setting (a throttled mirror's resync gets a tenth of the throttle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from volkeeper.core import peer_wire as pw
+from volkeeper.core.addresses import TcpAddress
+from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
+from volkeeper.daemon.sender import SendSettings
+from volkeeper.io.codecs import compressor_for
+from volkeeper.io.intent_store import Generations
+from volkeeper.io.volume_service import VolumeService
+
+
+@dataclass(frozen=True)
+class MirrorSpec:
+    job: str
+    source_volume: str
+    target_node: str
+    target_address: TcpAddress
+    target_volume: str
+    mode: str = "sync"
+    queue_limit: int = DEFAULT_QUEUE_LIMIT
+    compression: str = "none"
+    throttle: int | None = None
+    resync_min: int | None = None
+    resync_max: int | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.target_node}:{self.target_volume}"
+
+
+def hello_for(
+    spec: MirrorSpec, node: str, service: VolumeService, generations: Generations
+) -> pw.Hello:
+    """The HELLO that opens a session of ``spec``'s mirror with its target."""
+    volume = service.volume
+    return pw.Hello(
+        node=node,
+        volume=spec.target_volume,
+        job=spec.job,
+        source_volume=spec.source_volume,
+        volume_size=volume.size,
+        sector_size=volume.sector_size,
+        current_generation=generations.current,
+        previous_generation=generations.previous,
+    )
+
+
+def send_settings(spec: MirrorSpec) -> SendSettings:
+    """Without a resync_min, a throttled link still gives the resync a tenth of it."""
+    compressor = compressor_for(spec.compression)
+    resync_min = spec.resync_min or (spec.throttle // 10 if spec.throttle else None)
+    return SendSettings(compressor, spec.throttle, resync_min, spec.resync_max)
