@@ -63,10 +63,10 @@ import pytest
 from tests.integration.powerloss_fs import PowerLossDisk
 from tests.integration.rawnbd import FLAG_FUA, OK, NbdClosed, NbdTimeout, RawNbd
 from tests.support.mirroring import sha256
-from volkeeper.core.bitmap import DirtyBitmap, image_size
+from volkeeper.core.bitmap import DirtyBitmap
 from volkeeper.daemon import replication
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
-from volkeeper.io.intent_store import BITMAP_OFFSET, FLAG_OPEN, HEADER, IntentStore
+from volkeeper.io.intent_store import IntentStore, read_durable_bitmap, read_header
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 128 * MiB
@@ -250,20 +250,22 @@ def check_sectors(load: Load, volume: Path, floor: list[int], cut: float) -> tup
 def recovered_log(vkil: Path, scratch: Path) -> tuple[bool, IntentStore]:
     """(was the log left open, i.e. not closed cleanly; the log after crash recovery), the
     recovery run by volkeeper's own ``IntentStore.open`` on a copy."""
-    flags = HEADER.unpack_from(vkil.read_bytes()[: HEADER.size])[2]
+    header = read_header(vkil)
     copy = scratch / "recovered.vkil"
     shutil.copyfile(vkil, copy)
-    return bool(flags & FLAG_OPEN), IntentStore.open(copy)
+    store = IntentStore.open(
+        copy, mirror=header.mirror, log_id=header.log_id,
+        volume_size=header.geometry.volume_size,
+    )  # fmt: skip
+    assert store.damaged_pages == [], store.damage_report()
+    return header.open, store
 
 
 def durable_bitmap(vkil: Path) -> DirtyBitmap:
     """The bitmap as it is on disk (no crash recovery: the node that owns it is running)."""
-    with vkil.open("rb") as f:
-        fields = HEADER.unpack_from(f.read(HEADER.size))
-        volume_size, region_size = fields[3], fields[4]
-        f.seek(BITMAP_OFFSET)
-        image = f.read(image_size(volume_size, region_size))
-    return DirtyBitmap.from_bytes(volume_size, region_size, image)
+    _, bitmap, damage = read_durable_bitmap(vkil)
+    assert damage == []
+    return bitmap
 
 
 def differing_regions(a: Path, b: Path) -> list[int]:

@@ -39,7 +39,9 @@ from typing import ClassVar
 
 MIN_REGION_SIZE = 4096
 MAX_REGION_SIZE = 1024 * 1024
-PAGE_BYTES = 4096  # bitmap image bytes per dirty-tracking page (32768 regions)
+# Bitmap image bytes per dirty-tracking page (32640 regions): one 4 KiB block of the
+# intent-log file less its 16-byte seal (core/intent_log_format.py).
+PAGE_BYTES = 4080
 
 _FILL_BYTES = 64 * 1024  # the largest block compared or assigned at once
 _ZEROS = memoryview(bytes(_FILL_BYTES))
@@ -85,7 +87,7 @@ class DirtyBitmap:
         "_count",
         "_dirty",
         "_last_len",
-        "_page_shift",
+        "_page_bytes",
         "_region_size",
         "_shift",
         "_total",
@@ -99,9 +101,9 @@ class DirtyBitmap:
         self._total = -(-volume_size // region_size)
         self._last_len = volume_size - ((self._total - 1) << self._shift) if self._total else 0
         page_bytes = self.PAGE_BYTES
-        if not 1 <= page_bytes <= _FILL_BYTES or page_bytes & (page_bytes - 1):
-            raise ValueError(f"PAGE_BYTES must be a power of two up to 64 KiB, got {page_bytes}")
-        self._page_shift = page_bytes.bit_length() - 1  # image byte index -> page index
+        if not 1 <= page_bytes <= _FILL_BYTES:
+            raise ValueError(f"PAGE_BYTES must be 1 to 64 KiB, got {page_bytes}")
+        self._page_bytes = page_bytes  # image byte index // page_bytes = page index
         self._bits = bytearray((self._total + 7) >> 3)
         self._count = 0
         self._dirty: set[int] = set()
@@ -175,7 +177,7 @@ class DirtyBitmap:
             return 0
         bits[index] = old | bit
         self._count += 1
-        self._dirty.add(index >> self._page_shift)
+        self._dirty.add(index // self._page_bytes)
         return 1
 
     def _mark_unusual(self, offset: int, length: int) -> int:
@@ -223,19 +225,19 @@ class DirtyBitmap:
                 newly += new.bit_count() - old.bit_count()
                 size = min(page, len(bits) - start)
                 bits[start : start + size] = new.to_bytes(size, "little")
-                self._dirty.add(start >> self._page_shift)
+                self._dirty.add(start // page)
         self._count += newly
         return newly
 
     def _change(self, first: int, count: int, set_: bool) -> int:
         """Set or clear bits ``first .. first + count - 1`` page by page, tracking dirty pages."""
-        page_bits_shift = self._page_shift + 3
+        page_bits = self._page_bytes * 8
         end = first + count
         changed = 0
         lo = first
         while lo < end:
-            page = lo >> page_bits_shift
-            hi = min(end, (page + 1) << page_bits_shift)
+            page = lo // page_bits
+            hi = min(end, (page + 1) * page_bits)
             n = self._change_in_page(lo, hi, set_)
             if n:
                 self._dirty.add(page)
@@ -365,7 +367,7 @@ class DirtyBitmap:
 
     def mark_pages_dirty(self, pages: Iterable[int]) -> None:
         """Hand pages back to the tracking (their write to stable storage failed)."""
-        count = (len(self._bits) + self.PAGE_BYTES - 1) >> self._page_shift
+        count = -(-len(self._bits) // self._page_bytes)
         for page in pages:
             if not 0 <= page < count:
                 raise ValueError(f"page {page} is outside the bitmap ({count} pages)")

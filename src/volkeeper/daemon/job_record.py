@@ -1,12 +1,13 @@
 """What a job is: its record, as kept on disk by every node that takes part and sent to targets.
 
 How this works: a ``JobRecord`` names the job, its source node, a description and its
-mirrors; a ``MirrorRecord`` is one source volume -> target volume with its own settings and
-the administrator's last word on it (``admin``: active, paused or broken), so a restart does
-not undo a pause.  Records are JSON; ``to_json``/``from_json`` go through a pydantic
-TypeAdapter in strict mode, so a file or a JOB frame with a wrong type is refused with the
-field it is about.  The source node keeps one file per job in ``state_dir/jobs``
-(``JobRecords``); targets keep the document inside their target records (daemon/replica.py).
+mirrors; a ``MirrorRecord`` is one source volume -> target volume with its own settings, the
+administrator's last word on it (``admin``: active, paused or broken), so a restart does not
+undo a pause, and the id of its intent log (daemon/intent_logs.py).  Records are JSON;
+``to_json``/``from_json`` go through a pydantic TypeAdapter in strict mode, so a file or a
+JOB frame with a wrong type is refused with the field it is about.  The source node keeps one
+file per job in ``state_dir/jobs`` (``JobRecords``); targets keep the document inside their
+target records (daemon/replica.py).
 ``check_mirror`` holds the rules every new or changed mirror must pass.
 """
 
@@ -46,6 +47,8 @@ class MirrorRecord:
     resync_min: int | None = None  # bytes per second a resync gets under load (see sender)
     resync_max: int | None = None  # bytes per second a resync never exceeds
     admin: str = "active"  # or "paused" / "broken": the administrator's last word
+    intent_log: str = ""  # its intent log's id (hex), checked when the log is opened; ""
+    # in records older than log ids (the log's own id is adopted)
 
     @property
     def target(self) -> str:

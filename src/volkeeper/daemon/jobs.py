@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import secrets
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,9 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
+from volkeeper.daemon.intent_logs import IntentLogs
 from volkeeper.daemon.job_record import (
     JobRecord,
     JobRecords,
@@ -56,7 +57,7 @@ from volkeeper.daemon.peer_session import (
     release_retrying,
 )
 from volkeeper.errors import Refusal, VolkeeperError
-from volkeeper.io.intent_store import Generations, Geometry, IntentStore
+from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
 
@@ -86,8 +87,7 @@ class Jobs:
     ) -> None:
         self.node = node
         self.store = JobRecords(state_dir / "jobs")
-        self.bitmap_dir = bitmap_dir
-        self.bitmap_dir.mkdir(parents=True, exist_ok=True)
+        self.logs = IntentLogs(bitmap_dir)
         self.peers = peers
         self.services = services
         self.is_target = is_target
@@ -105,19 +105,27 @@ class Jobs:
         for record in self.store.load_all():
             self.records[record.name] = record
             for mirror in record.mirrors:
-                try:
-                    store = IntentStore.open(self._log_path(record.name, mirror.target))
-                except (OSError, VolkeeperError) as exc:
-                    self.mirrors.cannot_start(record.name, mirror, f"intent log unreadable: {exc}")
-                    continue
-                if store.recovered_bytes:
-                    log.warning(
-                        "intent log recovered after an unclean shutdown: hot regions marked",
-                        job=record.name,
-                        target=mirror.target,
-                        recovered_bytes=store.recovered_bytes,
-                    )
-                self._start(record, mirror, store)
+                self._load(record.name, mirror)
+
+    def _load(self, job: str, mirror: MirrorRecord) -> None:
+        problem = self.mirrors.problem(mirror)
+        if problem is not None:
+            self.mirrors.cannot_start(job, mirror, problem)
+            return
+        service = self.services[mirror.source_volume]
+        try:
+            opened = self.logs.open(job, mirror, service.volume.size)
+        except VolkeeperError as exc:  # nothing could track its writes: no writes
+            self.mirrors.cannot_start(job, mirror, str(exc), lock=service)
+            return
+        if opened.mirror != mirror:  # a new log, or an old record adopting its log's id
+            record = self.records[job].with_mirror(opened.mirror)
+            try:
+                self.store.save(record)
+            except OSError as exc:  # the next start finds the ids differ: a full resync
+                log.error("job record not saved", job=job, error=str(exc))
+            self.records[job] = record
+        self._start(self.records[job], opened.mirror, opened.store, opened.notice)
 
     async def stop_all(self) -> None:
         await self.mirrors.stop_all()
@@ -144,7 +152,7 @@ class Jobs:
                 request.name, self.node, tuple(mirrors), request.description, request.declared
             )
             sizes = {m.target: r.region_size for m, r in zip(mirrors, request.mirrors, strict=True)}
-            await self._add(record, mirrors, sizes, claim_targets=not request.declared)
+            record = await self._add(record, mirrors, sizes, claim_targets=not request.declared)
             self.publish("create", "job", job=record.name, description=record.description)
             return record
 
@@ -170,7 +178,7 @@ class Jobs:
                 )
             record = dataclasses.replace(record, mirrors=(*record.mirrors, mirror))
             sizes = {mirror.target: request.region_size}
-            await self._add(record, [mirror], sizes, claim_targets)
+            record = await self._add(record, [mirror], sizes, claim_targets)
             self._announce(record)
             return record
 
@@ -180,16 +188,17 @@ class Jobs:
         mirrors: list[MirrorRecord],
         region_sizes: dict[str, int],
         claim_targets: bool,
-    ) -> None:
+    ) -> JobRecord:
         """Intent logs and record first (so a crash leaves a whole job), then the claims;
-        undo all of it if any claim fails; then start the new mirrors."""
+        undo all of it if any claim fails; then start the new mirrors.  Returns the record,
+        which names the new logs."""
         stores = {}
         for mirror in mirrors:
-            service = self.services[mirror.source_volume]
-            geometry = Geometry(service.volume.size, region_sizes[mirror.target])
-            generations = Generations(secrets.randbits(64) or 1)
-            path = self._log_path(record.name, mirror.target)
-            stores[mirror.target] = IntentStore.create(path, geometry, generations, all_dirty=True)
+            size = self.services[mirror.source_volume].volume.size
+            store, named = self.logs.create(record.name, mirror, size, region_sizes[mirror.target])
+            stores[mirror.target] = store
+            record = record.with_mirror(named)
+        mirrors = [named for named in record.mirrors if named.target in stores]
         previous = self.records.get(record.name)
         self.store.save(record)
         if claim_targets:
@@ -198,7 +207,7 @@ class Jobs:
             except Refusal:
                 for mirror in mirrors:
                     stores[mirror.target].close()
-                    self._log_path(record.name, mirror.target).unlink(missing_ok=True)
+                    self.logs.remove(record.name, mirror.target)
                 if previous is None:
                     self.store.remove(record.name)
                 else:
@@ -211,6 +220,7 @@ class Jobs:
                 "create", "mirror", job=record.name, source=self._source(mirror),
                 target=mirror.target, mode=mirror.mode,
             )  # fmt: skip
+        return record
 
     async def _claim_all(
         self, record: JobRecord, mirrors: list[MirrorRecord], stores: dict[str, IntentStore]
@@ -226,9 +236,11 @@ class Jobs:
             hint = "the target node must be running and reachable to create a mirror"
             raise Refusal("unavailable", str(exc), hint) from None
 
-    def _start(self, record: JobRecord, mirror: MirrorRecord, store: IntentStore) -> None:
+    def _start(
+        self, record: JobRecord, mirror: MirrorRecord, store: IntentStore, notice: str | None = None
+    ) -> None:
         name = record.name
-        self.mirrors.start(name, mirror, store, lambda: self.records[name].to_json())
+        self.mirrors.start(name, mirror, store, lambda: self.records[name].to_json(), notice)
 
     # -- deleting ---------------------------------------------------------------------------
 
@@ -247,7 +259,7 @@ class Jobs:
     async def _delete_mirror(self, record: JobRecord, mirror: MirrorRecord) -> list[str]:
         told = await self.mirrors.stop((record.name, mirror.target), pw.GoodbyeReason.DELETED)
         warnings = [] if told else await self._release(record, mirror)
-        self._log_path(record.name, mirror.target).unlink(missing_ok=True)
+        self.logs.remove(record.name, mirror.target)
         self.publish("destroy", "mirror", job=record.name, target=mirror.target)
         return warnings
 
@@ -430,9 +442,6 @@ class Jobs:
 
     def _source(self, mirror: MirrorRecord) -> str:
         return f"{self.node}:{mirror.source_volume}"
-
-    def _log_path(self, job: str, target: str) -> Path:
-        return self.bitmap_dir / f"{job}@{target}.vkil"
 
     def mirror_views(self) -> list[dict[str, Any]]:
         return [view for record in self.records.values() for view in self._views(record)]

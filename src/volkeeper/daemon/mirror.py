@@ -113,7 +113,9 @@ class Mirror:
         self.throughput = RateMeter()  # of sent_bytes
         self.on_state: Callable[[Mirror, MirrorState, MirrorEvent], None] = _no_callback
         self.on_target_error: Callable[[Mirror, str], None] = _no_error_callback
-        self.target_error = ""  # the target's last failure, until a resync ends without one
+        # What stands as the last error until a resync ends without one: the target's last
+        # failure, or damage found in the intent log when it was opened.
+        self.standing_error = ""
         self.target_errors = 0  # error ACKs received, ever
         self._failures_in_a_row = 0  # links ended by a target failure since the last success
         self.job_document: Callable[[], str] = str  # the job record sent to the target
@@ -142,15 +144,20 @@ class Mirror:
                 await self._connect_and_serve()
                 attempt = 0
             except (PeerError, TimeoutError) as exc:
-                self.last_error = str(exc)
+                self._note(str(exc))
                 log.info("mirror target unreachable", job=self.spec.job, why=str(exc))
             except Exception as exc:  # a bug: say so, drop the link, keep the mirror alive
-                self.last_error = f"internal error: {exc!r}"
+                self._note(f"internal error: {exc!r}")
                 log.exception("mirror connection failed", job=self.spec.job)
                 if self.link is not None:
                     self.link.close(self.last_error)
             await self._sleep(self._backoff(attempt))
             attempt += 1
+
+    def _note(self, error: str) -> None:
+        """``error`` is the last error; one that stands until a resync is not hidden by it."""
+        standing = self.standing_error
+        self.last_error = f"{error}; {standing}" if standing and standing not in error else error
 
     def _backoff(self, attempt: int) -> float:
         if self._failures_in_a_row:
@@ -221,7 +228,7 @@ class Mirror:
         if not link.is_open or self.state is not MirrorState.RESYNC_PENDING:
             link.close("mirror paused or broken during the handshake")
             return
-        self.last_error = self.target_error  # not cleared before a resync proves it gone
+        self.last_error = self.standing_error  # not cleared before a resync proves it gone
         self.announce()
         if self.store.bitmap.marked_count or ok.data_state != pw.DataState.UP_TO_DATE:
             # Nothing marked, but the target does not say UpToDate (it failed a frame, or a
@@ -248,7 +255,7 @@ class Mirror:
         if link is not self.link:
             return
         self.link = None
-        self.last_error = reason
+        self._note(reason)
         unsent = self._sender().abandon()
         self._earlier_wire_bytes += self._sender().wire_bytes
         self.sender = None
@@ -382,7 +389,7 @@ class Mirror:
         why = os.strerror(errno)
         message = f"target {self.spec.target_node}: {self.spec.target_volume}: "
         message += f"{why[:1].lower()}{why[1:]} ({what})"
-        self.target_error = self.last_error = message
+        self.standing_error = self.last_error = message
         self.target_errors += 1
         self._failures_in_a_row += 1
         log.error("target failed a frame", job=self.spec.job, target=self.spec.target,
@@ -431,7 +438,7 @@ class Mirror:
             return
         error = task.exception()
         log.error("resync failed", job=self.spec.job, error=repr(error))
-        self.last_error = f"resync failed: {error}"
+        self._note(f"resync failed: {error}")
         link.close(self.last_error)
 
     def resync_finished(self, resync: Resync) -> None:
@@ -439,7 +446,7 @@ class Mirror:
         UpToDate (its STATE ACKed): the only way to Mirroring from a resync."""
         self.resync = None
         self.checksum_next = False
-        self.target_error = self.last_error = ""
+        self.standing_error = self.last_error = ""
         self._failures_in_a_row = 0
         self._set(MirrorEvent.RESYNC_DONE)
         sent = resync.shipped_bytes if resync.checksum else resync.done_bytes

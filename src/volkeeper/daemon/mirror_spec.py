@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.intent_log_format import Generations
 from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
 from volkeeper.daemon.sender import SendSettings
 from volkeeper.io.codecs import compressor_for
-from volkeeper.io.intent_store import Generations
 from volkeeper.io.volume_service import VolumeService
 
 

@@ -23,13 +23,14 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
 from volkeeper.daemon.job_record import MirrorRecord
 from volkeeper.daemon.mirror import Mirror
 from volkeeper.daemon.mirror_spec import MirrorSpec, hello_for
 from volkeeper.daemon.peer_session import Target
 from volkeeper.daemon.replication import Replication
-from volkeeper.io.intent_store import Generations, IntentStore
+from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
 
@@ -72,28 +73,42 @@ class Mirrors:
         self.compressors = IoWorkers(COMPRESSION_THREADS, "volkeeper-compress")
         self.running: dict[Key, RunningMirror] = {}
         self.problems: dict[Key, str] = {}  # recorded mirrors that could not start
+        self.locked: dict[Key, VolumeService] = {}  # source volumes they locked
         self.replications: dict[str, Replication] = {}  # source volume ->
 
+    def problem(self, record: MirrorRecord) -> str | None:
+        """Why ``record``'s mirror cannot run on this node as configured, if it cannot."""
+        if record.target_node not in self.peers:
+            return f"node {record.target_node!r} is not in [peers]"
+        if record.source_volume not in self.services:
+            return f"no volume {record.source_volume!r} on this node"
+        return None
+
     def start(
-        self, job: str, record: MirrorRecord, store: IntentStore, document: Callable[[], str]
+        self,
+        job: str,
+        record: MirrorRecord,
+        store: IntentStore,
+        document: Callable[[], str],
+        notice: str | None = None,
     ) -> None:
-        """Run ``record``'s mirror; ``document`` gives the job's record for its target."""
-        service = self.services.get(record.source_volume)
-        problem = (
-            f"node {record.target_node!r} is not in [peers]" if record.target_node not in self.peers
-            else f"no volume {record.source_volume!r} on this node" if service is None
-            else None
-        )  # fmt: skip
-        if problem is not None or service is None:
+        """Run ``record``'s mirror; ``document`` gives the job's record for its target;
+        ``notice`` (what opening its intent log found) stands as its last error until a
+        resync completes."""
+        problem = self.problem(record)
+        if problem is not None:
             store.close()
-            self.cannot_start(job, record, problem or "")
+            self.cannot_start(job, record, problem)
             return
+        service = self.services[record.source_volume]
         spec = self.spec(job, record)
         state = ADMIN_STATES.get(record.admin, MirrorState.RESYNC_PENDING)
         mirror = Mirror(
             spec, self.node, service, store, self.readers, self.compressors, self.tls, state
         )
         mirror.job_document = document
+        if notice is not None:
+            mirror.standing_error = mirror.last_error = notice
         mirror.on_state = self.on_state
         mirror.on_target_error = self.on_target_error
         replication = self.replications.get(service.name)
@@ -104,14 +119,24 @@ class Mirrors:
         replication.add(mirror)
         self.running[(job, spec.target)] = RunningMirror(mirror, asyncio.create_task(mirror.run()))
 
-    def cannot_start(self, job: str, record: MirrorRecord, problem: str) -> None:
+    def cannot_start(
+        self, job: str, record: MirrorRecord, problem: str, lock: VolumeService | None = None
+    ) -> None:
+        """Record why a mirror is not running; ``lock`` its source volume (read-only) when
+        writes to it would not be tracked for the target."""
         log.error("mirror not started", job=job, target=record.target, problem=problem)
         self.problems[(job, record.target)] = problem
+        if lock is not None:
+            lock.lock(f"its mirror to {record.target} cannot track writes: {problem}")
+            self.locked[(job, record.target)] = lock
 
     async def stop(self, key: Key, goodbye: pw.GoodbyeReason | None) -> bool:
         """Take the mirror off the write path and stop it; True if the target heard
         ``goodbye`` (it was connected)."""
         self.problems.pop(key, None)
+        locked = self.locked.pop(key, None)
+        if locked is not None:
+            locked.unlock()
         running = self.running.pop(key, None)
         if running is None:
             return False
