@@ -18,8 +18,13 @@ Power loss is whatever kills this process before an fsync: ``kill -9`` leaves BA
 only what was fsync'ed.  A command on stdin makes it more adversarial, like a disk that had
 written part of its cache when the power went:
 
-    crash SEED FRACTION   apply each pending 4 KiB-aligned piece with probability FRACTION
-                          (a seeded choice, in the order written), print a JSON line, exit
+    crash SEED FRACTION [torn]
+                          apply each pending 4 KiB-aligned piece with probability FRACTION
+                          (a seeded choice, in the order written), print a JSON line, exit;
+                          with ``torn``, every other piece keeps its first 2 KiB (a disk of
+                          512-byte sectors that wrote 4 of a page's 8 when the power went)
+    hold                  from now on every fsync waits forever (a flush that never ends),
+                          so whatever is written after stays pending for ``crash``
     sync                  apply everything pending (a clean shutdown), print a JSON line
     stats                 print a JSON line of counters
     fail ERRNO OP...      from now on, every OP (write, fsync, read) of a file fails with the
@@ -27,7 +32,8 @@ written part of its cache when the power went:
                           write leaves the file as it was
     heal                  stop failing
 
-A write is torn at 4 KiB boundaries of the file (a 4Kn disk's atomic unit), never inside one.
+A write is torn at 4 KiB boundaries of the file (a 4Kn disk's atomic unit), never inside one,
+unless ``crash`` is told ``torn``.
 The process prints ``{"ready": ...}`` once the kernel has mounted it, logs every fsync to
 stderr (with its time, for reading a failed test), and unmounts itself (lazily) if its stdin
 closes.  mfusepy (ctypes bindings for libfuse 3) is the FUSE library.
@@ -102,6 +108,7 @@ class PowerLossFs:
         self.pending: dict[int, Pending] = {}  # inode -> unflushed writes
         self.counters = {"writes": 0, "fsyncs": 0, "applied_writes": 0, "failed": 0}
         self.failing: dict[str, int] = {}  # operation -> errno it fails with
+        self.holding = threading.Event()  # set: fsync never returns
 
     def _gate(self, op: str) -> None:
         code = self.failing.get(op)
@@ -135,10 +142,11 @@ class PowerLossFs:
                 self._apply(inode)
             return {"applied_writes": count, "applied_bytes": size}
 
-    def crash(self, seed: int, fraction: float) -> dict[str, int]:
-        """Apply a seeded random subset of pending 4 KiB pieces; the caller exits at once."""
+    def crash(self, seed: int, fraction: float, torn: bool = False) -> dict[str, int]:
+        """Apply a seeded random subset of pending 4 KiB pieces (and, ``torn``, the first
+        half of every other one); the caller exits at once."""
         rng = random.Random(seed)
-        pieces = applied = applied_bytes = 0
+        pieces = applied = applied_bytes = torn_pieces = 0
         for inode in sorted(self.pending):
             entry = self.pending[inode]
             for offset, data in entry.writes:
@@ -146,17 +154,22 @@ class PowerLossFs:
                 while position < offset + len(data):
                     end = min((position // PAGE + 1) * PAGE, offset + len(data))
                     pieces += 1
+                    chunk = data[position - offset : end - offset]
                     if rng.random() < fraction:
-                        chunk = data[position - offset : end - offset]
                         os.pwrite(entry.fd, chunk, position)
                         applied += 1
                         applied_bytes += len(chunk)
+                    elif torn and position % PAGE < PAGE // 2:
+                        half = position - position % PAGE + PAGE // 2
+                        os.pwrite(entry.fd, chunk[: half - position], position)
+                        torn_pieces += 1
                     position = end
         return {
             "pending_writes": sum(len(p.writes) for p in self.pending.values()),
             "pending_pieces": pieces,
             "applied_pieces": applied,
             "applied_bytes": applied_bytes,
+            "torn_pieces": torn_pieces,
         }
 
     def stats(self) -> dict[str, int]:
@@ -297,6 +310,8 @@ class PowerLossFs:
                 os.truncate(real, length)
 
     def fsync(self, path: str, datasync: int, fh: int) -> None:
+        if self.holding.is_set():
+            threading.Event().wait()  # never: the power goes first
         with self.mutex:
             self._gate("fsync")
             _, inode = self.handles[fh]
@@ -322,7 +337,7 @@ def _control(fs: PowerLossFs, mountpoint: Path) -> None:
             continue
         if words[0] == "crash":
             fs.mutex.acquire()  # never released: no FUSE request is served after this
-            report = fs.crash(int(words[1]), float(words[2]))
+            report = fs.crash(int(words[1]), float(words[2]), words[3:] == ["torn"])
             print(json.dumps({"crashed": True, **report}), flush=True)
             os._exit(0)
         elif words[0] == "sync":
@@ -333,6 +348,9 @@ def _control(fs: PowerLossFs, mountpoint: Path) -> None:
             with fs.mutex:
                 fs.failing = {op: getattr(errno, words[1]) for op in words[2:]}
             print(json.dumps({"failing": fs.failing}), flush=True)
+        elif words[0] == "hold":
+            fs.holding.set()
+            print(json.dumps({"holding": True}), flush=True)
         elif words[0] == "heal":
             with fs.mutex:
                 fs.failing = {}
@@ -406,18 +424,19 @@ class PowerLossDisk:
         self.process.stdin.flush()
         return self._answer()
 
-    def power_loss(self, seed: int | None = None, fraction: float = 0.5) -> dict[str, Any]:
-        """The power goes: kill -9 (``seed`` None), or persist a seeded part of the cache and
-        die.  Every user of the mount must be dead already.  The mount is detached after."""
+    def power_loss(
+        self, seed: int | None = None, fraction: float = 0.5, torn: bool = False
+    ) -> dict[str, Any]:
+        """The power goes: kill -9 (``seed`` None), or persist a seeded part of the cache
+        (``torn``: and half of each other page) and die.  Users of the mount should be dead
+        already (or blocked in a held fsync).  The mount is detached after."""
         assert self.process is not None
         report: dict[str, Any] = {"mode": "kill -9"}
         if seed is None:
             os.kill(self.process.pid, signal.SIGKILL)
         else:
-            report = {
-                "mode": f"crash {seed} {fraction}",
-                **self.command(f"crash {seed} {fraction}"),
-            }
+            line = f"crash {seed} {fraction}" + (" torn" if torn else "")
+            report = {"mode": line, **self.command(line)}
         self.process.wait(10)
         self._close_pipes()
         self.process = None

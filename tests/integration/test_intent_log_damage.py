@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import NodeFactory
+from tests.integration.powerloss_fs import PowerLossDisk
 from tests.support.mirroring import libnbd, post_job, sha256, wait_state
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 
@@ -194,3 +195,50 @@ def test_swapped_logs_of_two_mirrors_end_in_identical_volumes(start_node: NodeFa
     assert alpha.stop() == 0 and beta.stop() == 0
     for volume in ("data1", "data2"):
         assert sha256(alpha.directory / f"{volume}.img") == sha256(beta.directory / f"{volume}.img")
+
+
+WRITE_REFUSED = """
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("read-only" if h.is_read_only() else "writable")
+try:
+    h.pwrite(b"x" * 4096, 0)
+except nbd.Error as exc:
+    print("refused:", exc.errno)
+h.shutdown()
+"""
+
+
+def test_a_log_that_cannot_be_replaced_locks_the_source_volume(
+    failing_disk: PowerLossDisk, start_node: NodeFactory
+) -> None:
+    """The bitmap directory's disk fails: the log is unreadable and no new one can be made.
+    The volume then takes no writes (nothing would track them for beta) until the disk is
+    healed and the node restarted, which starts a full resync."""
+    beta = start_node("beta", [VolumeSpec("data1", "64MiB")])
+    alpha = start_node(
+        "alpha", [VolumeSpec("data1", "64MiB")], peers={"beta": beta.peer_port},
+        bitmap_dir=failing_disk.mountpoint,
+    )  # fmt: skip
+    assert post_job(alpha).status_code == 201
+    wait_state(alpha, "Mirroring")
+    assert alpha.stop() == 0
+    failing_disk.command("fail EIO read write fsync")
+    alpha.start()
+    view = mirror(alpha)
+    assert view["state"] == "Unknown", view
+    assert "no new intent log could be made" in view["last_error"], view
+    with alpha.api() as api:
+        volume = {v["name"]: v for v in api.get("/volumes").json()}["data1"]
+    assert "its mirror to beta:data1 cannot track writes" in volume["locked"], volume
+    done = libnbd(WRITE_REFUSED, alpha.uri())
+    assert done.stdout.split("\n")[:2] == ["read-only", "refused: EPERM"], done
+    assert alpha.stop() == 0
+    failing_disk.command("heal")
+    since = len(alpha.log_text())
+    alpha.start()
+    wait_state(alpha, "Mirroring", timeout=60)
+    assert resynced_bytes(alpha, since) == 64 * MiB
+    with alpha.api() as api:
+        assert {v["name"]: v for v in api.get("/volumes").json()}["data1"]["locked"] is None

@@ -38,7 +38,12 @@ repaired to match; a crashed target ends up with every acknowledged write.
 The daemon logs no line of its own for crash recovery, so the log is checked for what it
 does say: after the restart, one partial resync of the marked bytes and no full resync.
 
-Each scenario runs with two seeds, one per kind of power loss; the seed is printed (and shown
+A third scenario tears a bitmap page: the power goes while a page of the intent log is being
+rewritten, and the disk keeps half of the new block.  The page fails its check when the node
+starts, every region it covers is marked, and the partial resync of its range repairs the
+target.
+
+Each of the first two scenarios runs with two seeds, one per kind of power loss; the seed is printed (and shown
 with a failure).  Each check was seen to fail against a deliberately broken engine: activity-
 log snapshots not fdatasync'ed (source, kill -9), target-ACKed but undurable writes forgotten
 on target loss, FLUSH acknowledged without fdatasync.  FUSE needs /dev/fuse: without it the
@@ -47,9 +52,11 @@ tests are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
+import signal
 import struct
 import threading
 import time
@@ -60,9 +67,10 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import NodeFactory
 from tests.integration.powerloss_fs import PowerLossDisk
 from tests.integration.rawnbd import FLAG_FUA, OK, NbdClosed, NbdTimeout, RawNbd
-from tests.support.mirroring import sha256
+from tests.support.mirroring import libnbd, sha256
 from volkeeper.core.bitmap import DirtyBitmap
 from volkeeper.daemon import replication
 from volkeeper.daemon.launcher import LocalNode, VolumeSpec
@@ -414,9 +422,15 @@ def power_loss(disk: PowerLossDisk, seed: int, how: str) -> dict[str, Any]:
 # -- the disk itself ------------------------------------------------------------------------------
 
 
+def fdatasync_until_the_power_goes(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.fdatasync(fd)
+
+
 def test_powerloss_fs_keeps_only_what_was_fsynced(disks: DiskFactory) -> None:
     """The fixture the other tests trust: unflushed data is gone after kill -9, a crash keeps
-    a seeded part of it in whole 4 KiB pieces, a clean shutdown keeps everything."""
+    a seeded part of it in whole 4 KiB pieces (or, torn, half of a page), a held flush keeps
+    its writes pending, a clean shutdown keeps everything."""
     disk = disks("selftest")
     mounted, backing = disk.mountpoint / "f", disk.backing / "f"
     fd = os.open(mounted, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -444,6 +458,20 @@ def test_powerloss_fs_keeps_only_what_was_fsynced(disks: DiskFactory) -> None:
         expected[i * 4096 : (i + 1) * 4096] = b"C" * 4096
     end = max(8192, (chosen[-1] + 1) * 4096)
     assert (disk.backing / "g").read_bytes() == expected[:end]
+
+    disk.start()
+    fd = os.open(disk.mountpoint / "g", os.O_RDWR)
+    os.pwrite(fd, b"E" * 4096, 4096)
+    disk.command("hold")  # a flush that never ends: the write stays pending
+    flusher = threading.Thread(target=fdatasync_until_the_power_goes, args=(fd,), daemon=True)
+    flusher.start()
+    flusher.join(0.5)
+    assert flusher.is_alive()
+    report = disk.power_loss(seed=1, fraction=0.0, torn=True)
+    assert report["torn_pieces"] == 1, report  # the page's first 2 KiB reached the disk
+    assert (disk.backing / "g").read_bytes()[4096:8192] == b"E" * 2048 + b"A" * 2048
+    with contextlib.suppress(OSError):  # the mount is gone
+        os.close(fd)
 
     disk.start()
     fd = os.open(disk.mountpoint / "g", os.O_RDWR)
@@ -592,3 +620,73 @@ def test_target_power_loss_is_repaired_by_partial_resync(
             f.seek(window)
             assert f.read(WINDOW) == expected, f"{context}: {path} lacks acknowledged writes"
     assert sha256(volume) == sha256(alpha.volume_path(alpha.volumes[0])), context
+
+
+# -- (c) a bitmap page torn by the power loss ------------------------------------------------------
+
+TORN_SIZE = 256 * MiB  # three bitmap pages of 4 KiB regions (32640 regions each)
+PAGE_RANGE = 32640 * REGION  # the volume bytes one bitmap page covers
+WRITE_AT = """
+import sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(bytes([int(sys.argv[3])]) * 65536, int(sys.argv[2]))
+h.shutdown()
+"""
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} after {timeout}s"
+        time.sleep(0.02)
+
+
+def test_a_bitmap_page_torn_by_power_loss_is_found_and_resynced(
+    failing_disk: PowerLossDisk, start_node: NodeFactory
+) -> None:
+    """alpha's intent logs live on the FUSE disk.  With beta away, a write marks a region of
+    bitmap page 1, and the page is persisted; the disk then stops finishing flushes, a second
+    write marks another region of page 1, and the page's new image is written but never
+    flushed when the power goes: the disk keeps its first 2 KiB (new) and not the rest (old).
+    The torn page fails its check when alpha starts again: every region it covers is marked,
+    the mirror says so, and the partial resync of that page's range leaves identical volumes."""
+    volumes = [VolumeSpec("data1", TORN_SIZE)]
+    beta = start_node("beta", volumes)
+    alpha = start_node(
+        "alpha", volumes, peers={"beta": beta.peer_port}, bitmap_dir=failing_disk.mountpoint
+    )
+    post_job(alpha)
+    wait_state(alpha, "Mirroring")
+    assert beta.stop() == 0
+    log = failing_disk.backing / "web@beta:data1.vkil"
+    first, second = 130 * MiB, 131 * MiB  # both in page 1, in the first half of its block
+
+    def durably_marked(offset: int) -> bool:
+        return read_durable_bitmap(log)[1].is_marked(offset // REGION)
+
+    assert libnbd(WRITE_AT, alpha.uri(), str(first), "1").returncode == 0
+    wait_for("durable mark of the first write", lambda: durably_marked(first))
+    failing_disk.command("hold")
+    assert libnbd(WRITE_AT, alpha.uri(), str(second), "2").returncode == 0
+    wait_for("pending page write", lambda: failing_disk.command("stats")["pending_writes"] > 0)
+    assert alpha.process is not None
+    os.kill(alpha.process.pid, signal.SIGKILL)  # the power goes for both; the daemon's thread
+    report = failing_disk.power_loss(seed=1, fraction=0.0, torn=True)  # in fsync dies with it
+    alpha.kill()
+    assert report["torn_pieces"] >= 1, report
+    damage = read_durable_bitmap(log)[2]
+    assert [d.page for d in damage] == [1], damage  # the tear is there, and seen
+
+    failing_disk.start()
+    since = len(alpha.log_text())
+    alpha.start()
+    view = mirror_view(alpha)
+    assert "bitmap page 1 (regions 32640-65279) failed its check" in view["last_error"], view
+    beta.start()
+    wait_state(alpha, "Mirroring")
+    lines = alpha.log_text()[since:].splitlines()
+    finished = [line for line in lines if "resync finished" in line]
+    assert finished and f" bytes={PAGE_RANGE} " in finished[-1], finished  # page 1's range
+    assert alpha.stop() == 0 and beta.stop() == 0
+    assert sha256(alpha.directory / "data1.img") == sha256(beta.directory / "data1.img")

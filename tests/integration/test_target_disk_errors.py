@@ -90,15 +90,6 @@ def grow_tmpfs(where: Path) -> None:
     subprocess.run(remount, check=True, capture_output=True, timeout=10)
 
 
-@pytest.fixture
-def failing_disk(tmp_path: Path) -> Iterator[PowerLossDisk]:
-    """The FUSE disk, mounted; it outlives the daemons (fixture order), then syncs and goes."""
-    disk = PowerLossDisk(tmp_path / "backing", tmp_path / "disk", tmp_path / "disk.log")
-    disk.start()
-    yield disk
-    disk.shutdown()
-
-
 # -- nodes and checks --------------------------------------------------------------------------
 
 

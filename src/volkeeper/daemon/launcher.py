@@ -49,6 +49,7 @@ class LocalNode:
     host: str = "127.0.0.1"  # the replication listener's address
     netns: str | None = None  # run the daemon in this network namespace (ip netns exec)
     tls: tuple[Path, Path, Path] | None = None  # [tls] certificate, key, ca (PEM files)
+    bitmap_dir: Path | None = None  # the intent logs' directory, if not state_dir/bitmaps
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -95,6 +96,8 @@ class LocalNode:
             f'control = "unix:{self.control_socket}"',
             f'nbd = "{nbd}"',
         ]
+        if self.bitmap_dir is not None:
+            lines.append(f'bitmap_dir = "{self.bitmap_dir}"')
         if self.peers:
             lines += ["", "[peers]"]
             lines += [
