@@ -43,11 +43,11 @@ rewritten, and the disk keeps half of the new block.  The page fails its check w
 starts, every region it covers is marked, and the partial resync of its range repairs the
 target.
 
-Each of the first two scenarios runs with two seeds, one per kind of power loss; the seed is printed (and shown
-with a failure).  Each check was seen to fail against a deliberately broken engine: activity-
-log snapshots not fdatasync'ed (source, kill -9), target-ACKed but undurable writes forgotten
-on target loss, FLUSH acknowledged without fdatasync.  FUSE needs /dev/fuse: without it the
-tests are skipped.
+Each of the first two scenarios runs with two seeds, one per kind of power loss; the seed is
+printed (and shown with a failure).  Each check was seen to fail against a deliberately broken
+engine: activity-log snapshots not fdatasync'ed (source, kill -9), target-ACKed but undurable
+writes forgotten on target loss, FLUSH acknowledged without fdatasync.  FUSE needs /dev/fuse:
+without it the tests are skipped.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ class Jobs:
         self.publish: Publish = publish or _ignore
         self.records: dict[str, JobRecord] = {}
         self.mirrors = Mirrors(
-            node, peers, services, readers, tls, self._state_changed, self._target_failed
+            node, peers, services, readers, tls, self._state_changed, self._publish_error
         )
         self._changing = asyncio.Lock()
 
@@ -126,6 +126,9 @@ class Jobs:
                 log.error("job record not saved", job=job, error=str(exc))
             self.records[job] = record
         self._start(self.records[job], opened.mirror, opened.store, opened.notice)
+        running = self.mirrors.get((job, mirror.target))
+        if opened.notice is not None and running is not None:
+            self._publish_error(running, opened.notice)
 
     async def stop_all(self) -> None:
         await self.mirrors.stop_all()
@@ -401,7 +404,8 @@ class Jobs:
             self.store.save(updated)
             self.records[spec.job] = updated
 
-    def _target_failed(self, mirror: Mirror, message: str) -> None:
+    def _publish_error(self, mirror: Mirror, message: str) -> None:
+        """Publish an error that stands until a resync completes."""
         spec = mirror.spec
         self.publish(
             "change", "mirror", job=spec.job, source=f"{self.node}:{spec.source_volume}",

@@ -263,7 +263,7 @@ def read_durable_bitmap(path: Path) -> tuple[Header, DirtyBitmap, list[PageDamag
 
 def _header(path: Path, fd: int) -> Header:
     try:
-        header = fmt.decode_header(_pread(path, fd, BLOCK_BYTES, 0))
+        header = fmt.decode_header(_pread(path, fd, BLOCK_BYTES, 0, exact=False))
         DirtyBitmap(header.geometry.volume_size, header.geometry.region_size)
         ActivityLog(header.geometry.al_capacity, header.geometry.extent_bytes)
     except (fmt.LogDamage, ValueError) as exc:
@@ -344,12 +344,12 @@ def _read_bitmap(path: Path, fd: int, header: Header) -> tuple[DirtyBitmap, list
         return DirtyBitmap.from_bytes(g.volume_size, g.region_size, image), damage
 
 
-def _pread(path: Path, fd: int, length: int, offset: int) -> bytes:
+def _pread(path: Path, fd: int, length: int, offset: int, exact: bool = True) -> bytes:
     try:
         data = os.pread(fd, length, offset)
     except OSError as exc:
         raise _error(path, "read", exc) from exc
-    if len(data) != length:
+    if exact and len(data) != length:
         raise VolumeError(f"intent log {path}: short read at {offset} (truncated?)")
     return data
 
