@@ -887,3 +887,29 @@ def test_restart_keeps_jobs_on_both_sides(start_node: NodeFactory) -> None:
     assert view["intent_log"]["region_bytes"] == 64 * 1024, view
     assert view["sent_bytes"] <= MiB, f"a restart resent {view['sent_bytes']} bytes"
     assert [j["name"] for j in jobs_of(beta)] == ["web"]
+
+
+def test_a_mirror_whose_target_node_left_the_config_locks_its_source(
+    start_node: NodeFactory,
+) -> None:
+    """A job's target node is taken out of [peers] while alpha is down: the mirror cannot run,
+    so nothing would track writes for beta.  alpha's volume is exported read-only, saying
+    why, until the job is deleted (or the peer comes back)."""
+    beta = start_node("beta", [VolumeSpec("data1", SIZE)])
+    alpha = start_node("alpha", [VolumeSpec("data1", SIZE)], peers={"beta": beta.peer_port})
+    assert post_job(alpha).status_code == 201
+    wait_state(alpha, "Mirroring")
+    assert alpha.stop() == 0
+    alpha.peers = {}
+    alpha.write_config()
+    alpha.start()
+    (view,) = alpha.status()["mirrors"]  # type: ignore[misc]
+    assert view["state"] == "Unknown" and "not in [peers]" in view["last_error"], view
+    locked = volume_view(alpha)["locked"]
+    assert locked and "its mirror to beta:data1 cannot track writes" in locked, locked
+    need("nbdcopy", "nbdkit")
+    write = run("nbdcopy", "--", "[", "nbdkit", "pattern", "size=1M", "]", alpha.uri())
+    assert write.returncode != 0 and "read-only" in write.stderr.lower(), write
+    done = cli("job", "delete", "web", *node_arg(alpha))
+    assert done.returncode == 0, done.stderr
+    assert volume_view(alpha)["locked"] is None

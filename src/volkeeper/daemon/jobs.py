@@ -109,8 +109,9 @@ class Jobs:
 
     def _load(self, job: str, mirror: MirrorRecord) -> None:
         problem = self.mirrors.problem(mirror)
-        if problem is not None:
-            self.mirrors.cannot_start(job, mirror, problem)
+        if problem is not None:  # the volume, if it is there, must not take untracked writes
+            source = self.services.get(mirror.source_volume)
+            self.mirrors.cannot_start(job, mirror, problem, lock=source)
             return
         service = self.services[mirror.source_volume]
         try:
