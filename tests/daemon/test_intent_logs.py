@@ -9,18 +9,20 @@ from pathlib import Path
 
 import pytest
 
+from volkeeper.core.mirror_settings import MirrorSettings
 from volkeeper.daemon.intent_logs import IntentLogs
 from volkeeper.daemon.job_record import MirrorRecord
 from volkeeper.errors import VolumeError
 
 MiB = 1 << 20
 SIZE = 64 * MiB
-MIRROR = MirrorRecord("data1", "beta", "data1")
+MIRROR = MirrorRecord("data1", "beta", "data1", MirrorSettings(region_size=65536))
+LEGACY = MirrorRecord("data1", "beta", "data1")  # a record older than log ids and region sizes
 
 
 def made(tmp_path: Path) -> tuple[IntentLogs, MirrorRecord]:
     logs = IntentLogs(tmp_path / "bitmaps")
-    store, named = logs.create("web", MIRROR, SIZE, 65536)
+    store, named = logs.create("web", MIRROR, SIZE)
     store.bitmap.clear_all()
     store.close()
     return logs, named
@@ -40,7 +42,7 @@ def test_a_new_log_is_named_by_the_record(tmp_path: Path) -> None:
 
 def test_a_record_older_than_log_ids_adopts_its_log(tmp_path: Path) -> None:
     logs, named = made(tmp_path)
-    opened = logs.open("web", MIRROR, SIZE)
+    opened = logs.open("web", LEGACY, SIZE)
     assert (opened.mirror, opened.notice) == (named, None)
     opened.store.close()
 
@@ -65,7 +67,7 @@ def test_an_untrusted_log_is_replaced_by_a_full_resync(
     assert "a new intent log was made and a full resync started" in opened.notice
     kept = path.with_name(path.name + ".untrusted")
     assert kept.exists() == (reason != "is missing")
-    assert opened.store.geometry.region_size == 4096  # the header said nothing: the default
+    assert opened.store.geometry.region_size == 65536  # the record's
     opened.store.close()
     again = logs.open("web", opened.mirror, SIZE)
     assert again.notice is None

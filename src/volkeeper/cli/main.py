@@ -41,15 +41,16 @@ JsonOption = Annotated[bool, typer.Option("--json", help="print the API's JSON")
 TargetOption = Annotated[
     str | None, typer.Option("--target", help="NODE:VOLUME of one mirror (default: all)")
 ]
-ModeOption = Annotated[str, typer.Option("--mode", help="sync or async")]
+ModeOption = Annotated[str | None, typer.Option("--mode", help="sync (default) or async")]
 QueueLimitOption = Annotated[
-    str, typer.Option("--queue-limit", help="async: unacknowledged bytes before tracking")
+    str | None,
+    typer.Option("--queue-limit", help="async: unacknowledged bytes before tracking (64MiB)"),
 ]
 RegionSizeOption = Annotated[
-    str, typer.Option("--region-size", help="intent-log bytes per bit (4KiB..1MiB)")
+    str | None, typer.Option("--region-size", help="intent-log bytes per bit, 4KiB (default)..1MiB")
 ]
 CompressionOption = Annotated[
-    str, typer.Option("--compression", help="none, zlib:1..9, zstd:1..19 or lz4")
+    str | None, typer.Option("--compression", help="none (default), zlib:1..9, zstd:1..19, lz4")
 ]
 ThrottleOption = Annotated[
     str | None, typer.Option("--throttle", help="bytes per second, e.g. 50MiB (none: off)")
@@ -222,15 +223,9 @@ def volume_release(volume: str, node: NodeOption = None, config: ConfigOption = 
     _volume_command("release", volume, node, config)
 
 
-def _settings(
-    mode: str, queue_limit: str, region_size: str, compression: str, *rates: str | None
-) -> dict[str, Any]:
-    throttle, resync_min, resync_max = rates
-    return {
-        "mode": mode, "queue_limit": queue_limit, "region_size": region_size,
-        "compression": compression, "throttle": throttle, "resync_min": resync_min,
-        "resync_max": resync_max,
-    }  # fmt: skip
+def _settings(**options: str | None) -> dict[str, Any]:
+    """The settings options given (the node applies its defaults to the rest)."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 @job_app.command("create")
@@ -241,10 +236,10 @@ def job_create(
         list[str], typer.Option("--target", help="NODE:VOLUME on a peer (give one or two)")
     ],
     description: Annotated[str, typer.Option("--description", help="what the job is for")] = "",
-    mode: ModeOption = "sync",
-    queue_limit: QueueLimitOption = "64MiB",
-    region_size: RegionSizeOption = "4KiB",
-    compression: CompressionOption = "none",
+    mode: ModeOption = None,
+    queue_limit: QueueLimitOption = None,
+    region_size: RegionSizeOption = None,
+    compression: CompressionOption = None,
     throttle: ThrottleOption = None,
     resync_min: ResyncMinOption = None,
     resync_max: ResyncMaxOption = None,
@@ -254,8 +249,10 @@ def job_create(
     as_json: JsonOption = False,
 ) -> None:
     """Create a job mirroring SOURCE to each TARGET (a full resync overwrites them)."""
-    rates = (throttle, resync_min, resync_max)
-    settings = _settings(mode, queue_limit, region_size, compression, *rates)
+    settings = _settings(
+        mode=mode, queue_limit=queue_limit, region_size=region_size, compression=compression,
+        throttle=throttle, resync_min=resync_min, resync_max=resync_max,
+    )  # fmt: skip
     body = {"name": name, "description": description, "source": source, "target": target,
             "confirm": yes, **settings}  # fmt: skip
     _print_job(_client(node, config).request("POST", "/jobs", body), as_json)
@@ -268,10 +265,10 @@ def job_add_target(
     source: Annotated[
         str | None, typer.Option("--source", help="NODE:VOLUME (if the job has several)")
     ] = None,
-    mode: ModeOption = "sync",
-    queue_limit: QueueLimitOption = "64MiB",
-    region_size: RegionSizeOption = "4KiB",
-    compression: CompressionOption = "none",
+    mode: ModeOption = None,
+    queue_limit: QueueLimitOption = None,
+    region_size: RegionSizeOption = None,
+    compression: CompressionOption = None,
     throttle: ThrottleOption = None,
     resync_min: ResyncMinOption = None,
     resync_max: ResyncMaxOption = None,
@@ -281,8 +278,10 @@ def job_add_target(
     as_json: JsonOption = False,
 ) -> None:
     """Add a mirror to TARGET to a job (a full resync overwrites the target)."""
-    rates = (throttle, resync_min, resync_max)
-    settings = _settings(mode, queue_limit, region_size, compression, *rates)
+    settings = _settings(
+        mode=mode, queue_limit=queue_limit, region_size=region_size, compression=compression,
+        throttle=throttle, resync_min=resync_min, resync_max=resync_max,
+    )  # fmt: skip
     body = {"target": target, "source": source, "confirm": yes, **settings}
     _print_job(_client(node, config).request("POST", f"/jobs/{job}/targets", body), as_json)
 

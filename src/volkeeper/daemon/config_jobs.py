@@ -34,10 +34,19 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Annotated, Protocol
 
-from pydantic import Field, PlainValidator, ValidationInfo, field_validator
+from pydantic import (
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from volkeeper.core.bitmap import MAX_REGION_SIZE, MIN_REGION_SIZE
-from volkeeper.core.compression_setting import NO_COMPRESSION, parse_compression
+from volkeeper.core.compression_setting import parse_compression
+from volkeeper.core.mirror_settings import MIN_QUEUE_LIMIT, MODES, MirrorSettings
+from volkeeper.core.mirror_settings import NAMES as settings_names
 from volkeeper.core.units import parse_rate
 from volkeeper.daemon.config_types import (
     NAME_RE,
@@ -49,12 +58,7 @@ from volkeeper.daemon.config_types import (
     as_string,
     show,
 )
-from volkeeper.daemon.job_record import (  # the rules job records themselves follow
-    DEFAULT_QUEUE_LIMIT,
-    MAX_DESCRIPTION,
-    MIN_QUEUE_LIMIT,
-    MODES,
-)
+from volkeeper.daemon.job_record import MAX_DESCRIPTION
 
 
 def _volume_ref(value: object) -> str:
@@ -116,18 +120,22 @@ Compression = Annotated[str, PlainValidator(_compression)]
 Rate = Annotated[int, PlainValidator(_rate)]
 
 
+_DEFAULT = MirrorSettings()
+
+
 class MirrorConfig(Table):
     """One ``[[job.mirror]]`` table: a source volume replicated to a volume on another node."""
 
     source: VolumeRef
     target: VolumeRef
-    mode: MirrorMode = "sync"
-    queue_limit: QueueLimit = DEFAULT_QUEUE_LIMIT  # async: bytes sent and not yet acknowledged
-    region_size: RegionSize = MIN_REGION_SIZE  # intent-log bytes per bit
-    compression: Compression = NO_COMPRESSION
-    throttle: Rate | None = None  # bytes per second; None: unthrottled
-    resync_min: Rate | None = None  # bytes per second a resync gets under load
-    resync_max: Rate | None = None  # bytes per second a resync never exceeds
+    # The keys of core/mirror_settings.py's MirrorSettings, with its defaults, as TOML has them.
+    mode: MirrorMode = _DEFAULT.mode
+    queue_limit: QueueLimit = _DEFAULT.queue_limit
+    region_size: RegionSize = _DEFAULT.region_size
+    compression: Compression = _DEFAULT.compression
+    throttle: Rate | None = None
+    resync_min: Rate | None = None
+    resync_max: Rate | None = None
 
     @field_validator("target")
     @classmethod
@@ -139,6 +147,19 @@ class MirrorConfig(Table):
                 f"{target} is on the source's node {node}; a mirror's target is on another node"
             )
         return target
+
+    _settings: MirrorSettings = PrivateAttr(default_factory=MirrorSettings)
+
+    @model_validator(mode="after")
+    def _settings_agree(self) -> MirrorConfig:
+        """One MirrorSettings of the keys, checked: the rules between keys hold too."""
+        fields = {name: getattr(self, name) for name in settings_names}
+        self._settings = MirrorSettings(**fields).checked()
+        return self
+
+    @property
+    def settings(self) -> MirrorSettings:
+        return self._settings
 
     @property
     def source_node(self) -> str:

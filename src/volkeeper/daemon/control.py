@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from volkeeper import __version__
 from volkeeper.core.addresses import TcpAddress, UnixAddress
-from volkeeper.core.units import parse_rate, parse_size
+from volkeeper.core.mirror_settings import NAMES, MirrorSettings, parse_fields
 from volkeeper.daemon.events import EventBus, sse_response
 from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.metrics import render
@@ -71,28 +71,40 @@ class NodeView(Protocol):
     async def plan(self, volume: str, seconds: float) -> dict[str, Any]: ...
 
 
-class MirrorSettings(BaseModel):
-    mode: str = Field("sync", description="sync or async")
+_DEFAULT = MirrorSettings()
+
+
+class SettingsBody(BaseModel):
+    """A mirror's settings as the API takes them (core/mirror_settings.py has the rules)."""
+
+    mode: str = Field(_DEFAULT.mode, description="sync or async")
     queue_limit: int | str = Field(
-        "64MiB", description="async mode: bytes sent and not yet acknowledged, at most"
+        _DEFAULT.queue_limit, description="async mode: bytes sent and not yet acknowledged"
     )
     region_size: int | str = Field(
-        "4KiB", description="intent-log bitmap: bytes per bit, a power of two, 4KiB to 1MiB"
+        _DEFAULT.region_size, description="intent-log bytes per bit: a power of two, 4KiB-1MiB"
     )
-    compression: str = Field("none", description="none, zlib:1..9, zstd:1..19 or lz4")
+    compression: str = Field(_DEFAULT.compression, description="none, zlib:1..9, zstd:1..19, lz4")
     throttle: int | str | None = Field(None, description="bytes per second; null: unthrottled")
     resync_min: int | str | None = Field(
         None, description="bytes per second a resync gets under load (default: throttle / 10)"
     )
     resync_max: int | str | None = Field(None, description="bytes per second, at most")
 
+    def settings(self) -> MirrorSettings:
+        fields = self.model_dump(include=set(NAMES))
+        try:
+            return MirrorSettings.from_text(**fields)
+        except ValueError as exc:
+            raise Refusal("bad_request", str(exc)) from None
 
-class MirrorBody(MirrorSettings):
+
+class MirrorBody(SettingsBody):
     source: str = Field(description="NODE:VOLUME on this node")
     target: str = Field(description="NODE:VOLUME on a peer")
 
 
-class JobBody(MirrorSettings):
+class JobBody(SettingsBody):
     name: str
     description: str = ""
     source: str | None = Field(None, description="NODE:VOLUME on this node")
@@ -103,7 +115,7 @@ class JobBody(MirrorSettings):
     confirm: bool = Field(False, description="the full resync overwrites the targets")
 
 
-class TargetBody(MirrorSettings):
+class TargetBody(SettingsBody):
     target: str = Field(description="NODE:VOLUME on a peer")
     source: str | None = Field(None, description="NODE:VOLUME; the job's, if it has one")
     confirm: bool = Field(False, description="the full resync overwrites the target")
@@ -142,29 +154,8 @@ class MirrorCommand(BaseModel):
     mark: bool = Field(False, description="verify: mark differing regions for resync")
 
 
-def _size(field: str, value: int | str) -> int:
-    try:
-        return parse_size(value)
-    except ValueError as exc:
-        raise Refusal("bad_request", f"{field}: {exc}") from None
-
-
-def _rate(field: str, value: int | str | None) -> int | None:
-    if value is None or value in ("none", "off", "unlimited"):
-        return None
-    try:
-        return parse_rate(value)
-    except ValueError as exc:
-        raise Refusal("bad_request", f"{field}: {exc}") from None
-
-
-def _mirror_request(source: str, target: str, settings: MirrorSettings) -> MirrorRequest:
-    return MirrorRequest(
-        source, target, settings.mode, _size("queue_limit", settings.queue_limit),
-        _size("region_size", settings.region_size), settings.compression,
-        _rate("throttle", settings.throttle), _rate("resync_min", settings.resync_min),
-        _rate("resync_max", settings.resync_max),
-    )  # fmt: skip
+def _mirror_request(source: str, target: str, body: SettingsBody) -> MirrorRequest:
+    return MirrorRequest(source, target, body.settings())
 
 
 def _job_request(body: JobBody) -> JobRequest:
@@ -185,17 +176,12 @@ def _changes(body: SetBody) -> dict[str, Any]:
             "nothing to set: give mode, queue_limit, compression, throttle, resync_min or "
             "resync_max",
         )
-    changes: dict[str, Any] = {}
-    if "mode" in given and body.mode is not None:
-        changes["mode"] = body.mode
-    if "queue_limit" in given and body.queue_limit is not None:
-        changes["queue_limit"] = _size("queue_limit", body.queue_limit)
-    if "compression" in given and body.compression is not None:
-        changes["compression"] = body.compression
-    for rate in ("throttle", "resync_min", "resync_max"):
-        if rate in given:
-            changes[rate] = _rate(rate, getattr(body, rate))
-    return changes
+    fields = {name: getattr(body, name) for name in given}
+    fields = {k: v for k, v in fields.items() if v is not None or k in MirrorSettings.RATES}
+    try:
+        return parse_fields(fields)
+    except ValueError as exc:
+        raise Refusal("bad_request", str(exc)) from None
 
 
 def error_body(code: str, message: str, hint: str = "") -> dict[str, Any]:

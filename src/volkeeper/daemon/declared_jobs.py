@@ -12,8 +12,6 @@ what was created, changed, deleted or left alone, and what could not be done.
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
 
 from volkeeper.daemon.config_jobs import JobConfig, MirrorConfig
@@ -23,8 +21,6 @@ from volkeeper.daemon.jobs import Jobs
 from volkeeper.errors import Refusal
 
 log = structlog.get_logger("volkeeper.jobs")
-
-_LIVE_SETTINGS = ("mode", "queue_limit", "compression", "throttle", "resync_min", "resync_max")
 
 
 async def apply(jobs: Jobs, declared: list[JobConfig]) -> dict[str, list[str]]:
@@ -70,9 +66,9 @@ async def _reconcile(jobs: Jobs, record: JobRecord, job: JobConfig) -> bool:
             await _add(jobs, job, declared)
             changed = True
             continue
-        settings = _settings(declared)
-        if any(getattr(current, key) != value for key, value in settings.items()):
-            await jobs.configure(record.name, target, settings)
+        wanted_settings = declared.settings.live()
+        if current.settings.live() != wanted_settings:
+            await jobs.configure(record.name, target, wanted_settings)
             changed = True
     if record.name in jobs.records and jobs.records[record.name].description != job.description:
         jobs.describe(record.name, job.description)
@@ -88,15 +84,8 @@ async def _add(jobs: Jobs, job: JobConfig, mirror: MirrorConfig) -> None:
         await jobs.create(JobRequest(job.name, (request,), job.description, declared=True))
 
 
-def _settings(mirror: MirrorConfig) -> dict[str, Any]:
-    return {key: getattr(mirror, key) for key in _LIVE_SETTINGS}
-
-
 def _request(mirror: MirrorConfig) -> MirrorRequest:
-    return MirrorRequest(
-        mirror.source, mirror.target, mirror.mode, mirror.queue_limit, mirror.region_size,
-        mirror.compression, mirror.throttle, mirror.resync_min, mirror.resync_max,
-    )  # fmt: skip
+    return MirrorRequest(mirror.source, mirror.target, mirror.settings)
 
 
 def _requests(job: JobConfig) -> tuple[MirrorRequest, ...]:

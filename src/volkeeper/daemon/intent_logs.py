@@ -4,7 +4,9 @@ cannot be trusted.
 How this works: each mirror's log is ``bitmap_dir/JOB@NODE:VOLUME.vkil`` and its job record
 keeps the log's id (``MirrorRecord.intent_log``, hex).  ``create`` makes a log with every
 region marked (a new mirror's full resync) under a new id and returns the record that names
-it.  ``open`` opens a recorded mirror's log with every check io/intent_store.py makes.  What
+it.  ``open`` opens a recorded mirror's log with every check io/intent_store.py makes; the
+record adopts the log's id and region size if it did not know them (records older than
+either).  What
 it finds is told, never hidden: damaged bitmap pages were marked (a partial resync of their
 range), a crash marked the hot extents, a format-1 log was converted.  A log that cannot be
 trusted at all (missing, damaged header, wrong length, another mirror's, another id, another
@@ -28,7 +30,7 @@ import structlog
 from volkeeper.core.intent_log_format import Generations, Geometry
 from volkeeper.daemon.job_record import MirrorRecord
 from volkeeper.errors import VolkeeperError, VolumeError
-from volkeeper.io.intent_store import IntentStore, new_log_id, read_header
+from volkeeper.io.intent_store import IntentStore, new_log_id
 
 log = structlog.get_logger("volkeeper.intent")
 
@@ -49,12 +51,14 @@ class IntentLogs:
         return self.directory / f"{job}@{target}.vkil"
 
     def create(
-        self, job: str, mirror: MirrorRecord, volume_size: int, region_size: int
+        self, job: str, mirror: MirrorRecord, volume_size: int
     ) -> tuple[IntentStore, MirrorRecord]:
-        """A new log with every region marked, and ``mirror`` naming it."""
+        """A new log with every region marked (regions of the mirror's region size), and
+        ``mirror`` naming it."""
         log_id = new_log_id()
+        geometry = Geometry(volume_size, mirror.settings.region_size)
         store = IntentStore.create(
-            self.path(job, mirror.target), Geometry(volume_size, region_size),
+            self.path(job, mirror.target), geometry,
             Generations(secrets.randbits(64) or 1), mirror=_name(job, mirror), log_id=log_id,
             all_dirty=True,
         )  # fmt: skip
@@ -83,7 +87,9 @@ class IntentLogs:
         if store.converted_from is not None:
             log.info("intent log converted to the current format", **fields,
                      from_format=store.converted_from)  # fmt: skip
-        return Opened(store, dataclasses.replace(mirror, intent_log=f"{store.log_id:016x}"), notice)
+        settings = dataclasses.replace(mirror.settings, region_size=store.geometry.region_size)
+        named = dataclasses.replace(mirror, settings=settings, intent_log=f"{store.log_id:016x}")
+        return Opened(store, named, notice)
 
     def _replace(self, job: str, mirror: MirrorRecord, volume_size: int, why: str) -> Opened:
         path = self.path(job, mirror.target)
@@ -91,7 +97,7 @@ class IntentLogs:
         try:
             if path.exists():
                 os.replace(path, aside)
-            store, named = self.create(job, mirror, volume_size, _region_size(aside))
+            store, named = self.create(job, mirror, volume_size)
         except (OSError, VolkeeperError) as exc:
             log.error("intent log untrusted and not replaceable", job=job,
                       target=mirror.target, why=why, error=str(exc))  # fmt: skip
@@ -108,11 +114,3 @@ class IntentLogs:
 def _name(job: str, mirror: MirrorRecord) -> str:
     """The mirror a log belongs to, as its header names it."""
     return f"{job}: {mirror.source_volume} -> {mirror.target}"
-
-
-def _region_size(untrusted: Path) -> int:
-    """The untrusted log's region size if its header still says it, else the default."""
-    try:
-        return read_header(untrusted).geometry.region_size
-    except VolkeeperError:
-        return Geometry(0).region_size

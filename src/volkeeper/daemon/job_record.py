@@ -1,11 +1,13 @@
 """What a job is: its record, as kept on disk by every node that takes part and sent to targets.
 
 How this works: a ``JobRecord`` names the job, its source node, a description and its
-mirrors; a ``MirrorRecord`` is one source volume -> target volume with its own settings, the
-administrator's last word on it (``admin``: active, paused or broken), so a restart does not
-undo a pause, and the id of its intent log (daemon/intent_logs.py).  Records are JSON;
-``to_json``/``from_json`` go through a pydantic TypeAdapter in strict mode, so a file or a
-JOB frame with a wrong type is refused with the field it is about.  The source node keeps one
+mirrors; a ``MirrorRecord`` is one source volume -> target volume with its own settings
+(core/mirror_settings.py), the administrator's last word on it (``admin``: active, paused or
+broken), so a restart does not undo a pause, and the id of its intent log
+(daemon/intent_logs.py).  Records are JSON; ``to_json``/``from_json`` go through a pydantic
+TypeAdapter in strict mode, so a file or a JOB frame with a wrong type is refused with the
+field it is about.  Records written before settings were one value (flat ``mode``,
+``throttle``... beside ``source_volume``) are read as well.  The source node keeps one
 file per job in ``state_dir/jobs`` (``JobRecords``); targets keep the document inside their
 target records (daemon/replica.py).
 ``check_mirror`` holds the rules every new or changed mirror must pass.
@@ -14,24 +16,22 @@ target records (daemon/replica.py).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydantic
 import structlog
 
-from volkeeper.core.compression_setting import parse_compression
+from volkeeper.core.mirror_settings import NAMES, MirrorSettings
 from volkeeper.errors import Refusal
 from volkeeper.io import durable_files
 
 log = structlog.get_logger("volkeeper.jobs")
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-MODES = ("sync", "async")
-DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024  # async mode: bytes sent and not yet ACKed, at most
-MIN_QUEUE_LIMIT = 1024 * 1024
 MAX_DESCRIPTION = 1024
 
 
@@ -40,12 +40,7 @@ class MirrorRecord:
     source_volume: str
     target_node: str
     target_volume: str
-    mode: str = "sync"
-    queue_limit: int = DEFAULT_QUEUE_LIMIT
-    compression: str = "none"
-    throttle: int | None = None  # bytes per second, None: unthrottled
-    resync_min: int | None = None  # bytes per second a resync gets under load (see sender)
-    resync_max: int | None = None  # bytes per second a resync never exceeds
+    settings: MirrorSettings = field(default_factory=MirrorSettings)
     admin: str = "active"  # or "paused" / "broken": the administrator's last word
     intent_log: str = ""  # its intent log's id (hex), checked when the log is opened; ""
     # in records older than log ids (the log's own id is adopted)
@@ -86,7 +81,7 @@ class JobRecord:
     def from_json(text: str | bytes) -> JobRecord:
         """Raises ValueError naming the first bad field."""
         try:
-            return _ADAPTER.validate_json(text, strict=True)
+            return _ADAPTER.validate_json(_settings_nested(text), strict=True)
         except pydantic.ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "document"
@@ -94,6 +89,25 @@ class JobRecord:
 
 
 _ADAPTER = pydantic.TypeAdapter(JobRecord)
+_FLAT_SETTINGS = set(NAMES)
+
+
+def _settings_nested(text: str | bytes) -> str | bytes:
+    """A record written with flat mirror settings, rewritten with nested ones (a document
+    that is not such a record is returned as it is, for the adapter to judge)."""
+    try:
+        document = json.loads(text)
+        mirrors = document["mirrors"]
+        flat = [m for m in mirrors if isinstance(m, dict) and _FLAT_SETTINGS & m.keys()]
+    except (ValueError, TypeError, KeyError):
+        return text
+    if not flat:
+        return text
+    for mirror in flat:
+        settings = mirror.setdefault("settings", {})
+        for name in _FLAT_SETTINGS & mirror.keys():
+            settings[name] = mirror.pop(name)
+    return json.dumps(document)
 
 
 def check_name(name: str, what: str) -> None:
@@ -107,29 +121,6 @@ def split_volume(text: str, what: str) -> tuple[str, str]:
     if not NAME.fullmatch(node) or not NAME.fullmatch(volume):
         raise Refusal("bad_request", f"{what} must be NODE:VOLUME, got {text!r}")
     return node, volume
-
-
-def check_settings(mirror: MirrorRecord) -> MirrorRecord:
-    """Mode, queue limit, compression and throttle; returns the record normalised."""
-    if mirror.mode not in MODES:
-        raise Refusal("bad_request", f"mode must be one of {', '.join(MODES)}, got {mirror.mode!r}")
-    if mirror.queue_limit < MIN_QUEUE_LIMIT:
-        raise Refusal(
-            "bad_request", f"queue limit must be at least 1 MiB, got {mirror.queue_limit}"
-        )
-    try:
-        compression = parse_compression(mirror.compression)
-    except ValueError as exc:
-        raise Refusal("bad_request", f"compression: {exc}") from None
-    for name in ("throttle", "resync_min", "resync_max"):
-        rate = getattr(mirror, name)
-        if rate is not None and rate <= 0:
-            raise Refusal("bad_request", f"{name} must be a positive rate, got {rate}")
-    if mirror.resync_min and mirror.resync_max and mirror.resync_min > mirror.resync_max:
-        raise Refusal(
-            "bad_request", f"resync_min {mirror.resync_min} is above resync_max {mirror.resync_max}"
-        )
-    return dataclasses.replace(mirror, compression=compression)
 
 
 def check_description(description: str) -> None:

@@ -12,17 +12,11 @@ command, so a command on several mirrors is refused before any of them changed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from volkeeper.core.bitmap import MIN_REGION_SIZE, image_size
+from volkeeper.core.mirror_settings import MirrorSettings
 from volkeeper.core.mirror_state import IllegalTransition, MirrorEvent, MirrorState, next_state
-from volkeeper.daemon.job_record import (
-    DEFAULT_QUEUE_LIMIT,
-    JobRecord,
-    MirrorRecord,
-    check_settings,
-    split_volume,
-)
+from volkeeper.daemon.job_record import JobRecord, MirrorRecord, split_volume
 from volkeeper.errors import Refusal
 
 
@@ -32,13 +26,7 @@ class MirrorRequest:
 
     source: str  # NODE:VOLUME on this node
     target: str  # NODE:VOLUME on a peer
-    mode: str = "sync"
-    queue_limit: int = DEFAULT_QUEUE_LIMIT
-    region_size: int = MIN_REGION_SIZE
-    compression: str = "none"
-    throttle: int | None = None
-    resync_min: int | None = None
-    resync_max: int | None = None
+    settings: MirrorSettings = field(default_factory=MirrorSettings)
 
 
 @dataclass(frozen=True)
@@ -97,14 +85,10 @@ def check_mirrors(
                 f"add the target to that job: volkeeper job add-target {owner} --target {target}",
             )  # fmt: skip
         try:
-            image_size(MIN_REGION_SIZE, request.region_size)  # the bitmap's own check
+            settings = request.settings.checked()
         except ValueError as exc:
-            raise Refusal("bad_request", f"region_size: {exc}") from None
-        record = MirrorRecord(
-            source_volume, target_node, target_volume, request.mode, request.queue_limit,
-            request.compression, request.throttle, request.resync_min, request.resync_max,
-        )  # fmt: skip
-        mirrors.append(check_settings(record))
+            raise Refusal("bad_request", str(exc)) from None
+        mirrors.append(MirrorRecord(source_volume, target_node, target_volume, settings))
         taken[target] = "this request"
     return mirrors
 

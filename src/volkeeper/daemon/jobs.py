@@ -39,7 +39,6 @@ from volkeeper.daemon.job_record import (
     MirrorRecord,
     check_description,
     check_name,
-    check_settings,
 )
 from volkeeper.daemon.job_rules import (
     JobRequest,
@@ -155,8 +154,7 @@ class Jobs:
             record = JobRecord(
                 request.name, self.node, tuple(mirrors), request.description, request.declared
             )
-            sizes = {m.target: r.region_size for m, r in zip(mirrors, request.mirrors, strict=True)}
-            record = await self._add(record, mirrors, sizes, claim_targets=not request.declared)
+            record = await self._add(record, mirrors, claim_targets=not request.declared)
             self.publish("create", "job", job=record.name, description=record.description)
             return record
 
@@ -181,8 +179,7 @@ class Jobs:
                     "resend with confirm=true (CLI: --yes)",
                 )
             record = dataclasses.replace(record, mirrors=(*record.mirrors, mirror))
-            sizes = {mirror.target: request.region_size}
-            record = await self._add(record, [mirror], sizes, claim_targets)
+            record = await self._add(record, [mirror], claim_targets)
             self._announce(record)
             return record
 
@@ -190,7 +187,6 @@ class Jobs:
         self,
         record: JobRecord,
         mirrors: list[MirrorRecord],
-        region_sizes: dict[str, int],
         claim_targets: bool,
     ) -> JobRecord:
         """Intent logs and record first (so a crash leaves a whole job), then the claims;
@@ -199,7 +195,7 @@ class Jobs:
         stores = {}
         for mirror in mirrors:
             size = self.services[mirror.source_volume].volume.size
-            store, named = self.logs.create(record.name, mirror, size, region_sizes[mirror.target])
+            store, named = self.logs.create(record.name, mirror, size)
             stores[mirror.target] = store
             record = record.with_mirror(named)
         mirrors = [named for named in record.mirrors if named.target in stores]
@@ -222,7 +218,7 @@ class Jobs:
             self._start(record, mirror, stores[mirror.target])
             self.publish(
                 "create", "mirror", job=record.name, source=self._source(mirror),
-                target=mirror.target, mode=mirror.mode,
+                target=mirror.target, mode=mirror.settings.mode,
             )  # fmt: skip
         return record
 
@@ -340,13 +336,16 @@ class Jobs:
         return remaining
 
     async def configure(self, name: str, target: str | None, changes: dict[str, Any]) -> JobRecord:
-        """``mirror set``: mode, queue_limit, compression, throttle of live mirrors."""
+        """``mirror set``: any of MirrorSettings.LIVE on live mirrors (``changes`` parsed)."""
         async with self._changing:
             record = self._record(name)
             updated = record
             for mirror in self._selected(record, target):
-                changed = check_settings(dataclasses.replace(mirror, **changes))
-                updated = updated.with_mirror(changed)
+                try:
+                    settings = mirror.settings.changed(**changes)
+                except ValueError as exc:
+                    raise Refusal("bad_request", str(exc)) from None
+                updated = updated.with_mirror(dataclasses.replace(mirror, settings=settings))
             self._apply_settings(record, updated)
             return updated
 
@@ -359,10 +358,8 @@ class Jobs:
             if before != after:
                 self.mirrors.reconfigure(record.name, after)
                 self.publish(
-                    "change", "mirror", job=record.name, target=after.target, mode=after.mode,
-                    queue_limit=after.queue_limit, compression=after.compression,
-                    throttle=after.throttle, resync_min=after.resync_min,
-                    resync_max=after.resync_max,
+                    "change", "mirror", job=record.name, target=after.target,
+                    **after.settings.live(),
                 )  # fmt: skip
         self._announce(updated)
 
@@ -497,10 +494,10 @@ def _unknown_view(
 ) -> dict[str, Any]:
     return {
         "job": record.name, "source": source, "target": mirror.target, "role": "source",
-        "mode": mirror.mode, "state": "Unknown", "out_of_sync_bytes": None, "sent_bytes": 0,
-        "wire_bytes": 0, "compression_ratio": None,
+        "mode": mirror.settings.mode, "state": "Unknown", "out_of_sync_bytes": None,
+        "sent_bytes": 0, "wire_bytes": 0, "compression_ratio": None,
         "queue_bytes": 0, "queue_limit_bytes": None, "lag_s": 0.0, "throughput_bytes_per_s": 0,
-        "compression": mirror.compression, "throttle": mirror.throttle,
+        "compression": mirror.settings.compression, "throttle": mirror.settings.throttle,
         "resync": {"done_bytes": 0, "total_bytes": 0, "rate_bytes_per_s": 0, "eta_s": None},
         "intent_log": None, "last_error": problem,
     }  # fmt: skip

@@ -97,7 +97,7 @@ class Mirror:
         self.compressors = compressors
         self.tls = tls
         self.state = state
-        self.asynchronous = spec.mode == "async"
+        self.asynchronous = spec.settings.mode == "async"
         self.link: PeerLink | None = None
         self.sender: Sender | None = None  # the link's ordered, compressed, throttled way out
         self._earlier_wire_bytes = 0  # of links before this one
@@ -196,7 +196,7 @@ class Mirror:
         )  # fmt: skip
         self._last_heard = self._clock()
         self.link = link
-        self.sender = Sender(link, self.compressors, send_settings(self.spec))
+        self.sender = Sender(link, self.compressors, send_settings(self.spec.settings))
         if not link.is_open:  # lost before it was ours: _on_lost ignored it
             raise PeerError("link lost during the handshake")
         await self._admitted(link, answer)
@@ -346,7 +346,7 @@ class Mirror:
 
     def _queue_full(self, op: Op) -> bool:
         queued = self.ledger.queued_bytes
-        return not op.is_flush and queued + len(op.payload) > self.spec.queue_limit
+        return not op.is_flush and queued + len(op.payload) > self.spec.settings.queue_limit
 
     def _overflow(self, link: PeerLink) -> None:
         self.overflows += 1
@@ -355,7 +355,7 @@ class Mirror:
                 "async queue full: tracking and resyncing",
                 job=self.spec.job,
                 queued_bytes=self.ledger.queued_bytes,
-                limit=self.spec.queue_limit,
+                limit=self.spec.settings.queue_limit,
             )
             self._set(MirrorEvent.QUEUE_OVERFLOW)
             self._start_resync(link)
@@ -528,9 +528,9 @@ class Mirror:
         """New settings (mode, queue limit, compression, throttle), live: ops already sent
         keep the terms they were sent on (a sync op still waits for its ACK)."""
         self.spec = spec
-        self.asynchronous = spec.mode == "async"
+        self.asynchronous = spec.settings.mode == "async"
         if self.sender is not None:
-            self.sender.configure(send_settings(spec))
+            self.sender.configure(send_settings(spec.settings))
 
     def announce(self) -> None:
         """Send the job's record to the target (after HELLO_OK, and when the job changed)."""
@@ -594,20 +594,20 @@ class Mirror:
             "source": f"{self.node}:{self.spec.source_volume}",
             "target": self.spec.target,
             "role": "source",
-            "mode": self.spec.mode,
+            "mode": self.spec.settings.mode,
             "state": self.state.value,
             "out_of_sync_bytes": out_of_sync,
             "sent_bytes": self.sent_bytes,
             "wire_bytes": self.wire_bytes,
             "compression_ratio": _ratio(self.sent_bytes, self.wire_bytes),
             "queue_bytes": self.ledger.queued_bytes,
-            "queue_limit_bytes": self.spec.queue_limit if self.asynchronous else None,
+            "queue_limit_bytes": self.spec.settings.queue_limit if self.asynchronous else None,
             "lag_s": round(self.lag_seconds, 3),
             "throughput_bytes_per_s": round(self.throughput.rate(now, self.sent_bytes)),
-            "compression": self.spec.compression,
-            "throttle": self.spec.throttle,
-            "resync_min": self.spec.resync_min,
-            "resync_max": self.spec.resync_max,
+            "compression": self.spec.settings.compression,
+            "throttle": self.spec.settings.throttle,
+            "resync_min": self.spec.settings.resync_min,
+            "resync_max": self.spec.settings.resync_max,
             "resync": {
                 "done_bytes": done,
                 "total_bytes": done + remaining if resync is not None else 0,

@@ -3,18 +3,17 @@
 How this works: a ``MirrorSpec`` is the frozen view of one mirror's job record entry plus the
 target's address, built by ``Mirrors.spec`` from the record and replaced whole on a live
 change (``Mirror.configure``).  ``hello_for`` is the HELLO that opens (or claims) a session
-with its target; ``send_settings`` is what the link's ``Sender`` needs, with the one default
-that depends on another setting (a throttled mirror's resync gets a tenth of the throttle).
+with its target; ``send_settings`` is what the link's ``Sender`` needs of the settings.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.intent_log_format import Generations
-from volkeeper.daemon.job_record import DEFAULT_QUEUE_LIMIT
+from volkeeper.core.mirror_settings import MirrorSettings
 from volkeeper.daemon.sender import SendSettings
 from volkeeper.io.codecs import compressor_for
 from volkeeper.io.volume_service import VolumeService
@@ -27,12 +26,7 @@ class MirrorSpec:
     target_node: str
     target_address: TcpAddress
     target_volume: str
-    mode: str = "sync"
-    queue_limit: int = DEFAULT_QUEUE_LIMIT
-    compression: str = "none"
-    throttle: int | None = None
-    resync_min: int | None = None
-    resync_max: int | None = None
+    settings: MirrorSettings = field(default_factory=MirrorSettings)
 
     @property
     def target(self) -> str:
@@ -56,8 +50,6 @@ def hello_for(
     )
 
 
-def send_settings(spec: MirrorSpec) -> SendSettings:
-    """Without a resync_min, a throttled link still gives the resync a tenth of it."""
-    compressor = compressor_for(spec.compression)
-    resync_min = spec.resync_min or (spec.throttle // 10 if spec.throttle else None)
-    return SendSettings(compressor, spec.throttle, resync_min, spec.resync_max)
+def send_settings(settings: MirrorSettings) -> SendSettings:
+    compressor = compressor_for(settings.compression)
+    return SendSettings(compressor, settings.throttle, settings.resync_floor, settings.resync_max)

@@ -174,8 +174,7 @@ class Mirrors:
     def spec(self, job: str, record: MirrorRecord) -> MirrorSpec:
         return MirrorSpec(
             job, record.source_volume, record.target_node, self.peers[record.target_node],
-            record.target_volume, record.mode, record.queue_limit, record.compression,
-            record.throttle, record.resync_min, record.resync_max,
+            record.target_volume, record.settings,
         )  # fmt: skip
 
     def target(self, job: str, record: MirrorRecord, generations: Generations) -> Target:

@@ -265,7 +265,8 @@ class Replicas:
     def _view(self, volume: str, record: TargetRecord) -> dict[str, Any]:
         job = record.job_record()
         target = f"{self.node}:{volume}"
-        settings = job.mirror(target) if job is not None else None
+        mirror = job.mirror(target) if job is not None else None
+        settings = mirror.settings if mirror is not None else None
         received = self.received_bytes.get(volume, 0)
         return {
             "job": record.job,
