@@ -913,3 +913,23 @@ def test_a_mirror_whose_target_node_left_the_config_locks_its_source(
     done = cli("job", "delete", "web", *node_arg(alpha))
     assert done.returncode == 0, done.stderr
     assert volume_view(alpha)["locked"] is None
+
+
+def test_a_job_whose_record_is_unreadable_locks_its_source(start_node: NodeFactory) -> None:
+    """The job record is damaged while alpha is down: the job cannot start, and its volume
+    (found from the job's intent logs) takes no writes nobody would track."""
+    beta = start_node("beta", [VolumeSpec("data1", SIZE)])
+    alpha = start_node("alpha", [VolumeSpec("data1", SIZE)], peers={"beta": beta.peer_port})
+    assert post_job(alpha).status_code == 201
+    wait_state(alpha, "Mirroring")
+    assert alpha.stop() == 0
+    record = alpha.directory / "state" / "jobs" / "web.json"
+    record.write_text(record.read_text()[:40])
+    alpha.start()
+    assert alpha.status()["mirrors"] == []
+    locked = volume_view(alpha)["locked"]
+    assert locked and "job record" in locked and "web.json unreadable" in locked, locked
+    assert "fix or remove it, then restart the node" in locked
+    need("nbdcopy", "nbdkit")
+    write = run("nbdcopy", "--", "[", "nbdkit", "pattern", "size=1M", "]", alpha.uri())
+    assert write.returncode != 0 and "read-only" in write.stderr.lower(), write

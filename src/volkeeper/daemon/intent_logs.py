@@ -20,6 +20,7 @@ would track.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import secrets
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import structlog
 from volkeeper.core.intent_log_format import Generations, Geometry
 from volkeeper.daemon.job_record import MirrorRecord
 from volkeeper.errors import VolkeeperError, VolumeError
-from volkeeper.io.intent_store import IntentStore, new_log_id
+from volkeeper.io.intent_store import IntentStore, new_log_id, read_header
 
 log = structlog.get_logger("volkeeper.intent")
 
@@ -106,6 +107,22 @@ class IntentLogs:
         notice = f"{why}: a new intent log was made and a full resync started{kept}"
         log.error("intent log untrusted: full resync", job=job, target=mirror.target, why=why)
         return Opened(store, named, notice)
+
+    def source_volumes(self, job: str) -> set[str]:
+        """The source volumes ``job``'s logs say they track (for a job whose record is
+        lost: its volumes must not take writes nobody tracks)."""
+        volumes = set()
+        for path in self.directory.glob(f"{glob.escape(job)}@*.vkil"):
+            try:
+                mirror = read_header(path).mirror
+            except VolkeeperError as exc:
+                log.error("intent log of a job without a record unreadable", log=str(path),
+                          error=str(exc))  # fmt: skip
+                continue
+            named_job, _, rest = mirror.partition(": ")
+            if named_job == job and " -> " in rest:
+                volumes.add(rest.partition(" -> ")[0])
+        return volumes
 
     def remove(self, job: str, target: str) -> None:
         self.path(job, target).unlink(missing_ok=True)

@@ -135,14 +135,16 @@ class JobRecords:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
-    def load_all(self) -> list[JobRecord]:
-        records = []
+    def load_all(self) -> tuple[list[JobRecord], dict[str, str]]:
+        """(the records, {job name: why its record cannot be read})."""
+        records, unreadable = [], {}
         for path in sorted(self.directory.glob("*.json")):
             try:
                 records.append(JobRecord.from_json(path.read_bytes()))
             except (OSError, ValueError) as exc:  # one bad file must not stop the node
                 log.error("job record unreadable: job not started", path=str(path), error=str(exc))
-        return records
+                unreadable[path.stem] = f"job record {path} unreadable: {exc}"
+        return records, unreadable
 
     def save(self, record: JobRecord) -> None:
         durable_files.write_json(self._path(record.name), _as_document(record))

@@ -101,10 +101,14 @@ class Jobs:
     # -- start and stop ---------------------------------------------------------------------
 
     def load(self) -> None:
-        for record in self.store.load_all():
+        records, unreadable = self.store.load_all()
+        for record in records:
             self.records[record.name] = record
             for mirror in record.mirrors:
                 self._load(record.name, mirror)
+        for job, why in unreadable.items():  # its volumes' writes would go untracked
+            for volume in self.logs.source_volumes(job) & self.services.keys():
+                self.services[volume].lock(f"{why}: fix or remove it, then restart the node")
 
     def _load(self, job: str, mirror: MirrorRecord) -> None:
         problem = self.mirrors.problem(mirror)
