@@ -441,6 +441,12 @@ def test_control_api_status_volumes_openapi_and_errors(cli_node: LocalNode) -> N
     document = json.loads(spec.text)
     assert document["openapi"].startswith("3.")
     assert {"/status", "/volumes", "/metrics"} <= set(document["paths"])
+    answers = document["paths"]["/status"]["get"]["responses"]
+    assert answers["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/Status")
+    assert answers["409"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    assert {"Status", "MirrorView", "JobView", "VolumeView", "ErrorBody"} <= set(
+        document["components"]["schemas"]
+    )
     assert missing.status_code == 404
     error = missing.json()["error"]
     assert error["code"] == "not_found" and error["message"]

@@ -27,6 +27,14 @@ from starlette.exceptions import HTTPException
 from volkeeper import __version__
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.core.mirror_settings import NAMES, MirrorSettings, parse_fields
+from volkeeper.daemon.api_models import (
+    Deleted,
+    ErrorBody,
+    ErrorDetail,
+    JobView,
+    Status,
+    VolumeView,
+)
 from volkeeper.daemon.events import EventBus, sse_response
 from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.metrics import render
@@ -185,11 +193,15 @@ def _changes(body: SetBody) -> dict[str, Any]:
 
 
 def error_body(code: str, message: str, hint: str = "") -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "hint": hint}}
+    return ErrorBody(error=ErrorDetail(code=code, message=message, hint=hint)).model_dump()
 
 
 def create_app(node: NodeView) -> FastAPI:
-    app = FastAPI(title="volkeeper node control API", version=__version__)
+    errors: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorBody, "description": "refused: the body says why"}
+        for status in (*Refusal.STATUS.values(), 405, 422)
+    }
+    app = FastAPI(title="volkeeper node control API", version=__version__, responses=errors)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -204,12 +216,12 @@ def create_app(node: NodeView) -> FastAPI:
         )
         return JSONResponse(error_body("bad_request", message), status_code=422)
 
-    @app.get("/status")
+    @app.get("/status", response_model=Status, response_model_exclude_unset=True)
     async def status() -> dict[str, Any]:
         """The node, its volumes and its mirrors (the stable `status --json` document)."""
         return node.status()
 
-    @app.get("/volumes")
+    @app.get("/volumes", response_model=list[VolumeView], response_model_exclude_unset=True)
     async def volumes() -> list[dict[str, Any]]:
         """The node's volumes with size, sector size, role and I/O counters."""
         return node.volume_list()
@@ -219,24 +231,31 @@ def create_app(node: NodeView) -> FastAPI:
         body = error_body(exc.code, str(exc), exc.hint)
         return JSONResponse(body, status_code=exc.http_status)
 
-    @app.get("/jobs")
+    @app.get("/jobs", response_model=list[JobView], response_model_exclude_unset=True)
     async def jobs() -> list[dict[str, Any]]:
         """Jobs this node takes part in (role source or target), each with its mirrors."""
         return node.job_list()
 
-    @app.post("/jobs", status_code=201)
+    @app.post("/jobs", status_code=201, response_model=JobView, response_model_exclude_unset=True)
     async def create_job(job: JobBody) -> dict[str, Any]:
         """Create a job: its targets are prepared (checked and locked) first, then every
         mirror starts with a full resync (needs confirm=true).  Answers the job's view."""
         return await node.create_job(_job_request(job))
 
-    @app.post("/jobs/{name}/targets", status_code=201)
+    @app.post(
+        "/jobs/{name}/targets",
+        status_code=201,
+        response_model=JobView,
+        response_model_exclude_unset=True,
+    )
     async def add_target(name: str, body: TargetBody) -> dict[str, Any]:
         """Add a mirror to a job (a full resync of the new target; needs confirm=true)."""
         request = _mirror_request(body.source or "", body.target, body)
         return await node.add_target(name, request, body.confirm)
 
-    @app.post("/jobs/{name}/mirror/{action}")
+    @app.post(
+        "/jobs/{name}/mirror/{action}", response_model=JobView, response_model_exclude_unset=True
+    )
     async def mirror_command(
         name: str, action: MirrorAction, command: MirrorCommand | None = None
     ) -> dict[str, Any]:
@@ -249,18 +268,18 @@ def create_app(node: NodeView) -> FastAPI:
         options = command.model_dump(include={"full", "checksum", "mark"})
         return await node.mirror_command(name, action.value, command.target, options)
 
-    @app.patch("/jobs/{name}/mirror")
+    @app.patch("/jobs/{name}/mirror", response_model=JobView, response_model_exclude_unset=True)
     async def mirror_set(name: str, body: SetBody) -> dict[str, Any]:
         """Change mode, queue limit, compression or throttle of live mirrors."""
         return await node.mirror_set(name, body.target, _changes(body))
 
-    @app.delete("/jobs/{name}/mirror")
+    @app.delete("/jobs/{name}/mirror", response_model=JobView, response_model_exclude_unset=True)
     async def delete_mirror(name: str, target: str | None = None) -> dict[str, Any]:
         """Delete a mirror of the job (``target``; may be left out if it has one): the
         target is unlocked and keeps its data.  The job goes with its last mirror."""
         return await node.mirror_command(name, "delete", target, {})
 
-    @app.delete("/jobs/{name}")
+    @app.delete("/jobs/{name}", response_model=Deleted)
     async def delete_job(name: str) -> dict[str, Any]:
         """Delete a job: its targets are unlocked and keep their data as it is.  Warnings
         name targets that could not be told (they stay locked)."""
