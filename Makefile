@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 .PHONY: demo test lint debs deps bench bench-review clean
 
 demo: deps
-	$(PY) -m volkeeper.demo
+	$(PY) -m volkeeper_lab.demo
 
 PYTEST_WORKERS ?= 2
 test: deps lint  # tests that measure rates or times (marked serial) run alone, after the rest

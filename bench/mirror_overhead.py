@@ -74,7 +74,7 @@ from benchlib import format_number as _number
 from benchlib import percentile_us as _percentile_us
 
 from volkeeper.core.units import format_size, parse_size
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "mirror_overhead.json"

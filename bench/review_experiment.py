@@ -37,7 +37,7 @@ from typing import Any
 
 from benchlib import cpu_seconds, reap, reap_children, run_benchmark, spawn
 
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 SETTINGS: list[str | None] = [None, "none", "zlib:1", "zlib:3", "zlib:6", "zlib:9", "zstd:1",
                               "zstd:3", "lz4"]  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 NodeFactory = Callable[..., LocalNode]
 

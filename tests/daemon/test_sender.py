@@ -27,11 +27,11 @@ import uvloop
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.daemon.launcher import free_tcp_port
 from volkeeper.daemon.sender import INLINE_COMPRESS, Sender, SendSettings
 from volkeeper.io.codecs import compressor_for, decompress
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
 from volkeeper.io.workers import IoWorkers
+from volkeeper_lab.launcher import free_tcp_port
 
 pytestmark = pytest.mark.serial  # measures lane rates: runs alone
 

@@ -70,8 +70,8 @@ from tests.support.watch import (
     sample_wire,
 )
 from volkeeper.core import peer_wire as pw
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 from volkeeper.io.codecs import compressor_for
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 KiB = 1 << 10
 COMPRESSIBLE = ("--buffer_compress_percentage=70", "--refill_buffers")

@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import NodeFactory, need
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec, free_tcp_port
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 MiB = 1 << 20
 VOLKEEPER = [sys.executable, "-m", "volkeeper"]

@@ -53,7 +53,7 @@ from hypothesis import strategies as st
 from tests.conftest import NodeFactory, need
 from tests.integration import rawnbd as nbd
 from tests.integration.rawnbd import NbdClosed, RawNbd
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 1 * MiB + 3 * 512  # not a power of two: the end of the export is an edge of its own

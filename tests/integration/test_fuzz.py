@@ -45,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration import rawnbd as nbd
 from tests.integration.rawnbd import NbdClosed, NbdTimeout, RawNbd
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 1 * MiB + 512

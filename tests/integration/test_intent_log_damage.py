@@ -31,7 +31,7 @@ import pytest
 from tests.conftest import NodeFactory
 from tests.integration.powerloss_fs import PowerLossDisk
 from tests.support.mirroring import libnbd, post_job, sha256, wait_state
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 MiB = 1 << 20
 SIZE = 384 * MiB  # four bitmap pages of 4 KiB regions

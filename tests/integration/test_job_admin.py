@@ -43,7 +43,7 @@ from tests.support.mirroring import (
     volume_view,
     wait_state,
 )
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec, free_tcp_port
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 VOLKEEPER = [sys.executable, "-m", "volkeeper"]
 SIZE = 16 * MiB

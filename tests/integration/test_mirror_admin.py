@@ -36,7 +36,7 @@ from tests.support.mirroring import (
     stop_both_and_compare,
     wait_state,
 )
-from volkeeper.daemon.launcher import LocalNode
+from volkeeper_lab.launcher import LocalNode
 
 
 def create_job(alpha: LocalNode, *options: str) -> None:

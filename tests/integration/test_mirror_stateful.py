@@ -83,7 +83,7 @@ from hypothesis.stateful import (
 from tests.integration import rawnbd as nbd
 from tests.integration.rawnbd import RawNbd, SimpleReply
 from tests.integration.tcp_proxy import TcpProxy
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 8 * MiB

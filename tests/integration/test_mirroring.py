@@ -47,7 +47,7 @@ from tests.support.mirroring import (
     volume_view,
     wait_state,
 )
-from volkeeper.daemon.launcher import VolumeSpec
+from volkeeper_lab.launcher import VolumeSpec
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from tests.support.mirroring import (
     stop_both_and_compare,
     wait_state,
 )
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 MiB = 1 << 20
 

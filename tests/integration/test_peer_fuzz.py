@@ -50,7 +50,7 @@ from tests.support.raw_peer import (
     encoded,
 )
 from volkeeper.core import peer_wire as pw
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 KiB, MiB = 1 << 10, 1 << 20
 DATA1_SIZE = 32 * MiB

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import NodeFactory
 from tests.support.mirroring import cli, fio, start_fio
-from volkeeper.daemon.launcher import VolumeSpec
+from volkeeper_lab.launcher import VolumeSpec
 
 pytestmark = pytest.mark.serial  # measures a write rate: runs alone
 

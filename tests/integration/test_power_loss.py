@@ -73,8 +73,8 @@ from tests.integration.rawnbd import FLAG_FUA, OK, NbdClosed, NbdTimeout, RawNbd
 from tests.support.mirroring import libnbd, sha256
 from volkeeper.core.bitmap import DirtyBitmap
 from volkeeper.daemon import replication
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
 from volkeeper.io.intent_store import IntentStore, read_durable_bitmap, read_header
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 128 * MiB

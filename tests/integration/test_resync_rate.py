@@ -51,7 +51,7 @@ from tests.support.topologies import (
     vk_ok,
     wait_mirror,
 )
-from volkeeper.daemon.launcher import LocalNode
+from volkeeper_lab.launcher import LocalNode
 
 pytestmark = pytest.mark.serial  # measures resync and application rates: runs alone
 

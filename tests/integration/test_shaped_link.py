@@ -17,7 +17,7 @@ from tests.conftest import NodeFactory, need
 from tests.integration.netns import ShapedLink
 from tests.support.mirroring import ok, random_file, sha256
 from tests.support.watch import rate_of, sample_wire
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 pytestmark = pytest.mark.serial  # measures rates over a shaped link: runs alone
 

@@ -58,7 +58,7 @@ from tests.support.mirroring import (
     wait_state,
 )
 from tests.support.watch import EventWatch
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 32 * MiB

@@ -50,7 +50,7 @@ from tests.support.topologies import (
     volume,
     wait_mirror,
 )
-from volkeeper.daemon.launcher import LocalNode
+from volkeeper_lab.launcher import LocalNode
 
 VOLUME_BYTES = 32 * MiB
 SLACK = 64 * 1024  # a resync sends whole regions; allow a little beyond what was written

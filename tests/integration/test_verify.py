@@ -48,7 +48,7 @@ from tests.support.mirroring import (
     wait_state,
 )
 from tests.support.topologies import Events, Load
-from volkeeper.daemon.launcher import LocalNode
+from volkeeper_lab.launcher import LocalNode
 
 KiB = 1 << 10
 REGION = 4 * KiB  # the default region size (core/bitmap.py MIN_REGION_SIZE)

@@ -40,7 +40,7 @@ from tests.conftest import NodeFactory
 from tests.integration import rawnbd
 from tests.integration.rawnbd import RawNbd
 from tests.support.mirroring import sha256
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 MiB = 1 << 20
 SIZE = 32 * MiB

@@ -23,7 +23,6 @@ import uvloop
 
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer_wire import Ack, Frame, Hello, Write
-from volkeeper.daemon.launcher import free_tcp_port
 from volkeeper.errors import ConfigError, PeerError
 from volkeeper.io import peer_link
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
@@ -34,6 +33,7 @@ from volkeeper.io.peer_tls import (
     looks_like_tls,
     server_context,
 )
+from volkeeper_lab.launcher import free_tcp_port
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from volkeeper.daemon.launcher import LocalNode
+from volkeeper_lab.launcher import LocalNode
 
 
 def metrics(node: LocalNode) -> str:

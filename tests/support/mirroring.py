@@ -1,6 +1,6 @@
 """Helpers of the end-to-end tests: run clients, drive nodes, wait for states, compare volumes.
 
-How this works: plain functions over ``LocalNode`` (daemon/launcher.py) and the programs the
+How this works: plain functions over ``LocalNode`` (volkeeper_lab/launcher.py) and the programs the
 tests run (the ``volkeeper`` CLI, fio, nbdcopy, libnbd's Python bindings); every process they
 start is stopped by PID (``subprocess.run`` with a timeout, or ``stop_process``).  Volumes
 are compared on disk with sha256; a difference is reported as the 4 KiB blocks that differ.
@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.conftest import NodeFactory, need
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 MiB = 1 << 20
 EXTENT = 4 * MiB  # the activity log's extent (core/activity_log.py DEFAULT_EXTENT_BYTES)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.daemon.launcher import free_tcp_port
 from volkeeper.daemon.targets import Replicas, TargetRecords
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
 from volkeeper.io.volume import Volume
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
+from volkeeper_lab.launcher import free_tcp_port
 
 MiB = 1024 * 1024
 

@@ -26,7 +26,7 @@ from tests.support.mirroring import (
     sha256,
     stop_process,
 )
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 SIZE = "32MiB"
 

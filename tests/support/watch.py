@@ -18,7 +18,7 @@ from tests.support.mirroring import (
     VOLKEEPER,
     stop_process,
 )
-from volkeeper.daemon.launcher import LocalNode
+from volkeeper_lab.launcher import LocalNode
 
 
 class EventWatch:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from volkeeper.core.units import format_size
-from volkeeper.daemon.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 DEMO_DIR = Path("demo-run")
 VOLUME_SIZE = 256 * 1024 * 1024
