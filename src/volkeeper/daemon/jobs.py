@@ -47,6 +47,7 @@ from volkeeper.daemon.job_rules import (
     check_command,
     check_mirrors,
 )
+from volkeeper.daemon.job_views import job_view, mirror_views
 from volkeeper.daemon.mirror import Mirror
 from volkeeper.daemon.mirrors import ADMIN_STATES, Mirrors
 from volkeeper.daemon.peer_session import (
@@ -450,32 +451,13 @@ class Jobs:
         return f"{self.node}:{mirror.source_volume}"
 
     def mirror_views(self) -> list[dict[str, Any]]:
-        return [view for record in self.records.values() for view in self._views(record)]
+        return [v for r in self.records.values() for v in mirror_views(r, self.mirrors, self.node)]
 
     def job_view(self, record: JobRecord) -> dict[str, Any]:
-        return {
-            "name": record.name,
-            "description": record.description,
-            "source_node": record.source_node,
-            "role": "source",
-            "declared": record.declared,
-            "mirrors": self._views(record),
-        }
+        return job_view(record, self.mirrors, self.node)
 
     def job_views(self) -> list[dict[str, Any]]:
         return [self.job_view(record) for record in self.records.values()]
-
-    def _views(self, record: JobRecord) -> list[dict[str, Any]]:
-        views = []
-        for mirror in record.mirrors:
-            key = (record.name, mirror.target)
-            running = self.mirrors.get(key)
-            if running is not None:
-                views.append(running.view())
-            else:
-                problem = self.mirrors.problems.get(key)
-                views.append(_unknown_view(record, mirror, self._source(mirror), problem))
-        return views
 
 
 async def _apply(mirror: Mirror, action: str, full: bool, checksum: bool, mark: bool) -> None:
@@ -491,20 +473,6 @@ async def _apply(mirror: Mirror, action: str, full: bool, checksum: bool, mark: 
         mirror.start_verify(mark)
     else:
         mirror.resume()
-
-
-def _unknown_view(
-    record: JobRecord, mirror: MirrorRecord, source: str, problem: str | None
-) -> dict[str, Any]:
-    return {
-        "job": record.name, "source": source, "target": mirror.target, "role": "source",
-        "mode": mirror.settings.mode, "state": "Unknown", "out_of_sync_bytes": None,
-        "sent_bytes": 0, "wire_bytes": 0, "compression_ratio": None,
-        "queue_bytes": 0, "queue_limit_bytes": None, "lag_s": 0.0, "throughput_bytes_per_s": 0,
-        "compression": mirror.settings.compression, "throttle": mirror.settings.throttle,
-        "resync": {"done_bytes": 0, "total_bytes": 0, "rate_bytes_per_s": 0, "eta_s": None},
-        "intent_log": None, "last_error": problem,
-    }  # fmt: skip
 
 
 def _ignore(*args: object, **fields: object) -> None:
