@@ -25,7 +25,8 @@ from typing import TypeVar
 from xxhash import xxh3_64, xxh3_64_intdigest
 
 from volkeeper.core.peer_frames import *
-from volkeeper.core.peer_frames import _DATA_HEAD
+from volkeeper.core.peer_layout import *
+from volkeeper.core.peer_layout import _DATA_HEAD
 from volkeeper.errors import ProtocolError
 
 _E = TypeVar("_E", bound=enum.IntEnum)
