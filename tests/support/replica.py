@@ -13,7 +13,8 @@ from pathlib import Path
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.daemon.targets import Replicas, TargetRecords
+from volkeeper.daemon.target_record import TargetRecords
+from volkeeper.daemon.targets import Replicas
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
 from volkeeper.io.volume import Volume
 from volkeeper.io.volume_service import VolumeService

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core import region_hash
@@ -23,13 +23,17 @@ from volkeeper.core.units import format_size
 from volkeeper.errors import PeerError, VolumeError
 
 if TYPE_CHECKING:
-    from volkeeper.daemon.mirror import Mirror
+    from volkeeper.core.mirror_ledger import Ledger
     from volkeeper.daemon.sender import Sender
+    from volkeeper.io.volume_service import VolumeService
+    from volkeeper.io.workers import IoWorkers
 
 
 class Comparer:
-    def __init__(self, mirror: Mirror) -> None:
-        self.mirror = mirror
+    def __init__(
+        self, ledger: Ledger[Any, Any], service: VolumeService, readers: IoWorkers
+    ) -> None:
+        self.ledger, self.service, self.readers = ledger, service, readers  # the mirror's
         self._answers: dict[int, asyncio.Future[pw.Hashes]] = {}  # request sequence ->
 
     async def compare(
@@ -49,10 +53,10 @@ class Comparer:
     def _asked(self, question: tuple[asyncio.Future[pw.Hashes], str], sequence: int) -> None:
         answer, what = question
         self._answers[sequence] = answer
-        self.mirror.ledger.ask(sequence, what)  # an error ACK of it fails the target
+        self.ledger.ask(sequence, what)  # an error ACK of it fails the target
 
     async def _read(self, offset: int, length: int) -> bytes:
-        service = self.mirror.service
+        service = self.service
         cached = service.try_read(offset, length)
         if cached is not None:
             return bytes(cached)
@@ -66,7 +70,7 @@ class Comparer:
             else:
                 done.set_result(bytes(result))  # type: ignore[call-overload]
 
-        self.mirror.readers.submit(service.volume.read, (offset, length), read)
+        self.readers.submit(service.volume.read, (offset, length), read)
         return await done
 
     def take(self, frame: pw.Hashes) -> bool:
@@ -74,7 +78,7 @@ class Comparer:
         answer = self._answers.pop(frame.request, None)
         if answer is None:
             return False
-        self.mirror.ledger.answered(frame.request)
+        self.ledger.answered(frame.request)
         if not answer.done():
             answer.set_result(frame)
         return True

@@ -102,13 +102,13 @@ class Mirror:
         self.sender: Sender | None = None  # the link's ordered, compressed, throttled way out
         self._earlier_wire_bytes = 0  # of links before this one
         self.resync: Resync | None = None
-        self.comparer = Comparer(self)  # region digests of source and target
         self.checksum_next = False  # the next resync compares before it sends
         self.verify: Verify | None = None  # running
         self.verified: VerifyResult | None = None  # the last verify's result
         self.last_error = ""
         self.sent_bytes = 0  # write and resync payload bytes shipped
         self.ledger: Ledger[Op, range] = Ledger(store.bitmap.region_size)
+        self.comparer = Comparer(self.ledger, service, readers)  # region digests of both sides
         self.overflows = 0  # async ops marked because the queue was full
         self.throughput = RateMeter()  # of sent_bytes
         self.on_state: Callable[[Mirror, MirrorState, MirrorEvent], None] = _no_callback

@@ -33,7 +33,8 @@ from volkeeper.daemon.job_record import JobRecord
 from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.jobs import Jobs
 from volkeeper.daemon.metrics import MirrorCollector, NodeCollector
-from volkeeper.daemon.targets import Replicas, TargetRecord, TargetRecords
+from volkeeper.daemon.target_record import TargetRecord, TargetRecords
+from volkeeper.daemon.targets import Replicas
 from volkeeper.errors import ConfigError, Refusal, VolumeError
 from volkeeper.io import peer_tls
 from volkeeper.io.nbd_server import NbdServer

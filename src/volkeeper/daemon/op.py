@@ -18,13 +18,28 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.peer_wire import Buffer
 
 if TYPE_CHECKING:
-    from volkeeper.daemon.mirror import Mirror
+    from volkeeper.daemon.intent_writer import IntentWriter
+    from volkeeper.io.intent_store import IntentStore
+
+
+class Carrier(Protocol):
+    """What an op needs of a mirror that ships it (daemon/mirror.py's ``Mirror``)."""
+
+    @property
+    def store(self) -> IntentStore: ...
+
+    @property
+    def intent(self) -> IntentWriter: ...
+
+    def ship(self, op: Op) -> None: ...
+
+    def release_durable(self, op: Op) -> None: ...
 
 
 def _nothing(error: BaseException | None) -> None:
@@ -45,7 +60,7 @@ class Op:
     may_trim: bool = False
     extents: range = range(0)
     on_done: Callable[[BaseException | None], None] = _nothing
-    mirrors: tuple[Mirror, ...] = ()  # the mirrors that ship it (those of its submission)
+    mirrors: tuple[Carrier, ...] = ()  # the mirrors that ship it (those of its submission)
     parts: int = 0  # reply parts still owed (the local disk and each mirror)
     error: BaseException | None = None
     durable_parts: int = 0  # flush only: sides that have not yet made it durable

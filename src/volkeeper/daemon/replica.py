@@ -32,25 +32,45 @@ import contextlib
 import dataclasses
 import errno
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core import region_hash
 from volkeeper.daemon.job_record import JobRecord
+from volkeeper.daemon.target_record import TargetRecord, TargetRecords
 from volkeeper.errors import ProtocolError, VolumeError
 from volkeeper.io.codecs import decompress
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 
-if TYPE_CHECKING:
-    from volkeeper.daemon.targets import Replicas, TargetRecord
-
 log = structlog.get_logger("volkeeper.replica")
 
 SHUTDOWN_FLUSH_TIMEOUT = 10.0
 HELLO_TIMEOUT = 10.0  # a connection that has not said HELLO by then is closed
+
+
+class Replicas(Protocol):
+    """What a session needs of the node's target volumes (daemon/targets.py's ``Replicas``)."""
+
+    node: str
+    store: TargetRecords
+    records: dict[str, TargetRecord]
+    sessions: dict[str, ReplicaSession]
+    received_bytes: dict[str, int]
+
+    def admit(self, hello: pw.Hello) -> tuple[VolumeService, TargetRecord] | pw.Refuse: ...
+
+    def changed(self, volume: str) -> None: ...
+
+    def failed(self, volume: str, message: str) -> TargetRecord | None: ...
+
+    def recovered(self, volume: str) -> None: ...
+
+    def paused(self, volume: str) -> None: ...
+
+    def release(self, volume: str) -> None: ...
 
 
 class ReplicaSession:

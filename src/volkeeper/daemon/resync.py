@@ -26,7 +26,8 @@ Progress (done bytes, a rate over the last few seconds, ETA) is kept here for ``
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -38,8 +39,14 @@ from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import PeerLink
 
 if TYPE_CHECKING:
-    from volkeeper.daemon.mirror import Mirror
+    from volkeeper.core.mirror_ledger import Ledger
+    from volkeeper.daemon.compare import Comparer
+    from volkeeper.daemon.intent_writer import IntentWriter
+    from volkeeper.daemon.op import Op
     from volkeeper.daemon.sender import Sender
+    from volkeeper.io.intent_store import IntentStore
+    from volkeeper.io.volume_service import VolumeService
+    from volkeeper.io.workers import IoWorkers
 
 log = structlog.get_logger("volkeeper.resync")
 
@@ -49,8 +56,38 @@ READ_DEPTH = 16  # reads outstanding at once
 RATE_WINDOW = 5.0  # seconds of history behind the reported rate
 
 
+class ResyncHost(Protocol):
+    """What a resync needs of its mirror (daemon/mirror.py's ``Mirror``)."""
+
+    sent_bytes: int  # counts the payload the resync ships
+    in_flight_ops: Callable[[], Iterable[Op]]  # writes issued and not complete
+
+    @property
+    def state(self) -> MirrorState: ...
+
+    @property
+    def store(self) -> IntentStore: ...
+
+    @property
+    def service(self) -> VolumeService: ...
+
+    @property
+    def readers(self) -> IoWorkers: ...
+
+    @property
+    def ledger(self) -> Ledger[Op, range]: ...
+
+    @property
+    def intent(self) -> IntentWriter: ...
+
+    @property
+    def comparer(self) -> Comparer: ...
+
+    def resync_finished(self, resync: Resync) -> None: ...
+
+
 class Resync:
-    def __init__(self, mirror: Mirror, link: PeerLink, sender: Sender, checksum: bool) -> None:
+    def __init__(self, mirror: ResyncHost, link: PeerLink, sender: Sender, checksum: bool) -> None:
         self.mirror = mirror
         self.link = link
         self.sender = sender  # frames go out through it, in order with application writes

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -36,55 +34,12 @@ import structlog
 from volkeeper.core import peer_wire as pw
 from volkeeper.daemon import replica
 from volkeeper.daemon.job_record import JobRecord
+from volkeeper.daemon.target_record import TargetRecord, TargetRecords
 from volkeeper.errors import Refusal
-from volkeeper.io import durable_files
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 
 log = structlog.get_logger("volkeeper.replica")
-
-
-@dataclasses.dataclass
-class TargetRecord:
-    job: str
-    source_node: str
-    source_volume: str
-    data_state: str = pw.DataState.INCONSISTENT.name
-    current_generation: int = 0
-    previous_generation: int = 0
-    job_document: str = ""  # the job's record as the source last sent it (JSON)
-    paused: bool = False  # the source said GOODBYE(PAUSED) and has not come back since
-    unlocked: bool = False  # the administrator unlocked the volume (while paused)
-
-    @property
-    def mirror(self) -> str:
-        return f"job {self.job!r} from {self.source_node}:{self.source_volume}"
-
-    def job_record(self) -> JobRecord | None:
-        try:
-            return JobRecord.from_json(self.job_document) if self.job_document else None
-        except ValueError:
-            return None
-
-
-class TargetRecords:
-    """The durable list of this node's target volumes."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def load_all(self) -> dict[str, TargetRecord]:
-        records = {}
-        for path in sorted(self.directory.glob("*.json")):
-            records[path.stem] = TargetRecord(**json.loads(path.read_text()))
-        return records
-
-    def save(self, volume: str, record: TargetRecord) -> None:
-        durable_files.write_json(self.directory / f"{volume}.json", dataclasses.asdict(record))
-
-    def remove(self, volume: str) -> None:
-        durable_files.remove(self.directory / f"{volume}.json")
 
 
 class Replicas:

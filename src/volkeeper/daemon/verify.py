@@ -15,17 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
 from volkeeper.errors import PeerError, VolumeError
 
 if TYPE_CHECKING:
-    from volkeeper.daemon.mirror import Mirror
+    from volkeeper.daemon.compare import Comparer
+    from volkeeper.daemon.intent_writer import IntentWriter
+    from volkeeper.daemon.mirror_spec import MirrorSpec
     from volkeeper.daemon.op import Op
     from volkeeper.daemon.sender import Sender
+    from volkeeper.io.intent_store import IntentStore
+    from volkeeper.io.volume_service import VolumeService
 
 log = structlog.get_logger("volkeeper.verify")
 
@@ -70,8 +75,29 @@ class VerifyResult:
         }
 
 
+class VerifyHost(Protocol):
+    """What a verify needs of its mirror (daemon/mirror.py's ``Mirror``)."""
+
+    in_flight_ops: Callable[[], Iterable[Op]]  # writes issued and not complete
+
+    @property
+    def spec(self) -> MirrorSpec: ...
+
+    @property
+    def store(self) -> IntentStore: ...
+
+    @property
+    def service(self) -> VolumeService: ...
+
+    @property
+    def intent(self) -> IntentWriter: ...
+
+    @property
+    def comparer(self) -> Comparer: ...
+
+
 class Verify:
-    def __init__(self, mirror: Mirror, sender: Sender, mark: bool) -> None:
+    def __init__(self, mirror: VerifyHost, sender: Sender, mark: bool) -> None:
         self.mirror = mirror
         self.sender = sender
         self.result = VerifyResult(mark, mirror.service.volume.size)
