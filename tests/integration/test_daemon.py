@@ -592,3 +592,18 @@ def test_full_backing_store_gives_enospc_and_the_daemon_survives(
     values = metrics(node)
     assert sample(values, "volkeeper_volume_request_errors_total", volume="full", op="write") > 0
     # and it still stops cleanly (the fixture asserts exit 0 on SIGTERM)
+
+
+def test_a_field_the_api_does_not_know_is_refused_by_name(cli_node: LocalNode) -> None:
+    """A misspelt setting must not create a mirror without it, nor a setting that cannot
+    change on a live mirror be dropped in silence."""
+    body = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "confirm": True}
+    with cli_node.api() as api:
+        typo = api.post("/jobs", json={**body, "compresion": "zstd:3"})
+        fixed = api.patch("/jobs/web/mirror", json={"region_size": "64KiB"})
+        jobs = api.get("/jobs").json()
+    for answer, field in ((typo, "compresion"), (fixed, "region_size")):
+        assert answer.status_code == 422, answer.text
+        error = answer.json()["error"]
+        assert error["code"] == "bad_request" and f"body.{field}" in error["message"], error
+    assert jobs == []

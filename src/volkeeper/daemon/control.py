@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from volkeeper import __version__
@@ -82,7 +82,14 @@ class NodeView(Protocol):
 _DEFAULT = MirrorSettings()
 
 
-class SettingsBody(BaseModel):
+class Body(BaseModel):
+    """A request body: a field it does not know is refused, not ignored (a misspelt
+    setting must not create a mirror without it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SettingsBody(Body):
     """A mirror's settings as the API takes them (core/mirror_settings.py has the rules)."""
 
     mode: str = Field(_DEFAULT.mode, description="sync or async")
@@ -129,7 +136,7 @@ class TargetBody(SettingsBody):
     confirm: bool = Field(False, description="the full resync overwrites the target")
 
 
-class SetBody(BaseModel):
+class SetBody(Body):
     target: str | None = Field(None, description="NODE:VOLUME; left out: every mirror")
     mode: str | None = None
     queue_limit: int | str | None = None
@@ -153,7 +160,7 @@ class VolumeAction(enum.StrEnum):
     release = "release"
 
 
-class MirrorCommand(BaseModel):
+class MirrorCommand(Body):
     target: str | None = Field(None, description="NODE:VOLUME; may be left out (one mirror)")
     full: bool = Field(False, description="resync: resend every region, not only marked ones")
     checksum: bool = Field(
