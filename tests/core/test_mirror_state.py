@@ -9,7 +9,9 @@ from volkeeper.core.mirror_state import (
     IllegalTransition,
     MirrorEvent,
     MirrorState,
+    Route,
     next_state,
+    route,
 )
 
 S, E = MirrorState, MirrorEvent
@@ -62,3 +64,24 @@ def test_broken_is_left_only_by_a_resync_of_every_region() -> None:
     exits = {event for (state, event), target in TRANSITIONS.items() if state is S.BROKEN}
     leaving = {e for e in exits if TRANSITIONS[(S.BROKEN, e)] is not S.BROKEN}
     assert leaving == {E.FULL_RESYNC, E.CHECKSUM_RESYNC}
+
+
+@pytest.mark.parametrize(
+    ("state", "link_up", "asynchronous", "queued", "is_flush", "way"),
+    [
+        (S.MIRRORING, True, False, 10**9, False, Route.SEND),  # sync: no queue limit
+        (S.RESYNCING, True, False, 0, False, Route.SEND),  # new writes go during a resync
+        (S.MIRRORING, True, True, 60, False, Route.SEND),
+        (S.MIRRORING, True, True, 61, False, Route.OVERFLOW),  # 61 + 40 > 100
+        (S.MIRRORING, True, True, 61, True, Route.SEND),  # a FLUSH never overflows
+        (S.MIRRORING, False, False, 0, False, Route.KEEP),  # the link just dropped
+        (S.RESYNC_PENDING, False, True, 0, False, Route.KEEP),
+        (S.PAUSED, True, False, 0, False, Route.KEEP),  # paused: nothing is sent
+        (S.BROKEN, False, False, 0, False, Route.UNTRACKED),
+        (S.BROKEN, True, False, 0, True, Route.UNTRACKED),
+    ],
+)
+def test_where_an_application_op_goes(
+    state: MirrorState, link_up: bool, asynchronous: bool, queued: int, is_flush: bool, way: Route
+) -> None:
+    assert route(state, link_up, asynchronous, queued, 40, is_flush, 100) is way

@@ -210,6 +210,26 @@ class Ledger(Generic[Token, Pin]):
 
     # -- questions ------------------------------------------------------------------------
 
+    def kept(
+        self, token: Token, pin: Pin, offset: int, length: int, is_flush: bool
+    ) -> Ready[Token, Pin]:
+        """An application op not sent (no link, paused, async queue full): a write is
+        marked, its reply may go (its extent is durably active), its pin goes once the mark
+        is persisted; a FLUSH covers only marked writes: nothing to make durable."""
+        if is_flush:
+            return Ready(reply=[token], durable_now=[token])
+        self.race(offset, length)
+        return Ready(
+            mark=[(offset, length)], release=[token], reply=[token], unpin_after_persist=[pin]
+        )
+
+    @staticmethod
+    def untracked(token: Token, pin: Pin, is_flush: bool) -> Ready[Token, Pin]:
+        """An application op of a Broken mirror: not tracked at all, done with at once."""
+        if is_flush:
+            return Ready(reply=[token], durable_now=[token])
+        return Ready(release=[token], reply=[token], unpin_now=[pin])
+
     def ask(self, sequence: int, what: str) -> None:
         """The frame sent as ``sequence`` (``what``) must be ACKed, or answered, without
         error."""

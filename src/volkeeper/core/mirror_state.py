@@ -7,6 +7,11 @@ table does not list, so an impossible move is a loud bug or a refused command, n
 state.  The table is the spec; read it as "in STATE, on EVENT, go to STATE'".
 
 ``Unknown`` is not a state of the table: management shows it when a node cannot be asked.
+
+Where an application write goes follows from the state too, and is written once here
+(``route``): on the wire while a link is up and the mirror is sending; into the intent log's
+bitmap otherwise (no link, paused, or an async queue that is full, which also starts a
+resync); nowhere when the mirror is Broken (changes are not tracked).
 """
 
 from __future__ import annotations
@@ -93,3 +98,30 @@ def next_state(state: MirrorState, event: MirrorEvent) -> MirrorState:
         return TRANSITIONS[(state, event)]
     except KeyError:
         raise IllegalTransition(state, event) from None
+
+
+SENDING = frozenset({MirrorState.MIRRORING, MirrorState.RESYNCING})  # the link carries writes
+
+
+class Route(enum.Enum):
+    SEND = "send"  # on the wire
+    OVERFLOW = "overflow"  # async queue full: QUEUE_OVERFLOW, then kept like KEEP
+    KEEP = "keep"  # marked in the bitmap, sent by a later resync
+    UNTRACKED = "untracked"  # Broken: nothing is tracked
+
+
+def route(
+    state: MirrorState,
+    link_up: bool,
+    asynchronous: bool,
+    queued_bytes: int,
+    size: int,
+    is_flush: bool,
+    queue_limit: int,
+) -> Route:
+    """Where an application op goes; ``queued_bytes``: async bytes sent and not ACKed."""
+    if link_up and state in SENDING:
+        if asynchronous and not is_flush and queued_bytes + size > queue_limit:
+            return Route.OVERFLOW
+        return Route.SEND
+    return Route.UNTRACKED if state is MirrorState.BROKEN else Route.KEEP

@@ -8,7 +8,9 @@ between a partial resync (same generation: the bitmap says what differs) and a f
 keep flowing; on loss it marks what the target may lack and reconnects with backoff.
 
 Application writes reach ``ship(op)`` through ``Replication`` (daemon/replication.py), already
-ordered and with their activity-log extents durably active.  What ``ship`` does:
+ordered and with their activity-log extents durably active.  What ``ship`` does (the choice is
+core/mirror_state.py's ``route``; what follows a write not sent, the ledger's ``kept`` and
+``untracked``):
 
     link up (Mirroring, Resyncing)   send the frame.  sync: the op's reply waits for the ACK;
                                      async: it does not, but the bytes sent and not yet ACKed
@@ -53,7 +55,7 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.mirror_ledger import Ledger, Ready, Sent
-from volkeeper.core.mirror_state import MirrorEvent, MirrorState, next_state
+from volkeeper.core.mirror_state import SENDING, MirrorEvent, MirrorState, Route, next_state, route
 from volkeeper.core.stats import RateMeter
 from volkeeper.daemon.compare import Comparer
 from volkeeper.daemon.intent_writer import IntentWriter
@@ -263,7 +265,7 @@ class Mirror:
             self.resync.lost(reason, unsent)
             self.resync = None
         self.comparer.lost(reason, unsent)
-        if self.state in _SENDING and not self._stopping:  # stopping is no "target lost"
+        if self.state in SENDING and not self._stopping:  # stopping is no "target lost"
             self._set(MirrorEvent.DISCONNECTED)
         self._apply(self.ledger.lost([entry for entry in unsent if isinstance(entry, Sent)]))
         self._lost.set()
@@ -300,20 +302,20 @@ class Mirror:
     def ship(self, op: Op) -> None:
         """Carry ``op`` to the target, or mark it; pays ``op``'s reply part for this mirror."""
         link = self.link
-        if link is not None and self.state in _SENDING and link.is_open:
-            if not (self.asynchronous and self._queue_full(op)):
-                self._send(op)
-                return
+        way = route(
+            self.state, link is not None and link.is_open, self.asynchronous,
+            self.ledger.queued_bytes, len(op.payload), op.is_flush,
+            self.spec.settings.queue_limit,
+        )  # fmt: skip
+        if way is Route.SEND:
+            self._send(op)
+            return
+        if way is Route.UNTRACKED:
+            self._apply(self.ledger.untracked(op, op.extents, op.is_flush))
+            return
+        if way is Route.OVERFLOW and link is not None:
             self._overflow(link)
-        if op.is_flush:  # the writes it covers are marked: nothing to make durable there
-            op.part_done()
-            op.durable_done()
-        elif self.state is MirrorState.BROKEN:
-            self.store.activity_log.unpin(op.extents)
-            op.release_payload()
-            op.part_done()
-        else:
-            self._mark(op)
+        self._apply(self.ledger.kept(op, op.extents, op.offset, op.length, op.is_flush))
 
     def _send(self, op: Op) -> None:
         owed = not self.asynchronous
@@ -344,10 +346,6 @@ class Mirror:
         assert self.sender is not None, "no link"
         return self.sender
 
-    def _queue_full(self, op: Op) -> bool:
-        queued = self.ledger.queued_bytes
-        return not op.is_flush and queued + len(op.payload) > self.spec.settings.queue_limit
-
     def _overflow(self, link: PeerLink) -> None:
         self.overflows += 1
         if self.state is MirrorState.MIRRORING:
@@ -359,16 +357,6 @@ class Mirror:
             )
             self._set(MirrorEvent.QUEUE_OVERFLOW)
             self._start_resync(link)
-
-    def _mark(self, op: Op) -> None:
-        """Track ``op`` in the bitmap.  Its extent is durably active, so the reply may go
-        now; the extent is unpinned once the bitmap page holding the mark is durable."""
-        self.store.bitmap.mark(op.offset, op.length)
-        self.ledger.race(op.offset, op.length)
-        op.release_payload()
-        op.part_done()
-        extents = op.extents
-        self.intent.after_durable(lambda: self.store.activity_log.unpin(extents))
 
     def _acked(self, link: PeerLink, ack: pw.Ack) -> None:
         """Let the ledger judge the ACK; an errno fails the target, whatever the frame was
@@ -503,7 +491,7 @@ class Mirror:
         sender = self.sender
         if self.verify is not None:
             return self.verify.result  # already running: idempotent
-        if sender is None or self.state not in _SENDING:
+        if sender is None or self.state not in SENDING:
             raise PeerError(f"the mirror is {self.state.value}: verify needs a connected target")
         verify = self.verify = Verify(self, sender, mark)
         task = asyncio.ensure_future(verify.run())
@@ -639,6 +627,3 @@ def _no_callback(mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:
 
 def _no_error_callback(mirror: Mirror, message: str) -> None:
     return None
-
-
-_SENDING = frozenset({MirrorState.MIRRORING, MirrorState.RESYNCING})
