@@ -1,4 +1,5 @@
-"""The mirror state table: DataKeeper's names, legal moves, loud refusals."""
+"""The mirror state table: DataKeeper's names, legal moves, loud refusals; where a write
+goes in each state, and what a handshake leads to."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from volkeeper.core.mirror_state import (
     MirrorEvent,
     MirrorState,
     Route,
+    admission,
     next_state,
     route,
 )
@@ -85,3 +87,23 @@ def test_where_an_application_op_goes(
     state: MirrorState, link_up: bool, asynchronous: bool, queued: int, is_flush: bool, way: Route
 ) -> None:
     assert route(state, link_up, asynchronous, queued, 40, is_flush, 100) is way
+
+
+@pytest.mark.parametrize(
+    ("target_generation", "up_to_date", "marked", "mark_all", "event"),
+    [
+        (7, True, False, False, E.CONNECTED_CLEAN),  # in sync: Mirroring at once
+        (7, True, True, False, E.CONNECTED_DIRTY),  # partial resync of what is marked
+        (7, False, False, False, E.CONNECTED_DIRTY),  # empty resync: proves UpToDate first
+        (8, True, False, True, E.CONNECTED_DIRTY),  # another generation: full resync
+        (0, False, True, True, E.CONNECTED_DIRTY),  # a new target
+    ],
+)
+def test_what_a_handshake_leads_to(
+    target_generation: int, up_to_date: bool, marked: bool, mark_all: bool, event: MirrorEvent
+) -> None:
+    decided = admission(7, target_generation, up_to_date, marked)
+    assert (decided.mark_all, decided.event) == (mark_all, event)
+    assert next_state(MirrorState.RESYNC_PENDING, decided.event) in (
+        MirrorState.MIRRORING, MirrorState.RESYNCING,
+    )  # fmt: skip

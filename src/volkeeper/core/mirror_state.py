@@ -11,12 +11,15 @@ state.  The table is the spec; read it as "in STATE, on EVENT, go to STATE'".
 Where an application write goes follows from the state too, and is written once here
 (``route``): on the wire while a link is up and the mirror is sending; into the intent log's
 bitmap otherwise (no link, paused, or an async queue that is full, which also starts a
-resync); nowhere when the mirror is Broken (changes are not tracked).
+resync); nowhere when the mirror is Broken (changes are not tracked).  What a handshake
+leads to is written here as well (``admission``): the resync the target needs, decided from
+the generations and data state it reported and what the intent log has marked.
 """
 
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 
 
 class MirrorState(enum.Enum):
@@ -125,3 +128,28 @@ def route(
             return Route.OVERFLOW
         return Route.SEND
     return Route.UNTRACKED if state is MirrorState.BROKEN else Route.KEEP
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a handshake with the target leads to."""
+
+    mark_all: bool  # the target holds another generation: every region differs (full resync)
+    event: MirrorEvent  # CONNECTED_DIRTY (resync, maybe empty) or CONNECTED_CLEAN
+    why: str
+
+
+def admission(
+    current_generation: int, target_generation: int, target_up_to_date: bool, marked: bool
+) -> Admission:
+    """The target reported ``target_generation`` and whether it is UpToDate; ``marked``: the
+    intent log has regions marked.  The target is only taken as in sync when it says so, for
+    this generation, and nothing is marked; otherwise a resync runs, and it is an empty one
+    when nothing is marked (it ends once the target has recorded UpToDate)."""
+    if target_generation != current_generation:
+        return Admission(True, MirrorEvent.CONNECTED_DIRTY, "target generation differs")
+    if marked:
+        return Admission(False, MirrorEvent.CONNECTED_DIRTY, "regions marked")
+    if not target_up_to_date:
+        return Admission(False, MirrorEvent.CONNECTED_DIRTY, "target not UpToDate")
+    return Admission(False, MirrorEvent.CONNECTED_CLEAN, "in sync")

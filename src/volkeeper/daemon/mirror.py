@@ -55,7 +55,15 @@ import structlog
 
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.mirror_ledger import Ledger, Ready, Sent
-from volkeeper.core.mirror_state import SENDING, MirrorEvent, MirrorState, Route, next_state, route
+from volkeeper.core.mirror_state import (
+    SENDING,
+    MirrorEvent,
+    MirrorState,
+    Route,
+    admission,
+    next_state,
+    route,
+)
 from volkeeper.core.stats import RateMeter
 from volkeeper.daemon.compare import Comparer
 from volkeeper.daemon.intent_writer import IntentWriter
@@ -222,8 +230,11 @@ class Mirror:
             self.throughput.sample(loop.time(), self.sent_bytes)
 
     async def _admitted(self, link: PeerLink, ok: pw.HelloOk) -> None:
-        current = self.store.generations.current
-        if ok.current_generation != current:
+        decided = admission(
+            self.store.generations.current, ok.current_generation,
+            ok.data_state == pw.DataState.UP_TO_DATE, bool(self.store.bitmap.marked_count),
+        )  # fmt: skip
+        if decided.mark_all:
             log.info("target generation differs: full resync", job=self.spec.job)
             self.store.bitmap.mark_all()
             await self.intent.durable()
@@ -232,13 +243,9 @@ class Mirror:
             return
         self.last_error = self.standing_error  # not cleared before a resync proves it gone
         self.announce()
-        if self.store.bitmap.marked_count or ok.data_state != pw.DataState.UP_TO_DATE:
-            # Nothing marked, but the target does not say UpToDate (it failed a frame, or a
-            # STATE was lost): an empty resync ends once it has recorded UpToDate.
-            self._set(MirrorEvent.CONNECTED_DIRTY)
+        self._set(decided.event)
+        if decided.event is MirrorEvent.CONNECTED_DIRTY:
             self._start_resync(link)
-        else:
-            self._set(MirrorEvent.CONNECTED_CLEAN)
 
     def _on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
         self._last_heard = self._clock()
