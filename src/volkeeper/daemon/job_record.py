@@ -9,7 +9,7 @@ TypeAdapter in strict mode, so a file or a JOB frame with a wrong type is refuse
 field it is about.  Records written before settings were one value (flat ``mode``,
 ``throttle``... beside ``source_volume``) are read as well.  The source node keeps one
 file per job in ``state_dir/jobs`` (``JobRecords``); targets keep the document inside their
-target records (daemon/replica.py).
+target records (daemon/target_session.py).
 ``check_mirror`` holds the rules every new or changed mirror must pass.
 """
 

@@ -34,7 +34,7 @@ from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.jobs import Jobs
 from volkeeper.daemon.metrics import MirrorCollector, NodeCollector
 from volkeeper.daemon.target_record import TargetRecord, TargetRecords
-from volkeeper.daemon.targets import Replicas
+from volkeeper.daemon.targets import TargetVolumes
 from volkeeper.errors import ConfigError, Refusal, VolumeError
 from volkeeper.io import peer_tls
 from volkeeper.io.nbd_server import NbdServer
@@ -58,7 +58,7 @@ class Node:
         self.services: list[VolumeService] = []
         self.readers = IoWorkers(IO_THREADS, "volkeeper-read")
         self.nbd = NbdServer(lambda: self.services)
-        self.replicas: Replicas | None = None
+        self.targets: TargetVolumes | None = None
         self.peer_server: PeerServer | None = None
         self.jobs: Jobs | None = None
         self.events = EventBus()
@@ -71,7 +71,7 @@ class Node:
                 lambda: (
                     [run.mirror for run in self.jobs.mirrors.running.values()] if self.jobs else []
                 ),
-                lambda: self.replicas.received() if self.replicas else [],
+                lambda: self.targets.received() if self.targets else [],
             )
         )
         self.control = ControlServer(self, config.node.control)
@@ -97,15 +97,15 @@ class Node:
             log.info("volume opened", volume=volume.name, path=volume.path, size=volume.size)
         by_name = {service.name: service for service in self.services}
         state_dir = Path(self.config.node.state_dir)
-        self.replicas = Replicas(
+        self.targets = TargetVolumes(
             self.name, by_name.get, TargetRecords(state_dir / "targets"), self.events.publish
         )
-        self.peer_server = PeerServer(self.replicas.make_link, tls=self.tls_server)
+        self.peer_server = PeerServer(self.targets.make_link, tls=self.tls_server)
         await self.peer_server.listen(self.config.node.listen)
         _log_peer_security(self.config)
         self.jobs = Jobs(
             self.name, state_dir, Path(self.config.node.bitmap_dir), dict(self.config.peers),
-            by_name, self.readers, lambda volume: volume in self.replicas_records(),
+            by_name, self.readers, lambda volume: volume in self.target_records(),
             tls=self.tls_client, publish=self.events.publish,
         )  # fmt: skip
         self.jobs.load()
@@ -165,8 +165,8 @@ class Node:
         await self.nbd.close()
         if self.jobs is not None:
             await self.jobs.stop_all()
-        if self.replicas is not None:
-            await self.replicas.shutdown()
+        if self.targets is not None:
+            await self.targets.shutdown()
         if self.peer_server is not None:
             await self.peer_server.close()
         for service in self.services:  # nothing is in flight now: blocking here is fine
@@ -183,12 +183,12 @@ class Node:
 
     # -- views for the control API --------------------------------------------------------
 
-    def replicas_records(self) -> dict[str, TargetRecord]:
-        return self.replicas.records if self.replicas is not None else {}
+    def target_records(self) -> dict[str, TargetRecord]:
+        return self.targets.records if self.targets is not None else {}
 
     def volume_list(self) -> list[dict[str, Any]]:
-        targets = self.replicas_records()
-        errors = self.replicas.errors if self.replicas is not None else {}
+        targets = self.target_records()
+        errors = self.targets.errors if self.targets is not None else {}
         return [
             _volume_view(service, service.name in targets, errors.get(service.name))
             for service in self.services
@@ -204,14 +204,14 @@ class Node:
 
     def _mirror_views(self) -> list[dict[str, Any]]:
         source = self.jobs.mirror_views() if self.jobs is not None else []
-        return source + (self.replicas.views() if self.replicas is not None else [])
+        return source + (self.targets.views() if self.targets is not None else [])
 
     def job_list(self) -> list[dict[str, Any]]:
         """Jobs this node is the source of, then those it serves as a target."""
         jobs = self.jobs.job_views() if self.jobs is not None else []
-        if self.replicas is not None:
-            views = self.replicas.views()
-            for job in self.replicas.jobs():
+        if self.targets is not None:
+            views = self.targets.views()
+            for job in self.targets.jobs():
                 mirrors = [view for view in views if view["job"] == job.name]
                 jobs.append(_target_job_view(job, mirrors))
         return jobs
@@ -254,18 +254,18 @@ class Node:
         return await self._jobs().delete(name)
 
     def lock_volume(self, volume: str, lock: bool) -> dict[str, Any]:
-        assert self.replicas is not None
+        assert self.targets is not None
         if lock:
-            self.replicas.lock(volume)
+            self.targets.lock(volume)
         else:
-            self.replicas.unlock(volume)
+            self.targets.unlock(volume)
         self.events.publish("change", "volume", volume=volume, locked=lock)
         return self._volume(volume)
 
     def release_volume(self, volume: str) -> dict[str, Any]:
         """Forget the mirror a target volume serves (its source is gone for good)."""
-        assert self.replicas is not None
-        self.replicas.forget(volume)
+        assert self.targets is not None
+        self.targets.forget(volume)
         self.events.publish("destroy", "mirror", target=f"{self.name}:{volume}", role="target")
         return self._volume(volume)
 

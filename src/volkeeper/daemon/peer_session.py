@@ -7,7 +7,7 @@ mirror's connection starts this way (daemon/mirror.py), and so do the two short 
 ``Jobs`` needs when no mirror is connected:
 
     claim      HELLO claims and locks the volume on the target (every check of
-               daemon/replica.py runs there); the JOB frame then tells the target which job
+               daemon/target_session.py runs there); the JOB frame then tells the target which job
                the volume serves, and its ACK says the target recorded it.
     release    HELLO, then GOODBYE(DELETED): the target forgets the claim and unlocks the
                volume, keeping its data.  Used when a job is deleted, or when creating it

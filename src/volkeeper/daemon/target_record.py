@@ -5,7 +5,7 @@ volume), what the copy is (data state and generations, as the source last record
 the job's record as the source last sent it, and the administrator's pause and unlock.
 ``TargetRecords`` keeps one file per volume in ``state_dir/targets``, each replaced
 atomically (io/durable_files.py).  The target side's logic is in daemon/targets.py and
-daemon/replica.py.
+daemon/target_session.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The node's target volumes: who may feed them, what is known of them, and their locks.
 
-How this works: ``Replicas`` holds every target volume of the node and the session
-(``replica.ReplicaSession``) feeding each one, if any.  A session passes its source's HELLO to
+How this works: ``TargetVolumes`` holds every target volume of the node and the session
+(``target_session.TargetSession``) feeding each one, if any.  A session passes its source's HELLO to
 ``admit``, which checks it against the node: the volume exists, has the source's sector size
 and at least its size, and is not already the target of another mirror nor fed by another
 live connection, nor the source of a mirror here.  The first HELLO for a volume claims it: a
@@ -32,17 +32,17 @@ from typing import Any
 import structlog
 
 from volkeeper.core import peer_wire as pw
-from volkeeper.daemon import replica
+from volkeeper.daemon import target_session
 from volkeeper.daemon.job_record import JobRecord
 from volkeeper.daemon.target_record import TargetRecord, TargetRecords
 from volkeeper.errors import Refusal
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 
-log = structlog.get_logger("volkeeper.replica")
+log = structlog.get_logger("volkeeper.target")
 
 
-class Replicas:
+class TargetVolumes:
     """Every target volume of the node, and the sessions currently feeding them."""
 
     def __init__(
@@ -58,7 +58,7 @@ class Replicas:
         self.publish = publish or _ignore
         self._shown: dict[str, str] = {}  # target volume -> state last published
         self.records = records.load_all()
-        self.sessions: dict[str, replica.ReplicaSession] = {}
+        self.sessions: dict[str, target_session.TargetSession] = {}
         self.received_bytes: dict[str, int] = {}  # target volume -> payload bytes received
         self.errors: dict[str, str] = {}  # target volume -> last frame it could not apply
         self.error_counts: dict[str, int] = {}  # target volume -> frames it could not apply
@@ -75,9 +75,9 @@ class Replicas:
                 found.lock(f"target of mirror {record.mirror}")
 
     def make_link(self) -> PeerLink:
-        session = replica.ReplicaSession(self)
+        session = target_session.TargetSession(self)
         link = PeerLink(session.on_frame, session.on_lost)
-        asyncio.get_running_loop().call_later(replica.HELLO_TIMEOUT, session.expire, link)
+        asyncio.get_running_loop().call_later(target_session.HELLO_TIMEOUT, session.expire, link)
         return link
 
     def admit(self, hello: pw.Hello) -> tuple[VolumeService, TargetRecord] | pw.Refuse:

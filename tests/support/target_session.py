@@ -1,4 +1,4 @@
-"""A hand-driven source talking to a real target side (``Replicas`` behind a peer listener).
+"""A hand-driven source talking to a real target side (``TargetVolumes`` behind a peer listener).
 
 How this works: ``run(directory, volumes, scenario)`` starts a target node's replication side on a
 free port, runs the async ``scenario(target)``, and closes it; ``target.source(first)`` connects a
@@ -14,7 +14,7 @@ from pathlib import Path
 from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.daemon.target_record import TargetRecords
-from volkeeper.daemon.targets import Replicas
+from volkeeper.daemon.targets import TargetVolumes
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
 from volkeeper.io.volume import Volume
 from volkeeper.io.volume_service import VolumeService
@@ -59,8 +59,10 @@ class Target:
         self.directory = directory
         self.readers = IoWorkers(2, "test-readers")
         self.services = {v.name: VolumeService(v, self.readers) for v in volumes}
-        self.replicas = Replicas("beta", self.services.get, TargetRecords(directory / "targets"))
-        self.server = PeerServer(self.replicas.make_link)
+        self.targets = TargetVolumes(
+            "beta", self.services.get, TargetRecords(directory / "targets")
+        )
+        self.server = PeerServer(self.targets.make_link)
         self.address = TcpAddress("127.0.0.1", free_tcp_port())
 
     async def source(self, first: pw.Frame) -> Source:

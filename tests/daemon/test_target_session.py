@@ -1,6 +1,6 @@
 """The target end of a mirror's connection over real loopback TCP: handshake, ordered apply.
 
-The harness (``Source``, ``hello``, ``Target``, ``run``) is in tests/support/replica.py.
+The harness (``Source``, ``hello``, ``Target``, ``run``) is in tests/support/target_session.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.replica import (
+from tests.support.target_session import (
     MiB,
     Source,
     Target,
@@ -77,7 +77,7 @@ def test_a_source_must_start_with_hello(tmp_path: Path) -> None:
 def test_a_silent_connection_is_closed_after_the_hello_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("volkeeper.daemon.replica.HELLO_TIMEOUT", 0.2)
+    monkeypatch.setattr("volkeeper.daemon.target_session.HELLO_TIMEOUT", 0.2)
 
     async def scenario(target: Target) -> None:
         silent, talker = Source(), Source()
@@ -122,8 +122,8 @@ def test_a_failed_write_makes_the_copy_inconsistent_until_the_source_says_up_to_
         assert [(a.sequence, a.errno) for a in acks] == [
             (3, 0), (4, errno.ENOSPC), (5, 0), (6, errno.EIO)
         ]  # fmt: skip
-        replicas = target.replicas
-        (view,) = replicas.views()
+        volumes = target.targets
+        (view,) = volumes.views()
         assert view["data_state"] == "Inconsistent", view
         assert "No space left on device" in view["last_error"], view
         assert view["target_errors"] == 2
@@ -142,7 +142,7 @@ def test_a_failed_write_makes_the_copy_inconsistent_until_the_source_says_up_to_
         link.send(pw.State(pw.DataState.UP_TO_DATE, 0x1234, 0))
         acks = [f for f in (await source.answers(4))[1:] if isinstance(f, pw.Ack)]
         assert [a.errno for a in acks] == [0, 0, 0]
-        (view,) = replicas.views()
+        (view,) = volumes.views()
         assert (view["data_state"], view["last_error"]) == ("UpToDate", None), view
         assert record_on_disk() == "UP_TO_DATE"
         assert memory.read(MiB, 65536) == b"b" * 65536

@@ -1,9 +1,9 @@
 """The target end of a mirror's connection: admit the source, then apply its frames in order.
 
-How this works: every connection to the node's replication port gets a ``ReplicaSession``
-(``targets.Replicas.make_link``).  Its first frame must be a HELLO; a connection that says
+How this works: every connection to the node's replication port gets a ``TargetSession``
+(``targets.TargetVolumes.make_link``).  Its first frame must be a HELLO; a connection that says
 nothing is closed after ``HELLO_TIMEOUT``.  Over TLS, the source's certificate must name the
-node its HELLO claims to be.  ``Replicas.admit`` checks the rest and, on the first HELLO for
+node its HELLO claims to be.  ``TargetVolumes.admit`` checks the rest and, on the first HELLO for
 the volume, claims it (records and locks: see ``targets``).  The answer is HELLO_OK with what
 the record says of this copy (data state, generations), or REFUSE naming the reason.
 
@@ -22,7 +22,7 @@ A frame that fails (a full or failing disk) is ACKed with its errno, and the cop
 longer a faithful one: the session is marked failed from that instant, in the thread that saw
 the error (so a STATE already queued behind the failed write cannot record UpToDate: it is
 refused), the volume's record is set Inconsistent, and the volume's last error is kept for
-``status`` (``Replicas.failed``) until a resync ends with the source's UpToDate.
+``status`` (``TargetVolumes.failed``) until a resync ends with the source's UpToDate.
 """
 
 from __future__ import annotations
@@ -45,19 +45,19 @@ from volkeeper.io.codecs import decompress
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 
-log = structlog.get_logger("volkeeper.replica")
+log = structlog.get_logger("volkeeper.target")
 
 SHUTDOWN_FLUSH_TIMEOUT = 10.0
 HELLO_TIMEOUT = 10.0  # a connection that has not said HELLO by then is closed
 
 
-class Replicas(Protocol):
-    """What a session needs of the node's target volumes (daemon/targets.py's ``Replicas``)."""
+class TargetVolumes(Protocol):
+    """What a session needs of the node's target volumes (daemon/targets.py's ``TargetVolumes``)."""
 
     node: str
     store: TargetRecords
     records: dict[str, TargetRecord]
-    sessions: dict[str, ReplicaSession]
+    sessions: dict[str, TargetSession]
     received_bytes: dict[str, int]
 
     def admit(self, hello: pw.Hello) -> tuple[VolumeService, TargetRecord] | pw.Refuse: ...
@@ -73,9 +73,9 @@ class Replicas(Protocol):
     def release(self, volume: str) -> None: ...
 
 
-class ReplicaSession:
-    def __init__(self, replicas: Replicas) -> None:
-        self.replicas = replicas
+class TargetSession:
+    def __init__(self, volumes: TargetVolumes) -> None:
+        self.targets = volumes  # the node's target volumes
         self.volume: str | None = None
         self.service: VolumeService | None = None
         self.record: TargetRecord | None = None
@@ -98,9 +98,9 @@ class ReplicaSession:
             link.close(f"no HELLO within {HELLO_TIMEOUT:.0f} s")
 
     def on_lost(self, link: PeerLink, reason: str) -> None:
-        if self.volume is not None and self.replicas.sessions.get(self.volume) is self:
-            del self.replicas.sessions[self.volume]
-            self.replicas.changed(self.volume)
+        if self.volume is not None and self.targets.sessions.get(self.volume) is self:
+            del self.targets.sessions[self.volume]
+            self.targets.changed(self.volume)
 
     def _handshake(self, link: PeerLink, frame: pw.Frame) -> None:
         if not isinstance(frame, pw.Hello):
@@ -114,7 +114,7 @@ class ReplicaSession:
                 pw.RefuseReason.OTHER, message
             )
         else:
-            admitted = self.replicas.admit(frame)
+            admitted = self.targets.admit(frame)
         if isinstance(admitted, pw.Refuse):
             log.warning("mirror source refused", source=frame.node, why=admitted.message)
             link.send(admitted)
@@ -123,12 +123,12 @@ class ReplicaSession:
         self.service, self.record = admitted
         self.volume = frame.volume
         self.link = link
-        self.replicas.sessions[frame.volume] = self
-        self.replicas.changed(frame.volume)
+        self.targets.sessions[frame.volume] = self
+        self.targets.changed(frame.volume)
         volume = self.service.volume
         link.send(
             pw.HelloOk(
-                node=self.replicas.node,
+                node=self.targets.node,
                 volume=frame.volume,
                 volume_size=volume.size,
                 sector_size=volume.sector_size,
@@ -185,19 +185,19 @@ class ReplicaSession:
         self.failed = self.failed or message
         if self.volume is None or self.service is None:
             return
-        record = self.replicas.failed(self.volume, message)
+        record = self.targets.failed(self.volume, message)
         if record is not None:  # it was UpToDate or Consistent: record the downgrade
             volume, self.record = self.volume, record
 
             def save() -> None:
-                self.replicas.store.save(volume, record)
+                self.targets.store.save(volume, record)
 
             self.service.submit(save, mutating=True, on_done=_logged("saving Inconsistent"))
 
     def _write(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Write | pw.ResyncData) and self.service is not None
         service, data = self.service, frame.data
-        received = self.replicas.received_bytes
+        received = self.targets.received_bytes
         received[service.name] = received.get(service.name, 0) + len(data)
         if not frame.fua:  # a small write while the writer is idle: a page-cache copy, here
             try:
@@ -223,7 +223,7 @@ class ReplicaSession:
         assert isinstance(frame, pw.WriteCompressed | pw.ResyncCompressed)
         service = self.service
         assert service is not None
-        received = self.replicas.received_bytes
+        received = self.targets.received_bytes
         received[service.name] = received.get(service.name, 0) + frame.raw_length
 
         def write() -> None:
@@ -298,14 +298,14 @@ class ReplicaSession:
         def save() -> None:  # in the FIFO: every earlier frame has been applied, or failed
             if self.failed is not None and record.data_state == pw.DataState.UP_TO_DATE.name:
                 raise VolumeError(f"not recording UpToDate: an earlier frame failed: {self.failed}")
-            self.replicas.store.save(volume, record)
+            self.targets.store.save(volume, record)
 
         def saved() -> None:
             if record.data_state == pw.DataState.UP_TO_DATE.name:
-                self.replicas.recovered(volume)
+                self.targets.recovered(volume)
 
-        self.record = self.replicas.records[volume] = record
-        self.replicas.changed(volume)
+        self.record = self.targets.records[volume] = record
+        self.targets.changed(volume)
         self._submit(link, sequence, save, durable=True, then=saved)
 
     async def flush_and_leave(self) -> None:
@@ -332,12 +332,12 @@ class ReplicaSession:
     def _goodbye(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Goodbye) and self.volume is not None
         if frame.reason == pw.GoodbyeReason.DELETED:
-            self.replicas.release(self.volume)
+            self.targets.release(self.volume)
         elif frame.reason == pw.GoodbyeReason.PAUSED:
-            self.replicas.paused(self.volume)
+            self.targets.paused(self.volume)
         link.close(f"source said goodbye: {frame.reason.name} {frame.message}".strip())
 
-    _APPLY: ClassVar[dict[type, Callable[[ReplicaSession, PeerLink, int, pw.Frame], None]]] = {
+    _APPLY: ClassVar[dict[type, Callable[[TargetSession, PeerLink, int, pw.Frame], None]]] = {
         pw.Write: _write,
         pw.ResyncData: _write,
         pw.WriteCompressed: _write_compressed,
