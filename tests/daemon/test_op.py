@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.op import Op, frame_of
 
 

@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.sender import INLINE_COMPRESS, Sender, SendSettings
 from volkeeper.io.codecs import compressor_for, decompress
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect

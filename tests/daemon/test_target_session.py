@@ -19,7 +19,7 @@ from tests.support.target_session import (
     hello,
     run,
 )
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper.io.faults import FaultyVolume
 from volkeeper.io.memory import MemoryVolume
 from volkeeper.io.peer_link import connect

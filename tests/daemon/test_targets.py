@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.target_session import MiB, Target, hello, run
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper.io.memory import MemoryVolume
 
 

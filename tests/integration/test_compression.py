@@ -69,7 +69,7 @@ from tests.support.watch import (
     rate_of,
     sample_wire,
 )
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper.io.codecs import compressor_for
 from volkeeper_lab.launcher import LocalNode, VolumeSpec
 

@@ -49,7 +49,7 @@ from tests.support.raw_peer import (
     Peer,
     encoded,
 )
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 KiB, MiB = 1 << 10, 1 << 20

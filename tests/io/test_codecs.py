@@ -8,7 +8,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper.errors import ProtocolError
 from volkeeper.io.codecs import compressor_for, decompress
 

@@ -9,7 +9,7 @@ import socket
 import pytest
 
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.core.peer_wire import Ack, Flush, Frame, Ping, Write
+from volkeeper.core.peer.wire import Ack, Flush, Frame, Ping, Write
 from volkeeper.errors import PeerError, VolkeeperError
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
 from volkeeper_lab.launcher import free_tcp_port

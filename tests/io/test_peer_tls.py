@@ -22,7 +22,7 @@ import trustme
 import uvloop
 
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.core.peer_wire import Ack, Frame, Hello, Write
+from volkeeper.core.peer.wire import Ack, Frame, Hello, Write
 from volkeeper.errors import ConfigError, PeerError
 from volkeeper.io import peer_link
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect

@@ -6,7 +6,7 @@ import contextlib
 import socket
 import time
 
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 
 DEADLINE = 5.0  # the target must answer or hang up this soon
 

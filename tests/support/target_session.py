@@ -11,8 +11,8 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.target_record import TargetRecords
 from volkeeper.daemon.targets import TargetVolumes
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect

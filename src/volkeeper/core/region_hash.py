@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from xxhash import xxh3_128_digest
 
-from volkeeper.core.peer_layout import DIGEST_SIZE, Buffer
+from volkeeper.core.peer.layout import DIGEST_SIZE, Buffer
 
 
 def digests(data: Buffer, region_size: int) -> bytes:

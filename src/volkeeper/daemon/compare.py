@@ -17,8 +17,8 @@ import asyncio
 import os
 from typing import TYPE_CHECKING, Any
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core import region_hash
+from volkeeper.core.peer import wire as pw
 from volkeeper.core.units import format_size
 from volkeeper.errors import PeerError, VolumeError
 

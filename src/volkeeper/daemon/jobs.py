@@ -28,10 +28,10 @@ from typing import Any
 
 import structlog
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
+from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.intent_logs import IntentLogs
 from volkeeper.daemon.job_record import (
     JobRecord,

@@ -53,7 +53,6 @@ from typing import Any
 
 import structlog
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core.mirror_ledger import Ledger, Ready, Sent
 from volkeeper.core.mirror_state import (
     SENDING,
@@ -64,6 +63,7 @@ from volkeeper.core.mirror_state import (
     next_state,
     route,
 )
+from volkeeper.core.peer import wire as pw
 from volkeeper.core.stats import RateMeter
 from volkeeper.daemon.compare import Comparer
 from volkeeper.daemon.intent_writer import IntentWriter

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_settings import MirrorSettings
+from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.sender import SendSettings
 from volkeeper.io.codecs import compressor_for
 from volkeeper.io.volume_service import VolumeService

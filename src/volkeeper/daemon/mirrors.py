@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import structlog
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
+from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.job_record import MirrorRecord
 from volkeeper.daemon.mirror import Mirror
 from volkeeper.daemon.mirror_spec import MirrorSpec, hello_for

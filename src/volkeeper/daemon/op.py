@@ -20,8 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from volkeeper.core import peer_wire as pw
-from volkeeper.core.peer_wire import Buffer
+from volkeeper.core.peer import wire as pw
+from volkeeper.core.peer.wire import Buffer
 
 if TYPE_CHECKING:
     from volkeeper.daemon.intent_writer import IntentWriter

@@ -24,8 +24,8 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.peer import wire as pw
 from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import OnFrame, OnLost, PeerLink, connect
 

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core.mirror_ledger import Chunk
 from volkeeper.core.mirror_state import MirrorState
+from volkeeper.core.peer import wire as pw
 from volkeeper.core.stats import RateMeter
 from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import PeerLink

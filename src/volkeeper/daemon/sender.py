@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper.core.throttle import TokenBucket
 from volkeeper.io.codecs import Compressor
 from volkeeper.io.peer_link import PeerLink

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.job_record import JobRecord
 from volkeeper.io import durable_files
 

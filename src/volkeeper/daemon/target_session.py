@@ -36,8 +36,8 @@ from typing import Any, ClassVar, Protocol
 
 import structlog
 
-from volkeeper.core import peer_wire as pw
 from volkeeper.core import region_hash
+from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.job_record import JobRecord
 from volkeeper.daemon.target_record import TargetRecord, TargetRecords
 from volkeeper.errors import ProtocolError, VolumeError

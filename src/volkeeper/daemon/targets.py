@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper.daemon import target_session
 from volkeeper.daemon.job_record import JobRecord
 from volkeeper.daemon.target_record import TargetRecord, TargetRecords

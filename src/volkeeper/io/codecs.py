@@ -22,7 +22,7 @@ from typing import cast
 import lz4.block
 import zstandard
 
-from volkeeper.core import peer_wire as pw
+from volkeeper.core.peer import wire as pw
 from volkeeper.errors import ProtocolError
 
 MIN_SAVING = 1 / 16  # compressed output must be at least this much smaller to be sent

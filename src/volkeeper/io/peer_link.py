@@ -1,7 +1,7 @@
 """asyncio adapter for the replication protocol: one ``PeerLink`` per TCP connection.
 
 How this works: ``PeerLink`` is an ``asyncio.BufferedProtocol`` wrapped around the sans-IO
-codec of core/peer_wire.py.  The socket is read into a fixed chunk that the ``FrameDecoder``
+codec of core/peer/wire.py.  The socket is read into a fixed chunk that the ``FrameDecoder``
 is fed from -- or, while a large WRITE's data is still arriving, straight into that frame's
 own buffer (``payload_window``: no copy at all); hand such a buffer back with ``recycle``
 once it is written.  Each frame goes to the owner's ``on_frame`` callback in arrival order
@@ -46,7 +46,7 @@ from typing import cast
 import structlog
 
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.core.peer_wire import Buffer, Frame, FrameDecoder, FrameEncoder
+from volkeeper.core.peer.wire import Buffer, Frame, FrameDecoder, FrameEncoder
 from volkeeper.errors import PeerError, ProtocolError
 from volkeeper.io.listeners import bind_listener, remove_listener
 from volkeeper.io.peer_tls import describe, looks_like_tls

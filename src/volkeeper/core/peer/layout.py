@@ -9,7 +9,7 @@ How this works: every frame is a 20-byte header, a body, and an 8-byte checksum:
 
 Sequence numbers start at 1 on each connection and rise by exactly 1 per frame in each
 direction, so an ACK names a frame by its sequence and a lost, repeated or reordered frame
-is caught.  The frames themselves are in ``peer_frames``; decoding in ``peer_wire``, the
+is caught.  The frames themselves are in ``frames``; decoding in ``wire``, the
 protocol's public module, which re-exports both.
 
 Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-8 bytes):

@@ -1,10 +1,10 @@
 """Replication protocol frames: one frozen dataclass per frame type, and the encoder.
 
-How this works: each frame type (layouts in ``peer_layout``) is a frozen dataclass whose
+How this works: each frame type (layouts in ``layout``) is a frozen dataclass whose
 ``encode(sequence)`` returns the buffers to hand to ``transport.writelines``;
 ``FrameEncoder`` owns the outgoing counter.  A WRITE or RESYNC_DATA payload is never copied:
 the caller's object itself sits in the list between the header and the checksum, so it must
-not change until the transport sent it.  Decoding lives in ``peer_wire``, the protocol's
+not change until the transport sent it.  Decoding lives in ``wire``, the protocol's
 public module, which re-exports all of this.
 """
 
@@ -16,7 +16,7 @@ from typing import ClassVar, TypeAlias
 
 from xxhash import xxh3_64, xxh3_64_digest
 
-from volkeeper.core.peer_layout import (
+from volkeeper.core.peer.layout import (
     _DATA_HEAD,
     ACK_BODY,
     COMPRESSED_HEAD,

@@ -1,7 +1,7 @@
-"""peer_wire: the replication protocol's frames, encoder and incremental decoder.
+"""core/peer/wire.py: the replication protocol's frames, encoder and incremental decoder.
 
 Expected bytes are built here with ``struct`` and ``xxhash`` straight from the layouts in
-peer_wire's docstring (``raw_frame``), not with the module's own Structs, so a layout change
+layout.py's docstring (``raw_frame``), not with the module's own Structs, so a layout change
 on one side only fails a test.  Every decoding test feeds the stream whole, byte at a time
 and in random splits; every corruption must end in a ProtocolError that names the frame.
 """
@@ -20,8 +20,8 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from volkeeper.core import peer_wire as pw
-from volkeeper.core.peer_wire import (
+from volkeeper.core.peer import wire as pw
+from volkeeper.core.peer.wire import (
     Ack,
     Codec,
     DataState,

@@ -1,4 +1,4 @@
-"""Replication protocol decoding; the protocol's public module (frames come from peer_frames).
+"""Replication protocol decoding; the protocol's public module (frames come from frames.py).
 
 How this works: ``FrameDecoder`` is incremental: ``feed()`` every chunk read, drain
 ``next_frame()`` until it returns None, call ``eof()`` when the peer closes.  The header
@@ -11,7 +11,7 @@ frame arrived whole, or else gathered straight into a bytearray of its own (see
 whose message names the frame ("WRITE frame 17: ..."); the decoder stays failed afterwards
 (the connection is unusable) and drops whatever it is fed.
 
-Everything of core/peer_frames.py (frame dataclasses, enums, layouts, ``FrameEncoder``) is
+Everything of core/peer/frames.py (frame dataclasses, enums, layouts, ``FrameEncoder``) is
 re-exported here, so users import the whole protocol from one place.
 """
 
@@ -24,9 +24,9 @@ from typing import TypeVar
 
 from xxhash import xxh3_64, xxh3_64_intdigest
 
-from volkeeper.core.peer_frames import *
-from volkeeper.core.peer_layout import *
-from volkeeper.core.peer_layout import _DATA_HEAD
+from volkeeper.core.peer.frames import *
+from volkeeper.core.peer.layout import *
+from volkeeper.core.peer.layout import _DATA_HEAD
 from volkeeper.errors import ProtocolError
 
 _E = TypeVar("_E", bound=enum.IntEnum)
