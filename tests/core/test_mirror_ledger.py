@@ -1,7 +1,8 @@
 """The mirror's ledger against a model of the source, the wire and the target's disk.
 
-A hypothesis state machine plays the adapter (daemon/mirror.py) around a real ``Ledger`` and a
-real ``DirtyBitmap``, over an 8-region volume whose content is a version number per region:
+A hypothesis state machine plays the adapter (daemon/source/mirror.py) around a real ``Ledger``
+and a real ``DirtyBitmap``, over an 8-region volume whose content is a version number per
+region:
 
 * application writes bump a region's version on the source; where each goes is the real
   ``route`` (core/mirror_state.py): while connected, on the wire (the ledger learns ``queued``

@@ -72,7 +72,7 @@ from tests.integration.powerloss_fs import PowerLossDisk
 from tests.integration.rawnbd import FLAG_FUA, OK, NbdClosed, NbdTimeout, RawNbd
 from tests.support.mirroring import libnbd, sha256
 from volkeeper.core.bitmap import DirtyBitmap
-from volkeeper.daemon import replication
+from volkeeper.daemon.source import replication
 from volkeeper.io.intent_store import IntentStore, read_durable_bitmap, read_header
 from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
@@ -80,7 +80,7 @@ KiB, MiB = 1 << 10, 1 << 20
 SIZE = 128 * MiB
 EXTENT = 4 * MiB  # the activity log's extent (core/activity_log.py DEFAULT_EXTENT_BYTES)
 # A sequential writer's next extents are activated along with the one it needs, so a source
-# crash may also resync these (daemon/replication.py).
+# crash may also resync these (daemon/source/replication.py).
 LOOKAHEAD = getattr(replication, "LOOKAHEAD_EXTENTS", 0)
 WINDOW = 10 * MiB  # the client writes in here (MiB-aligned: it spans 3 or 4 extents)
 SWEEP = 32 * KiB  # how far the writes' front moves per write: cold extents keep coming

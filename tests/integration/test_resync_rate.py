@@ -1,6 +1,6 @@
 """A resync's rate with real daemons: it uses what the application leaves, and obeys resync_max.
 
-What this proves, end to end (tests/daemon/test_sender.py proves the sender's lanes alone):
+What this proves, end to end (tests/daemon/source/test_sender.py proves the sender's lanes alone):
 
 * under a throttle of 16 MiB/s, a full resync of 96 MiB of random data runs while fio writes
   12 MiB/s of incompressible data through NBD (fio starts just before the job is created, so
@@ -56,7 +56,7 @@ from volkeeper_lab.launcher import LocalNode
 pytestmark = pytest.mark.serial  # measures resync and application rates: runs alone
 
 THROTTLE = 16 * MiB
-RESYNC_MIN = THROTTLE // 10  # the default when only a throttle is set (daemon/mirror.py)
+RESYNC_MIN = THROTTLE // 10  # the default when only a throttle is set (daemon/source/mirror.py)
 APP_RATE = 12 * MiB
 LOAD_SECONDS = 8
 EVERY = 0.25  # seconds between samples

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from volkeeper.core.addresses import TcpAddress, UnixAddress, parse_address
-from volkeeper.daemon.config import load_config
+from volkeeper.daemon.config.node import load_config
 from volkeeper.errors import VolkeeperError
 
 

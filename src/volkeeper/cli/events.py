@@ -1,7 +1,7 @@
 """``volkeeper events``: follow a node's event stream, one line per event, like events2.
 
 How this works: ``stream_events`` GETs the control API's ``/events`` (Server-Sent Events, see
-daemon/events.py) and reads it line by line as it arrives.  A blank line ends an SSE event; its
+daemon/api/events.py) and reads it line by line as it arrives.  A blank line ends an SSE event; its
 ``data:`` lines hold the event's JSON, which repeats what ``id:`` and ``event:`` say, so only
 ``data:`` is read and comments (``: keepalive``) are skipped.  Each event is printed at once and
 flushed, for pipes: with ``as_json`` as one compact line of JSON, keys in the node's order;

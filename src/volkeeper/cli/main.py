@@ -39,7 +39,7 @@ def daemon(
     config: Annotated[str, typer.Option("--config", help="node config file (TOML)")],
 ) -> None:
     """Run a node daemon in the foreground until SIGTERM or SIGINT."""
-    from volkeeper.daemon.config import load_config
+    from volkeeper.daemon.config.node import load_config
     from volkeeper.daemon.logging import configure_logging
     from volkeeper.daemon.node import run
 

@@ -1,7 +1,7 @@
 """What a mirror's source knows of the frames it sent: which are applied, durable, or lost.
 
 How this works: one ``Ledger`` per connection to a target (sans-IO: no clock, no socket, no
-file; the adapter, daemon/mirror.py, does the I/O).  Three kinds of frames have an open fate:
+file; the adapter, daemon/source/mirror.py, does the I/O).  Three kinds of frames have an open fate:
 
     application frames   WRITE / ZERO / TRIM / FLUSH carrying an op (the ``Token``), from
                          ``sent`` to their ACK; an ACKed write then stays *undurable* until

@@ -7,7 +7,7 @@ the orderly shutdown SIGTERM/SIGINT trigger: stop accepting, let in-flight reque
 flush every volume, close.  ``run(config)`` is the ``volkeeper daemon`` entry point.
 
 ``reload()`` (SIGHUP, or POST /reload) re-reads the config file: jobs declared there are
-applied (daemon/declared_jobs.py) and changed peer addresses reach the mirrors; a change to
+applied (daemon/jobs/declared_jobs.py) and changed peer addresses reach the mirrors; a change to
 ``[node]``, ``[[volume]]`` or ``[tls]`` needs a restart, and the answer says so.  A config
 that does not load changes nothing.
 """
@@ -25,16 +25,17 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from volkeeper.daemon import declared_jobs, plan
-from volkeeper.daemon.config import NodeConfig, load_config
-from volkeeper.daemon.control import ControlServer
-from volkeeper.daemon.events import EventBus
-from volkeeper.daemon.job_record import JobRecord
-from volkeeper.daemon.job_rules import JobRequest, MirrorRequest
-from volkeeper.daemon.jobs import Jobs
-from volkeeper.daemon.metrics import MirrorCollector, NodeCollector
-from volkeeper.daemon.target_record import TargetRecord, TargetRecords
-from volkeeper.daemon.targets import TargetVolumes
+from volkeeper.daemon import plan
+from volkeeper.daemon.api.control import ControlServer
+from volkeeper.daemon.api.events import EventBus
+from volkeeper.daemon.api.metrics import MirrorCollector, NodeCollector
+from volkeeper.daemon.config.node import NodeConfig, load_config
+from volkeeper.daemon.jobs import declared_jobs
+from volkeeper.daemon.jobs.job_record import JobRecord
+from volkeeper.daemon.jobs.job_rules import JobRequest, MirrorRequest
+from volkeeper.daemon.jobs.jobs import Jobs
+from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
+from volkeeper.daemon.target.targets import TargetVolumes
 from volkeeper.errors import ConfigError, Refusal, VolumeError
 from volkeeper.io import peer_tls
 from volkeeper.io.nbd_server import NbdServer

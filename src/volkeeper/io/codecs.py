@@ -7,7 +7,7 @@ size (incompressible data is sent as it is: a WRITE, not a WRITE_Z).  ``decompre
 target's half; it refuses output that is not exactly the announced length, so a bad frame can
 neither write the wrong number of bytes nor make the target allocate more than the frame says
 (at most ``MAX_PAYLOAD``).  All three libraries release the GIL while they work, so
-compression runs on a thread pool beside the event loop (daemon/sender.py), and
+compression runs on a thread pool beside the event loop (daemon/source/sender.py), and
 decompression on the target volume's writer thread.  zstd contexts are not thread-safe: each
 thread gets its own.
 """

@@ -10,7 +10,7 @@ loses its target or a resync clears regions (see docs/mirroring.md).
 Opening checks before it trusts.  A header that fails its checksum, a log that names another
 mirror, another log id than the job record's or another volume size, or a file of the wrong
 length raises ``VolumeError`` saying which: the caller starts over with a new log and a full
-resync (daemon/jobs.py).  A bitmap page that fails its check is not trusted: every region it
+resync (daemon/jobs/jobs.py).  A bitmap page that fails its check is not trusted: every region it
 covers is marked, and ``damaged_pages`` / ``damage_marked_bytes`` say so.  A header that says
 the log was not closed cleanly is crash recovery: every extent of the last valid activity-log
 snapshot is marked (those may hold writes a target never got), and ``recovered_bytes`` says

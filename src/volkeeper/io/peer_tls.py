@@ -52,7 +52,7 @@ _HINTS = {
 
 
 class TlsFiles(Protocol):
-    """The ``[tls]`` table (daemon/config.py ``TlsSection``): paths of three PEM files."""
+    """The ``[tls]`` table (daemon/config/node.py ``TlsSection``): paths of three PEM files."""
 
     @property
     def certificate(self) -> Path: ...

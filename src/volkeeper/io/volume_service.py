@@ -36,7 +36,7 @@ Buffer = bytes | bytearray | memoryview
 
 
 class WriteHook(Protocol):
-    """Takes over a source volume's mutations and flushes (daemon/replication.py)."""
+    """Takes over a source volume's mutations and flushes (daemon/source/replication.py)."""
 
     def submit(
         self,

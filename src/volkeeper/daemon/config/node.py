@@ -1,0 +1,313 @@
+"""The node configuration: one TOML file per node, validated into frozen pydantic models.
+
+How this works: ``load_config`` reads the file, ``parse_config`` runs ``tomllib`` and then
+``NodeConfig.model_validate``. Every scalar field has a plain validator of its own that accepts
+only the TOML type it expects (no silent coercion) and raises ``ValueError`` with a message that
+reads well after the key path (those shared with the jobs are in config_types.py); pydantic is
+left with the structure (tables, arrays, missing and unknown keys). Cross-field rules (sizes in
+whole sectors, unique volume names and paths, no peer named like this node, one address per
+listener) are validators on the model that owns both fields. Any failure becomes one
+``ConfigError`` with one line per problem::
+
+    alpha.toml: volume[2].sector_size: must be 512 or 4096, got 1000
+    alpha.toml: unknown key node.lisen
+
+Array indices in messages are 0-based, as in the key paths pydantic reports. Loading checks
+only what must hold before the daemon starts: ``bitmap_dir``, when given, must already exist;
+``state_dir`` and volume files are created later by the daemon. The optional ``[tls]`` table's
+PEM files must exist and be readable; their contents are checked when the daemon builds its
+TLS contexts (io/peer_tls.py).
+
+Jobs (``[[job]]`` with ``[[job.mirror]]`` tables) are modelled and checked in config_jobs.py;
+``NodeConfig`` hands ``check_jobs`` this node's name, volumes and peers. A validator that knows
+which key of a list item is at fault raises ``KeyedProblems`` (config_types.py) with key paths
+relative to its own; ``_problem_lines`` makes each one line that names that key.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+from pydantic import (
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from volkeeper.core.addresses import TcpAddress, UnixAddress, parse_address, parse_tcp_address
+from volkeeper.daemon.config.jobs import JobConfig as JobConfig  # re-exported, as is:
+from volkeeper.daemon.config.jobs import MirrorConfig as MirrorConfig
+from volkeeper.daemon.config.jobs import check_jobs
+from volkeeper.daemon.config.types import KeyedProblems, Name, Size, Table, as_string, show
+from volkeeper.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SECTOR_SIZES = (512, 4096)
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
+_TOML_POSITION_RE = re.compile(r"(.*) \(at (.*)\)", re.DOTALL)
+_EXPECTED_TYPES = {
+    "model_type": "a table",
+    "dict_type": "a table",
+    "list_type": "an array of tables",
+}
+# Reported by pydantic for a default that depends on a field that already failed: noise.
+_CONSEQUENTIAL_ERRORS = {"default_factory_not_called"}
+
+
+def _absolute_path(value: object) -> Path:
+    text = as_string(value)
+    if not text.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {show(value)}")
+    return Path(text)
+
+
+def _existing_directory(value: object) -> Path:
+    path = _absolute_path(value)
+    if not path.exists():
+        raise ValueError(f"directory {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a directory")
+    return path
+
+
+def _readable_file(value: object) -> Path:
+    path = _absolute_path(value)
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"file {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _tcp_address(value: object) -> TcpAddress:
+    return parse_tcp_address(as_string(value))
+
+
+def _address(value: object) -> UnixAddress | TcpAddress:
+    return parse_address(as_string(value))
+
+
+def _sector_size(value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value in SECTOR_SIZES:
+        return value
+    raise ValueError(f"must be 512 or 4096, got {show(value)}")
+
+
+def _log_level(value: object) -> str:
+    level = as_string(value).lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {show(value)}")
+    return level
+
+
+AbsolutePath = Annotated[Path, PlainValidator(_absolute_path)]
+ExistingDirectory = Annotated[Path, PlainValidator(_existing_directory)]
+ReadableFile = Annotated[Path, PlainValidator(_readable_file)]
+PeerAddress = Annotated[TcpAddress, PlainValidator(_tcp_address), PlainSerializer(str)]
+ListenAddress = Annotated[UnixAddress | TcpAddress, PlainValidator(_address), PlainSerializer(str)]
+SectorSize = Annotated[int, PlainValidator(_sector_size)]
+LogLevel = Annotated[str, PlainValidator(_log_level)]
+
+
+def _default_bitmap_dir(validated: dict[str, Any]) -> Path:
+    # state_dir is absent only if it failed validation; that failure is what gets reported.
+    return Path(validated.get("state_dir", "/")) / "bitmaps"
+
+
+class NodeSection(Table):
+    """The ``[node]`` table: who this node is and where it listens."""
+
+    name: Name
+    state_dir: AbsolutePath
+    bitmap_dir: ExistingDirectory = Field(default_factory=_default_bitmap_dir)
+    listen: PeerAddress
+    control: ListenAddress
+    nbd: ListenAddress
+    log_level: LogLevel = "info"
+
+    @model_validator(mode="after")
+    def _one_address_per_listener(self) -> Self:
+        clashes = [
+            f'{first} and {second} are both "{getattr(self, first)}"; '
+            "each listener needs its own address"
+            for first, second in itertools.combinations(("listen", "control", "nbd"), 2)
+            if getattr(self, first) == getattr(self, second)
+        ]
+        if clashes:
+            raise ValueError("\n".join(clashes))
+        return self
+
+
+class VolumeConfig(Table):
+    """One ``[[volume]]`` table: a local file or block device, exported over NBD by name."""
+
+    name: Name
+    path: AbsolutePath
+    sector_size: SectorSize = 512
+    size: Size | None = None
+    read_only: StrictBool = False
+
+    @field_validator("size")
+    @classmethod
+    def _whole_sectors(cls, size: int | None, info: ValidationInfo) -> int | None:
+        sector_size = info.data.get("sector_size")
+        if size is not None and sector_size and size % sector_size:
+            raise ValueError(f"{size} bytes is not a multiple of sector_size {sector_size}")
+        return size
+
+
+class TlsSection(Table):
+    """The optional ``[tls]`` table: PEM files for mutual TLS on the replication link.
+
+    Only presence and readability are checked here; io/peer_tls.py parses the contents.
+    """
+
+    certificate: ReadableFile
+    key: ReadableFile
+    ca: ReadableFile
+
+
+class NodeConfig(Table):
+    """A whole node config file."""
+
+    node: NodeSection
+    peers: dict[Name, PeerAddress] = Field(default_factory=dict)
+    volumes: list[VolumeConfig] = Field(default_factory=list, alias="volume")
+    tls: TlsSection | None = None
+    jobs: list[JobConfig] = Field(default_factory=list, alias="job")
+
+    @field_validator("peers")
+    @classmethod
+    def _not_self(cls, peers: dict[str, TcpAddress], info: ValidationInfo) -> dict[str, TcpAddress]:
+        node = info.data.get("node")
+        if node is not None and node.name in peers:
+            raise ValueError(f'"{node.name}" is this node\'s own name; list only the other nodes')
+        return peers
+
+    @field_validator("volumes")
+    @classmethod
+    def _unique_volumes(cls, volumes: list[VolumeConfig]) -> list[VolumeConfig]:
+        problems = [
+            *_duplicates(
+                volumes, "name", 'name "{}" is declared twice (volume[{}] and volume[{}])'
+            ),
+            *_duplicates(volumes, "path", "path {} is used twice (volume[{}] and volume[{}])"),
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+        return volumes
+
+    @field_validator("jobs")
+    @classmethod
+    def _jobs_fit(cls, jobs: list[JobConfig], info: ValidationInfo) -> list[JobConfig]:
+        # node, peers and volumes are missing from info.data if they failed: checks that need
+        # them are skipped, their own failure is what gets reported.
+        node: NodeSection | None = info.data.get("node")
+        volumes, peers = info.data.get("volumes"), info.data.get("peers")
+        check_jobs(jobs, node.name if node else None, volumes, peers)
+        return jobs
+
+
+def _duplicates(volumes: list[VolumeConfig], field: str, template: str) -> list[str]:
+    first_index: dict[object, int] = {}
+    problems = []
+    for index, volume in enumerate(volumes):
+        value = getattr(volume, field)
+        if value in first_index:
+            problems.append(template.format(value, first_index[value], index))
+        first_index.setdefault(value, index)
+    return problems
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and validate the node config at ``path``; every failure is a ``ConfigError``."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror}") from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "<config>") -> NodeConfig:
+    """Validate TOML ``text``; ``source`` names it in error messages (usually the file path)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_toml_problem(str(exc), source)) from None
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [
+            line
+            for detail in exc.errors()
+            if detail["type"] not in _CONSEQUENTIAL_ERRORS
+            for line in _problem_lines(detail, source)
+        ]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _toml_problem(message: str, source: str) -> str:
+    match = _TOML_POSITION_RE.fullmatch(message)
+    if match is None:
+        return f"{source}: invalid TOML: {message}"
+    return f"{source}: {match[2]}: invalid TOML: {match[1]}"
+
+
+def _problem_lines(detail: ErrorDetails, source: str) -> list[str]:
+    key = _key_path(detail["loc"])
+    if detail["type"] == "extra_forbidden":
+        return [f"{source}: unknown key {key}"]
+    if detail["type"] == "missing":
+        return [f"{source}: missing required key {key}"]
+    error = detail.get("ctx", {}).get("error")
+    if detail["type"] == "value_error" and isinstance(error, KeyedProblems):
+        return [f"{source}: {key}{subkey}: {message}" for subkey, message in error.problems]
+    prefix = f"{source}: {key}: " if key else f"{source}: "
+    return [prefix + line for line in _message(detail).splitlines()]
+
+
+def _message(detail: ErrorDetails) -> str:
+    if detail["type"] == "value_error":
+        return str(detail["ctx"]["error"])
+    expected = _EXPECTED_TYPES.get(detail["type"])
+    if expected:
+        return f"expected {expected}, got {show(detail['input'])}"
+    return f"{detail['msg']}, got {show(detail['input'])}"
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part != "[key]":
+            key = part if _BARE_KEY_RE.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+            path += f".{key}" if path else key
+    return path

@@ -1,0 +1,273 @@
+"""A mirror's resync: stream the regions its intent log marks to the target, then clear them.
+
+How this works: ``Resync.run()`` walks the bitmap in order and, for each run of marked
+regions (at most ``CHUNK_BYTES``), reads the source volume and sends a RESYNC_DATA frame.
+Reads overlap: up to ``READ_DEPTH`` are outstanding on the node's reader pool (a read the
+page cache can answer is done on the loop), and each frame leaves as soon as its read
+returns -- regions are independent, so their order on the wire does not matter.  Every
+``BATCH_BYTES`` the target is sent a FLUSH; once it ACKs, the chunks of that batch are
+durable there and their bits are cleared.  Which chunks may be cleared is the mirror's ledger's
+decision (core/mirror_ledger.py): only a chunk whose every frame was itself ACKed without an
+error, and that no application write raced (issued, not yet complete, when the chunk was read
+or while it was in flight).  A raced chunk is sent again by the next pass; an error ACK fails
+the target (the mirror drops the link, and this resync ends with nothing of the batch
+cleared).  Application writes keep flowing
+meanwhile, so a pass may leave new marks; passes repeat until the bitmap is empty, which
+converges because each pass only resends what writes touched during it.
+
+A *checksum* resync (``mirror resync --checksum``: every region is marked, but the target
+probably holds most of it already) compares each chunk first (daemon/source/compare.py: the
+target's region digests against ours) and sends only the regions that differ; a chunk found
+equal is cleared at the next batch like a sent one (unless a write raced it).
+
+Progress (done bytes, a rate over the last few seconds, ETA) is kept here for ``status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
+
+import structlog
+
+from volkeeper.core.mirror_ledger import Chunk
+from volkeeper.core.mirror_state import MirrorState
+from volkeeper.core.peer import wire as pw
+from volkeeper.core.stats import RateMeter
+from volkeeper.errors import PeerError
+from volkeeper.io.peer_link import PeerLink
+
+if TYPE_CHECKING:
+    from volkeeper.core.mirror_ledger import Ledger
+    from volkeeper.daemon.source.compare import Comparer
+    from volkeeper.daemon.source.intent_writer import IntentWriter
+    from volkeeper.daemon.source.op import Op
+    from volkeeper.daemon.source.sender import Sender
+    from volkeeper.io.intent_store import IntentStore
+    from volkeeper.io.volume_service import VolumeService
+    from volkeeper.io.workers import IoWorkers
+
+log = structlog.get_logger("volkeeper.resync")
+
+CHUNK_BYTES = 1024 * 1024  # bytes read and sent per RESYNC_DATA frame, at most
+BATCH_BYTES = 16 * 1024 * 1024  # bytes sent between FLUSHes that let bits be cleared
+READ_DEPTH = 16  # reads outstanding at once
+RATE_WINDOW = 5.0  # seconds of history behind the reported rate
+
+
+class ResyncHost(Protocol):
+    """What a resync needs of its mirror (daemon/source/mirror.py's ``Mirror``)."""
+
+    sent_bytes: int  # counts the payload the resync ships
+    in_flight_ops: Callable[[], Iterable[Op]]  # writes issued and not complete
+
+    @property
+    def state(self) -> MirrorState: ...
+
+    @property
+    def store(self) -> IntentStore: ...
+
+    @property
+    def service(self) -> VolumeService: ...
+
+    @property
+    def readers(self) -> IoWorkers: ...
+
+    @property
+    def ledger(self) -> Ledger[Op, range]: ...
+
+    @property
+    def intent(self) -> IntentWriter: ...
+
+    @property
+    def comparer(self) -> Comparer: ...
+
+    def resync_finished(self, resync: Resync) -> None: ...
+
+
+class Resync:
+    def __init__(self, mirror: ResyncHost, link: PeerLink, sender: Sender, checksum: bool) -> None:
+        self.mirror = mirror
+        self.link = link
+        self.sender = sender  # frames go out through it, in order with application writes
+        self.checksum = checksum
+        self.shipped_bytes = 0  # checksum mode: what differed and was sent
+        self.bitmap = mirror.store.bitmap
+        self.done_bytes = 0
+        self.ledger = mirror.ledger  # the chunks' fate: read, sent, ACKed, raced, cleared
+        self._meter = RateMeter(RATE_WINDOW)
+        self._reads = 0  # outstanding
+        self._read_slot = asyncio.Event()
+        self._error: BaseException | None = None
+        self._answers: dict[int, asyncio.Future[int]] = {}  # sequence of a question -> errno
+
+    # -- progress ---------------------------------------------------------------------------
+
+    @property
+    def remaining_bytes(self) -> int:
+        unsent = sum(chunk.length for chunk in self.ledger.open_chunks)
+        return max(0, self.bitmap.marked_bytes - unsent)
+
+    def rate(self, now: float) -> float:
+        """Bytes per second over the last RATE_WINDOW seconds."""
+        return self._meter.rate(now, self.done_bytes)
+
+    def _sample(self) -> None:
+        self._meter.sample(asyncio.get_running_loop().time(), self.done_bytes)
+
+    # -- the walk ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Resync until the bitmap is empty; PeerError if the link goes."""
+        regions_per_chunk = max(1, CHUNK_BYTES // self.bitmap.region_size)
+        self._sample()
+        while self.link.is_open and self.mirror.state is MirrorState.RESYNCING:
+            batch = 0
+            for first, count in list(self.bitmap.runs(0, regions_per_chunk)):
+                await self._slot()
+                if self.mirror.state is not MirrorState.RESYNCING:
+                    return
+                batch += self._send_chunk(first, count)
+                if batch >= BATCH_BYTES:
+                    await self._commit()
+                    batch = 0
+            await self._commit()
+            if self.bitmap.marked_count == 0:
+                await self._finish()
+                return
+
+    async def _slot(self) -> None:
+        """Wait for a free read slot and for room in the socket's send buffer."""
+        while self._reads >= READ_DEPTH:
+            self._read_slot.clear()
+            await self._read_slot.wait()
+        self._check()
+        await self.sender.drained()
+        self._check()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self.link.is_open:
+            raise PeerError("link lost during resync")
+
+    def _send_chunk(self, first: int, count: int) -> int:
+        offset = self.bitmap.region_span(first)[0]
+        last_offset, last_length = self.bitmap.region_span(first + count - 1)
+        chunk = self.ledger.chunk(first, count, offset, last_offset + last_length - offset)
+        for op in self.mirror.in_flight_ops():
+            if not op.is_flush:
+                self.ledger.race(op.offset, op.length)
+        if self.checksum:
+            self._reads += 1
+            task = asyncio.ensure_future(self._compare(chunk))
+            task.add_done_callback(self._compared)
+            return chunk.length
+        data = self.mirror.service.try_read(chunk.offset, chunk.length)
+        if data is not None:
+            self._ship(chunk, data)
+            return chunk.length
+        self._reads += 1
+
+        def read(result: object, error: BaseException | None) -> None:
+            self._reads -= 1
+            self._read_slot.set()
+            if error is not None:
+                self._error = error
+            elif isinstance(result, bytes | bytearray):
+                self._ship(chunk, result)
+
+        self.mirror.readers.submit(self.mirror.service.volume.read, (offset, chunk.length), read)
+        return chunk.length
+
+    async def _compare(self, chunk: Chunk) -> None:
+        region = self.bitmap.region_size
+        data, runs = await self.mirror.comparer.compare(
+            self.sender, chunk.offset, chunk.length, region
+        )
+        view = memoryview(data)
+        for first, count in runs:
+            start, stop = first * region, min((first + count) * region, chunk.length)
+            if self.link.is_open:
+                self._send_data(chunk, chunk.offset + start, view[start:stop])
+            self.mirror.sent_bytes += stop - start
+            self.shipped_bytes += stop - start
+        self.done_bytes += chunk.length
+        self._sample()
+
+    def _compared(self, task: asyncio.Future[None]) -> None:
+        self._reads -= 1
+        self._read_slot.set()
+        if not task.cancelled() and task.exception() is not None:
+            self._error = task.exception()
+
+    def _ship(self, chunk: Chunk, data: bytes | bytearray) -> None:
+        if not self.link.is_open:
+            return
+        self._send_data(chunk, chunk.offset, data)
+        self.mirror.sent_bytes += chunk.length
+        self.done_bytes += chunk.length
+        self._sample()
+
+    def _send_data(self, chunk: Chunk, offset: int, data: pw.Buffer) -> None:
+        self.ledger.chunk_frame(chunk)
+        size = memoryview(data).nbytes
+        self.sender.send(
+            pw.ResyncData(offset, data), size, self.ledger.chunk_frame_sent, chunk, resync=True
+        )
+
+    async def _commit(self) -> None:
+        """FLUSH the target; once durable, clear what the ledger says is proven there."""
+        while self._reads:
+            self._read_slot.clear()
+            await self._read_slot.wait()
+        self._check()
+        if not self.ledger.commit():
+            return
+        if await self._ask(pw.Flush(), "resync flush"):
+            raise PeerError("target failed to flush resync data")
+        ready = self.ledger.committed()
+        if ready.failure is not None:
+            raise PeerError(ready.failure[1])
+        for first, count in ready.clear:
+            self.bitmap.clear_regions(first, count)
+
+    async def _finish(self) -> None:
+        mirror = self.mirror
+        state = pw.State(pw.DataState.UP_TO_DATE, mirror.store.generations.current, 0)
+        if await self._ask(state, "UP_TO_DATE record"):
+            raise PeerError("target failed to record its new state")
+        await mirror.intent.durable()
+        mirror.resync_finished(self)
+
+    async def _ask(self, frame: pw.Frame, what: str) -> int:
+        """Send ``frame`` and wait for the target's ACK; returns its errno."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.sender.send(frame, 0, self._asked, (future, what), resync=True)
+        return await future
+
+    def _asked(self, question: tuple[asyncio.Future[int], str], sequence: int) -> None:
+        future, what = question
+        self._answers[sequence] = future
+        self.ledger.ask(sequence, what)
+
+    # -- from the mirror ----------------------------------------------------------------------
+
+    def answer(self, sequence: int, errno: int) -> bool:
+        """The ACK of one of our questions (FLUSH, STATE)?  Its waiter gets the errno."""
+        future = self._answers.pop(sequence, None)
+        if future is None:
+            return False
+        if not future.done():
+            future.set_result(errno)
+        return True
+
+    def lost(self, reason: str, unsent: list[object]) -> None:
+        """The link is gone; ``unsent``: what the sender still held (our questions too)."""
+        for question in [*self._answers.values(), *unsent]:
+            future = question[0] if isinstance(question, tuple) else question
+            if isinstance(future, asyncio.Future) and not future.done():
+                future.set_exception(PeerError(reason))
+        self._answers.clear()
+        self._read_slot.set()

@@ -1,0 +1,1 @@
+"""The target side: admitting a source, applying its frames in order, the records."""

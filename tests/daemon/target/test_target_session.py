@@ -1,0 +1,151 @@
+"""The target end of a mirror's connection over real loopback TCP: handshake, ordered apply.
+
+The harness (``Source``, ``hello``, ``Target``, ``run``) is in tests/support/target_session.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.support.target_session import (
+    MiB,
+    Source,
+    Target,
+    hello,
+    run,
+)
+from volkeeper.core.peer import wire as pw
+from volkeeper.io.faults import FaultyVolume
+from volkeeper.io.memory import MemoryVolume
+from volkeeper.io.peer_link import connect
+
+
+def test_first_hello_claims_the_volume_and_writes_apply_in_order(tmp_path: Path) -> None:
+    volume = MemoryVolume("data1", 8 * MiB)
+
+    async def scenario(target: Target) -> None:
+        source = await target.source(hello())
+        ok = source.frames[0]
+        assert isinstance(ok, pw.HelloOk)
+        assert (ok.volume_size, ok.sector_size, ok.data_state) == (
+            8 * MiB,
+            512,
+            pw.DataState.INCONSISTENT,
+        )
+        assert target.services["data1"].lock_reason is not None
+        assert "job 'web' from alpha:data0" in target.services["data1"].lock_reason
+        link = source.link
+        assert link is not None
+        for i in range(50):  # overlapping writes: the last one must win
+            link.send(pw.Write(0, bytes([i]) * 4096))
+        link.send(pw.ResyncData(MiB, b"r" * 8192))
+        link.send(pw.Zero(2 * MiB, 4096))
+        link.send(pw.Flush())
+        link.send(pw.State(pw.DataState.UP_TO_DATE, 0x1234, 0))
+        answers = await source.answers(1 + 54)
+        acks = [f for f in answers[1:] if isinstance(f, pw.Ack)]
+        assert [a.sequence for a in acks] == list(range(2, 56))
+        assert all(a.errno == 0 for a in acks)
+        assert [a.durable for a in acks][-2:] == [True, True]  # FLUSH and STATE
+        assert volume.read(0, 4096) == bytes([49]) * 4096
+        assert volume.read(MiB, 8192) == b"r" * 8192
+        record = json.loads((tmp_path / "targets" / "data1.json").read_text())
+        assert record["data_state"] == "UP_TO_DATE" and record["current_generation"] == 0x1234
+        link.close("done")
+
+    run(tmp_path, [volume], scenario)
+
+
+def test_a_source_must_start_with_hello(tmp_path: Path) -> None:
+    async def scenario(target: Target) -> None:
+        source = Source()
+        source.link = await connect(target.address, source.on_frame, source.on_lost)
+        source.link.send(pw.Write(0, b"x" * 512))
+        async with asyncio.timeout(5):
+            while not source.lost:
+                await asyncio.sleep(0.01)
+        assert target.services["data1"].volume.read(0, 512) == bytes(512)
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
+
+
+def test_a_silent_connection_is_closed_after_the_hello_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("volkeeper.daemon.target.target_session.HELLO_TIMEOUT", 0.2)
+
+    async def scenario(target: Target) -> None:
+        silent, talker = Source(), Source()
+        silent.link = await connect(target.address, silent.on_frame, silent.on_lost)
+        talker.link = await connect(target.address, talker.on_frame, talker.on_lost)
+        talker.link.send(hello())
+        await asyncio.sleep(0.6)
+        assert silent.lost, "a connection that never said HELLO is still open"
+        assert not talker.lost and isinstance(talker.frames[0], pw.HelloOk)
+        talker.link.close("done")
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
+
+
+def test_a_failed_write_makes_the_copy_inconsistent_until_the_source_says_up_to_date(
+    tmp_path: Path,
+) -> None:
+    """A write the disk refuses is ACKed with its errno; the record goes Inconsistent at once
+    (durably), a STATE(UP_TO_DATE) already queued behind the failed write is refused, and the
+    volume's last error is shown until a later session ends with UpToDate recorded."""
+    memory = MemoryVolume("data1", 8 * MiB)
+    volume = FaultyVolume(memory, errno=errno.ENOSPC, ranges=[(MiB, MiB)])
+    volume.armed = False
+
+    def record_on_disk() -> str:
+        state: str = json.loads((tmp_path / "targets" / "data1.json").read_text())["data_state"]
+        return state
+
+    async def scenario(target: Target) -> None:
+        source = await target.source(hello())
+        link = source.link
+        assert link is not None
+        link.send(pw.State(pw.DataState.UP_TO_DATE, 0x1234, 0))  # a mirror that was in sync
+        await source.answers(2)
+        assert record_on_disk() == "UP_TO_DATE"
+        volume.armed = True
+        link.send(pw.Write(0, b"a" * 4096))
+        link.send(pw.Write(MiB, b"b" * 65536))  # ENOSPC
+        link.send(pw.Write(2 * MiB, b"c" * 4096))
+        link.send(pw.State(pw.DataState.UP_TO_DATE, 0x1234, 0))  # queued behind the failure
+        acks = [f for f in (await source.answers(6))[2:] if isinstance(f, pw.Ack)]
+        assert [(a.sequence, a.errno) for a in acks] == [
+            (3, 0), (4, errno.ENOSPC), (5, 0), (6, errno.EIO)
+        ]  # fmt: skip
+        volumes = target.targets
+        (view,) = volumes.views()
+        assert view["data_state"] == "Inconsistent", view
+        assert "No space left on device" in view["last_error"], view
+        assert view["target_errors"] == 2
+        await asyncio.sleep(0.1)  # the downgrade is saved in the volume's FIFO
+        assert record_on_disk() == "INCONSISTENT"
+        link.close("source saw the error")
+
+        volume.armed = False  # the administrator freed space: the source comes back
+        source = await target.source(hello())
+        ok = source.frames[0]
+        assert isinstance(ok, pw.HelloOk) and ok.data_state == pw.DataState.INCONSISTENT
+        link = source.link
+        assert link is not None
+        link.send(pw.ResyncData(MiB, b"b" * 65536))
+        link.send(pw.Flush())
+        link.send(pw.State(pw.DataState.UP_TO_DATE, 0x1234, 0))
+        acks = [f for f in (await source.answers(4))[1:] if isinstance(f, pw.Ack)]
+        assert [a.errno for a in acks] == [0, 0, 0]
+        (view,) = volumes.views()
+        assert (view["data_state"], view["last_error"]) == ("UpToDate", None), view
+        assert record_on_disk() == "UP_TO_DATE"
+        assert memory.read(MiB, 65536) == b"b" * 65536
+        link.close("done")
+
+    run(tmp_path, [volume], scenario)
