@@ -24,13 +24,12 @@ import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.conftest import NodeFactory
 from tests.integration.powerloss_fs import PowerLossDisk
-from tests.support.mirroring import libnbd, post_job, sha256, wait_state
+from tests.support.mirroring import libnbd, mirror_view, pair, post_job, sha256, wait_state
 from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 MiB = 1 << 20
@@ -91,14 +90,6 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, bool]] = {
 }
 
 
-def start_pair(start_node: NodeFactory, *extra: VolumeSpec) -> tuple[LocalNode, LocalNode]:
-    beta = start_node("beta", [VolumeSpec("data1", "384MiB"), *extra])
-    alpha = start_node(
-        "alpha", [VolumeSpec("data1", "384MiB"), *extra], peers={"beta": beta.peer_port}
-    )
-    return alpha, beta
-
-
 WRITE = """
 import os, sys, nbd
 h = nbd.NBD()
@@ -129,29 +120,24 @@ def resynced_bytes(node: LocalNode, since: int, job: str = "web") -> int:
     return int(found.group(1))
 
 
-def mirror(node: LocalNode, job: str = "web") -> dict[str, Any]:
-    views = {m["job"]: m for m in node.status()["mirrors"]}  # type: ignore[attr-defined]
-    return views[job]  # type: ignore[no-any-return]
-
-
 def restart_and_repair(alpha: LocalNode, beta: LocalNode, expected: str, job: str = "web") -> int:
     """alpha starts alone (its mirror names the damage), then beta: back to Mirroring;
     returns the bytes the resync covered."""
     since = len(alpha.log_text())
     alpha.start()
-    view = mirror(alpha, job)
+    view = mirror_view(alpha, job)
     assert view["state"] == "Resync pending", view
     assert view["last_error"] and re.search(expected, view["last_error"]), view
     beta.start()
     wait_state(alpha, "Mirroring", timeout=120, job=job)
-    assert mirror(alpha, job)["last_error"] is None  # a completed resync proves it repaired
+    assert mirror_view(alpha, job)["last_error"] is None  # a completed resync proves it repaired
     return resynced_bytes(alpha, since, job)
 
 
 @pytest.mark.parametrize("name", list(DAMAGE))
 def test_damaged_intent_log_ends_in_identical_volumes(start_node: NodeFactory, name: str) -> None:
     damage, expected, full = DAMAGE[name]
-    alpha, beta = start_pair(start_node)
+    alpha, beta = pair(start_node, "384MiB")
     assert post_job(alpha).status_code == 201
     wait_state(alpha, "Mirroring", timeout=120)
     write_while_beta_is_away(alpha, beta)
@@ -170,7 +156,8 @@ def test_damaged_intent_log_ends_in_identical_volumes(start_node: NodeFactory, n
 
 
 def test_swapped_logs_of_two_mirrors_end_in_identical_volumes(start_node: NodeFactory) -> None:
-    alpha, beta = start_pair(start_node, VolumeSpec("data2", "96MiB"))
+    volumes = [VolumeSpec("data1", "384MiB"), VolumeSpec("data2", "96MiB")]
+    alpha, beta = pair(start_node, beta_volumes=volumes, alpha_volumes=volumes)
     assert post_job(alpha).status_code == 201
     assert post_job(alpha, "db", "alpha:data2", "beta:data2").status_code == 201
     wait_state(alpha, "Mirroring", timeout=120)
@@ -184,7 +171,7 @@ def test_swapped_logs_of_two_mirrors_end_in_identical_volumes(start_node: NodeFa
     since = len(alpha.log_text())
     alpha.start()
     for job in ("web", "db"):
-        view = mirror(alpha, job)
+        view = mirror_view(alpha, job)
         assert view["state"] == "Resync pending", view
         assert "belongs to mirror" in view["last_error"], view
     beta.start()
@@ -226,7 +213,7 @@ def test_a_log_that_cannot_be_replaced_locks_the_source_volume(
     assert alpha.stop() == 0
     failing_disk.command("fail EIO read write fsync")
     alpha.start()
-    view = mirror(alpha)
+    view = mirror_view(alpha)
     assert view["state"] == "Unknown", view
     assert "no new intent log could be made" in view["last_error"], view
     with alpha.api() as api:

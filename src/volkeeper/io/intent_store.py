@@ -33,7 +33,7 @@ from volkeeper.core.units import format_size
 from volkeeper.errors import VolumeError
 from volkeeper.io import durable_files
 
-READ_CHUNK_PAGES = 256  # bitmap pages read (and checked) per pread when a log is opened
+READ_CHUNK_PAGES = 256  # bitmap pages per pread (opening) or pwrite (a whole new file)
 
 
 def new_log_id() -> int:
@@ -43,14 +43,14 @@ def new_log_id() -> int:
 class IntentStore:
     """An open intent-log file; every method blocks (call it from a worker thread)."""
 
-    def __init__(self, path: Path, fd: int, header: Header) -> None:
+    def __init__(self, path: Path, fd: int, header: Header, bitmap: DirtyBitmap) -> None:
         self.path = path
         self.geometry = header.geometry
         self.generations = header.generations
         self.log_id = header.log_id
         self.mirror = header.mirror
         self._fd = fd
-        self.bitmap = DirtyBitmap(self.geometry.volume_size, self.geometry.region_size)
+        self.bitmap = bitmap
         self.activity_log = ActivityLog(self.geometry.al_capacity, self.geometry.extent_bytes)
         self.recovered_bytes = 0  # marked by crash recovery when opened
         self.damaged_pages: list[PageDamage] = []  # bitmap pages that failed their check
@@ -72,7 +72,8 @@ class IntentStore:
     ) -> IntentStore:
         """A new log (mirror creation): every region marked when a full resync is due."""
         fd = _open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
-        store = cls(path, fd, Header(geometry, generations, log_id, mirror, open=True))
+        header = Header(geometry, generations, log_id, mirror, open=True)
+        store = cls(path, fd, header, DirtyBitmap(geometry.volume_size, geometry.region_size))
         try:
             if all_dirty:
                 store.bitmap.mark_all()
@@ -93,8 +94,9 @@ class IntentStore:
             header = _header(path, fd)
             _check_identity(path, header, mirror, log_id, volume_size)
             _check_length(path, fd, header)
-            store = cls(path, fd, header)
-            store.bitmap, store.damaged_pages = _read_bitmap(path, fd, header)
+            bitmap, damaged_pages = _read_bitmap(path, fd, header)
+            store = cls(path, fd, header, bitmap)
+            store.damaged_pages = damaged_pages
             ring = [_pread(path, fd, BLOCK_BYTES, fmt.RING_OFFSET + i * BLOCK_BYTES)
                     for i in range(RING_BLOCKS)]  # fmt: skip
         except BaseException:
@@ -202,13 +204,11 @@ class IntentStore:
         """Every block of the log: ring as given, every bitmap page, the header; durable."""
         self.bitmap.take_dirty_pages()
         image = self.bitmap.to_bytes()
-        step = PAGE_BYTES * READ_CHUNK_PAGES
-        for start in range(0, len(image), step):
-            pages = [(p, image[p * PAGE_BYTES : (p + 1) * PAGE_BYTES])
-                     for p in range(start // PAGE_BYTES,
-                                    fmt.page_count(min(len(image), start + step)))]  # fmt: skip
-            for first, blocks in self._sealed_runs(pages):
-                self._write(fd, fmt.page_offset(first), blocks)
+        count = fmt.page_count(len(image))
+        for first in range(0, count, READ_CHUNK_PAGES):  # one pwrite per chunk of pages
+            blocks = [fmt.seal_page(self.log_id, p, image[p * PAGE_BYTES : (p + 1) * PAGE_BYTES])
+                      for p in range(first, min(count, first + READ_CHUNK_PAGES))]  # fmt: skip
+            self._write(fd, fmt.page_offset(first), b"".join(blocks))
         self._write(fd, fmt.RING_OFFSET, ring)
         self._write(fd, 0, self._header_block(open_=True))
         self._sync(fd)
@@ -264,7 +264,7 @@ def read_durable_bitmap(path: Path) -> tuple[Header, DirtyBitmap, list[PageDamag
 def _header(path: Path, fd: int) -> Header:
     try:
         header = fmt.decode_header(_pread(path, fd, BLOCK_BYTES, 0, exact=False))
-        DirtyBitmap(header.geometry.volume_size, header.geometry.region_size)
+        image_size(header.geometry.volume_size, header.geometry.region_size)  # geometry checks
         ActivityLog(header.geometry.al_capacity, header.geometry.extent_bytes)
     except (fmt.LogDamage, ValueError) as exc:
         raise VolumeError(f"intent log {path}: {exc}") from None

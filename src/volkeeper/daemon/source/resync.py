@@ -26,7 +26,6 @@ Progress (done bytes, a rate over the last few seconds, ETA) is kept here for ``
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -35,17 +34,14 @@ from volkeeper.core.mirror_ledger import Chunk
 from volkeeper.core.mirror_state import MirrorState
 from volkeeper.core.peer import wire as pw
 from volkeeper.core.stats import RateMeter
+from volkeeper.daemon.source.walk_host import WalkHost
 from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import PeerLink
 
 if TYPE_CHECKING:
     from volkeeper.core.mirror_ledger import Ledger
-    from volkeeper.daemon.source.compare import Comparer
-    from volkeeper.daemon.source.intent_writer import IntentWriter
     from volkeeper.daemon.source.op import Op
     from volkeeper.daemon.source.sender import Sender
-    from volkeeper.io.intent_store import IntentStore
-    from volkeeper.io.volume_service import VolumeService
     from volkeeper.io.workers import IoWorkers
 
 log = structlog.get_logger("volkeeper.resync")
@@ -56,32 +52,19 @@ READ_DEPTH = 16  # reads outstanding at once
 RATE_WINDOW = 5.0  # seconds of history behind the reported rate
 
 
-class ResyncHost(Protocol):
-    """What a resync needs of its mirror (daemon/source/mirror.py's ``Mirror``)."""
+class ResyncHost(WalkHost, Protocol):
+    """What a resync needs of its mirror beyond a walk's (daemon/source/walk_host.py)."""
 
     sent_bytes: int  # counts the payload the resync ships
-    in_flight_ops: Callable[[], Iterable[Op]]  # writes issued and not complete
 
     @property
     def state(self) -> MirrorState: ...
-
-    @property
-    def store(self) -> IntentStore: ...
-
-    @property
-    def service(self) -> VolumeService: ...
 
     @property
     def readers(self) -> IoWorkers: ...
 
     @property
     def ledger(self) -> Ledger[Op, range]: ...
-
-    @property
-    def intent(self) -> IntentWriter: ...
-
-    @property
-    def comparer(self) -> Comparer: ...
 
     def resync_finished(self, resync: Resync) -> None: ...
 

@@ -15,22 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from volkeeper.daemon.source.walk_host import WalkHost
 from volkeeper.errors import PeerError, VolumeError
 
 if TYPE_CHECKING:
-    from volkeeper.daemon.source.compare import Comparer
-    from volkeeper.daemon.source.intent_writer import IntentWriter
     from volkeeper.daemon.source.mirror_spec import MirrorSpec
     from volkeeper.daemon.source.op import Op
     from volkeeper.daemon.source.sender import Sender
-    from volkeeper.io.intent_store import IntentStore
-    from volkeeper.io.volume_service import VolumeService
 
 log = structlog.get_logger("volkeeper.verify")
 
@@ -75,25 +71,11 @@ class VerifyResult:
         }
 
 
-class VerifyHost(Protocol):
-    """What a verify needs of its mirror (daemon/source/mirror.py's ``Mirror``)."""
-
-    in_flight_ops: Callable[[], Iterable[Op]]  # writes issued and not complete
+class VerifyHost(WalkHost, Protocol):
+    """What a verify needs of its mirror beyond a walk's (daemon/source/walk_host.py)."""
 
     @property
     def spec(self) -> MirrorSpec: ...
-
-    @property
-    def store(self) -> IntentStore: ...
-
-    @property
-    def service(self) -> VolumeService: ...
-
-    @property
-    def intent(self) -> IntentWriter: ...
-
-    @property
-    def comparer(self) -> Comparer: ...
 
 
 class Verify:
