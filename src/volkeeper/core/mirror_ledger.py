@@ -1,7 +1,8 @@
 """What a mirror's source knows of the frames it sent: which are applied, durable, or lost.
 
-How this works: one ``Ledger`` per connection to a target (sans-IO: no clock, no socket, no
-file; the adapter, daemon/source/mirror.py, does the I/O).  Three kinds of frames have an open fate:
+How this works: one ``Ledger`` per mirror, held by its engine (core/mirror_engine.py), reset
+when a link is lost; sans-IO (no clock, no socket, no file).  Three kinds of frames have an
+open fate:
 
     application frames   WRITE / ZERO / TRIM / FLUSH carrying an op (the ``Token``), from
                          ``sent`` to their ACK; an ACKed write then stays *undurable* until
@@ -14,9 +15,9 @@ file; the adapter, daemon/source/mirror.py, does the I/O).  Three kinds of frame
     questions            any other frame whose ACK matters (STATE and JOB records, the
                          resync's FLUSH, hash requests): ``ask`` names it
 
-Every input returns one ``Ready``: the effects, in the order the adapter must carry them out
-(the contract is on ``Ready``).  The rules the ledger keeps, which the property tests in
-tests/core/test_mirror_ledger.py check against a model of the target's disk:
+Every input returns one ``Ready`` (core/ready.py: the effects, and the order the adapter must
+carry them out in).  The rules the ledger keeps, which the engine's property tests
+(tests/core/test_mirror_engine.py) check against a model of the target's disk:
 
 * an ACK with an errno, for any frame, fails the target: everything whose fate is open is
   marked (as if the link were lost) and ``Ready.failure`` says why, so the adapter drops the
@@ -30,33 +31,12 @@ tests/core/test_mirror_ledger.py check against a model of the target's disk:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic
 
+from volkeeper.core.ready import NOTHING, Pin, Ready, Sent, Token
 from volkeeper.core.stats import OpStats
 from volkeeper.core.units import format_size
-
-Token = TypeVar("Token")  # the adapter's op: opaque here
-Pin = TypeVar("Pin")  # what the adapter unpins in the activity log (an op's extents)
-
-
-@dataclass(slots=True)
-class Sent(Generic[Token, Pin]):
-    """An application frame on the link, or handed to the sender."""
-
-    token: Token
-    pin: Pin
-    command: str  # "write", "zero", "trim" or "flush"
-    offset: int
-    length: int
-    owed: bool  # its reply waits for the ACK (sync mode when it was sent)
-    size: int = 0  # payload bytes (for the async queue's limit)
-    sent_at: float = 0.0
-
-    @property
-    def is_flush(self) -> bool:
-        return self.command == "flush"
 
 
 @dataclass(slots=True)
@@ -70,42 +50,6 @@ class Chunk:
     raced: bool = False
     unacked: int = 0  # frames of it handed to the sender and not ACKed yet
     failed: bool = False  # the target answered one of its frames with an error
-
-
-@dataclass(slots=True)
-class Ready(Generic[Token, Pin]):
-    """Effects of one input.  The adapter carries them out in this order -- the contract:
-
-    1. ``mark``: byte ranges to mark in the bitmap, at once (in memory);
-    2. ``clear``: region runs (first, count) to clear: data the target ACKed and made durable;
-    3. ``release``: ops whose payload this mirror no longer needs;
-    4. ``reply``: ops whose reply part this mirror pays now -- safe before step 6, because a
-       marked op's activity-log extent stays pinned until then;
-    5. ``durable_now``: flushes now durable on this target; ``unpin_now``: ops whose writes a
-       durable FLUSH covers: unpin their extents;
-    6. only once every mark made so far is on stable storage: unpin the extents of
-       ``unpin_after_persist`` and count ``durable_after_persist`` flushes as durable on
-       this target -- never before (intent before data: a crash must find every region
-       that may differ marked or pinned);
-    7. ``answer``: (sequence, errno) of a question the ACK answered;
-    8. ``failure``: (errno, what) -- the target failed a frame: say so and drop the link.
-    """
-
-    # Empty tuples unless given: an ACK of a write, the hot path, builds two one-item lists.
-    mark: Sequence[tuple[int, int]] = ()
-    clear: Sequence[tuple[int, int]] = ()
-    release: Sequence[Token] = ()
-    reply: Sequence[Token] = ()
-    durable_now: Sequence[Token] = ()
-    unpin_now: Sequence[Pin] = ()
-    unpin_after_persist: Sequence[Pin] = ()
-    durable_after_persist: Sequence[Token] = ()
-    answer: tuple[int, int] | None = None
-    failure: tuple[int, str] | None = None
-
-    @property
-    def waits_for_persist(self) -> bool:
-        return bool(self.unpin_after_persist or self.durable_after_persist)
 
 
 class Ledger(Generic[Token, Pin]):
@@ -157,10 +101,10 @@ class Ledger(Generic[Token, Pin]):
         chunk = self._chunk_frames.pop(sequence, None)
         if chunk is not None:
             chunk.unacked -= 1
-            return _NOTHING
+            return NOTHING
         if self._questions.pop(sequence, None) is not None:
             return Ready(answer=(sequence, 0))
-        return _NOTHING
+        return NOTHING
 
     def released(self, flush_sequence: int) -> Ready[Token, Pin]:
         """The FLUSH sent as ``flush_sequence`` is durable locally and on the target: the
@@ -295,6 +239,3 @@ class Ledger(Generic[Token, Pin]):
 
 def _span(what: str, offset: int, length: int) -> str:
     return f"{what} at {offset}, {format_size(length)}"
-
-
-_NOTHING: Ready[Any, Any] = Ready()  # an input with no effect (never changed: every field is empty)

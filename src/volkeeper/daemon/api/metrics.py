@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from volkeeper.core.mirror_state import MirrorState
 from volkeeper.core.stats import OpStats
 from volkeeper.daemon.source.mirror import Mirror
+from volkeeper.daemon.source.mirror_view import mirror_view
 from volkeeper.io.volume_service import VolumeService
 
 
@@ -129,7 +130,7 @@ class MirrorCollector(Collector):
             labels=labels,
         )
         for mirror in self._mirrors():
-            view = mirror.view()
+            view = mirror_view(mirror)
             key = [mirror.spec.job, mirror.spec.target]
             for each in MirrorState:
                 state.add_metric([*key, each.value], 1 if mirror.state is each else 0)
@@ -138,8 +139,8 @@ class MirrorCollector(Collector):
             wire.add_metric(key, view["wire_bytes"])
             queue.add_metric(key, view["queue_bytes"])
             lag.add_metric(key, view["lag_s"])
-            overflows.add_metric(key, mirror.overflows)
-            target_errors.add_metric(key, mirror.target_errors)
+            overflows.add_metric(key, mirror.engine.overflows)
+            target_errors.add_metric(key, mirror.engine.target_errors)
             resync_done.add_metric(key, view["resync"]["done_bytes"])
             resync_rate.add_metric(key, view["resync"]["rate_bytes_per_s"])
             latency = mirror.ledger.ack_latency

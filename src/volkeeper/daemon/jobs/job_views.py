@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from volkeeper.daemon.jobs.job_record import JobRecord, MirrorRecord
+from volkeeper.daemon.source.mirror_view import mirror_view
 from volkeeper.daemon.source.mirrors import Mirrors
 
 
@@ -31,7 +32,7 @@ def mirror_views(record: JobRecord, mirrors: Mirrors, node: str) -> list[dict[st
         key = (record.name, mirror.target)
         running = mirrors.get(key)
         if running is not None:
-            views.append(running.view())
+            views.append(mirror_view(running))
         else:
             views.append(_unknown_view(record, mirror, node, mirrors.problems.get(key)))
     return views

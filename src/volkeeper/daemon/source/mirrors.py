@@ -108,7 +108,7 @@ class Mirrors:
         )
         mirror.job_document = document
         if notice is not None:
-            mirror.standing_error = mirror.last_error = notice
+            mirror.engine.stand(notice)
         mirror.on_state = self.on_state
         mirror.on_target_error = self.on_target_error
         replication = self.replications.get(service.name)

@@ -1,0 +1,277 @@
+"""The source end of one mirror as a state machine: events in, one ordered batch of effects out.
+
+How this works: a ``MirrorEngine`` holds everything the source decides about one mirror --
+its state (the table in core/mirror_state.py), whether the link is up, the fate of every frame
+sent (its ``Ledger``), whether a resync walk runs, the errors that stand until a resync ends,
+and the backoff and liveness policy.  It does no I/O and keeps no clock: the adapter
+(daemon/source/mirror.py) tells it what happened, with the time where it matters, and carries
+out the ``Ready`` it gets back in the order written on that class (core/ready.py).
+
+    event                          method            what it may lead to
+    application op                 ship              send it; or mark it (no link, paused,
+                                                     async queue full -> resync); or drop it
+    frame handed to the link       sent              (bookkeeping)
+    ACK / other frame heard        ack / heard       reply, release, unpin; an errno fails
+                                                     the target: mark, close, back off longer
+    HELLO_OK                       handshake         mark every region (another generation)
+      ...its marks persisted       admitted          Mirroring, or INCONSISTENT + resync
+    link lost                      lost              mark what the target may lack
+    resync done                    resync_finished   Mirroring; standing errors cleared
+    idle tick                      idle              ping, or drop a silent target
+    administrator                  pause, resume, break_, full_resync, checksum_resync,
+                                   verify_marked
+
+The engine reads the bitmap (how much is marked) but never writes it: marks and clears are
+effects, so the order of the contract holds for every one of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic
+
+from volkeeper.core.bitmap import DirtyBitmap
+from volkeeper.core.mirror_ledger import Ledger
+from volkeeper.core.mirror_state import (
+    SENDING,
+    Admission,
+    MirrorEvent,
+    MirrorState,
+    Route,
+    admission,
+    next_state,
+    route,
+)
+from volkeeper.core.peer import wire as pw
+from volkeeper.core.ready import Close, Pin, Ready, Sent, Token
+
+PING_INTERVAL = 2.0  # an idle link is pinged this often
+TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
+BACKOFF = (0.2, 0.5, 1.0, 2.0)  # seconds between attempts; the last one repeats
+TARGET_ERROR_BACKOFF = (1.0, 2.0, 5.0, 10.0)  # the same, after the target failed a frame
+
+S, E = MirrorState, MirrorEvent
+
+
+class MirrorEngine(Generic[Token, Pin]):
+    def __init__(
+        self,
+        bitmap: DirtyBitmap,
+        target: str,
+        strerror: Callable[[int], str],
+        state: MirrorState = MirrorState.RESYNC_PENDING,
+    ) -> None:
+        """``target``: "NODE:VOLUME", naming it in errors; ``strerror`` words an errno."""
+        self.bitmap = bitmap
+        self.target = target
+        self.strerror = strerror
+        self.state = state
+        self.ledger: Ledger[Token, Pin] = Ledger(bitmap.region_size)
+        self.asynchronous = False
+        self.queue_limit = 0
+        self.link_up = False
+        self.walking = False  # a resync walk runs on this link
+        self.stopping = False  # a lost link is then no "target lost"
+        self.checksum_next = False  # the next resync compares before it sends
+        self.last_error = ""
+        # What stands as the last error until a resync ends without one: the target's last
+        # failure, or damage found in the intent log when it was opened.
+        self.standing_error = ""
+        self.target_errors = 0  # error ACKs received, ever
+        self.failures_in_a_row = 0  # links ended by a target failure since the last success
+        self.overflows = 0  # async ops marked because the queue was full
+        self.last_heard = 0.0
+        self._admission: Admission | None = None
+
+    def configure(self, mode: str, queue_limit: int) -> None:
+        """New terms for ops from now on; ops already sent keep theirs."""
+        self.asynchronous = mode == "async"
+        self.queue_limit = queue_limit
+
+    # -- errors and policy ------------------------------------------------------------------
+
+    def note(self, error: str) -> None:
+        """``error`` is the last error; one that stands until a resync is not hidden by it."""
+        standing = self.standing_error
+        self.last_error = f"{error}; {standing}" if standing and standing not in error else error
+
+    def stand(self, error: str) -> None:
+        """``error`` stands as the last error until a resync completes."""
+        self.standing_error = self.last_error = error
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds before connection attempt ``attempt + 1``."""
+        if self.failures_in_a_row:
+            steps = TARGET_ERROR_BACKOFF
+            return steps[min(self.failures_in_a_row - 1, len(steps) - 1)]
+        return BACKOFF[min(attempt, len(BACKOFF) - 1)]
+
+    @property
+    def wants_link(self) -> bool:
+        return not self.stopping and self.state not in (S.PAUSED, S.BROKEN)
+
+    def heard(self, now: float) -> None:
+        self.last_heard = now
+
+    def idle(self, now: float) -> Close | None:
+        """A quiet ``PING_INTERVAL`` passed: the link to drop if the target is silent too
+        long (a hung target cannot hold synchronous writes forever), else None: ping it."""
+        if now - self.last_heard > TARGET_TIMEOUT:
+            return Close(f"{self.target} silent for {TARGET_TIMEOUT:.0f} s")
+        return None
+
+    # -- the link -----------------------------------------------------------------------------
+
+    def handshake(
+        self, now: float, current_generation: int, target_generation: int, up_to_date: bool
+    ) -> Ready[Token, Pin]:
+        """HELLO_OK: decide what the target needs (``admission``).  Every region is marked
+        when it holds another generation; ``admitted`` follows once that is persisted."""
+        self.last_heard = now
+        self._admission = admission(
+            current_generation, target_generation, up_to_date, bool(self.bitmap.marked_count)
+        )
+        return Ready(mark_all=self._admission.mark_all)
+
+    def admitted(self, link_open: bool) -> Ready[Token, Pin]:
+        """The handshake's marks are persisted: the link carries writes from now on."""
+        decided, self._admission = self._admission, None
+        if decided is None or not link_open or self.state is not S.RESYNC_PENDING:
+            return Ready(close=Close("mirror paused or broken during the handshake"))
+        self.link_up = True
+        self.last_error = self.standing_error  # not cleared before a resync proves it gone
+        ready: Ready[Token, Pin] = Ready(changes=self._set(decided.event))
+        if decided.event is E.CONNECTED_DIRTY:
+            self._start_resync(ready)
+        return ready
+
+    def lost(self, reason: str, unsent: list[Sent[Token, Pin]]) -> Ready[Token, Pin]:
+        """The link is gone; ``unsent``: application frames the sender still held."""
+        self.link_up = self.walking = False
+        self.note(reason)
+        ready = self.ledger.lost(unsent)
+        if self.state in SENDING and not self.stopping:
+            ready.changes = self._set(E.DISCONNECTED)
+        return ready
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    # -- application ops ----------------------------------------------------------------------
+
+    def ship(
+        self, token: Token, pin: Pin, command: str, offset: int, length: int, size: int
+    ) -> Ready[Token, Pin]:
+        """Where an application op goes (``route``), and what follows."""
+        is_flush = command == "flush"
+        way = route(
+            self.state, self.link_up, self.asynchronous, self.ledger.queued_bytes, size,
+            is_flush, self.queue_limit,
+        )  # fmt: skip
+        if way is Route.SEND:
+            owed = not self.asynchronous
+            entry = Sent(token, pin, command, offset, length, owed, size)
+            self.ledger.queued(entry)
+            if not is_flush:
+                self.ledger.race(offset, length)
+            return Ready(reply=() if owed else (token,), send=entry)
+        if way is Route.UNTRACKED:
+            return self.ledger.untracked(token, pin, is_flush)
+        ready = self.ledger.kept(token, pin, offset, length, is_flush)
+        if way is Route.OVERFLOW:
+            self.overflows += 1
+            if self.state is S.MIRRORING:
+                ready.changes = self._set(E.QUEUE_OVERFLOW)
+                self._start_resync(ready)
+        return ready
+
+    def sent(self, entry: Sent[Token, Pin], sequence: int, now: float) -> None:
+        self.ledger.sent(sequence, entry, now)
+
+    def ack(self, sequence: int, errno: int, now: float) -> Ready[Token, Pin]:
+        """The target's ACK; an errno, whatever the frame, fails the target."""
+        self.last_heard = now
+        ready = self.ledger.ack(sequence, errno, now)
+        if ready.failure is not None:
+            error, what = ready.failure
+            why, (node, _, volume) = self.strerror(error), self.target.partition(":")
+            self.stand(f"target {node}: {volume}: {why[:1].lower()}{why[1:]} ({what})")
+            self.target_errors += 1
+            self.failures_in_a_row += 1
+            ready.close = Close(self.last_error)
+        return ready
+
+    def released(self, flush_sequence: int) -> Ready[Token, Pin]:
+        """A FLUSH sent as ``flush_sequence`` is durable locally and on the target."""
+        return self.ledger.released(flush_sequence)
+
+    def target_shut_down_cleanly(self) -> Ready[Token, Pin]:
+        return self.ledger.target_shut_down_cleanly()
+
+    # -- resync -------------------------------------------------------------------------------
+
+    def _start_resync(self, ready: Ready[Token, Pin]) -> None:
+        """The target gets marked regions from now on: its copy is Inconsistent until done."""
+        ready.records = (pw.DataState.INCONSISTENT,)
+        ready.start_resync = self.walking = True
+
+    def resync_finished(self) -> Ready[Token, Pin]:
+        """Every chunk ACKed, durable and cleared, the target recorded UpToDate, and that
+        persisted: the only way to Mirroring from a resync."""
+        self.walking = self.checksum_next = False
+        self.standing_error = self.last_error = ""
+        self.failures_in_a_row = 0
+        return Ready(changes=self._set(E.RESYNC_DONE))
+
+    # -- administrator commands ---------------------------------------------------------------
+
+    def pause(self) -> Ready[Token, Pin]:
+        """Stop sending; keep marking.  Idempotent."""
+        if self.state is S.PAUSED:
+            return Ready()
+        close = Close("mirror paused by the administrator", pw.GoodbyeReason.PAUSED)
+        return Ready(changes=self._set(E.PAUSE), close=close)
+
+    def resume(self) -> Ready[Token, Pin]:
+        """Continue a paused mirror (the table refuses it for Broken: a full resync only)."""
+        if self.state in (S.PAUSED, S.BROKEN):
+            return Ready(changes=self._set(E.CONTINUE))
+        return Ready()
+
+    def break_(self) -> Ready[Token, Pin]:
+        """Stop tracking: the target's copy is Outdated until a full resync."""
+        if self.state is S.BROKEN:
+            return Ready()
+        message, outdated = "mirror broken by the administrator", pw.DataState.OUTDATED
+        close = Close(message, pw.GoodbyeReason.OTHER, outdated)
+        return Ready(changes=self._set(E.BREAK), close=close)
+
+    def full_resync(self) -> Ready[Token, Pin]:
+        """Mark every region and resend it all (the only repair of a Broken mirror)."""
+        ready: Ready[Token, Pin] = Ready(mark_all=True, changes=self._set(E.FULL_RESYNC))
+        if self.state is S.RESYNCING and not self.walking and self.link_up:
+            self._start_resync(ready)
+        return ready
+
+    def checksum_resync(self) -> Ready[Token, Pin]:
+        """Mark every region, then resync comparing digests first; a connected mirror
+        reconnects to start it."""
+        changes = self._set(E.CHECKSUM_RESYNC)
+        self.checksum_next = True
+        return Ready(mark_all=True, changes=changes, close=Close("checksum resync requested"))
+
+    def verify_marked(self) -> Ready[Token, Pin]:
+        """A verify marked the regions it found different: resync them."""
+        ready: Ready[Token, Pin] = Ready(changes=self._set(E.VERIFY_MARKED))
+        if self.state is S.RESYNCING and not self.walking and self.link_up:
+            self._start_resync(ready)
+        return ready
+
+    def intent_log_failed(self) -> Ready[Token, Pin]:
+        """The intent log cannot be written: changes can no longer be tracked."""
+        return Ready(changes=self._set(E.BREAK))
+
+    def _set(self, event: MirrorEvent) -> tuple[tuple[MirrorState, MirrorEvent], ...]:
+        before = self.state
+        self.state = next_state(before, event)
+        return ((before, event),) if self.state is not before else ()

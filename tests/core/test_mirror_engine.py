@@ -1,0 +1,529 @@
+"""The mirror engine against a model of the source, the wire and the target's disk.
+
+A hypothesis state machine plays the adapter (daemon/source/mirror.py) around a real
+``MirrorEngine`` and a real ``DirtyBitmap``, over an 8-region volume whose content is a version
+number per region.  Every decision is the engine's: where a write goes, what an ACK, an error
+ACK or a lost link leads to, what a handshake admits, when the mirror is Mirroring, what the
+administrator's commands do.  The machine only carries out the ``Ready`` it gets, in the
+contract's order (core/ready.py), and models everything around it:
+
+* application writes bump a region's version on the source; each holds an activity-log pin
+  from issue until the engine says to unpin it;
+* the wire has the sender's two lanes (application frames, then resync frames and questions),
+  each in order, merged in any interleaving -- an application write may overtake resync data;
+* the target applies frames in wire order to its *volatile* copy, a FLUSH copies volatile to
+  *durable*; while its disk fails, every frame it gets is ACKed with EIO and changes nothing;
+  a target crash loses the volatile copy; it reports a generation and whether it is UpToDate;
+* the resync (the adapter's walk) reads a marked run of regions, sends it, commits batches
+  with a FLUSH, and reports the end once the bitmap is empty;
+* the intent log's bitmap is persisted only by the ``persist`` rule; effects the engine puts
+  after persisting wait for it; a source restart starts a new engine from what was persisted
+  plus the regions still pinned (the activity log's hot extents, marked at open).
+
+The invariants, checked after every step (not while the mirror is Broken: it tracks nothing):
+
+1. **intent before data** -- every region whose *durable* target copy differs from the source
+   is marked in the *persisted* bitmap or pinned by an op covering it (a crash of either side
+   right now still finds it);
+2. **nothing cleared unproven** -- every region whose target copy differs from the source,
+   volatile or durable (a target crash right now), is marked in the bitmap or covered by a
+   write the ledger still tracks (in flight or undurable);
+3. **never UpToDate while a region differs** -- while the engine says Mirroring, the target
+   equals the source except for writes in flight, and the target's own UpToDate flag is only
+   set by a resync the engine saw finish.
+
+``test_the_machine_catches_a_seeded_bug`` seeds five bugs, in the ledger and in the engine,
+and requires the machine to find each.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from volkeeper.core.bitmap import DirtyBitmap
+from volkeeper.core.mirror_engine import TARGET_TIMEOUT, MirrorEngine
+from volkeeper.core.mirror_ledger import Chunk, Ledger
+from volkeeper.core.mirror_state import IllegalTransition, MirrorState
+from volkeeper.core.peer import wire as pw
+from volkeeper.core.ready import Ready, Sent
+
+REGION = 4096
+REGIONS = 8
+QUEUE_LIMIT = 2  # async mode: writes sent and not ACKed (each counts 1)
+GENERATION = 7  # the source's
+
+
+@dataclass(eq=False)
+class Op:
+    """The adapter's op, as the engine sees it (a token), with its activity-log pin."""
+
+    command: str
+    first: int = 0
+    count: int = 0
+    version: int = 0  # the source version it writes
+    pinned: bool = False
+
+
+@dataclass
+class Frame:
+    sequence: int
+    kind: str  # "write", "flush", "resync", "record"
+    first: int = 0
+    versions: list[int] = field(default_factory=list)
+    record: pw.DataState | None = None
+    fails: bool = False  # the target's disk fails it
+
+
+class EngineMachine(RuleBasedStateMachine):
+    ledger_class: type[Ledger[Op, Op]] = Ledger
+    engine_class: type[MirrorEngine[Op, Op]] = MirrorEngine
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bitmap = DirtyBitmap(REGIONS * REGION, REGION)
+        self.engine = self.new_engine(MirrorState.RESYNC_PENDING)
+        self.persisted: set[int] = set()  # the bitmap as on stable storage
+        self.after_persist: list[Ready[Op, Op]] = []
+        self.source = [0] * REGIONS
+        self.volatile = [0] * REGIONS
+        self.durable = [0] * REGIONS
+        self.target_generation = GENERATION
+        self.target_up_to_date = True
+        self.version = 0
+        self.sequence = 0
+        self.now = 0.0
+        self.failing = False
+        self.untracked = False  # Broken since the last full resync marked everything
+        self.app_lane: list[tuple[Frame, Sent[Op, Op] | None]] = []
+        self.resync_lane: list[tuple[Frame, Chunk | None]] = []
+        self.wire: list[Frame] = []  # sent, not yet applied by the target
+        self.acks: list[tuple[int, int]] = []  # (sequence, errno), in order
+        self.commit_flushes: set[int] = set()  # sequences of the resync's FLUSH frames
+        self.ops: list[Op] = []
+        self.mode = "sync"
+
+    def new_engine(self, state: MirrorState) -> MirrorEngine[Op, Op]:
+        engine = self.engine_class(self.bitmap, "beta:data1", errno.errorcode.__getitem__, state)
+        engine.ledger = self.ledger_class(REGION)
+        return engine
+
+    # -- the adapter: carry out a Ready in the contract's order ---------------------------
+
+    def apply(self, ready: Ready[Op, Op]) -> None:
+        if ready.mark_all:
+            self.bitmap.mark_all()
+            self.persist()  # the contract: persisted before anything else of it
+            self.untracked = False
+        for offset, length in ready.mark:
+            self.bitmap.mark(offset, length)
+        for first, count in ready.clear:
+            self.bitmap.clear_regions(first, count)
+        for op in ready.unpin_now:
+            op.pinned = False
+        if ready.waits_for_persist:
+            self.after_persist.append(ready)
+        if ready.send is not None:
+            entry = ready.send
+            op = entry.token
+            kind = "flush" if entry.is_flush else "write"
+            self.app_lane.append((Frame(0, kind, op.first, [op.version] * op.count), entry))
+        for record in ready.records:
+            self.resync_lane.append((Frame(0, "record", record=record), None))
+        if ready.answer is not None and ready.answer[0] in self.commit_flushes:
+            self.commit_flushes.discard(ready.answer[0])
+            if not ready.answer[1]:
+                self.apply(self.engine.ledger.committed())
+        if ready.close is not None:
+            self.lose_link_now(crash=False)
+
+    def lose_link_now(self, crash: bool) -> None:
+        if not self.engine.link_up:
+            return
+        unsent = [entry for _, entry in self.app_lane if entry is not None]
+        self.app_lane, self.resync_lane, self.wire, self.acks = [], [], [], []
+        self.commit_flushes.clear()
+        self.apply(self.engine.lost("link lost", unsent))
+        if crash:
+            self.volatile = list(self.durable)
+
+    def connect(self) -> None:
+        handshake = self.engine.handshake(
+            self.now, GENERATION, self.target_generation, self.target_up_to_date
+        )
+        self.apply(handshake)
+        self.apply(self.engine.admitted(link_open=True))
+
+    @initialize(created=st.booleans(), asynchronous=st.booleans())
+    def start(self, created: bool, asynchronous: bool) -> None:
+        """Either in sync from the start, or a job just created (the target holds another
+        generation: the handshake marks every region and the full resync begins)."""
+        self.mode = "async" if asynchronous else "sync"
+        self.engine.configure(self.mode, QUEUE_LIMIT)
+        if created:
+            self.source = list(range(1, REGIONS + 1))
+            self.version = REGIONS
+            self.target_generation, self.target_up_to_date = 0, False
+        self.connect()
+        assert self.engine.state is (MirrorState.RESYNCING if created else MirrorState.MIRRORING)
+
+    # -- rules: the application -----------------------------------------------------------
+
+    @rule(first=st.integers(0, REGIONS - 1), count=st.integers(1, 2))
+    def write(self, first: int, count: int) -> None:
+        count = min(count, REGIONS - first)
+        self.version += 1
+        op = Op("write", first, count, self.version, pinned=True)
+        self.ops.append(op)
+        for region in range(first, first + count):
+            self.source[region] = self.version
+        self.apply(self.engine.ship(op, op, "write", first * REGION, count * REGION, 1))
+
+    @rule()
+    def flush(self) -> None:
+        op = Op("flush")
+        self.apply(self.engine.ship(op, op, "flush", 0, 0, 0))
+
+    # -- rules: the sender, the target, the ACKs ------------------------------------------
+
+    @precondition(lambda self: self.app_lane or self.resync_lane)
+    @rule(app_first=st.booleans())
+    def send(self, app_first: bool) -> None:
+        if (app_first and self.app_lane) or not self.resync_lane:
+            frame, entry = self.app_lane.pop(0)
+            frame.sequence = self.next_sequence()
+            if entry is not None:
+                self.engine.sent(entry, frame.sequence, self.now)
+        else:
+            frame, chunk = self.resync_lane.pop(0)
+            frame.sequence = self.next_sequence()
+            if chunk is not None:
+                self.engine.ledger.chunk_frame_sent(chunk, frame.sequence)
+            elif frame.kind == "flush":
+                self.engine.ledger.ask(frame.sequence, "resync flush")
+                self.commit_flushes.add(frame.sequence)
+            else:
+                self.engine.ledger.ask(frame.sequence, "record")
+        self.wire.append(frame)
+
+    def next_sequence(self) -> int:
+        self.sequence += 1
+        return self.sequence
+
+    @precondition(lambda self: self.wire)
+    @rule()
+    def target_applies(self) -> None:
+        frame = self.wire.pop(0)
+        if self.failing or frame.fails:
+            self.acks.append((frame.sequence, errno.EIO))
+            return
+        if frame.kind in ("write", "resync"):
+            for i, version in enumerate(frame.versions):
+                self.volatile[frame.first + i] = version
+        elif frame.kind == "flush":
+            self.durable = list(self.volatile)
+        elif frame.record is pw.DataState.INCONSISTENT:
+            self.target_generation, self.target_up_to_date = GENERATION, False
+        self.acks.append((frame.sequence, 0))
+
+    @precondition(lambda self: self.acks)
+    @rule()
+    def deliver_ack(self) -> None:
+        sequence, code = self.acks.pop(0)
+        self.now += 0.001
+        self.apply(self.engine.ack(sequence, code, self.now))
+
+    @rule(app_first=st.booleans(), commit=st.booleans())
+    def run_until_idle(self, app_first: bool, commit: bool) -> None:
+        """Big steps: maybe commit the resync's open batch, send everything, the target
+        applies it all, every ACK comes back."""
+        if commit and self.may_commit():
+            self.commit()
+        while self.engine.link_up and (self.app_lane or self.resync_lane or self.wire or self.acks):
+            if self.app_lane or self.resync_lane:
+                self.send(app_first)
+            elif self.wire:
+                self.target_applies()
+            else:
+                self.deliver_ack()
+
+    @rule()
+    def persist(self) -> None:
+        self.persisted = {r for r in range(REGIONS) if self.bitmap.is_marked(r)}
+        waiting, self.after_persist = self.after_persist, []
+        for ready in waiting:
+            for op in ready.unpin_after_persist:
+                op.pinned = False
+
+    @rule(how=st.sampled_from(["link lost", "target crashed", "target silent", "source crashed"]))
+    def something_fails(self, how: str) -> None:
+        """The link goes (and the target's volatile copy with it, on a crash); or the target
+        falls silent and the engine's liveness check drops it; or the source restarts."""
+        if how == "target silent" and self.engine.link_up:
+            assert self.engine.idle(self.engine.last_heard + TARGET_TIMEOUT / 2) is None
+            silent = self.engine.idle(self.engine.last_heard + TARGET_TIMEOUT + 1)
+            assert silent is not None and "silent" in silent.message
+        if how == "source crashed":
+            self.source_restarts()
+        else:
+            self.lose_link_now(crash=how == "target crashed")
+
+    @rule()
+    def disk_fails_or_heals(self) -> None:
+        self.failing = not self.failing
+
+    def frames(self) -> list[Frame]:
+        """Every frame not yet applied: queued in a lane or on the wire."""
+        return [frame for frame, _ in (*self.app_lane, *self.resync_lane)] + self.wire
+
+    @precondition(frames)
+    @rule(pick=st.integers(0, 7))
+    def a_frame_will_fail(self, pick: int) -> None:
+        """The target's disk will fail the frame ``pick`` not yet applied (a write, resync
+        data, a FLUSH, a record), and only that one."""
+        frames = self.frames()
+        frames[pick % len(frames)].fails = True
+
+    @precondition(lambda self: not self.engine.link_up and self.engine.wants_link)
+    @rule()
+    def reconnect(self) -> None:
+        self.connect()
+
+    def source_restarts(self) -> None:
+        """The source node crashes and comes back: the intent log as persisted, plus the
+        hot extents of the activity log (every op still pinned), marked at open."""
+        self.lose_link_now(crash=False)
+        self.bitmap = DirtyBitmap(REGIONS * REGION, REGION)
+        for region in self.persisted:
+            self.bitmap.mark(region * REGION, REGION)
+        for op in self.ops:
+            if op.pinned:
+                self.bitmap.mark(op.first * REGION, op.count * REGION)
+                op.pinned = False
+        self.persisted = {r for r in range(REGIONS) if self.bitmap.is_marked(r)}
+        self.after_persist = []
+        state = MirrorState.BROKEN if self.untracked else MirrorState.RESYNC_PENDING
+        if self.engine.state is MirrorState.PAUSED:  # the job record keeps both
+            state = MirrorState.PAUSED
+        self.engine = self.new_engine(state)
+        self.engine.configure(self.mode, QUEUE_LIMIT)
+
+    # -- rules: the administrator ---------------------------------------------------------
+
+    def command(self, command: Callable[[], Ready[Op, Op]]) -> None:
+        """An administrator's command; one the state table refuses changes nothing."""
+        before = (self.engine.state, self.engine.checksum_next)
+        try:
+            ready = command()
+        except IllegalTransition:
+            assert (self.engine.state, self.engine.checksum_next) == before
+            return
+        self.apply(ready)
+
+    @rule(what=st.sampled_from(["pause", "resume", "break", "full resync", "checksum resync"]))
+    def administrator(self, what: str) -> None:
+        engine = self.engine
+        self.command(
+            {
+                "pause": engine.pause,
+                "resume": engine.resume,
+                "break": engine.break_,
+                "full resync": engine.full_resync,
+                "checksum resync": engine.checksum_resync,
+            }[what]
+        )
+        if what == "break":
+            self.untracked = True
+
+    # -- rules: the resync ----------------------------------------------------------------
+
+    @precondition(lambda self: self.engine.walking and self.bitmap.marked_count)
+    @rule(data=st.data(), fails=st.sampled_from([False, False, False, True]))
+    def resync_chunk(self, data: Any, fails: bool) -> None:
+        """Read a marked run and queue its RESYNC_DATA (which the target's disk may fail)."""
+        runs = list(self.bitmap.runs(0, 2))
+        first, count = data.draw(st.sampled_from(runs))
+        ledger = self.engine.ledger
+        chunk = ledger.chunk(first, count, first * REGION, count * REGION)
+        for entry in ledger.pending.values():  # issued, not complete: they race it
+            ledger.race(entry.offset, entry.length)
+        for _, entry in self.app_lane:
+            if entry is not None and not entry.is_flush:
+                ledger.race(entry.offset, entry.length)
+        ledger.chunk_frame(chunk)
+        versions = self.source[first : first + count]
+        frame = Frame(0, "resync", first, list(versions), fails=fails)
+        self.resync_lane.append((frame, chunk))
+
+    def may_commit(self) -> bool:
+        ledger = self.engine.ledger
+        return self.engine.walking and bool(ledger.open_chunks) and not ledger.committing
+
+    @precondition(may_commit)
+    @rule()
+    def commit(self) -> None:
+        assert self.engine.ledger.commit()
+        self.resync_lane.append((Frame(0, "flush"), None))
+
+    @precondition(
+        lambda self: (
+            self.engine.walking
+            and self.engine.state is MirrorState.RESYNCING
+            and not self.bitmap.marked_count
+            and not (self.engine.ledger.open_chunks or self.engine.ledger.committing)
+        )
+    )
+    @rule()
+    def resync_finishes(self) -> None:
+        """The walk found nothing marked after its last commit: the target records UpToDate
+        (its ACK is awaited: here, delivered at once), then the engine is told."""
+        self.target_up_to_date = True
+        self.apply(self.engine.resync_finished())
+        assert self.engine.state is MirrorState.MIRRORING and not self.engine.last_error
+
+    # -- invariants -----------------------------------------------------------------------
+
+    def covered(self, region: int) -> bool:
+        """A write the ledger would mark if the link went now covers ``region``."""
+        ledger = self.engine.ledger
+        spans = [(e.offset, e.length) for e in ledger.pending.values() if not e.is_flush]
+        spans += [(e.offset, e.length) for _, e in self.app_lane if e and not e.is_flush]
+        spans += [(offset, length) for _, offset, length, _ in ledger.undurable]
+        return any(offset <= region * REGION < offset + length for offset, length in spans)
+
+    def pinned(self, region: int) -> bool:
+        return any(op.pinned and op.first <= region < op.first + op.count for op in self.ops)
+
+    @invariant()
+    def intent_before_data(self) -> None:
+        if self.untracked:
+            return
+        for region in range(REGIONS):
+            if self.durable[region] != self.source[region]:
+                assert region in self.persisted or self.pinned(region), (
+                    f"region {region}: durable target copy differs, neither persisted as "
+                    "marked nor pinned"
+                )
+
+    @invariant()
+    def nothing_cleared_unproven(self) -> None:
+        if self.untracked:
+            return
+        for region in range(REGIONS):
+            if self.source[region] not in (self.volatile[region], self.durable[region]) or (
+                self.volatile[region] != self.durable[region]
+            ):
+                assert self.bitmap.is_marked(region) or self.covered(region), (
+                    f"region {region}: the target's copy differs, or would after a crash; "
+                    "not marked, and no write in flight covers it"
+                )
+
+    @invariant()
+    def never_up_to_date_while_different(self) -> None:
+        if self.engine.state is not MirrorState.MIRRORING:
+            return
+        assert self.engine.link_up, "Mirroring without a link"
+        for region in range(REGIONS):
+            if self.volatile[region] != self.source[region]:
+                assert self.covered(region), f"Mirroring while region {region} differs"
+
+
+EngineMachine.TestCase.settings = settings(max_examples=2000, stateful_step_count=40, deadline=None)
+TestEngine = EngineMachine.TestCase
+
+
+# -- seeded bugs: the machine must find each ----------------------------------------------
+
+
+class IgnoresFailedChunks(Ledger[Op, Op]):
+    """An error ACK of resync data is taken as success (issue 10's defect)."""
+
+    def ack(self, sequence: int, errno: int, now: float) -> Ready[Op, Op]:
+        if sequence in self._chunk_frames:
+            errno = 0
+        return super().ack(sequence, errno, now)
+
+
+class ForgetsUndurableWrites(Ledger[Op, Op]):
+    """A lost link marks the writes in flight but forgets those ACKed and not yet made
+    durable by a FLUSH (a target crash then loses them unmarked)."""
+
+    def lost(self, unsent: list[Sent[Op, Op]]) -> Ready[Op, Op]:
+        self.undurable = []
+        return super().lost(unsent)
+
+
+class MarksNothingKept(Ledger[Op, Op]):
+    """A write kept while the target is away (or the queue is full) is not marked."""
+
+    def kept(self, token: Op, pin: Op, offset: int, length: int, is_flush: bool) -> Ready[Op, Op]:
+        ready = super().kept(token, pin, offset, length, is_flush)
+        return Ready(unpin_now=list(ready.unpin_after_persist), changes=ready.changes)
+
+
+class ClearsBeforeTheFlush(Ledger[Op, Op]):
+    """A resync chunk is cleared as soon as its data is ACKed, before the FLUSH that makes
+    it durable (a target crash then loses it unmarked)."""
+
+    def ack(self, sequence: int, errno: int, now: float) -> Ready[Op, Op]:
+        chunk = self._chunk_frames.get(sequence)
+        ready = super().ack(sequence, errno, now)
+        if chunk is not None and not errno:
+            return Ready(clear=[(chunk.first, chunk.count)])
+        return ready
+
+
+class AdmitsWhatIsMarked(MirrorEngine[Op, Op]):
+    """The handshake admits a target that says UpToDate although regions are marked."""
+
+    def handshake(
+        self, now: float, current_generation: int, target_generation: int, up_to_date: bool
+    ) -> Ready[Op, Op]:
+        marked, self.bitmap = self.bitmap, DirtyBitmap(REGIONS * REGION, REGION)
+        try:
+            return super().handshake(now, current_generation, target_generation, up_to_date)
+        finally:
+            self.bitmap = marked
+
+
+def _machine(name: str, **classes: type[Any]) -> type[EngineMachine]:
+    return type(name, (EngineMachine,), classes)
+
+
+SEEDED = [
+    _machine("IgnoresFailedChunksMachine", ledger_class=IgnoresFailedChunks),
+    _machine("ForgetsUndurableWritesMachine", ledger_class=ForgetsUndurableWrites),
+    _machine("MarksNothingKeptMachine", ledger_class=MarksNothingKept),
+    _machine("ClearsBeforeTheFlushMachine", ledger_class=ClearsBeforeTheFlush),
+    _machine("AdmitsWhatIsMarkedMachine", engine_class=AdmitsWhatIsMarked),
+]
+
+
+@pytest.mark.parametrize("machine", SEEDED, ids=lambda machine: machine.__name__)
+def test_the_machine_catches_a_seeded_bug(machine: type[EngineMachine]) -> None:
+    quick = settings(
+        max_examples=3000, stateful_step_count=40, deadline=None, database=None,
+        suppress_health_check=list(HealthCheck), phases=[Phase.generate],  # no shrinking
+    )  # fmt: skip
+    try:
+        run_state_machine_as_test(machine, settings=quick)
+    except AssertionError:
+        return
+    except BaseExceptionGroup as group:  # several distinct failures found
+        assert group.subgroup(AssertionError) is not None, group
+        return
+    pytest.fail(f"{machine.__name__}: the seeded bug went unnoticed")
