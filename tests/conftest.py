@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,25 +21,40 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(getattr(pytest.mark, kind))
 
 
-@pytest.fixture
-def start_node(tmp_path: Path) -> Iterator[NodeFactory]:
-    """Start daemons with ``start_node(name=..., volumes=[VolumeSpec(...)], nbd_tcp=...)``.
-
-    Every daemon started here is stopped at teardown, and must exit 0 on SIGTERM.
-    """
+@contextlib.contextmanager
+def node_factory(root: Path) -> Iterator[NodeFactory]:
+    """Start daemons under ``root``; every one is stopped on the way out, and must exit 0 on
+    SIGTERM."""
     nodes: list[LocalNode] = []
 
     def factory(
         name: str = "alpha", volumes: list[VolumeSpec] | None = None, **kw: object
     ) -> LocalNode:
-        node = LocalNode(tmp_path / name, name, volumes or [VolumeSpec("data1")], **kw)  # type: ignore[arg-type]
+        node = LocalNode(root / name, name, volumes or [VolumeSpec("data1")], **kw)  # type: ignore[arg-type]
         nodes.append(node)
         node.start()
         return node
 
-    yield factory
-    codes = {node.name: node.stop() for node in nodes}
+    try:
+        yield factory
+    finally:
+        codes = {node.name: node.stop() for node in nodes}
     assert all(code == 0 for code in codes.values()), f"daemon exit status on SIGTERM: {codes}"
+
+
+@pytest.fixture
+def start_node(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start daemons with ``start_node(name=..., volumes=[VolumeSpec(...)], nbd_tcp=...)``,
+    stopped at the test's teardown."""
+    with node_factory(tmp_path) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+def start_module_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeFactory]:
+    """The same, for daemons a module's tests share (stopped after the module's last test)."""
+    with node_factory(tmp_path_factory.mktemp("nodes")) as factory:
+        yield factory
 
 
 def need(*programs: str) -> None:

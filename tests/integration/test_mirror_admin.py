@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.conftest import NodeFactory, need
 from tests.support.metrics import (
@@ -178,20 +179,33 @@ def test_async_queue_full_tracks_instead_of_blocking(
     stop_both_and_compare(alpha, beta)
 
 
-def test_job_create_refuses_a_bad_mode_queue_limit_or_region_size(
-    start_node: NodeFactory,
+@pytest.fixture(scope="module")
+def idle_pair(start_module_node: NodeFactory) -> tuple[LocalNode, LocalNode]:
+    """alpha and beta, no job: shared by the tests of refused requests."""
+    return pair(start_module_node, "16MiB")
+
+
+REGION_RULE = "region size must be a power of two from 4 KiB to 1 MiB"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "words"),
+    [
+        ("queue_limit", "lots", "queue_limit"),
+        ("queue_limit", 4096, "at least 1 MiB"),
+        ("mode", "semi", "sync, async"),
+        ("region_size", "3000", REGION_RULE),
+        ("region_size", "2MiB", REGION_RULE),
+        ("region_size", "1KiB", REGION_RULE),
+    ],
+)
+def test_job_create_refuses_a_bad_setting(
+    idle_pair: tuple[LocalNode, LocalNode], setting: str, value: object, words: str
 ) -> None:
-    alpha, _ = pair(start_node, "16MiB")
+    alpha, _ = idle_pair
     body = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "mode": "async",
-            "confirm": True}  # fmt: skip
+            "confirm": True, setting: value}  # fmt: skip
     with alpha.api() as api:
-        for limit, words in (("lots", "queue_limit"), (4096, "at least 1 MiB")):
-            answer: httpx.Response = api.post("/jobs", json={**body, "queue_limit": limit})
-            assert answer.status_code == 400 and words in answer.text, answer.text
-        answer = api.post("/jobs", json={**body, "mode": "semi"})
-        assert answer.status_code == 400 and "sync, async" in answer.text, answer.text
-        for region in ("3000", "2MiB", "1KiB"):
-            answer = api.post("/jobs", json={**body, "region_size": region})
-            assert answer.status_code == 400, answer.text
-            assert "region size must be a power of two from 4 KiB to 1 MiB" in answer.text
+        answer: httpx.Response = api.post("/jobs", json=body)
+    assert answer.status_code == 400 and words in answer.text, answer.text
     assert alpha.status()["mirrors"] == []

@@ -98,8 +98,8 @@ MODE = os.environ.get("VOLKEEPER_STATEFUL_MODE", "sync")
 JOB = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "mode": MODE}
 ASYNC_CATCH_UP = 10.0  # async mode: how long the target may lag once the source is idle
 
-EXAMPLES = int(os.environ.get("VOLKEEPER_STATEFUL_EXAMPLES", "15"))
-STEPS = int(os.environ.get("VOLKEEPER_STATEFUL_STEPS", "15"))
+EXAMPLES = int(os.environ.get("VOLKEEPER_STATEFUL_EXAMPLES", "8"))
+STEPS = int(os.environ.get("VOLKEEPER_STATEFUL_STEPS", "12"))
 
 
 # -- the rig: two daemons and a proxy, for the whole module ----------------------------------
