@@ -10,6 +10,7 @@ a grace period).  ``kill()`` is the ``kill -9`` of fault tests.  Every daemon lo
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,10 +34,29 @@ class VolumeSpec:
 
 
 def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing is bound to, *below* the kernel's ephemeral range: a port that
+    bind(0) hands out can be taken, before the daemon binds it, as the local port of any
+    outgoing connection on this machine (tests make thousands), and the daemon then fails
+    with "Address already in use"."""
+    first_ephemeral = _first_ephemeral_port()
+    choose = random.SystemRandom()
+    for _ in range(200):
+        port = choose.randrange(max(1024, first_ephemeral - 12000), first_ephemeral)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port below the ephemeral range ({first_ephemeral})")
+
+
+def _first_ephemeral_port() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 @dataclass

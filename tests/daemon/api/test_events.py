@@ -28,6 +28,7 @@ from volkeeper.cli.events import sse_events, stream_events, text_line
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.daemon.api import events
 from volkeeper.daemon.api.events import QUEUE_LIMIT, EventBus, Subscription
+from volkeeper_lab.launcher import free_tcp_port
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -237,9 +238,7 @@ def serve(app: FastAPI, address: UnixAddress | TcpAddress) -> Iterator[Served]:
 
 
 def free_tcp() -> TcpAddress:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return TcpAddress("127.0.0.1", probe.getsockname()[1])
+    return TcpAddress("127.0.0.1", free_tcp_port())
 
 
 @pytest.fixture(params=["tcp", "unix"])
