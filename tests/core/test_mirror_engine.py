@@ -8,14 +8,16 @@ administrator's commands do.  The machine only carries out the ``Ready`` it gets
 contract's order (core/ready.py), and models everything around it:
 
 * application writes bump a region's version on the source; each holds an activity-log pin
-  from issue until the engine says to unpin it;
+  from issue until the engine says to unpin it, and reaches the source *volume* (what a
+  resync reads) at once or later, in issue order, as the volume's writer thread does;
 * the wire has the sender's two lanes (application frames, then resync frames and questions),
   each in order, merged in any interleaving -- an application write may overtake resync data;
 * the target applies frames in wire order to its *volatile* copy, a FLUSH copies volatile to
   *durable*; while its disk fails, every frame it gets is ACKed with EIO and changes nothing;
   a target crash loses the volatile copy; it reports a generation and whether it is UpToDate;
-* the resync (the adapter's walk) reads a marked run of regions, sends it, commits batches
-  with a FLUSH, and reports the end once the bitmap is empty;
+* the resync walk reads any marked run of regions (the engine learns of it, and of the writes
+  in flight racing it), sends it, commits batches with a FLUSH (the engine says what to
+  clear), and ends when the engine says it is complete;
 * the intent log's bitmap is persisted only by the ``persist`` rule; effects the engine puts
   after persisting wait for it; a source restart starts a new engine from what was persisted
   plus the regions still pinned (the activity log's hot extents, marked at open).
@@ -28,18 +30,21 @@ The invariants, checked after every step (not while the mirror is Broken: it tra
 2. **nothing cleared unproven** -- every region whose target copy differs from the source,
    volatile or durable (a target crash right now), is marked in the bitmap or covered by a
    write the ledger still tracks (in flight or undurable);
-3. **never UpToDate while a region differs** -- while the engine says Mirroring, the target
+3. **nothing applied is undone** -- while the link is up, the target's copy differs only where
+   marked or where a write is still on its way (catches resync data older than a write the
+   target applied being cleared);
+4. **never UpToDate while a region differs** -- while the engine says Mirroring, the target
    equals the source except for writes in flight, and the target's own UpToDate flag is only
    set by a resync the engine saw finish.
 
-``test_the_machine_catches_a_seeded_bug`` seeds five bugs, in the ledger and in the engine,
+``test_the_machine_catches_a_seeded_bug`` seeds six bugs, in the ledger and in the engine,
 and requires the machine to find each.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +66,7 @@ from volkeeper.core.mirror_ledger import Chunk, Ledger
 from volkeeper.core.mirror_state import IllegalTransition, MirrorState
 from volkeeper.core.peer import wire as pw
 from volkeeper.core.ready import Ready, Sent
+from volkeeper.core.resync_plan import Span
 
 REGION = 4096
 REGIONS = 8
@@ -77,6 +83,11 @@ class Op:
     count: int = 0
     version: int = 0  # the source version it writes
     pinned: bool = False
+    # a flush: the writes it must find on the source volume, where it went on the wire,
+    # whether the target made it durable, whether it was released
+    before: list[Op] = field(default_factory=list)
+    place: Any = None
+    target_durable: bool = False
 
 
 @dataclass
@@ -99,7 +110,10 @@ class EngineMachine(RuleBasedStateMachine):
         self.engine = self.new_engine(MirrorState.RESYNC_PENDING)
         self.persisted: set[int] = set()  # the bitmap as on stable storage
         self.after_persist: list[Ready[Op, Op]] = []
-        self.source = [0] * REGIONS
+        self.source = [0] * REGIONS  # what the application wrote (its writes issued)
+        self.disk = [0] * REGIONS  # what a read of the source volume returns
+        self.landing: list[Op] = []  # issued writes not yet on the source volume, in order
+        self.flushes: list[Op] = []  # issued, not yet released
         self.volatile = [0] * REGIONS
         self.durable = [0] * REGIONS
         self.target_generation = GENERATION
@@ -113,6 +127,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.resync_lane: list[tuple[Frame, Chunk | None]] = []
         self.wire: list[Frame] = []  # sent, not yet applied by the target
         self.acks: list[tuple[int, int]] = []  # (sequence, errno), in order
+        self.failed: list[Frame] = []  # the target failed them; their ACKs are not back yet
         self.commit_flushes: set[int] = set()  # sequences of the resync's FLUSH frames
         self.ops: list[Op] = []
         self.mode = "sync"
@@ -135,6 +150,10 @@ class EngineMachine(RuleBasedStateMachine):
             self.bitmap.clear_regions(first, count)
         for op in ready.unpin_now:
             op.pinned = False
+        for op in ready.durable_now:
+            op.target_durable = True
+        if ready.durable_now:
+            self.release_durable_flushes()
         if ready.waits_for_persist:
             self.after_persist.append(ready)
         if ready.send is not None:
@@ -147,7 +166,7 @@ class EngineMachine(RuleBasedStateMachine):
         if ready.answer is not None and ready.answer[0] in self.commit_flushes:
             self.commit_flushes.discard(ready.answer[0])
             if not ready.answer[1]:
-                self.apply(self.engine.ledger.committed())
+                self.apply(self.engine.resync_committed())
         if ready.close is not None:
             self.lose_link_now(crash=False)
 
@@ -156,7 +175,9 @@ class EngineMachine(RuleBasedStateMachine):
             return
         unsent = [entry for _, entry in self.app_lane if entry is not None]
         self.app_lane, self.resync_lane, self.wire, self.acks = [], [], [], []
+        self.failed = []
         self.commit_flushes.clear()
+        self.sequence = 0  # a new link numbers its frames from 1 again
         self.apply(self.engine.lost("link lost", unsent))
         if crash:
             self.volatile = list(self.durable)
@@ -176,6 +197,7 @@ class EngineMachine(RuleBasedStateMachine):
         self.engine.configure(self.mode, QUEUE_LIMIT)
         if created:
             self.source = list(range(1, REGIONS + 1))
+            self.disk = list(self.source)
             self.version = REGIONS
             self.target_generation, self.target_up_to_date = 0, False
         self.connect()
@@ -183,20 +205,43 @@ class EngineMachine(RuleBasedStateMachine):
 
     # -- rules: the application -----------------------------------------------------------
 
-    @rule(first=st.integers(0, REGIONS - 1), count=st.integers(1, 2))
-    def write(self, first: int, count: int) -> None:
+    @rule(first=st.integers(0, REGIONS - 1), count=st.integers(1, 2), lands_now=st.booleans())
+    def write(self, first: int, count: int, lands_now: bool) -> None:
+        """A write is issued: shipped, and written locally -- at once (inline, while the
+        volume's writer has nothing queued), or later, in order, by the writer thread."""
         count = min(count, REGIONS - first)
         self.version += 1
         op = Op("write", first, count, self.version, pinned=True)
         self.ops.append(op)
         for region in range(first, first + count):
             self.source[region] = self.version
+        self.landing.append(op)
         self.apply(self.engine.ship(op, op, "write", first * REGION, count * REGION, 1))
+        if lands_now and len(self.landing) == 1:
+            self.a_local_write_lands()
+
+    @precondition(lambda self: self.landing)
+    @rule()
+    def a_local_write_lands(self) -> None:
+        op = self.landing.pop(0)
+        for region in range(op.first, op.first + op.count):
+            self.disk[region] = op.version
+        self.release_durable_flushes()
 
     @rule()
     def flush(self) -> None:
-        op = Op("flush")
+        """A FLUSH: once it holds on the source volume (every write issued before it has
+        landed) and on the target, the writes before it are released (``released``)."""
+        op = Op("flush", before=list(self.landing))
+        self.flushes.append(op)
         self.apply(self.engine.ship(op, op, "flush", 0, 0, 0))
+
+    def release_durable_flushes(self) -> None:
+        for op in list(self.flushes):
+            if op.target_durable and not any(w in self.landing for w in op.before):
+                self.flushes.remove(op)
+                if op.place is not None:
+                    self.apply(self.engine.released(op.place))
 
     # -- rules: the sender, the target, the ACKs ------------------------------------------
 
@@ -207,7 +252,9 @@ class EngineMachine(RuleBasedStateMachine):
             frame, entry = self.app_lane.pop(0)
             frame.sequence = self.next_sequence()
             if entry is not None:
-                self.engine.sent(entry, frame.sequence, self.now)
+                place = self.engine.sent(entry, frame.sequence, self.now)
+                if entry.is_flush:
+                    entry.token.place = place
         else:
             frame, chunk = self.resync_lane.pop(0)
             frame.sequence = self.next_sequence()
@@ -230,6 +277,7 @@ class EngineMachine(RuleBasedStateMachine):
         frame = self.wire.pop(0)
         if self.failing or frame.fails:
             self.acks.append((frame.sequence, errno.EIO))
+            self.failed.append(frame)
             return
         if frame.kind in ("write", "resync"):
             for i, version in enumerate(frame.versions):
@@ -244,6 +292,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule()
     def deliver_ack(self) -> None:
         sequence, code = self.acks.pop(0)
+        self.failed = [frame for frame in self.failed if frame.sequence != sequence]
         self.now += 0.001
         self.apply(self.engine.ack(sequence, code, self.now))
 
@@ -268,6 +317,9 @@ class EngineMachine(RuleBasedStateMachine):
         for ready in waiting:
             for op in ready.unpin_after_persist:
                 op.pinned = False
+            for op in ready.durable_after_persist:
+                op.target_durable = True
+        self.release_durable_flushes()
 
     @rule(how=st.sampled_from(["link lost", "target crashed", "target silent", "source crashed"]))
     def something_fails(self, how: str) -> None:
@@ -307,6 +359,9 @@ class EngineMachine(RuleBasedStateMachine):
         """The source node crashes and comes back: the intent log as persisted, plus the
         hot extents of the activity log (every op still pinned), marked at open."""
         self.lose_link_now(crash=False)
+        self.landing = []  # never written locally, so never acknowledged: lost
+        self.flushes = []
+        self.source = list(self.disk)
         self.bitmap = DirtyBitmap(REGIONS * REGION, REGION)
         for region in self.persisted:
             self.bitmap.mark(region * REGION, REGION)
@@ -352,20 +407,32 @@ class EngineMachine(RuleBasedStateMachine):
     # -- rules: the resync ----------------------------------------------------------------
 
     @precondition(lambda self: self.engine.walking and self.bitmap.marked_count)
-    @rule(data=st.data(), fails=st.sampled_from([False, False, False, True]))
-    def resync_chunk(self, data: Any, fails: bool) -> None:
-        """Read a marked run and queue its RESYNC_DATA (which the target's disk may fail)."""
+    @rule(
+        data=st.data(),
+        fails=st.sampled_from([False, False, False, True]),
+        near_a_landing_write=st.booleans(),
+    )
+    def resync_chunk(self, data: Any, fails: bool, near_a_landing_write: bool) -> None:
+        """Read a marked run and queue its RESYNC_DATA (which the target's disk may fail);
+        often one that a write not yet on the source volume overlaps (the read misses it)."""
         runs = list(self.bitmap.runs(0, 2))
+        if near_a_landing_write:
+            raced = [
+                (first, count)
+                for first, count in runs
+                if any(op.first < first + count and first < op.first + op.count
+                       for op in self.landing)
+            ]  # fmt: skip
+            runs = raced or runs
         first, count = data.draw(st.sampled_from(runs))
         ledger = self.engine.ledger
-        chunk = ledger.chunk(first, count, first * REGION, count * REGION)
-        for entry in ledger.pending.values():  # issued, not complete: they race it
-            ledger.race(entry.offset, entry.length)
-        for _, entry in self.app_lane:
-            if entry is not None and not entry.is_flush:
-                ledger.race(entry.offset, entry.length)
+        racing = [(e.offset, e.length) for e in ledger.pending.values() if not e.is_flush]
+        racing += [(e.offset, e.length) for _, e in self.app_lane if e and not e.is_flush]
+        racing += [(op.first * REGION, op.count * REGION) for op in self.landing]
+        span = Span(first, count, first * REGION, count * REGION)
+        chunk = self.engine.resync_chunk(span, racing)  # issued, not complete: they race it
         ledger.chunk_frame(chunk)
-        versions = self.source[first : first + count]
+        versions = self.disk[first : first + count]
         frame = Frame(0, "resync", first, list(versions), fails=fails)
         self.resync_lane.append((frame, chunk))
 
@@ -379,18 +446,11 @@ class EngineMachine(RuleBasedStateMachine):
         assert self.engine.ledger.commit()
         self.resync_lane.append((Frame(0, "flush"), None))
 
-    @precondition(
-        lambda self: (
-            self.engine.walking
-            and self.engine.state is MirrorState.RESYNCING
-            and not self.bitmap.marked_count
-            and not (self.engine.ledger.open_chunks or self.engine.ledger.committing)
-        )
-    )
+    @precondition(lambda self: self.engine.resync_complete)
     @rule()
     def resync_finishes(self) -> None:
-        """The walk found nothing marked after its last commit: the target records UpToDate
-        (its ACK is awaited: here, delivered at once), then the engine is told."""
+        """The engine says the walk may end: the target records UpToDate (its ACK is awaited:
+        here, delivered at once), then the engine is told."""
         self.target_up_to_date = True
         self.apply(self.engine.resync_finished())
         assert self.engine.state is MirrorState.MIRRORING and not self.engine.last_error
@@ -430,6 +490,29 @@ class EngineMachine(RuleBasedStateMachine):
                 assert self.bitmap.is_marked(region) or self.covered(region), (
                     f"region {region}: the target's copy differs, or would after a crash; "
                     "not marked, and no write in flight covers it"
+                )
+
+    def on_its_way(self, region: int) -> bool:
+        """A write to ``region`` has not reached the target's copy yet: it is queued, on the
+        wire, or failed there with its (error) ACK not back yet."""
+        frames = [frame for frame, _ in self.app_lane] + self.wire + self.failed
+        return any(
+            frame.kind == "write" and frame.first <= region < frame.first + len(frame.versions)
+            for frame in frames
+        )
+
+    @invariant()
+    def nothing_applied_is_undone(self) -> None:
+        """While the link is up, the target's copy differs from the source only where it is
+        marked or a write is still on its way: resync data older than a write the target
+        already applied (a chunk read while the write was in flight) may not be cleared."""
+        if self.untracked or not self.engine.link_up:
+            return
+        for region in range(REGIONS):
+            if self.volatile[region] != self.source[region]:
+                assert self.bitmap.is_marked(region) or self.on_its_way(region), (
+                    f"region {region}: the target's copy differs, not marked, and no write to "
+                    "it is on its way"
                 )
 
     @invariant()
@@ -500,6 +583,14 @@ class AdmitsWhatIsMarked(MirrorEngine[Op, Op]):
             self.bitmap = marked
 
 
+class IgnoresRacingWrites(MirrorEngine[Op, Op]):
+    """A resync chunk read while a write to it is in flight is cleared all the same (the
+    write may reach the target before the older data the chunk read)."""
+
+    def resync_chunk(self, span: Span, racing: Iterable[tuple[int, int]]) -> Chunk:
+        return super().resync_chunk(span, ())
+
+
 def _machine(name: str, **classes: type[Any]) -> type[EngineMachine]:
     return type(name, (EngineMachine,), classes)
 
@@ -510,6 +601,7 @@ SEEDED = [
     _machine("MarksNothingKeptMachine", ledger_class=MarksNothingKept),
     _machine("ClearsBeforeTheFlushMachine", ledger_class=ClearsBeforeTheFlush),
     _machine("AdmitsWhatIsMarkedMachine", engine_class=AdmitsWhatIsMarked),
+    _machine("IgnoresRacingWritesMachine", engine_class=IgnoresRacingWrites),
 ]
 
 
@@ -527,3 +619,39 @@ def test_the_machine_catches_a_seeded_bug(machine: type[EngineMachine]) -> None:
         assert group.subgroup(AssertionError) is not None, group
         return
     pytest.fail(f"{machine.__name__}: the seeded bug went unnoticed")
+
+
+# -- regressions ----------------------------------------------------------------------------
+
+
+def test_a_flush_of_an_earlier_link_releases_nothing_on_the_next() -> None:
+    """Sequence numbers start again at 1 on every link.  A FLUSH ACKed on one link whose local
+    half completes only after the next link is up must not release that link's writes: they
+    are ACKed but not durable on the target, and releasing them would drop them from what a
+    target crash marks (found while modelling releases in the machine above)."""
+    bitmap = DirtyBitmap(REGIONS * REGION, REGION)
+    engine: MirrorEngine[Op, Op] = MirrorEngine(bitmap, "beta:data1", str, MirrorState.MIRRORING)
+    engine.link_up = True
+    ops = [Op("write", region, 1, pinned=True) for region in range(4)]
+    for sequence, op in enumerate(ops, start=1):
+        entry = engine.ship(op, op, "write", op.first * REGION, REGION, 1).send
+        assert entry is not None
+        engine.sent(entry, sequence, 0.0)
+        engine.ack(sequence, 0, 0.0)
+    flush = Op("flush")
+    flush_entry = engine.ship(flush, flush, "flush", 0, 0, 0).send
+    assert flush_entry is not None
+    place = engine.sent(flush_entry, 5, 0.0)
+    assert engine.ack(5, 0, 0.0).durable_now == (flush,)  # durable on the target; not locally yet
+    lost = engine.lost("link lost", [])
+    assert sorted(lost.mark) == [(r * REGION, REGION) for r in range(4)]
+    engine.handshake(1.0, 7, 7, True)
+    engine.admitted(link_open=True)  # Resyncing: the marks go first; writes flow meanwhile
+    late = Op("write", 6, 1, pinned=True)
+    late_entry = engine.ship(late, late, "write", 6 * REGION, REGION, 1).send
+    assert late_entry is not None
+    engine.sent(late_entry, 2, 1.0)  # sequence 2 of the new link (1 was its INCONSISTENT record)
+    engine.ack(2, 0, 1.0)
+    assert engine.released(place).unpin_now == ()  # the old link's flush proves nothing here
+    assert [offset for _, offset, _, _ in engine.ledger.undurable] == [6 * REGION]
+    assert engine.lost("link lost", []).mark == [(6 * REGION, REGION)]

@@ -16,6 +16,9 @@ out the ``Ready`` it gets back in the order written on that class (core/ready.py
     HELLO_OK                       handshake         mark every region (another generation)
       ...its marks persisted       admitted          Mirroring, or INCONSISTENT + resync
     link lost                      lost              mark what the target may lack
+    resync chunk read / committed  resync_chunk,     join the batch (raced by writes in
+                                   resync_committed  flight); clear what the FLUSH proved
+    resync walk may end            resync_complete   (nothing marked, no batch open)
     resync done                    resync_finished   Mirroring; standing errors cleared
     idle tick                      idle              ping, or drop a silent target
     administrator                  pause, resume, break_, full_resync, checksum_resync,
@@ -27,11 +30,11 @@ effects, so the order of the contract holds for every one of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Generic
+from collections.abc import Callable, Iterable
+from typing import Generic, NamedTuple
 
 from volkeeper.core.bitmap import DirtyBitmap
-from volkeeper.core.mirror_ledger import Ledger
+from volkeeper.core.mirror_ledger import Chunk, Ledger
 from volkeeper.core.mirror_state import (
     SENDING,
     Admission,
@@ -44,6 +47,7 @@ from volkeeper.core.mirror_state import (
 )
 from volkeeper.core.peer import wire as pw
 from volkeeper.core.ready import Close, Pin, Ready, Sent, Token
+from volkeeper.core.resync_plan import Span
 
 PING_INTERVAL = 2.0  # an idle link is pinged this often
 TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
@@ -51,6 +55,13 @@ BACKOFF = (0.2, 0.5, 1.0, 2.0)  # seconds between attempts; the last one repeats
 TARGET_ERROR_BACKOFF = (1.0, 2.0, 5.0, 10.0)  # the same, after the target failed a frame
 
 S, E = MirrorState, MirrorEvent
+
+
+class Place(NamedTuple):
+    """Where a frame went: its link (links lost before it) and its sequence number there."""
+
+    link: int
+    sequence: int
 
 
 class MirrorEngine(Generic[Token, Pin]):
@@ -70,6 +81,7 @@ class MirrorEngine(Generic[Token, Pin]):
         self.asynchronous = False
         self.queue_limit = 0
         self.link_up = False
+        self.links = 0  # links lost so far: names the current one
         self.walking = False  # a resync walk runs on this link
         self.stopping = False  # a lost link is then no "target lost"
         self.checksum_next = False  # the next resync compares before it sends
@@ -148,6 +160,7 @@ class MirrorEngine(Generic[Token, Pin]):
     def lost(self, reason: str, unsent: list[Sent[Token, Pin]]) -> Ready[Token, Pin]:
         """The link is gone; ``unsent``: application frames the sender still held."""
         self.link_up = self.walking = False
+        self.links += 1
         self.note(reason)
         ready = self.ledger.lost(unsent)
         if self.state in SENDING and not self.stopping:
@@ -185,8 +198,11 @@ class MirrorEngine(Generic[Token, Pin]):
                 self._start_resync(ready)
         return ready
 
-    def sent(self, entry: Sent[Token, Pin], sequence: int, now: float) -> None:
+    def sent(self, entry: Sent[Token, Pin], sequence: int, now: float) -> Place:
+        """``entry``'s frame left as ``sequence`` of the current link; returns its place,
+        which ``released`` takes for a flush."""
         self.ledger.sent(sequence, entry, now)
+        return Place(self.links, sequence)
 
     def ack(self, sequence: int, errno: int, now: float) -> Ready[Token, Pin]:
         """The target's ACK; an errno, whatever the frame, fails the target."""
@@ -201,9 +217,14 @@ class MirrorEngine(Generic[Token, Pin]):
             ready.close = Close(self.last_error)
         return ready
 
-    def released(self, flush_sequence: int) -> Ready[Token, Pin]:
-        """A FLUSH sent as ``flush_sequence`` is durable locally and on the target."""
-        return self.ledger.released(flush_sequence)
+    def released(self, flush: Place) -> Ready[Token, Pin]:
+        """A FLUSH sent at ``flush`` is durable locally and on the target: the writes ACKed
+        before it on that link are durable on both sides.  A flush of an earlier link proves
+        nothing about this one's writes (its sequence numbers start again at 1; the earlier
+        link's writes were marked when it was lost)."""
+        if flush.link != self.links:
+            return Ready()
+        return self.ledger.released(flush.sequence)
 
     def target_shut_down_cleanly(self) -> Ready[Token, Pin]:
         return self.ledger.target_shut_down_cleanly()
@@ -214,6 +235,34 @@ class MirrorEngine(Generic[Token, Pin]):
         """The target gets marked regions from now on: its copy is Inconsistent until done."""
         ready.records = (pw.DataState.INCONSISTENT,)
         ready.start_resync = self.walking = True
+
+    def resync_chunk(self, span: Span, racing: Iterable[tuple[int, int]]) -> Chunk:
+        """``span`` is about to be read and sent: it joins the open batch.  ``racing``: the
+        (offset, length) of application writes in flight, which the read may miss."""
+        chunk = self.ledger.chunk(span.first, span.count, span.offset, span.length)
+        for offset, length in racing:
+            self.ledger.race(offset, length)
+        return chunk
+
+    def resync_committed(self) -> Ready[Token, Pin]:
+        """The batch's FLUSH was ACKed without error: clear what it proved durable there.  A
+        target that ACKed the FLUSH before the data it covers is dropped."""
+        ready = self.ledger.committed()
+        if ready.failure is not None:
+            ready.close = Close(f"resync failed: {ready.failure[1]}")
+        return ready
+
+    @property
+    def resync_complete(self) -> bool:
+        """The walk may end (the target records UpToDate, then ``resync_finished``): nothing
+        is marked, and no batch is open or committing."""
+        ledger = self.ledger
+        return (
+            self.walking
+            and self.state is S.RESYNCING
+            and not self.bitmap.marked_count
+            and not (ledger.open_chunks or ledger.committing)
+        )
 
     def resync_finished(self) -> Ready[Token, Pin]:
         """Every chunk ACKed, durable and cleared, the target recorded UpToDate, and that

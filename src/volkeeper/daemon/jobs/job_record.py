@@ -61,6 +61,19 @@ class JobRecord:
     def mirror(self, target: str) -> MirrorRecord | None:
         return next((m for m in self.mirrors if m.target == target), None)
 
+    def selected(self, target: str | None) -> tuple[MirrorRecord, ...]:
+        """The mirror to ``target``, or every mirror when None; refused if there is none."""
+        if target is None:
+            return self.mirrors
+        mirror = self.mirror(target)
+        if mirror is None:
+            targets = ", ".join(m.target for m in self.mirrors)
+            raise Refusal(
+                "not_found", f"job {self.name!r} has no mirror to {target}",
+                f"its mirrors go to {targets}",
+            )  # fmt: skip
+        return (mirror,)
+
     def with_mirror(self, mirror: MirrorRecord) -> JobRecord:
         """This record with ``mirror`` added, or replacing the one with its target."""
         kept = tuple(m for m in self.mirrors if m.target != mirror.target)

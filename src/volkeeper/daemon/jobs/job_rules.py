@@ -5,8 +5,8 @@ mirrors as ``MirrorRequest``s; ``check_mirrors`` turns them into ``MirrorRecord`
 ``Refusal`` naming the rule broken: the source is a volume of this node that is not a
 mirror target here and not the source of another job; the target is on a known peer and
 not already the target of a mirror (the target node checks its side when claimed); the
-settings are valid.  ``check_command`` asks the state table whether a mirror may take a
-command, so a command on several mirrors is refused before any of them changed.
+settings are valid.  (Commands on running mirrors are checked in
+daemon/jobs/mirror_commands.py.)
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from volkeeper.core.mirror_settings import MirrorSettings
-from volkeeper.core.mirror_state import IllegalTransition, MirrorEvent, MirrorState, next_state
 from volkeeper.daemon.jobs.job_record import JobRecord, MirrorRecord, split_volume
 from volkeeper.errors import Refusal
 
@@ -91,30 +90,3 @@ def check_mirrors(
         mirrors.append(MirrorRecord(source_volume, target_node, target_volume, settings))
         taken[target] = "this request"
     return mirrors
-
-
-def check_command(job: str, target: str, state: MirrorState, action: str, full: bool) -> None:
-    """Refuse ``action`` on a mirror in ``state`` if the state table does not allow it
-    (``full``: a resync of every region, full or checksum)."""
-    if action == "verify" and state not in (MirrorState.MIRRORING, MirrorState.RESYNCING):
-        raise Refusal(
-            "conflict",
-            f"cannot verify the mirror of job {job!r} to {target}: it is {state.value}",
-            "verify compares a connected target: wait for Mirroring (or continue the mirror)",
-        )
-    event = {"pause": MirrorEvent.PAUSE, "break": MirrorEvent.BREAK}.get(action)
-    if action == "resync" and full:
-        event = MirrorEvent.FULL_RESYNC
-    elif action in ("continue", "resync") and state in (MirrorState.PAUSED, MirrorState.BROKEN):
-        event = MirrorEvent.CONTINUE
-    if event is None:
-        return
-    try:
-        next_state(state, event)
-    except IllegalTransition:
-        what = "resync (without --full)" if action == "resync" else action
-        raise Refusal(
-            "conflict",
-            f"cannot {what} the mirror of job {job!r} to {target}: it is {state.value}",
-            "only `mirror resync --full` (or `--checksum`) repairs a Broken mirror",
-        ) from None

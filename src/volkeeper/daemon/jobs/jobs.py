@@ -39,23 +39,13 @@ from volkeeper.daemon.jobs.job_record import (
     check_description,
     check_name,
 )
-from volkeeper.daemon.jobs.job_rules import (
-    JobRequest,
-    MirrorRequest,
-    NodeFacts,
-    check_command,
-    check_mirrors,
-)
+from volkeeper.daemon.jobs.job_rules import JobRequest, MirrorRequest, NodeFacts, check_mirrors
 from volkeeper.daemon.jobs.job_views import job_view, mirror_views
+from volkeeper.daemon.jobs.mirror_commands import check_command, check_options, run_command
+from volkeeper.daemon.jobs.target_claims import claim_targets, release_target
 from volkeeper.daemon.source.intent_logs import IntentLogs
 from volkeeper.daemon.source.mirror import Mirror
 from volkeeper.daemon.source.mirrors import ADMIN_STATES, Mirrors
-from volkeeper.daemon.source.peer_session import (
-    Refused,
-    Unreachable,
-    claim_all,
-    release_retrying,
-)
 from volkeeper.errors import Refusal, VolkeeperError
 from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.volume_service import VolumeService
@@ -64,12 +54,6 @@ from volkeeper.io.workers import IoWorkers
 log = structlog.get_logger("volkeeper.jobs")
 
 Publish = Callable[..., None]
-
-_REFUSAL_CODES = {
-    pw.RefuseReason.NO_SUCH_VOLUME: "not_found",
-    pw.RefuseReason.SIZE: "bad_request",
-    pw.RefuseReason.SECTOR_SIZE: "bad_request",
-}
 
 
 class Jobs:
@@ -233,13 +217,7 @@ class Jobs:
         targets = [
             self.mirrors.target(record.name, m, stores[m.target].generations) for m in mirrors
         ]
-        try:
-            await claim_all(targets, pw.Job(record.to_json()), self.tls)
-        except Refused as exc:
-            raise Refusal(_REFUSAL_CODES.get(exc.refusal.reason, "conflict"), str(exc)) from None
-        except Unreachable as exc:
-            hint = "the target node must be running and reachable to create a mirror"
-            raise Refusal("unavailable", str(exc), hint) from None
+        await claim_targets(targets, pw.Job(record.to_json()), self.tls)
 
     def _start(
         self, record: JobRecord, mirror: MirrorRecord, store: IntentStore, notice: str | None = None
@@ -270,19 +248,10 @@ class Jobs:
 
     async def _release(self, record: JobRecord, mirror: MirrorRecord) -> list[str]:
         """Tell a target that is not connected to forget the mirror."""
-        if mirror.target_node not in self.peers or mirror.source_volume not in self.services:
-            problem: str | None = "its node or source volume is no longer configured"
-        else:
+        target = None
+        if mirror.target_node in self.peers and mirror.source_volume in self.services:
             target = self.mirrors.target(record.name, mirror, Generations(0))
-            problem = await release_retrying(target, self.tls, f"job {record.name} deleted")
-        if problem is None:
-            return []
-        warning = (
-            f"{mirror.target} was not told the mirror is gone ({problem}); it stays locked: "
-            f"on {mirror.target_node}, run `volkeeper volume release {mirror.target_volume}`"
-        )
-        log.warning("mirror target not released", job=record.name, warning=warning)
-        return [warning]
+        return await release_target(target, mirror, record.name, self.tls)
 
     # -- the administrator's commands on mirrors --------------------------------------------
 
@@ -299,20 +268,15 @@ class Jobs:
         one mirror of job ``name`` (``target``) or, except delete, on all of them."""
         async with self._changing:
             record = self._record(name)
-            mirrors = self._selected(record, target)
+            mirrors = record.selected(target)
             if action == "delete":
                 return await self._delete_one(record, target)
-            if ((full or checksum) and action != "resync") or (mark and action != "verify"):
-                raise Refusal("bad_request", "full and checksum go with resync, mark with verify")
-            if full and checksum:
-                raise Refusal("bad_request", "resync either full or checksum, not both")
-            if action not in ("pause", "continue", "break", "resync", "verify"):
-                raise Refusal("bad_request", f"unknown mirror command {action!r}")
+            check_options(action, full, checksum, mark)
             running = [self._running(name, m.target) for m in mirrors]
             for mirror in running:  # all or nothing: check every mirror first
                 check_command(name, mirror.spec.target, mirror.state, action, full or checksum)
             for mirror in running:  # a state change is recorded by _state_changed
-                await _apply(mirror, action, full, checksum, mark)
+                await run_command(mirror, action, full, checksum, mark)
             return self.records[name]
 
     async def _delete_one(self, record: JobRecord, target: str | None) -> JobRecord:
@@ -345,7 +309,7 @@ class Jobs:
         async with self._changing:
             record = self._record(name)
             updated = record
-            for mirror in self._selected(record, target):
+            for mirror in record.selected(target):
                 try:
                     settings = mirror.settings.changed(**changes)
                 except ValueError as exc:
@@ -423,18 +387,6 @@ class Jobs:
             raise Refusal("not_found", f"no job named {name!r}")
         return record
 
-    def _selected(self, record: JobRecord, target: str | None) -> tuple[MirrorRecord, ...]:
-        if target is None:
-            return record.mirrors
-        mirror = record.mirror(target)
-        if mirror is None:
-            targets = ", ".join(m.target for m in record.mirrors)
-            raise Refusal(
-                "not_found", f"job {record.name!r} has no mirror to {target}",
-                f"its mirrors go to {targets}",
-            )  # fmt: skip
-        return (mirror,)
-
     def _running(self, job: str, target: str) -> Mirror:
         running = self.mirrors.get((job, target))
         if running is None:
@@ -458,21 +410,6 @@ class Jobs:
 
     def job_views(self) -> list[dict[str, Any]]:
         return [self.job_view(record) for record in self.records.values()]
-
-
-async def _apply(mirror: Mirror, action: str, full: bool, checksum: bool, mark: bool) -> None:
-    if action == "pause":
-        mirror.pause()
-    elif action == "break":
-        mirror.break_()
-    elif action == "resync" and full:
-        await mirror.full_resync()
-    elif action == "resync" and checksum:
-        await mirror.checksum_resync()
-    elif action == "verify":
-        mirror.start_verify(mark)
-    else:
-        mirror.resume()
 
 
 def _ignore(*args: object, **fields: object) -> None:

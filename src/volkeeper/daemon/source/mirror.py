@@ -7,7 +7,7 @@ ACK or a lost link means, what a handshake admits, what a command does -- is its
 HELLO, backoff, PING), feeds the engine what happens (``ship`` for the application writes
 ``Replication`` hands it, in order, their activity-log extents durably active; every frame
 from the target; a lost link; an administrator's command) and carries out the ``Ready`` each
-call returns, in the order that class prescribes (``_apply``; core/ready.py): marks and clears
+call returns, in the order that class prescribes (``apply``; core/ready.py): marks and clears
 in the bitmap, replies, unpins -- those that must wait until the marks are on stable storage
 wait for the mirror's intent writer (daemon/source/intent_writer.py, its own thread) --
 then state changes (logged and published), frames, the resync walk (daemon/source/resync.py),
@@ -171,7 +171,7 @@ class Mirror:
         admitted = self.engine.admitted(link.is_open)
         if admitted.close is None:
             self.announce()
-        self._apply(admitted)
+        self.apply(admitted)
         await self._watch(link)
 
     async def _watch(self, link: PeerLink) -> None:
@@ -194,7 +194,7 @@ class Mirror:
     def _on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
         if isinstance(frame, pw.Ack):
             ready = self.engine.ack(frame.sequence, frame.errno, self.clock())
-            self._apply(ready)
+            self.apply(ready)
             return
         self.engine.heard(self.clock())
         if isinstance(frame, pw.Hashes):
@@ -202,7 +202,7 @@ class Mirror:
                 link.close(f"HASHES for {frame.request}, which was not asked")
         elif isinstance(frame, pw.Goodbye) and frame.reason == pw.GoodbyeReason.SHUTDOWN:
             # A clean target stop: it made every write it ACKed durable before saying so.
-            self._apply(self.engine.target_shut_down_cleanly())
+            self.apply(self.engine.target_shut_down_cleanly())
         elif not isinstance(frame, pw.Pong | pw.Goodbye):
             link.close(f"unexpected {frame.TYPE.name} frame from the target")
 
@@ -218,7 +218,7 @@ class Mirror:
             self.resync = None
         self.comparer.lost(reason, unsent)
         writes = [entry for entry in unsent if isinstance(entry, Sent)]
-        self._apply(self.engine.lost(reason, writes))
+        self.apply(self.engine.lost(reason, writes))
         self._lost.set()
 
     # -- carrying out the engine's effects ----------------------------------------------------
@@ -229,9 +229,9 @@ class Mirror:
             self.store.bitmap.mark_all()
             await self.intent.durable()
             ready.mark_all = False
-        self._apply(ready)
+        self.apply(ready)
 
-    def _apply(self, ready: Ready[Op, range]) -> None:
+    def apply(self, ready: Ready[Op, range]) -> None:
         """Carry out the engine's effects in the order ``Ready`` prescribes (core/ready.py)."""
         assert not ready.mark_all, "marking every region needs _carry_out"
         bitmap = self.store.bitmap
@@ -304,13 +304,13 @@ class Mirror:
         self.on_state(self, before, event)
 
     def _intent_failed(self) -> None:
-        self._apply(self.engine.intent_log_failed())
+        self.apply(self.engine.intent_log_failed())
 
     # -- application writes ---------------------------------------------------------------
 
     def ship(self, op: Op) -> None:
         """Carry ``op`` to the target, or mark it; pays ``op``'s reply part for this mirror."""
-        self._apply(
+        self.apply(
             self.engine.ship(op, op.extents, op.command, op.offset, op.length, len(op.payload))
         )
 
@@ -323,14 +323,14 @@ class Mirror:
 
     def _sent(self, entry: Sent[Op, range], sequence: int) -> None:
         """``entry``'s frame is on the link as ``sequence``."""
+        place = self.engine.sent(entry, sequence, self.clock())
         op = entry.token
         if op.is_flush:
-            if op.sequences is None:
-                op.sequences = {}
-            op.sequences[self.spec.target] = sequence
+            if op.places is None:
+                op.places = {}
+            op.places[self.spec.target] = place
         if entry.owed:
             self._sender().link.push()
-        self.engine.sent(entry, sequence, self.clock())
 
     def _sender(self) -> Sender:
         assert self.sender is not None, "no link"
@@ -338,9 +338,9 @@ class Mirror:
 
     def release_durable(self, op: Op) -> None:
         """``op`` (a flush) is durable locally and on the target: unpin what it covered."""
-        sequence = op.sequences.get(self.spec.target) if op.sequences else None
-        if sequence is not None:
-            self._apply(self.engine.released(sequence))
+        place = op.places.get(self.spec.target) if op.places else None
+        if place is not None:
+            self.apply(self.engine.released(place))
 
     @property
     def wire_bytes(self) -> int:
@@ -373,7 +373,7 @@ class Mirror:
         """Every chunk ACKed, durable (FLUSH ACKed) and cleared; the target recorded
         UpToDate (its STATE ACKed): the only way to Mirroring from a resync."""
         self.resync = None
-        self._apply(self.engine.resync_finished())
+        self.apply(self.engine.resync_finished())
         sent = resync.shipped_bytes if resync.checksum else resync.done_bytes
         log.info("resync finished", job=self.spec.job, target=self.spec.target,
                  bytes=resync.done_bytes, checksum=resync.checksum, sent_bytes=sent)  # fmt: skip
@@ -382,16 +382,16 @@ class Mirror:
 
     def pause(self) -> None:
         """Stop sending; keep marking.  Idempotent."""
-        self._apply(self.engine.pause())
+        self.apply(self.engine.pause())
 
     def resume(self) -> None:
         """Continue a paused mirror: reconnect now, then resync what was marked."""
-        self._apply(self.engine.resume())
+        self.apply(self.engine.resume())
         self._wake.set()
 
     def break_(self) -> None:
         """Stop tracking: the target's copy is Outdated until a full resync."""
-        self._apply(self.engine.break_())
+        self.apply(self.engine.break_())
 
     async def full_resync(self) -> None:
         """Mark every region and resend it all (the only repair of a Broken mirror)."""
@@ -425,7 +425,7 @@ class Mirror:
             self.verified.error = self.verified.error or "verify stopped"
             return
         if verify.result.mark and verify.result.differing_bytes:
-            self._apply(self.engine.verify_marked())
+            self.apply(self.engine.verify_marked())
 
     def configure(self, spec: MirrorSpec) -> None:
         """New settings (mode, queue limit, compression, throttle), live: ops already sent

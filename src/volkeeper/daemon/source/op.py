@@ -24,6 +24,7 @@ from volkeeper.core.peer import wire as pw
 from volkeeper.core.peer.wire import Buffer
 
 if TYPE_CHECKING:
+    from volkeeper.core.mirror_engine import Place
     from volkeeper.daemon.source.intent_writer import IntentWriter
     from volkeeper.io.intent_store import IntentStore
 
@@ -65,8 +66,8 @@ class Op:
     error: BaseException | None = None
     durable_parts: int = 0  # flush only: sides that have not yet made it durable
     on_durable: Callable[[], None] = _nothing_durable
-    # flush only: mirror target -> sequence of the FLUSH frame (what its ACK and release name)
-    sequences: dict[str, int] | None = None
+    # flush only: mirror target -> where its FLUSH frame went (what ``release_durable`` names)
+    places: dict[str, Place] | None = None
     recycle: Callable[[Buffer], None] | None = None  # takes the payload back for reuse
     holds: int = 0  # write with recycle: sides that may still read the payload
 

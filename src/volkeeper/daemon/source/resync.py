@@ -1,19 +1,21 @@
 """A mirror's resync: stream the regions its intent log marks to the target, then clear them.
 
-How this works: ``Resync.run()`` walks the bitmap in order and, for each run of marked
-regions (at most ``CHUNK_BYTES``), reads the source volume and sends a RESYNC_DATA frame.
-Reads overlap: up to ``READ_DEPTH`` are outstanding on the node's reader pool (a read the
-page cache can answer is done on the loop), and each frame leaves as soon as its read
-returns -- regions are independent, so their order on the wire does not matter.  Every
-``BATCH_BYTES`` the target is sent a FLUSH; once it ACKs, the chunks of that batch are
-durable there and their bits are cleared.  Which chunks may be cleared is the mirror's ledger's
-decision (core/mirror_ledger.py): only a chunk whose every frame was itself ACKed without an
-error, and that no application write raced (issued, not yet complete, when the chunk was read
-or while it was in flight).  A raced chunk is sent again by the next pass; an error ACK fails
-the target (the mirror drops the link, and this resync ends with nothing of the batch
-cleared).  Application writes keep flowing
-meanwhile, so a pass may leave new marks; passes repeat until the bitmap is empty, which
-converges because each pass only resends what writes touched during it.
+How this works: the walk is I/O around decisions made elsewhere.  Each pass is planned by
+``resync_pass`` (core/resync_plan.py): runs of marked regions cut into chunks of at most
+``CHUNK_BYTES``, a commit after every ``BATCH_BYTES``.  For each chunk the walk tells the
+engine (``MirrorEngine.resync_chunk``, with the application writes in flight, which race
+it), reads the source volume and sends a RESYNC_DATA frame.  Reads overlap: up to
+``READ_DEPTH`` are outstanding on the node's reader pool (a read the page cache can answer is
+done on the loop), and each frame leaves as soon as its read returns -- regions are
+independent, so their order on the wire does not matter.  At a commit the target is sent a
+FLUSH; once it ACKs, the engine says what the batch proved (``resync_committed``: only chunks
+whose every frame was ACKed without an error and that no application write raced) and the
+mirror clears it.  A raced chunk is sent again by the next pass; an error ACK fails the
+target (the mirror drops the link, and this resync ends with nothing of the batch cleared).
+Application writes keep flowing meanwhile, so a pass may leave new marks; passes repeat
+until the engine says the resync is complete (``resync_complete``: nothing marked), which
+converges because each pass only resends what writes touched during it.  Then the target
+records UpToDate and the mirror is told (``resync_finished``).
 
 A *checksum* resync (``mirror resync --checksum``: every region is marked, but the target
 probably holds most of it already) compares each chunk first (daemon/source/compare.py: the
@@ -33,13 +35,15 @@ import structlog
 from volkeeper.core.mirror_ledger import Chunk
 from volkeeper.core.mirror_state import MirrorState
 from volkeeper.core.peer import wire as pw
+from volkeeper.core.resync_plan import COMMIT, Span, resync_pass
 from volkeeper.core.stats import RateMeter
 from volkeeper.daemon.source.walk_host import WalkHost
 from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import PeerLink
 
 if TYPE_CHECKING:
-    from volkeeper.core.mirror_ledger import Ledger
+    from volkeeper.core.mirror_engine import MirrorEngine
+    from volkeeper.core.ready import Ready
     from volkeeper.daemon.source.op import Op
     from volkeeper.daemon.source.sender import Sender
     from volkeeper.io.workers import IoWorkers
@@ -64,7 +68,9 @@ class ResyncHost(WalkHost, Protocol):
     def readers(self) -> IoWorkers: ...
 
     @property
-    def ledger(self) -> Ledger[Op, range]: ...
+    def engine(self) -> MirrorEngine[Op, range]: ...
+
+    def apply(self, ready: Ready[Op, range]) -> None: ...
 
     def resync_finished(self, resync: Resync) -> None: ...
 
@@ -78,7 +84,8 @@ class Resync:
         self.shipped_bytes = 0  # checksum mode: what differed and was sent
         self.bitmap = mirror.store.bitmap
         self.done_bytes = 0
-        self.ledger = mirror.ledger  # the chunks' fate: read, sent, ACKed, raced, cleared
+        self.engine = mirror.engine  # decides what a chunk's fate clears, and when it is done
+        self.ledger = self.engine.ledger  # the chunks' fate: read, sent, ACKed, raced, cleared
         self._meter = RateMeter(RATE_WINDOW)
         self._reads = 0  # outstanding
         self._read_slot = asyncio.Event()
@@ -102,21 +109,18 @@ class Resync:
     # -- the walk ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Resync until the bitmap is empty; PeerError if the link goes."""
-        regions_per_chunk = max(1, CHUNK_BYTES // self.bitmap.region_size)
+        """Resync until the engine says it is complete; PeerError if the link goes."""
         self._sample()
         while self.link.is_open and self.mirror.state is MirrorState.RESYNCING:
-            batch = 0
-            for first, count in list(self.bitmap.runs(0, regions_per_chunk)):
+            for span in resync_pass(self.bitmap, CHUNK_BYTES, BATCH_BYTES):
+                if span is COMMIT:
+                    await self._commit()
+                    continue
                 await self._slot()
                 if self.mirror.state is not MirrorState.RESYNCING:
                     return
-                batch += self._send_chunk(first, count)
-                if batch >= BATCH_BYTES:
-                    await self._commit()
-                    batch = 0
-            await self._commit()
-            if self.bitmap.marked_count == 0:
+                self._send_chunk(span)
+            if self.engine.resync_complete:
                 await self._finish()
                 return
 
@@ -135,22 +139,18 @@ class Resync:
         if not self.link.is_open:
             raise PeerError("link lost during resync")
 
-    def _send_chunk(self, first: int, count: int) -> int:
-        offset = self.bitmap.region_span(first)[0]
-        last_offset, last_length = self.bitmap.region_span(first + count - 1)
-        chunk = self.ledger.chunk(first, count, offset, last_offset + last_length - offset)
-        for op in self.mirror.in_flight_ops():
-            if not op.is_flush:
-                self.ledger.race(op.offset, op.length)
+    def _send_chunk(self, span: Span) -> None:
+        racing = [(op.offset, op.length) for op in self.mirror.in_flight_ops() if not op.is_flush]
+        chunk = self.engine.resync_chunk(span, racing)
         if self.checksum:
             self._reads += 1
             task = asyncio.ensure_future(self._compare(chunk))
             task.add_done_callback(self._compared)
-            return chunk.length
+            return
         data = self.mirror.service.try_read(chunk.offset, chunk.length)
         if data is not None:
             self._ship(chunk, data)
-            return chunk.length
+            return
         self._reads += 1
 
         def read(result: object, error: BaseException | None) -> None:
@@ -161,8 +161,8 @@ class Resync:
             elif isinstance(result, bytes | bytearray):
                 self._ship(chunk, result)
 
-        self.mirror.readers.submit(self.mirror.service.volume.read, (offset, chunk.length), read)
-        return chunk.length
+        volume = self.mirror.service.volume
+        self.mirror.readers.submit(volume.read, (chunk.offset, chunk.length), read)
 
     async def _compare(self, chunk: Chunk) -> None:
         region = self.bitmap.region_size
@@ -210,11 +210,8 @@ class Resync:
             return
         if await self._ask(pw.Flush(), "resync flush"):
             raise PeerError("target failed to flush resync data")
-        ready = self.ledger.committed()
-        if ready.failure is not None:
-            raise PeerError(ready.failure[1])
-        for first, count in ready.clear:
-            self.bitmap.clear_regions(first, count)
+        self.mirror.apply(self.engine.resync_committed())
+        self._check()
 
     async def _finish(self) -> None:
         mirror = self.mirror
