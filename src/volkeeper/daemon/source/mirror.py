@@ -10,9 +10,9 @@ from the target; a lost link; an administrator's command) and carries out the ``
 call returns, in the order that class prescribes (``apply``; core/ready.py): marks and clears
 in the bitmap, replies, unpins -- those that must wait until the marks are on stable storage
 wait for the mirror's intent writer (daemon/source/intent_writer.py, its own thread) --
-then state changes (logged and published), frames, the resync walk (daemon/source/resync.py),
-and closing the link.  Verify (daemon/source/verify.py) and the status view
-(daemon/source/mirror_view.py) read it.
+then state changes (logged and published), frames, starting the resync, and closing the link.
+Its resync and verify run as tasks in ``Walks`` (daemon/source/walks.py); the status view
+(daemon/source/mirror_view.py) reads it.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import structlog
 
 from volkeeper.core.mirror_engine import PING_INTERVAL, MirrorEngine
 from volkeeper.core.mirror_ledger import Ledger
-from volkeeper.core.mirror_state import SENDING, MirrorEvent, MirrorState
+from volkeeper.core.mirror_state import MirrorEvent, MirrorState
 from volkeeper.core.peer import wire as pw
 from volkeeper.core.ready import Close, Ready, Sent
 from volkeeper.core.stats import RateMeter
@@ -36,9 +36,9 @@ from volkeeper.daemon.source.intent_writer import IntentWriter
 from volkeeper.daemon.source.mirror_spec import MirrorSpec, hello_for, send_settings
 from volkeeper.daemon.source.op import Op, frame_of
 from volkeeper.daemon.source.peer_session import open_session
-from volkeeper.daemon.source.resync import Resync
 from volkeeper.daemon.source.sender import Sender
-from volkeeper.daemon.source.verify import Verify, VerifyResult
+from volkeeper.daemon.source.verify import VerifyResult
+from volkeeper.daemon.source.walks import Walks
 from volkeeper.errors import PeerError
 from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.peer_link import PeerLink
@@ -74,9 +74,6 @@ class Mirror:
         self.link: PeerLink | None = None
         self.sender: Sender | None = None  # the link's ordered, compressed, throttled way out
         self._earlier_wire_bytes = 0  # of links before this one
-        self.resync: Resync | None = None
-        self.verify: Verify | None = None  # running
-        self.verified: VerifyResult | None = None  # the last verify's result
         self.sent_bytes = 0  # write and resync payload bytes shipped
         self.comparer = Comparer(self.ledger, service, readers)  # region digests of both sides
         self.throughput = RateMeter()  # of sent_bytes
@@ -84,9 +81,9 @@ class Mirror:
         self.on_target_error: Callable[[Mirror, str], None] = lambda *_: None
         self.job_document: Callable[[], str] = str  # the job record sent to the target
         self.intent = IntentWriter(store, f"{spec.job} -> {spec.target}", self._intent_failed)
+        self.walks = Walks(self)  # its resync and verify
         self._lost = asyncio.Event()
         self._wake = asyncio.Event()
-        self._resync_task: asyncio.Task[None] | None = None
         self.clock: Callable[[], float] = lambda: 0.0  # the loop's, once running
         # Ops issued but not complete (set by Replication): a resync read racing one of them
         # may have seen the disk before that write reached it.
@@ -213,10 +210,7 @@ class Mirror:
         unsent = self._sender().abandon()
         self._earlier_wire_bytes += self._sender().wire_bytes
         self.sender = None
-        if self.resync is not None:
-            self.resync.lost(reason, unsent)
-            self.resync = None
-        self.comparer.lost(reason, unsent)
+        self.walks.lost(reason, unsent)
         writes = [entry for entry in unsent if isinstance(entry, Sent)]
         self.apply(self.engine.lost(reason, writes))
         self._lost.set()
@@ -270,12 +264,9 @@ class Mirror:
             generations = self.store.generations
             self.ask(pw.State(record, generations.current, 0))
         if ready.start_resync and self.link is not None:
-            self._start_resync(self.link)
+            self.walks.start_resync(self.link, self._sender(), self.engine.checksum_next)
         if ready.answer is not None:
-            sequence, errno = ready.answer
-            resync = self.resync
-            if not (resync is not None and resync.answer(sequence, errno)) and errno:
-                self.comparer.failed(sequence, errno)
+            self.walks.answer(*ready.answer)
         if ready.failure is not None:
             log.error("target failed a frame", job=self.spec.job, target=self.spec.target,
                       error=self.last_error, errno=ready.failure[0])  # fmt: skip
@@ -317,8 +308,7 @@ class Mirror:
     def _send(self, entry: Sent[Op, range]) -> None:
         op = entry.token
         self.sent_bytes += entry.size
-        if self.verify is not None and not op.is_flush:
-            self.verify.note_race(op)
+        self.walks.note_write(op)
         self._sender().send(frame_of(op), entry.size, self._sent, entry)
 
     def _sent(self, entry: Sent[Op, range], sequence: int) -> None:
@@ -351,33 +341,6 @@ class Mirror:
     def undurable_writes(self) -> int:
         return len(self.ledger.undurable)
 
-    # -- resync -------------------------------------------------------------------------------
-
-    def _start_resync(self, link: PeerLink) -> None:
-        """Walk the marked regions (the engine has asked the target to record INCONSISTENT)."""
-        self.resync = Resync(self, link, self._sender(), self.engine.checksum_next)
-        self._resync_task = asyncio.create_task(self.resync.run())
-        self._resync_task.add_done_callback(lambda task: self._resync_ended(link, task))
-
-    def _resync_ended(self, link: PeerLink, task: asyncio.Task[None]) -> None:
-        """A resync that raised: its link goes (and, if it is gone already, _on_lost has
-        moved the state), so the mirror reconnects instead of staying Resyncing."""
-        if task.cancelled() or task.exception() is None or not link.is_open:
-            return
-        error = task.exception()
-        log.error("resync failed", job=self.spec.job, error=repr(error))
-        self.engine.note(f"resync failed: {error}")
-        link.close(self.last_error)
-
-    def resync_finished(self, resync: Resync) -> None:
-        """Every chunk ACKed, durable (FLUSH ACKed) and cleared; the target recorded
-        UpToDate (its STATE ACKed): the only way to Mirroring from a resync."""
-        self.resync = None
-        self.apply(self.engine.resync_finished())
-        sent = resync.shipped_bytes if resync.checksum else resync.done_bytes
-        log.info("resync finished", job=self.spec.job, target=self.spec.target,
-                 bytes=resync.done_bytes, checksum=resync.checksum, sent_bytes=sent)  # fmt: skip
-
     # -- administrator commands ----------------------------------------------------------
 
     def pause(self) -> None:
@@ -405,27 +368,8 @@ class Mirror:
         self._wake.set()
 
     def start_verify(self, mark: bool) -> VerifyResult:
-        """Compare source and target while mirroring goes on (see daemon/source/verify.py)."""
-        sender = self.sender
-        if self.verify is not None:
-            return self.verify.result  # already running: idempotent
-        if sender is None or self.state not in SENDING:
-            raise PeerError(f"the mirror is {self.state.value}: verify needs a connected target")
-        verify = self.verify = Verify(self, sender, mark)
-        task = asyncio.ensure_future(verify.run())
-        task.add_done_callback(self._verified)
-        return verify.result
-
-    def _verified(self, task: asyncio.Future[VerifyResult]) -> None:
-        verify, self.verify = self.verify, None
-        if verify is None:
-            return
-        self.verified = verify.result
-        if task.cancelled() or task.exception() is not None:
-            self.verified.error = self.verified.error or "verify stopped"
-            return
-        if verify.result.mark and verify.result.differing_bytes:
-            self.apply(self.engine.verify_marked())
+        """Compare source and target while mirroring goes on (daemon/source/walks.py)."""
+        return self.walks.start_verify(self.sender, mark)
 
     def configure(self, spec: MirrorSpec) -> None:
         """New settings (mode, queue limit, compression, throttle), live: ops already sent

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 def mirror_view(mirror: Mirror) -> dict[str, Any]:
     """What ``status`` shows of a running mirror (the API's ``MirrorView``)."""
-    resync, now, settings = mirror.resync, mirror.clock(), mirror.spec.settings
-    verify = mirror.verify.result if mirror.verify is not None else mirror.verified
+    walks, now, settings = mirror.walks, mirror.clock(), mirror.spec.settings
+    resync = walks.resync
+    verify = walks.verify.result if walks.verify is not None else walks.verified
     rate = resync.rate(now) if resync is not None else 0.0
     mirror.throughput.sample(now, mirror.sent_bytes)
     done = resync.done_bytes if resync is not None else 0

@@ -15,7 +15,7 @@ target (the mirror drops the link, and this resync ends with nothing of the batc
 Application writes keep flowing meanwhile, so a pass may leave new marks; passes repeat
 until the engine says the resync is complete (``resync_complete``: nothing marked), which
 converges because each pass only resends what writes touched during it.  Then the target
-records UpToDate and the mirror is told (``resync_finished``).
+records UpToDate and the mirror is told (``on_finished``; daemon/source/walks.py).
 
 A *checksum* resync (``mirror resync --checksum``: every region is marked, but the target
 probably holds most of it already) compares each chunk first (daemon/source/compare.py: the
@@ -28,6 +28,7 @@ Progress (done bytes, a rate over the last few seconds, ETA) is kept here for ``
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -72,12 +73,18 @@ class ResyncHost(WalkHost, Protocol):
 
     def apply(self, ready: Ready[Op, range]) -> None: ...
 
-    def resync_finished(self, resync: Resync) -> None: ...
-
 
 class Resync:
-    def __init__(self, mirror: ResyncHost, link: PeerLink, sender: Sender, checksum: bool) -> None:
+    def __init__(
+        self,
+        mirror: ResyncHost,
+        link: PeerLink,
+        sender: Sender,
+        checksum: bool,
+        on_finished: Callable[[Resync], None],
+    ) -> None:
         self.mirror = mirror
+        self.on_finished = on_finished  # the resync completed: the mirror is told
         self.link = link
         self.sender = sender  # frames go out through it, in order with application writes
         self.checksum = checksum
@@ -219,7 +226,7 @@ class Resync:
         if await self._ask(state, "UP_TO_DATE record"):
             raise PeerError("target failed to record its new state")
         await mirror.intent.durable()
-        mirror.resync_finished(self)
+        self.on_finished(self)
 
     async def _ask(self, frame: pw.Frame, what: str) -> int:
         """Send ``frame`` and wait for the target's ACK; returns its errno."""
