@@ -1,14 +1,15 @@
 """Online verify: compare a mirror's source and target by region digests while writes go on.
 
-How this works: ``Verify.run`` walks the volume in ``CHUNK_BYTES`` chunks, ``DEPTH`` at a
-time, each through ``Comparer.compare`` (daemon/source/compare.py).  A chunk that an application
-write raced (in flight when its comparison started, or issued before it ended -- the same
-rule as the resync's) proves nothing: it is compared again in a later pass, at most
-``PASSES`` passes, and what is still raced after them is reported as unverified.  A region
-the intent log marks is not expected to match (the resync will send it) and is not counted
-as a difference.  Differences are reported -- bytes, and the offsets of the first
+How this works: ``Verify.run`` walks the volume in ``CHUNK_BYTES`` chunks (``verify_chunks``,
+core/verify_plan.py), ``DEPTH`` at a time, each through ``Comparer.compare``
+(daemon/source/compare.py).  A chunk that an application write raced (in flight when its
+comparison started, or issued before it ended -- the same rule as the resync's) proves
+nothing: it is compared again in a later pass, at most ``PASSES`` passes, and what is still
+raced after them is reported as unverified.  A region the intent log marks is not expected
+to match (the resync will send it) and is not counted as a difference (``differences``,
+core/verify_plan.py).  Differences are reported -- bytes, and the offsets of the first
 ``MAX_LISTED`` regions -- and, with ``mark``, marked in the intent log so the resync sends
-them.  The mirror keeps the last result for ``status``.
+them.  The mirror's walks (daemon/source/walks.py) keep the last result for ``status``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from volkeeper.core.verify_plan import differences, verify_chunks
 from volkeeper.daemon.source.walk_host import WalkHost
 from volkeeper.errors import PeerError, VolumeError
 
@@ -87,7 +89,7 @@ class Verify:
 
     async def run(self) -> VerifyResult:
         result, size = self.result, self.result.total_bytes
-        todo = [_Chunk(o, min(CHUNK_BYTES, size - o)) for o in range(0, size, CHUNK_BYTES)]
+        todo = [_Chunk(offset, length) for offset, length in verify_chunks(size, CHUNK_BYTES)]
         try:
             for _ in range(PASSES):
                 todo = await self._pass(todo)
@@ -139,18 +141,13 @@ class Verify:
         if chunk.raced:
             return
         result = self.result
-        for first, count in runs:
-            start = chunk.offset + first * region
-            stop = min(chunk.offset + (first + count) * region, chunk.offset + chunk.length)
-            for offset in range(start, stop, region):
-                if bitmap.is_marked(bitmap.region_of(offset)):
-                    continue  # known to differ: the resync will send it
-                length = min(region, stop - offset)
-                result.differing_bytes += length
-                if len(result.differing_offsets) < MAX_LISTED:
-                    result.differing_offsets.append(offset)
-                if result.mark:
-                    bitmap.mark(offset, length)
+        found = differences(runs, chunk.offset, chunk.length, region, bitmap.is_marked)
+        for offset, length in found:
+            result.differing_bytes += length
+            if len(result.differing_offsets) < MAX_LISTED:
+                result.differing_offsets.append(offset)
+            if result.mark:
+                bitmap.mark(offset, length)
         result.done_bytes += chunk.length
 
     def note_race(self, op: Op) -> None:
