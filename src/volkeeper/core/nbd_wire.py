@@ -10,6 +10,7 @@ transmission state machines live in ``nbd_handshake`` and ``nbd_transmission``.
 from __future__ import annotations
 
 import enum
+import errno
 import struct
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -119,6 +120,31 @@ class Errno(enum.IntEnum):
     EOVERFLOW = 75
     ENOTSUP = 95
     ESHUTDOWN = 108
+
+
+COMMAND_NAMES: dict[int, str] = {  # in logs and metrics
+    Command.READ: "read",
+    Command.WRITE: "write",
+    Command.FLUSH: "flush",
+    Command.TRIM: "trim",
+    Command.WRITE_ZEROES: "zero",
+    Command.CACHE: "cache",
+}
+_ERRNO_ON_THE_WIRE = {
+    errno.EPERM: Errno.EPERM,
+    errno.EROFS: Errno.EPERM,
+    errno.EIO: Errno.EIO,
+    errno.ENOMEM: Errno.ENOMEM,
+    errno.ENOSPC: Errno.ENOSPC,
+    errno.EDQUOT: Errno.ENOSPC,
+    errno.EFBIG: Errno.ENOSPC,
+    errno.ESHUTDOWN: Errno.ESHUTDOWN,
+}
+
+
+def wire_errno(code: int) -> Errno:
+    """Map an OS errno onto the few codes NBD defines; EINVAL for everything else."""
+    return _ERRNO_ON_THE_WIRE.get(code, Errno.EINVAL)
 
 
 # Server greeting: u64 NBDMAGIC, u64 IHAVEOPT, u16 handshake flags.

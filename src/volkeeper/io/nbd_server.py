@@ -26,7 +26,6 @@ target) refuses their writes with EPERM from then on.
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import socket
 import time
@@ -56,30 +55,6 @@ MAX_IN_FLIGHT = 64
 STAGING_BYTES = 256 * 1024  # receive buffer of a connection
 DIRECT_RECEIVE_BYTES = 64 * 1024  # a WRITE payload still missing this much is received in place
 Cmd = w.Command
-
-_OP_NAMES: dict[int, str] = {
-    Cmd.READ: "read",
-    Cmd.WRITE: "write",
-    Cmd.FLUSH: "flush",
-    Cmd.TRIM: "trim",
-    Cmd.WRITE_ZEROES: "zero",
-    Cmd.CACHE: "cache",
-}
-_WIRE_ERRNO = {
-    errno.EPERM: w.Errno.EPERM,
-    errno.EROFS: w.Errno.EPERM,
-    errno.EIO: w.Errno.EIO,
-    errno.ENOMEM: w.Errno.ENOMEM,
-    errno.ENOSPC: w.Errno.ENOSPC,
-    errno.EDQUOT: w.Errno.ENOSPC,
-    errno.EFBIG: w.Errno.ENOSPC,
-    errno.ESHUTDOWN: w.Errno.ESHUTDOWN,
-}
-
-
-def wire_errno(code: int) -> w.Errno:
-    """Map an OS errno onto the few codes NBD defines; EINVAL for everything else."""
-    return _WIRE_ERRNO.get(code, w.Errno.EINVAL)
 
 
 class NbdServer:
@@ -357,7 +332,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._update_reading()
 
     def _reply_error(self, request: Request, exc: VolumeError, started: float) -> None:
-        code = wire_errno(exc.errno)
+        code = w.wire_errno(exc.errno)
         log.warning("nbd request failed", peer=self._peer, error=str(exc), nbd_errno=code.name)
         self._reply(request, code, started=started)
 
@@ -369,7 +344,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         started: float | None = None,
     ) -> None:
         """Queue a reply; ``_send`` writes everything queued in one call."""
-        op = _OP_NAMES.get(request.command)
+        op = w.COMMAND_NAMES.get(request.command)
         if started is not None and op is not None and self._service is not None:
             nbytes = request.length if op in ("read", "write") and not error else 0
             self._service.stats.record(op, nbytes, time.perf_counter() - started, failed=error != 0)
