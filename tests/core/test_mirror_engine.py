@@ -63,7 +63,7 @@ from hypothesis.stateful import (
 from volkeeper.core.bitmap import DirtyBitmap
 from volkeeper.core.mirror_engine import TARGET_TIMEOUT, MirrorEngine
 from volkeeper.core.mirror_ledger import Chunk, Ledger
-from volkeeper.core.mirror_state import IllegalTransition, MirrorState
+from volkeeper.core.mirror_state import IllegalTransition, MirrorEvent, MirrorState
 from volkeeper.core.peer import wire as pw
 from volkeeper.core.ready import Ready, Sent
 from volkeeper.core.resync_plan import Span
@@ -389,8 +389,13 @@ class EngineMachine(RuleBasedStateMachine):
             return
         self.apply(ready)
 
-    @rule(what=st.sampled_from(["pause", "resume", "break", "full resync", "checksum resync"]))
+    @rule(
+        what=st.sampled_from(
+            ["pause", "resume", "break", "full resync", "checksum resync", "intent log fails"]
+        )
+    )
     def administrator(self, what: str) -> None:
+        """A command, or the intent log's disk failing (the mirror breaks as on ``break``)."""
         engine = self.engine
         self.command(
             {
@@ -399,9 +404,10 @@ class EngineMachine(RuleBasedStateMachine):
                 "break": engine.break_,
                 "full resync": engine.full_resync,
                 "checksum resync": engine.checksum_resync,
+                "intent log fails": engine.intent_log_failed,
             }[what]
         )
-        if what == "break":
+        if what in ("break", "intent log fails"):
             self.untracked = True
 
     # -- rules: the resync ----------------------------------------------------------------
@@ -655,3 +661,17 @@ def test_a_flush_of_an_earlier_link_releases_nothing_on_the_next() -> None:
     assert engine.released(place).unpin_now == ()  # the old link's flush proves nothing here
     assert [offset for _, offset, _, _ in engine.ledger.undurable] == [6 * REGION]
     assert engine.lost("link lost", []).mark == [(6 * REGION, REGION)]
+
+
+def test_a_failing_intent_log_breaks_the_mirror_and_outdates_the_target() -> None:
+    bitmap = DirtyBitmap(REGIONS * REGION, REGION)
+    engine: MirrorEngine[Op, Op] = MirrorEngine(bitmap, "beta:data1", str, MirrorState.MIRRORING)
+    engine.link_up = True
+    failed = engine.intent_log_failed()
+    assert failed.changes == ((MirrorState.MIRRORING, MirrorEvent.BREAK),)
+    assert failed.close is not None and failed.close.record is pw.DataState.OUTDATED
+    assert "the intent log cannot be written" in engine.last_error
+    assert engine.intent_log_failed() == Ready()  # once: a Broken mirror has nothing more to say
+    write = Op("write", 0, 1, pinned=True)
+    untracked = engine.ship(write, write, "write", 0, REGION, 1)
+    assert (untracked.send, untracked.mark, untracked.unpin_now) == (None, (), [write])

@@ -317,8 +317,15 @@ class MirrorEngine(Generic[Token, Pin]):
         return ready
 
     def intent_log_failed(self) -> Ready[Token, Pin]:
-        """The intent log cannot be written: changes can no longer be tracked."""
-        return Ready(changes=self._set(E.BREAK))
+        """The intent log cannot be written: changes can no longer be tracked.  The mirror
+        breaks, says why until a resync completes, and the target is told its copy is
+        Outdated (no more writes reach it)."""
+        if self.state is S.BROKEN:
+            return Ready()
+        message = "the intent log cannot be written: changes are not tracked"
+        self.stand(f"{message}; a full resync repairs the mirror once the disk is fixed")
+        close = Close(message, pw.GoodbyeReason.OTHER, pw.DataState.OUTDATED)
+        return Ready(changes=self._set(E.BREAK), close=close)
 
     def _set(self, event: MirrorEvent) -> tuple[tuple[MirrorState, MirrorEvent], ...]:
         before = self.state

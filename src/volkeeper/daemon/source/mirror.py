@@ -101,6 +101,12 @@ class Mirror:
     def last_error(self) -> str:
         return self.engine.last_error
 
+    @property
+    def tracking(self) -> bool:
+        """Not Broken: only then do writes wait for the intent log (a Broken mirror's log
+        may be on a failed disk)."""
+        return self.engine.state is not MirrorState.BROKEN
+
     # -- lifecycle --------------------------------------------------------------------------
 
     async def run(self) -> None:

@@ -120,7 +120,11 @@ class Replication:
     def _pump(self) -> None:
         while self._queue:
             head = self._queue[0]
-            waiting = [m for m in head.mirrors if not m.store.activity_log.ready(head.extents)]
+            waiting = [
+                m
+                for m in head.mirrors
+                if m.tracking and not m.store.activity_log.ready(head.extents)
+            ]
             if waiting:
                 for mirror in waiting:
                     mirror.intent.write_snapshot(then=self._pump)
