@@ -389,13 +389,8 @@ class EngineMachine(RuleBasedStateMachine):
             return
         self.apply(ready)
 
-    @rule(
-        what=st.sampled_from(
-            ["pause", "resume", "break", "full resync", "checksum resync", "intent log fails"]
-        )
-    )
+    @rule(what=st.sampled_from(["pause", "resume", "break", "full resync", "checksum resync"]))
     def administrator(self, what: str) -> None:
-        """A command, or the intent log's disk failing (the mirror breaks as on ``break``)."""
         engine = self.engine
         self.command(
             {
@@ -404,10 +399,9 @@ class EngineMachine(RuleBasedStateMachine):
                 "break": engine.break_,
                 "full resync": engine.full_resync,
                 "checksum resync": engine.checksum_resync,
-                "intent log fails": engine.intent_log_failed,
             }[what]
         )
-        if what in ("break", "intent log fails"):
+        if what == "break":
             self.untracked = True
 
     # -- rules: the resync ----------------------------------------------------------------
@@ -616,6 +610,7 @@ def test_the_machine_catches_a_seeded_bug(machine: type[EngineMachine]) -> None:
     quick = settings(
         max_examples=3000, stateful_step_count=40, deadline=None, database=None,
         suppress_health_check=list(HealthCheck), phases=[Phase.generate],  # no shrinking
+        derandomize=True,  # the same examples every run: a catch never depends on luck
     )  # fmt: skip
     try:
         run_state_machine_as_test(machine, settings=quick)
