@@ -29,7 +29,15 @@ import pytest
 
 from tests.conftest import NodeFactory
 from tests.integration.powerloss_fs import PowerLossDisk
-from tests.support.mirroring import libnbd, mirror_view, pair, post_job, sha256, wait_state
+from tests.support.mirroring import (
+    libnbd,
+    mirror_view,
+    mirrored_pair,
+    pair,
+    post_job,
+    sha256,
+    wait_state,
+)
 from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
 MiB = 1 << 20
@@ -203,13 +211,7 @@ def test_a_log_that_cannot_be_replaced_locks_the_source_volume(
     """The bitmap directory's disk fails: the log is unreadable and no new one can be made.
     The volume then takes no writes (nothing would track them for beta) until the disk is
     healed and the node restarted, which starts a full resync."""
-    beta = start_node("beta", [VolumeSpec("data1", "64MiB")])
-    alpha = start_node(
-        "alpha", [VolumeSpec("data1", "64MiB")], peers={"beta": beta.peer_port},
-        bitmap_dir=failing_disk.mountpoint,
-    )  # fmt: skip
-    assert post_job(alpha).status_code == 201
-    wait_state(alpha, "Mirroring")
+    alpha, _ = mirrored_pair(start_node, bitmap_dir=failing_disk.mountpoint)
     assert alpha.stop() == 0
     failing_disk.command("fail EIO read write fsync")
     alpha.start()

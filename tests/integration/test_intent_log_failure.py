@@ -17,12 +17,11 @@ from tests.integration.powerloss_fs import PowerLossDisk
 from tests.support.mirroring import (
     cli,
     mirror_view,
-    post_job,
+    mirrored_pair,
     random_file,
     stop_both_and_compare,
     wait_state,
 )
-from volkeeper_lab.launcher import VolumeSpec
 
 MiB = 1 << 20
 
@@ -30,13 +29,7 @@ MiB = 1 << 20
 def test_a_failing_intent_log_breaks_the_mirror_and_the_target_knows(
     failing_disk: PowerLossDisk, start_node: NodeFactory, tmp_path: Path
 ) -> None:
-    beta = start_node("beta", [VolumeSpec("data1", "64MiB")])
-    alpha = start_node(
-        "alpha", [VolumeSpec("data1", "64MiB")], peers={"beta": beta.peer_port},
-        bitmap_dir=failing_disk.mountpoint,
-    )  # fmt: skip
-    assert post_job(alpha).status_code == 201
-    wait_state(alpha, "Mirroring")
+    alpha, beta = mirrored_pair(start_node, bitmap_dir=failing_disk.mountpoint)
     failing_disk.command("fail EIO write fsync")
     data = random_file(tmp_path / "data.bin", 64 * MiB)  # every extent: cold ones need the log
     copy = subprocess.Popen(["nbdcopy", str(data), alpha.uri()])

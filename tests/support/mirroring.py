@@ -89,12 +89,15 @@ def pair(
     size: str = "64MiB",
     beta_volumes: list[VolumeSpec] | None = None,
     alpha_volumes: list[VolumeSpec] | None = None,
+    bitmap_dir: Path | None = None,
 ) -> tuple[LocalNode, LocalNode]:
-    """beta (the target) first, then alpha with beta in its [peers]."""
+    """beta (the target) first, then alpha with beta in its [peers] (and its intent logs in
+    ``bitmap_dir``, if given)."""
     beta = start_node("beta", beta_volumes or [VolumeSpec("data1", size)])
     alpha = start_node(
-        "alpha", alpha_volumes or [VolumeSpec("data1", size)], peers={"beta": beta.peer_port}
-    )
+        "alpha", alpha_volumes or [VolumeSpec("data1", size)], peers={"beta": beta.peer_port},
+        bitmap_dir=bitmap_dir,
+    )  # fmt: skip
     return alpha, beta
 
 
@@ -146,8 +149,11 @@ def poll_state(
     return view
 
 
-def mirrored_pair(start_node: NodeFactory, size: str = "64MiB") -> tuple[LocalNode, LocalNode]:
-    alpha, beta = pair(start_node, size)
+def mirrored_pair(
+    start_node: NodeFactory, size: str = "64MiB", bitmap_dir: Path | None = None
+) -> tuple[LocalNode, LocalNode]:
+    """``pair``, job web created (alpha:data1 -> beta:data1, sync) and Mirroring."""
+    alpha, beta = pair(start_node, size, bitmap_dir=bitmap_dir)
     response = post_job(alpha)
     assert response.status_code == 201, response.text
     wait_state(alpha, "Mirroring")
