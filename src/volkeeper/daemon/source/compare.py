@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 from volkeeper.core import region_hash
 from volkeeper.core.peer import wire as pw
 from volkeeper.core.units import format_size
-from volkeeper.errors import PeerError, VolumeError
+from volkeeper.daemon.source.sender import fail_waiting
+from volkeeper.errors import VolumeError
 
 if TYPE_CHECKING:
     from volkeeper.core.mirror_ledger import Ledger
@@ -94,8 +95,5 @@ class Comparer:
         return True
 
     def lost(self, reason: str, unsent: list[object]) -> None:
-        for question in [*self._answers.values(), *unsent]:
-            answer = question[0] if isinstance(question, tuple) else question
-            if isinstance(answer, asyncio.Future) and not answer.done():
-                answer.set_exception(PeerError(reason))
+        fail_waiting([*self._answers.values(), *unsent], reason)
         self._answers.clear()

@@ -38,6 +38,7 @@ from volkeeper.core.mirror_state import MirrorState
 from volkeeper.core.peer import wire as pw
 from volkeeper.core.resync_plan import COMMIT, Span, resync_pass
 from volkeeper.core.stats import RateMeter
+from volkeeper.daemon.source.sender import fail_waiting
 from volkeeper.daemon.source.walk_host import WalkHost
 from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import PeerLink
@@ -252,9 +253,6 @@ class Resync:
 
     def lost(self, reason: str, unsent: list[object]) -> None:
         """The link is gone; ``unsent``: what the sender still held (our questions too)."""
-        for question in [*self._answers.values(), *unsent]:
-            future = question[0] if isinstance(question, tuple) else question
-            if isinstance(future, asyncio.Future) and not future.done():
-                future.set_exception(PeerError(reason))
+        fail_waiting([*self._answers.values(), *unsent], reason)
         self._answers.clear()
         self._read_slot.set()

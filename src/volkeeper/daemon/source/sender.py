@@ -38,6 +38,7 @@ from typing import Any
 
 from volkeeper.core.peer import wire as pw
 from volkeeper.core.throttle import TokenBucket
+from volkeeper.errors import PeerError
 from volkeeper.io.codecs import Compressor
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.workers import IoWorkers
@@ -242,3 +243,13 @@ def _on_the_wire(entry: _Entry) -> tuple[pw.Frame, int]:
     assert isinstance(frame, pw.Write | pw.ResyncData)
     kind = pw.WriteCompressed if isinstance(frame, pw.Write) else pw.ResyncCompressed
     return kind(frame.offset, entry.codec, entry.size, packed, frame.fua), len(packed)
+
+
+def fail_waiting(questions: list[object], reason: str) -> None:
+    """The link is gone: every question still waiting for its answer -- a future, or a
+    (future, what) context, asked or among what ``Sender.abandon`` returned -- fails with
+    ``reason``."""
+    for question in questions:
+        waiter = question[0] if isinstance(question, tuple) else question
+        if isinstance(waiter, asyncio.Future) and not waiter.done():
+            waiter.set_exception(PeerError(reason))
