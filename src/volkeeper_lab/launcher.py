@@ -70,12 +70,13 @@ class LocalNode:
     netns: str | None = None  # run the daemon in this network namespace (ip netns exec)
     tls: tuple[Path, Path, Path] | None = None  # [tls] certificate, key, ca (PEM files)
     bitmap_dir: Path | None = None  # the intent logs' directory, if not state_dir/bitmaps
+    peer_port: int = 0  # the replication port; 0: a free one
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.peer_port = free_tcp_port()
+        self.peer_port = self.peer_port or free_tcp_port()
         self.nbd_port = free_tcp_port() if self.nbd_tcp else None
 
     # -- addresses --------------------------------------------------------------------------

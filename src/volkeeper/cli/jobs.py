@@ -101,6 +101,25 @@ def job_add_target(
     _print_job(node_client(node, config).request("POST", f"/jobs/{job}/targets", body), as_json)
 
 
+@job_app.command("switchover")
+def job_switchover(
+    name: str,
+    to: Annotated[str, typer.Option("--to", help="the node whose copy becomes the source")],
+    node: NodeOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Make the job's copy on NODE its source (run on the source; no resync needed)."""
+    answer = node_client(node, config).request("POST", f"/jobs/{name}/switchover", {"to": to})
+    if as_json:
+        print(json.dumps(answer, indent=2))
+        return
+    print(
+        f"job {name}: {answer['new_source']} is the source now, {answer['old_source']} a "
+        f"target ({answer['seconds'] * 1000:.0f} ms); mirrors to {', '.join(answer['mirrors'])}"
+    )
+
+
 @job_app.command("list")
 def job_list(
     node: NodeOption = None, config: ConfigOption = None, as_json: JsonOption = False

@@ -69,14 +69,18 @@ class IntentStore:
         mirror: str,
         log_id: int,
         all_dirty: bool,
+        marked: bytes = b"",
     ) -> IntentStore:
-        """A new log (mirror creation): every region marked when a full resync is due."""
+        """A new log (mirror creation): every region marked when a full resync is due, else
+        the regions ``marked`` marks (a bitmap image of this geometry, or b"": none)."""
         fd = _open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         header = Header(geometry, generations, log_id, mirror, open=True)
         store = cls(path, fd, header, DirtyBitmap(geometry.volume_size, geometry.region_size))
         try:
             if all_dirty:
                 store.bitmap.mark_all()
+            elif marked:
+                store.bitmap.merge(marked)
             store._write_whole_file(fd, bytes(BLOCK_BYTES * RING_BLOCKS))
         except BaseException:
             os.close(fd)

@@ -20,7 +20,8 @@ client; a failing volume becomes an NBD error code; neither reaches the other co
 Shutdown (``close``): listeners stop, connections still negotiating are closed (an option
 that races in gets ERR_SHUTDOWN), new requests get ESHUTDOWN, in-flight requests finish, then
 every connection is closed.  A volume locked while clients are attached (it became a mirror
-target) refuses their writes with EPERM from then on.
+target) refuses their writes with EPERM from then on.  ``detach`` does the same for the
+clients of one export (a switchover moves its source away).
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ class NbdServer:
             await server.wait_closed()
         for address, sock in self._listeners:
             remove_listener(address, sock)
+
+    async def detach(self, export: str) -> int:
+        """Disconnect every client of ``export`` (a switchover): no new request of theirs
+        is started; those in flight finish and are answered; then each is closed.
+        Returns how many there were."""
+        attached = [c for c in self._connections if c.export == export]
+        await asyncio.gather(*(c.stop_and_close() for c in attached))
+        return len(attached)
 
     @property
     def connection_count(self) -> int:
@@ -372,6 +381,16 @@ class NbdConnection(asyncio.BufferedProtocol):
             if self._parser is not None:
                 self._dispatch_all()
                 self._send()
+
+    @property
+    def export(self) -> str | None:
+        return self._service.name if self._service is not None else None
+
+    async def stop_and_close(self) -> None:
+        """Start nothing more, finish what is in flight, close."""
+        self._closing = True
+        log.info("nbd client detached", peer=self._peer, export=self.export)
+        await self.drain_and_close()
 
     async def drain_and_close(self) -> None:
         """Let in-flight requests finish and send their replies, then close."""

@@ -32,6 +32,7 @@ from volkeeper.core.peer.wire import (
     FrameType,
     Goodbye,
     GoodbyeReason,
+    Handover,
     Hashes,
     HashRequest,
     Hello,
@@ -79,7 +80,7 @@ def hello_body(
     role: int = 0,
     source: bytes = b"data0",
 ) -> bytes:
-    fixed = struct.pack(">HHQIQQB", 1, 1, 1 << 30, 512, 0xAAAA, 0xBBBB, role)
+    fixed = struct.pack(">HHQIQQBI", 1, 1, 1 << 30, 512, 0xAAAA, 0xBBBB, role, 0)
     return fixed + s16(node) + s16(volume) + s16(job) + s16(source)
 
 
@@ -184,6 +185,7 @@ SAMPLES: list[Frame] = [
     ResyncCompressed(1 << 20, Codec.LZ4, 4096, bytes(range(200))),
     HashRequest(1 << 20, 1 << 20, 4096),
     Hashes(7, bytes(range(32))),
+    Handover('{"job": {"name": "web", "source_node": "beta"}, "mirrors": []}'),
 ]  # fmt: skip
 
 
@@ -369,6 +371,7 @@ def test_write_layout_matches_the_spec() -> None:
         (Goodbye(GoodbyeReason.PAUSED, ""), 12, 0, b"\x00\x02"),
         (State(DataState.INCONSISTENT, 5, 4), 13, 0, struct.pack(">BQQ", 2, 5, 4)),
         (Job('{"name":"web"}'), 14, 0, b'{"name":"web"}'),
+        (Handover('{"job":{}}'), 19, 0, b'{"job":{}}'),
         (
             WriteCompressed(5, Codec.ZLIB, 4096, b"zz", fua=True),
             15,
@@ -483,7 +486,7 @@ def test_garbage_is_refused_after_four_bytes() -> None:
         decoder.next_frame()
 
 
-@pytest.mark.parametrize("kind", [0, 19, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, 20, 0xFFFF])
 def test_unknown_frame_type(kind: int) -> None:
     good = stream([Ping(1)])
     assert decode_error(good + raw_frame(kind, b"", seq=2)) == f"frame 2: unknown frame type {kind}"
@@ -544,7 +547,7 @@ def _valid_body(frame: Frame) -> tuple[int, int, bytes]:
 def test_truncated_bodies_are_refused(frame: Frame) -> None:
     kind, flags, body = _valid_body(frame)
     fixed = {
-        1: 41,
+        1: 45,
         2: 35,
         3: 2,
         4: 8,
@@ -562,6 +565,7 @@ def test_truncated_bodies_are_refused(frame: Frame) -> None:
         16: 13,
         17: 16,
         18: 8,
+        19: 0,  # JSON too, as JOB
     }[kind]
     # Strings make every proper prefix of a HELLO / HELLO_OK invalid; elsewhere the tail
     # after the fixed part is data or a message, so only a cut into the fixed part is.
@@ -630,7 +634,7 @@ def test_bad_utf8(kind: int, body: bytes, message: str) -> None:
         (1, hello_body(role=255), "HELLO frame 1: unknown role 255"),
         (2, hello_ok_body(state=4), "HELLO_OK frame 1: unknown data state 4"),
         (3, b"\x00\x00", "REFUSE frame 1: unknown refusal reason 0"),
-        (3, b"\x00\x0aoops", "REFUSE frame 1: unknown refusal reason 10"),
+        (3, b"\x00\x0boops", "REFUSE frame 1: unknown refusal reason 11"),
         (12, b"\xff\xff", "GOODBYE frame 1: unknown goodbye reason 65535"),
         (13, struct.pack(">BQQ", 9, 1, 0), "STATE frame 1: unknown data state 9"),
         (15, struct.pack(">QBI", 0, 9, 10) + b"x", "WRITE_Z frame 1: unknown codec 9"),
@@ -769,6 +773,17 @@ def test_job_document_size_is_bounded() -> None:
         Job("x" * (pw.MAX_JOB_DOCUMENT + 1)).encode(1)
     big = raw_frame(14, b"x" * (pw.MAX_JOB_DOCUMENT + 1))
     assert "longer than" in decode_error(big)
+
+
+def test_hello_carries_the_jobs_epoch() -> None:
+    hello = dataclasses.replace(HELLO, epoch=7)
+    assert decode([stream([hello])]) == [hello]
+
+
+def test_handover_document_size_is_bounded() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        Handover("x" * (pw.MAX_HANDOVER + 1)).encode(1)
+    assert "not valid UTF-8" in decode_error(raw_frame(19, b"\xff\xfe"))
 
 
 def test_compressed_frames_refuse_a_raw_length_over_the_payload_limit() -> None:

@@ -30,6 +30,7 @@ from volkeeper.core.peer.layout import (
     HELLO_FIXED,
     HELLO_OK_FIXED,
     MAGIC,
+    MAX_HANDOVER,
     MAX_JOB_DOCUMENT,
     MAX_MESSAGE,
     MAX_NAME,
@@ -99,11 +100,12 @@ class Hello:
     role: Role = Role.SOURCE
     min_version: int = PROTOCOL_VERSION
     max_version: int = PROTOCOL_VERSION
+    epoch: int = 0  # of the job: how many times its source moved
 
     def encode(self, sequence: int) -> list[Buffer]:
         body = HELLO_FIXED.pack(
             self.min_version, self.max_version, self.volume_size, self.sector_size,
-            self.current_generation, self.previous_generation, self.role,
+            self.current_generation, self.previous_generation, self.role, self.epoch,
         )  # fmt: skip
         names = (_str(t, MAX_NAME, w) for t, w in self._names())
         return _packed(self.TYPE, 0, sequence, body + b"".join(names))
@@ -326,6 +328,20 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
+class Handover:
+    """A switchover: the target's node becomes the job's source (JSON, see layout)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.HANDOVER
+    document: str
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        raw = self.document.encode()
+        if len(raw) > MAX_HANDOVER:
+            raise ValueError(f"handover document of {len(raw)} bytes exceeds {MAX_HANDOVER}")
+        return _packed(self.TYPE, 0, sequence, raw)
+
+
+@dataclass(frozen=True, slots=True)
 class HashRequest:
     """Ask the target for the xxh3-128 of each ``region_size`` region of a range."""
 
@@ -374,6 +390,7 @@ Frame: TypeAlias = (
     | ResyncCompressed
     | HashRequest
     | Hashes
+    | Handover
 )
 
 
@@ -394,6 +411,7 @@ __all__ = [
     "Frame",
     "FrameEncoder",
     "Goodbye",
+    "Handover",
     "HashRequest",
     "Hashes",
     "Hello",

@@ -37,6 +37,11 @@ Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-
     STATE        s->t  STATE_BODY: u8 DataState, u64 current, u64 previous generation
     JOB          s->t  UTF-8 JSON: the job's record, so the target knows the job it serves
                        (<= MAX_JOB_DOCUMENT bytes; sent after HELLO_OK and on each change)
+    HANDOVER     s->t  UTF-8 JSON (<= MAX_HANDOVER bytes): a switchover -- the job's record
+                       with the target's node as its source, and each new mirror's
+                       generations and marked regions (daemon/roles/handover.py).  ACKed
+                       once the target is the job's source on disk; refused with
+                       GOODBYE(OTHER, why).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ MAX_BODY = MAX_PAYLOAD + 64  # any larger length is refused from the header alon
 MAX_MESSAGE = 4096  # REFUSE / GOODBYE message, UTF-8 bytes
 MAX_NAME = 4096  # node, volume and job names in HELLO / HELLO_OK, UTF-8 bytes
 MAX_JOB_DOCUMENT = 64 * 1024  # JOB: the job record as JSON, UTF-8 bytes
+MAX_HANDOVER = 16 * 1024 * 1024  # HANDOVER: the record and the mirrors' bitmaps, UTF-8 bytes
 MAX_SPARE_BYTES = 64 * 1024 * 1024  # recycled payload buffers a decoder keeps
 DIRECT_MIN = 64 * 1024  # data this large that arrives in pieces gets a buffer of its own
 
@@ -60,8 +66,10 @@ HEADER = struct.Struct(">IHHIQ")
 # Trailer: u64 xxh3_64 of header + body.
 CHECKSUM = struct.Struct(">Q")
 # HELLO body, fixed part: u16 min_version, u16 max_version, u64 volume_size, u32 sector_size,
-# u64 current_generation, u64 previous_generation, u8 Role of the sender; three strs follow.
-HELLO_FIXED = struct.Struct(">HHQIQQB")
+# u64 current_generation, u64 previous_generation, u8 Role of the sender, u32 the job's epoch
+# (how many times its source moved: a target takes a new source only from a later epoch);
+# four strs follow.
+HELLO_FIXED = struct.Struct(">HHQIQQBI")
 # HELLO_OK body, fixed part: u16 chosen_version, u64 volume_size, u32 sector_size,
 # u64 current_generation, u64 previous_generation, u8 DataState; two strs follow.
 HELLO_OK_FIXED = struct.Struct(">HQIQQB")
@@ -120,6 +128,7 @@ class FrameType(enum.IntEnum):
     RESYNC_Z = 16
     HASH_REQUEST = 17
     HASHES = 18
+    HANDOVER = 19
 
 
 class Role(enum.IntEnum):
@@ -153,6 +162,7 @@ class RefuseReason(enum.IntEnum):
     BUSY = 7
     OTHER = 8
     IS_SOURCE = 9  # the volume is a mirror source on the target node
+    SOURCE_MOVED = 10  # the target's node is the job's source now (a switchover or failover)
 
 
 class GoodbyeReason(enum.IntEnum):
@@ -187,6 +197,7 @@ __all__ = [
     "MAGIC",
     "MAX_BODY",
     "MAX_DIGESTS",
+    "MAX_HANDOVER",
     "MAX_HASH_SPAN",
     "MAX_JOB_DOCUMENT",
     "MAX_MESSAGE",

@@ -69,7 +69,7 @@ def _strs(body: memoryview, at: int, names: tuple[str, ...]) -> list[str]:
 
 
 def _hello(body: memoryview, flags: int) -> Hello:
-    low, high, size, sector, current, previous, role = HELLO_FIXED.unpack_from(body)
+    low, high, size, sector, current, previous, role, epoch = HELLO_FIXED.unpack_from(body)
     if low > high:
         raise _Bad(f"min_version {low} is above max_version {high}")
     names = ("node name", "volume name", "job name", "source volume name")
@@ -78,7 +78,7 @@ def _hello(body: memoryview, flags: int) -> Hello:
         node=node, volume=volume, job=job, source_volume=source_volume,
         volume_size=size, sector_size=sector,
         current_generation=current, previous_generation=previous,
-        role=_enum(Role, role, "role"), min_version=low, max_version=high,
+        role=_enum(Role, role, "role"), min_version=low, max_version=high, epoch=epoch,
     )  # fmt: skip
 
 
@@ -200,6 +200,9 @@ _LAYOUTS: dict[int, _Layout] = {
     _T.GOODBYE: _Layout("GOODBYE", REASON.size, REASON.size + MAX_MESSAGE, 0, _goodbye),
     _T.STATE: _Layout("STATE", STATE_BODY.size, STATE_BODY.size, 0, _state),
     _T.JOB: _Layout("JOB", 0, MAX_JOB_DOCUMENT, 0, lambda b, f: Job(_utf8(b, "job document"))),
+    _T.HANDOVER: _Layout(
+        "HANDOVER", 0, MAX_HANDOVER, 0, lambda b, f: Handover(_utf8(b, "handover document"))
+    ),
     _T.HASH_REQUEST: _Layout("HASH_REQUEST", HASH_RANGE.size, HASH_RANGE.size, 0, _hash_request),
     _T.HASHES: _Layout(
         "HASHES", HASHES_HEAD.size, HASHES_HEAD.size + MAX_DIGESTS * DIGEST_SIZE, 0, _hashes

@@ -66,6 +66,9 @@ class MirrorView(Model):
     data_state: str | None = Field(None, description="target: UpToDate, Consistent, ...")
     out_of_sync_bytes: int | None
     sent_bytes: int | None
+    resync_sent_bytes: int | None = Field(
+        None, description="payload bytes resyncs sent since the node started (source side)"
+    )
     wire_bytes: int | None
     compression_ratio: Number | None
     received_bytes: int | None = Field(None, description="target: payload bytes received")
@@ -116,6 +119,14 @@ class Status(Model):
     volumes: list[VolumeView]
     mirrors: list[MirrorView]
     jobs: list[JobView]
+
+
+class Switchover(Model):
+    job: str
+    old_source: str = Field(description="this node: a target of the job now")
+    new_source: str
+    seconds: float = Field(description="from the request to the new source taking writes")
+    mirrors: list[str] = Field(description="the new source's targets, NODE:VOLUME")
 
 
 class Deleted(Model):

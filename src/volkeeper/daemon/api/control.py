@@ -33,6 +33,7 @@ from volkeeper.daemon.api.api_models import (
     ErrorDetail,
     JobView,
     Status,
+    Switchover,
     VolumeView,
 )
 from volkeeper.daemon.api.events import EventBus, sse_response
@@ -77,6 +78,8 @@ class NodeView(Protocol):
     async def reload(self) -> dict[str, Any]: ...
 
     async def plan(self, volume: str, seconds: float) -> dict[str, Any]: ...
+
+    async def switchover(self, job: str, to: str) -> dict[str, Any]: ...
 
 
 _DEFAULT = MirrorSettings()
@@ -158,6 +161,10 @@ class VolumeAction(enum.StrEnum):
     lock = "lock"
     unlock = "unlock"
     release = "release"
+
+
+class SwitchoverBody(Body):
+    to: str = Field(description="the node whose copy becomes the source")
 
 
 class MirrorCommand(Body):
@@ -291,6 +298,13 @@ def create_app(node: NodeView) -> FastAPI:
         """Delete a job: its targets are unlocked and keep their data as it is.  Warnings
         name targets that could not be told (they stay locked)."""
         return {"deleted": name, "warnings": await node.delete_job(name)}
+
+    @app.post("/jobs/{name}/switchover", response_model=Switchover)
+    async def switchover(name: str, body: SwitchoverBody) -> dict[str, Any]:
+        """Planned reversal: writes stop here (clients in flight are answered, then
+        disconnected), every mirror drains, and the copy on ``to`` becomes the job's source;
+        this node becomes its target.  Refused unless the mirror to ``to`` is Mirroring."""
+        return await node.switchover(name, body.to)
 
     @app.get("/volumes/{name}/plan")
     async def plan(name: str, seconds: float = 60.0) -> dict[str, Any]:

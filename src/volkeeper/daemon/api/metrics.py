@@ -99,6 +99,9 @@ class MirrorCollector(Collector):
         sent = CounterMetricFamily(
             "volkeeper_mirror_sent_bytes", "Write and resync payload bytes sent", labels=labels
         )
+        resent = CounterMetricFamily(
+            "volkeeper_mirror_resync_sent_bytes", "Payload bytes sent by resyncs", labels=labels
+        )
         wire = CounterMetricFamily(
             "volkeeper_mirror_wire_bytes",
             "Write and resync payload bytes put on the wire (after compression)",
@@ -136,6 +139,7 @@ class MirrorCollector(Collector):
                 state.add_metric([*key, each.value], 1 if mirror.state is each else 0)
             out_of_sync.add_metric(key, view["out_of_sync_bytes"])
             sent.add_metric(key, view["sent_bytes"])
+            resent.add_metric(key, view["resync_sent_bytes"])
             wire.add_metric(key, view["wire_bytes"])
             queue.add_metric(key, view["queue_bytes"])
             lag.add_metric(key, view["lag_s"])
@@ -152,7 +156,7 @@ class MirrorCollector(Collector):
         )
         for volume, source, count in self._received():
             received.add_metric([volume, source], count)
-        yield from (state, out_of_sync, sent, wire, queue, lag, overflows, target_errors)
+        yield from (state, out_of_sync, sent, resent, wire, queue, lag, overflows, target_errors)
         yield from (resync_done, resync_rate, ack, received)
 
 

@@ -4,10 +4,12 @@ How this works: a ``JobRecord`` names the job, its source node, a description an
 mirrors; a ``MirrorRecord`` is one source volume -> target volume with its own settings
 (core/mirror_settings.py), the administrator's last word on it (``admin``: active, paused or
 broken), so a restart does not undo a pause, and the id of its intent log
-(daemon/source/intent_logs.py).  Records are JSON; ``to_json``/``from_json`` go through a pydantic
-TypeAdapter in strict mode, so a file or a JOB frame with a wrong type is refused with the
-field it is about.  Records written before settings were one value (flat ``mode``,
-``throttle``... beside ``source_volume``) are read as well.  The source node keeps one
+(daemon/source/intent_logs.py).  A job's ``epoch`` counts the moves of its source
+(daemon/roles/): of two records of one job, the one with the higher epoch is the newer.
+Records are JSON; ``to_json``/``from_json`` go through a pydantic TypeAdapter in strict
+mode, so a file or a JOB frame with a wrong type is refused with the field it is about.
+Records written before settings were one value (flat ``mode``, ``throttle``... beside
+``source_volume``) are read as well.  The source node keeps one
 file per job in ``state_dir/jobs`` (``JobRecords``); targets keep the document inside their
 target records (daemon/target/target_session.py).
 ``check_mirror`` holds the rules every new or changed mirror must pass.
@@ -57,6 +59,7 @@ class JobRecord:
     mirrors: tuple[MirrorRecord, ...]
     description: str = ""
     declared: bool = False  # declared in the config file: a reload may change or delete it
+    epoch: int = 0  # how many times the job's source moved (switchover, failover)
 
     def mirror(self, target: str) -> MirrorRecord | None:
         return next((m for m in self.mirrors if m.target == target), None)

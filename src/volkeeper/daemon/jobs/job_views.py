@@ -45,7 +45,7 @@ def _unknown_view(
     return {
         "job": record.name, "source": f"{node}:{mirror.source_volume}", "target": mirror.target,
         "role": "source", "mode": settings.mode, "state": "Unknown", "out_of_sync_bytes": None,
-        "sent_bytes": 0, "wire_bytes": 0, "compression_ratio": None,
+        "sent_bytes": 0, "resync_sent_bytes": 0, "wire_bytes": 0, "compression_ratio": None,
         "queue_bytes": 0, "queue_limit_bytes": None, "lag_s": 0.0, "throughput_bytes_per_s": 0,
         "compression": settings.compression, "throttle": settings.throttle,
         "resync": {"done_bytes": 0, "total_bytes": 0, "rate_bytes_per_s": 0, "eta_s": None},

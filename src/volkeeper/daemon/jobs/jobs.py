@@ -12,7 +12,7 @@ for one more mirror of a job.  ``load`` restarts every recorded job when the nod
 The mirrors themselves run in ``Mirrors`` (daemon/source/mirrors.py).  Deleting a mirror stops it
 there and tells the target (GOODBYE(DELETED): unlocked, data kept), over a short session of
 its own if the mirror was not connected; a target that cannot be told stays locked and the
-answer says so.  Commands that change jobs run one at a time (``_changing``).  State changes
+answer says so.  Commands that change jobs run one at a time (``changing``).  State changes
 of mirrors, and every change of a job, are published as events; a pause or break is kept in
 the record so a restart does not undo it.
 """
@@ -81,7 +81,8 @@ class Jobs:
         self.mirrors = Mirrors(
             node, peers, services, readers, tls, self._state_changed, self._publish_error
         )
-        self._changing = asyncio.Lock()
+        self.state_observers: list[Callable[[Mirror, MirrorState, MirrorEvent], None]] = []
+        self.changing = asyncio.Lock()
 
     # -- start and stop ---------------------------------------------------------------------
 
@@ -90,12 +91,12 @@ class Jobs:
         for record in records:
             self.records[record.name] = record
             for mirror in record.mirrors:
-                self._load(record.name, mirror)
+                self.load_mirror(record.name, mirror)
         for job, why in unreadable.items():  # its volumes' writes would go untracked
             for volume in self.logs.source_volumes(job) & self.services.keys():
                 self.services[volume].lock(f"{why}: fix or remove it, then restart the node")
 
-    def _load(self, job: str, mirror: MirrorRecord) -> None:
+    def load_mirror(self, job: str, mirror: MirrorRecord) -> None:
         problem = self.mirrors.problem(mirror)
         if problem is not None:  # the volume, if it is there, must not take untracked writes
             source = self.services.get(mirror.source_volume)
@@ -114,7 +115,7 @@ class Jobs:
             except OSError as exc:  # the next start finds the ids differ: a full resync
                 log.error("job record not saved", job=job, error=str(exc))
             self.records[job] = record
-        self._start(self.records[job], opened.mirror, opened.store, opened.notice)
+        self.start_mirror(self.records[job], opened.mirror, opened.store, opened.notice)
         running = self.mirrors.get((job, mirror.target))
         if opened.notice is not None and running is not None:
             self._publish_error(running, opened.notice)
@@ -125,7 +126,7 @@ class Jobs:
     # -- creating ---------------------------------------------------------------------------
 
     async def create(self, request: JobRequest) -> JobRecord:
-        async with self._changing:
+        async with self.changing:
             check_name(request.name, "job name")
             check_description(request.description)
             if request.name in self.records:
@@ -150,8 +151,8 @@ class Jobs:
     async def add_target(
         self, job: str, request: MirrorRequest, confirm: bool, claim_targets: bool = True
     ) -> JobRecord:
-        async with self._changing:
-            record = self._record(job)
+        async with self.changing:
+            record = self.record(job)
             if not request.source:
                 sources = {m.source_volume for m in record.mirrors}
                 if len(sources) != 1:
@@ -204,7 +205,7 @@ class Jobs:
                 raise
         self.records[record.name] = record
         for mirror in mirrors:
-            self._start(record, mirror, stores[mirror.target])
+            self.start_mirror(record, mirror, stores[mirror.target])
             self.publish(
                 "create", "mirror", job=record.name, source=self._source(mirror),
                 target=mirror.target, mode=mirror.settings.mode,
@@ -215,22 +216,27 @@ class Jobs:
         self, record: JobRecord, mirrors: list[MirrorRecord], stores: dict[str, IntentStore]
     ) -> None:
         targets = [
-            self.mirrors.target(record.name, m, stores[m.target].generations) for m in mirrors
+            self.mirrors.target(record.name, m, stores[m.target].generations, record.epoch)
+            for m in mirrors
         ]
         await claim_targets(targets, pw.Job(record.to_json()), self.tls)
 
-    def _start(
+    def start_mirror(
         self, record: JobRecord, mirror: MirrorRecord, store: IntentStore, notice: str | None = None
     ) -> None:
         name = record.name
-        self.mirrors.start(name, mirror, store, lambda: self.records[name].to_json(), notice)
+
+        def document() -> str:
+            return self.records[name].to_json()
+
+        self.mirrors.start(name, mirror, store, document, notice, epoch=record.epoch)
 
     # -- deleting ---------------------------------------------------------------------------
 
     async def delete(self, name: str) -> list[str]:
         """Delete a job and its mirrors; returns warnings (targets that could not be told)."""
-        async with self._changing:
-            record = self._record(name)
+        async with self.changing:
+            record = self.record(name)
             self.store.remove(name)  # first: never reloaded, whatever happens next
             warnings = []
             for mirror in record.mirrors:
@@ -250,8 +256,18 @@ class Jobs:
         """Tell a target that is not connected to forget the mirror."""
         target = None
         if mirror.target_node in self.peers and mirror.source_volume in self.services:
-            target = self.mirrors.target(record.name, mirror, Generations(0))
+            target = self.mirrors.target(record.name, mirror, Generations(0), record.epoch)
         return await release_target(target, mirror, record.name, self.tls)
+
+    def forget(self, name: str) -> None:
+        """The job's source moved to another node (daemon/roles/switchover.py): its mirrors
+        stopped already; its record and intent logs go, its targets are not told."""
+        record = self.records.pop(name)
+        self.store.remove(name)
+        for mirror in record.mirrors:
+            self.logs.remove(name, mirror.target)
+            self.publish("destroy", "mirror", job=name, target=mirror.target)
+        self.publish("destroy", "job", job=name)
 
     # -- the administrator's commands on mirrors --------------------------------------------
 
@@ -266,8 +282,8 @@ class Jobs:
     ) -> JobRecord:
         """pause | continue | break | resync [full | checksum] | verify [mark] | delete, on
         one mirror of job ``name`` (``target``) or, except delete, on all of them."""
-        async with self._changing:
-            record = self._record(name)
+        async with self.changing:
+            record = self.record(name)
             mirrors = record.selected(target)
             if action == "delete":
                 return await self._delete_one(record, target)
@@ -306,8 +322,8 @@ class Jobs:
 
     async def configure(self, name: str, target: str | None, changes: dict[str, Any]) -> JobRecord:
         """``mirror set``: any of MirrorSettings.LIVE on live mirrors (``changes`` parsed)."""
-        async with self._changing:
-            record = self._record(name)
+        async with self.changing:
+            record = self.record(name)
             updated = record
             for mirror in record.selected(target):
                 try:
@@ -341,7 +357,7 @@ class Jobs:
 
     def describe(self, name: str, description: str) -> JobRecord:
         check_description(description)
-        record = dataclasses.replace(self._record(name), description=description)
+        record = dataclasses.replace(self.record(name), description=description)
         self.store.save(record)
         self.records[name] = record
         self._announce(record)
@@ -361,6 +377,8 @@ class Jobs:
             "change", "mirror", job=spec.job, source=f"{self.node}:{spec.source_volume}",
             target=spec.target, state=mirror.state.value, was=was.value, cause=cause.value,
         )  # fmt: skip
+        for observe in self.state_observers:
+            observe(mirror, was, cause)
         record = self.records.get(spec.job)
         current = record.mirror(spec.target) if record is not None else None
         if record is None or current is None or (spec.job, spec.target) not in self.mirrors.running:
@@ -381,7 +399,7 @@ class Jobs:
 
     # -- lookups and views ------------------------------------------------------------------
 
-    def _record(self, name: str) -> JobRecord:
+    def record(self, name: str) -> JobRecord:
         record = self.records.get(name)
         if record is None:
             raise Refusal("not_found", f"no job named {name!r}")

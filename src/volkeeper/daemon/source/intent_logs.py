@@ -52,16 +52,21 @@ class IntentLogs:
         return self.directory / f"{job}@{target}.vkil"
 
     def create(
-        self, job: str, mirror: MirrorRecord, volume_size: int
+        self,
+        job: str,
+        mirror: MirrorRecord,
+        volume_size: int,
+        handed_over: tuple[Generations, bytes] | None = None,
     ) -> tuple[IntentStore, MirrorRecord]:
-        """A new log with every region marked (regions of the mirror's region size), and
-        ``mirror`` naming it."""
+        """A new log (regions of the mirror's region size), and ``mirror`` naming it: with
+        every region marked under a new generation, or, for a mirror ``handed_over`` by a
+        switchover, with the generations and the marked regions (a bitmap image) it had."""
         log_id = new_log_id()
         geometry = Geometry(volume_size, mirror.settings.region_size)
+        generations, marked = handed_over or (Generations(secrets.randbits(64) or 1), b"")
         store = IntentStore.create(
-            self.path(job, mirror.target), geometry,
-            Generations(secrets.randbits(64) or 1), mirror=_name(job, mirror), log_id=log_id,
-            all_dirty=True,
+            self.path(job, mirror.target), geometry, generations, mirror=_name(job, mirror),
+            log_id=log_id, all_dirty=handed_over is None, marked=marked,
         )  # fmt: skip
         return store, dataclasses.replace(mirror, intent_log=f"{log_id:016x}")
 

@@ -35,7 +35,7 @@ from volkeeper.daemon.source.compare import Comparer
 from volkeeper.daemon.source.intent_writer import IntentWriter
 from volkeeper.daemon.source.mirror_spec import MirrorSpec, hello_for, send_settings
 from volkeeper.daemon.source.op import Op, frame_of
-from volkeeper.daemon.source.peer_session import open_session
+from volkeeper.daemon.source.peer_session import Refused, open_session
 from volkeeper.daemon.source.sender import Sender
 from volkeeper.daemon.source.verify import VerifyResult
 from volkeeper.daemon.source.walks import Walks
@@ -75,11 +75,15 @@ class Mirror:
         self.sender: Sender | None = None  # the link's ordered, compressed, throttled way out
         self._earlier_wire_bytes = 0  # of links before this one
         self.sent_bytes = 0  # write and resync payload bytes shipped
+        self.resync_sent_bytes = 0  # of them, by resyncs
         self.comparer = Comparer(self.ledger, service, readers)  # region digests of both sides
         self.throughput = RateMeter()  # of sent_bytes
         self.on_state: Callable[[Mirror, MirrorState, MirrorEvent], None] = lambda *_: None
         self.on_target_error: Callable[[Mirror, str], None] = lambda *_: None
+        # the target is the job's source now (daemon/roles/switchover.py takes it from here)
+        self.on_deposed: Callable[[Mirror, str], None] = lambda *_: None
         self.job_document: Callable[[], str] = str  # the job record sent to the target
+        self.epoch = 0  # the job's (its HELLO says it)
         self.intent = IntentWriter(store, f"{spec.job} -> {spec.target}", self._intent_failed)
         self.walks = Walks(self)  # its resync and verify
         self._lost = asyncio.Event()
@@ -120,6 +124,11 @@ class Mirror:
             try:
                 await self._connect_and_serve()
                 attempt = 0
+            except Refused as exc:
+                self.engine.note(str(exc))
+                log.info("mirror target refused", job=self.spec.job, why=str(exc))
+                if exc.refusal.reason == pw.RefuseReason.SOURCE_MOVED:
+                    self.on_deposed(self, exc.refusal.message)
             except (PeerError, TimeoutError) as exc:
                 self.engine.note(str(exc))
                 log.info("mirror target unreachable", job=self.spec.job, why=str(exc))
@@ -155,7 +164,7 @@ class Mirror:
 
     async def _connect_and_serve(self) -> None:
         self._lost.clear()
-        hello = hello_for(self.spec, self.node, self.service, self.store.generations)
+        hello = hello_for(self.spec, self.node, self.service, self.store.generations, self.epoch)
         link, answer = await open_session(
             self.spec.target_address, hello, self._on_frame, self._on_lost,
             tls=self.tls, peer_name=self.spec.target_node,

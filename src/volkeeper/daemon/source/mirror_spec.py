@@ -34,7 +34,7 @@ class MirrorSpec:
 
 
 def hello_for(
-    spec: MirrorSpec, node: str, service: VolumeService, generations: Generations
+    spec: MirrorSpec, node: str, service: VolumeService, generations: Generations, epoch: int
 ) -> pw.Hello:
     """The HELLO that opens a session of ``spec``'s mirror with its target."""
     volume = service.volume
@@ -47,6 +47,7 @@ def hello_for(
         sector_size=volume.sector_size,
         current_generation=generations.current,
         previous_generation=generations.previous,
+        epoch=epoch,
     )
 
 

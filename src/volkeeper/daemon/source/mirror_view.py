@@ -38,6 +38,7 @@ def mirror_view(mirror: Mirror) -> dict[str, Any]:
         "state": mirror.state.value,
         "out_of_sync_bytes": out_of_sync,
         "sent_bytes": mirror.sent_bytes,
+        "resync_sent_bytes": mirror.resync_sent_bytes,
         "wire_bytes": mirror.wire_bytes,
         "compression_ratio": _ratio(mirror.sent_bytes, mirror.wire_bytes),
         "queue_bytes": mirror.ledger.queued_bytes,

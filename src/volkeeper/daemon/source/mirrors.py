@@ -70,6 +70,7 @@ class Mirrors:
         self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
         self.on_state = on_state
         self.on_target_error = on_target_error
+        self.on_deposed: Callable[[Mirror, str], None] = lambda *_: None  # set by the node
         self.compressors = IoWorkers(COMPRESSION_THREADS, "volkeeper-compress")
         self.running: dict[Key, RunningMirror] = {}
         self.problems: dict[Key, str] = {}  # recorded mirrors that could not start
@@ -91,6 +92,7 @@ class Mirrors:
         store: IntentStore,
         document: Callable[[], str],
         notice: str | None = None,
+        epoch: int = 0,
     ) -> None:
         """Run ``record``'s mirror; ``document`` gives the job's record for its target;
         ``notice`` (what opening its intent log found) stands as its last error until a
@@ -107,10 +109,12 @@ class Mirrors:
             spec, self.node, service, store, self.readers, self.compressors, self.tls, state
         )
         mirror.job_document = document
+        mirror.epoch = epoch
         if notice is not None:
             mirror.engine.stand(notice)
         mirror.on_state = self.on_state
         mirror.on_target_error = self.on_target_error
+        mirror.on_deposed = self.on_deposed
         replication = self.replications.get(service.name)
         if replication is None:
             replication = self.replications[service.name] = Replication(service)
@@ -177,10 +181,13 @@ class Mirrors:
             record.target_volume, record.settings,
         )  # fmt: skip
 
-    def target(self, job: str, record: MirrorRecord, generations: Generations) -> Target:
+    def target(
+        self, job: str, record: MirrorRecord, generations: Generations, epoch: int
+    ) -> Target:
         """Where a short session about ``record``'s mirror goes, and its HELLO."""
         spec = self.spec(job, record)
-        hello = hello_for(spec, self.node, self.services[record.source_volume], generations)
+        service = self.services[record.source_volume]
+        hello = hello_for(spec, self.node, service, generations, epoch)
         return Target(spec.target_address, spec.target_node, hello)
 
     def reconfigure(self, job: str, record: MirrorRecord, reconnect: bool = False) -> None:

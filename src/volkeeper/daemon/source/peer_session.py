@@ -12,6 +12,9 @@ mirror's connection starts this way (daemon/source/mirror.py), and so do the two
     release    HELLO, then GOODBYE(DELETED): the target forgets the claim and unlocks the
                volume, keeping its data.  Used when a job is deleted, or when creating it
                failed part way (so nothing is left half-created).
+    hand over  HELLO, then HANDOVER (a switchover, daemon/roles/switchover.py): the
+               target's ACK says it is the job's source now, on disk; its GOODBYE says
+               why it will not be.  No answer leaves the outcome unknown (``Undecided``).
 
 ``claim_all`` claims several targets at once and, if any refuses or cannot be reached,
 releases the others before raising; ``release_retrying`` tries a few times (a target may
@@ -30,6 +33,7 @@ from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import OnFrame, OnLost, PeerLink, connect
 
 HANDSHAKE_TIMEOUT = 10.0
+HANDOVER_TIMEOUT = 30.0  # the new source makes intent logs and records: a few fsyncs
 GOODBYE_GRACE = 0.05  # lets a GOODBYE leave before the close
 RELEASE_ATTEMPTS = 3
 
@@ -57,6 +61,10 @@ class Refused(PeerError):
     def __init__(self, target: str, refusal: pw.Refuse) -> None:
         super().__init__(f"{target} refused: {refusal.message}")
         self.refusal = refusal
+
+
+class Undecided(PeerError):
+    """A HANDOVER was sent and never answered: the target may or may not be the source."""
 
 
 async def open_session(
@@ -131,6 +139,50 @@ async def claim(
         raise PeerError(
             f"{target_node}:{hello.volume} could not record the job (errno {ack.errno})"
         )
+    return link
+
+
+async def hand_over(
+    address: TcpAddress,
+    target_node: str,
+    hello: pw.Hello,
+    handover: pw.Handover,
+    *,
+    tls: ssl.SSLContext | None,
+) -> PeerLink:
+    """Make ``target_node`` the job's source; returns the open link once it ACKed (the
+    caller closes it when its own side is done).  Raises ``Refused`` (HELLO refused),
+    ``PeerError`` (unreachable, or the target said why not: nothing changed there) or
+    ``Undecided`` (sent, never answered)."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[pw.Ack | pw.Goodbye] = loop.create_future()
+    sequence = 0
+
+    def on_frame(link: PeerLink, frame: pw.Frame) -> None:
+        if answer.done():
+            return
+        if isinstance(frame, pw.Goodbye) or (
+            isinstance(frame, pw.Ack) and frame.sequence == sequence
+        ):
+            answer.set_result(frame)
+
+    def on_lost(link: PeerLink, reason: str) -> None:
+        if not answer.done():
+            answer.set_exception(Undecided(f"{target_node} did not answer the handover: {reason}"))
+
+    link, _ = await open_session(address, hello, on_frame, on_lost, tls=tls, peer_name=target_node)
+    sequence = link.send(handover)
+    try:
+        result = await asyncio.wait_for(answer, HANDOVER_TIMEOUT)
+    except TimeoutError:
+        link.close("no answer to HANDOVER")
+        raise Undecided(f"{target_node} did not answer the handover in time") from None
+    if isinstance(result, pw.Goodbye):
+        link.close("HANDOVER refused")
+        raise PeerError(f"{target_node} refused to take over: {result.message}")
+    if result.errno:
+        link.close("HANDOVER failed")
+        raise PeerError(f"{target_node} could not take over (errno {result.errno})")
     return link
 
 

@@ -61,7 +61,8 @@ RATE_WINDOW = 5.0  # seconds of history behind the reported rate
 class ResyncHost(WalkHost, Protocol):
     """What a resync needs of its mirror beyond a walk's (daemon/source/walk_host.py)."""
 
-    sent_bytes: int  # counts the payload the resync ships
+    sent_bytes: int  # counts the payload the resync ships, with the writes
+    resync_sent_bytes: int  # counts it alone
 
     @property
     def state(self) -> MirrorState: ...
@@ -183,6 +184,7 @@ class Resync:
             if self.link.is_open:
                 self._send_data(chunk, chunk.offset + start, view[start:stop])
             self.mirror.sent_bytes += stop - start
+            self.mirror.resync_sent_bytes += stop - start
             self.shipped_bytes += stop - start
         self.done_bytes += chunk.length
         self._sample()
@@ -198,6 +200,7 @@ class Resync:
             return
         self._send_data(chunk, chunk.offset, data)
         self.mirror.sent_bytes += chunk.length
+        self.mirror.resync_sent_bytes += chunk.length
         self.done_bytes += chunk.length
         self._sample()
 

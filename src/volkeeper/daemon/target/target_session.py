@@ -17,6 +17,7 @@ record through the same FIFO, so "UpToDate" is recorded only after every earlier
 does a JOB frame (the job's document). A GOODBYE(DELETED) releases the volume, a
 GOODBYE(PAUSED) marks its record paused. Anything out of place closes that session only.
 When the node stops cleanly, each session flushes its volume and says GOODBYE(SHUTDOWN) first.
+A HANDOVER (a switchover) makes this node the job's source (``TargetVolumes.adopt``).
 
 A frame that fails (a full or failing disk) is ACKed with its errno, and the copy is no
 longer a faithful one: the session is marked failed from that instant, in the thread that saw
@@ -31,7 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
 
 import structlog
@@ -40,7 +41,7 @@ from volkeeper.core import region_hash
 from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.jobs.job_record import JobRecord
 from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
-from volkeeper.errors import ProtocolError, VolumeError
+from volkeeper.errors import ProtocolError, Refusal, VolumeError
 from volkeeper.io.codecs import decompress
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
@@ -49,6 +50,8 @@ log = structlog.get_logger("volkeeper.target")
 
 SHUTDOWN_FLUSH_TIMEOUT = 10.0
 HELLO_TIMEOUT = 10.0  # a connection that has not said HELLO by then is closed
+TAKEOVER_GRACE = 5.0  # a handover's mirrors start by then even if the old source is silent
+_tasks: set[asyncio.Future[None]] = set()  # handovers being taken (kept from the collector)
 
 
 class TargetVolumes(Protocol):
@@ -73,6 +76,8 @@ class TargetVolumes(Protocol):
 
     def release(self, volume: str) -> None: ...
 
+    adopt: Callable[[str, str], Awaitable[Callable[[], None]]]
+
 
 class TargetSession:
     def __init__(self, volumes: TargetVolumes) -> None:
@@ -82,6 +87,7 @@ class TargetSession:
         self.record: TargetRecord | None = None
         self.link: PeerLink | None = None
         self.failed: str | None = None  # the first frame this session could not apply
+        self._took_over: Callable[[], None] | None = None  # starts the mirrors of a handover
 
     def on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
         if self.service is None:
@@ -102,6 +108,12 @@ class TargetSession:
         if self.volume is not None and self.targets.sessions.get(self.volume) is self:
             del self.targets.sessions[self.volume]
             self.targets.changed(self.volume)
+        self._start_taken_over()
+
+    def _start_taken_over(self) -> None:
+        start, self._took_over = self._took_over, None
+        if start is not None:
+            start()
 
     def _handshake(self, link: PeerLink, frame: pw.Frame) -> None:
         if not isinstance(frame, pw.Hello):
@@ -326,6 +338,32 @@ class TargetSession:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(left, SHUTDOWN_FLUSH_TIMEOUT)
 
+    def _handover(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
+        """A switchover: this node becomes the job's source (daemon/roles/switchover.py).
+        ACKed once that is on disk; the new mirrors start when the old source, a target
+        now, closes this session (or after ``TAKEOVER_GRACE``), so their first HELLO
+        finds it ready."""
+        assert isinstance(frame, pw.Handover) and self.volume is not None
+        volume = self.volume
+
+        async def take_over() -> None:
+            try:
+                self._took_over = await self.targets.adopt(volume, frame.document)
+            except Refusal as exc:
+                log.warning("handover refused", volume=volume, why=str(exc))
+                if link.is_open:
+                    link.send(pw.Goodbye(pw.GoodbyeReason.OTHER, str(exc)[: pw.MAX_MESSAGE]))
+                    link.close(f"handover refused: {exc}")
+                return
+            if link.is_open:
+                link.send(pw.Ack(sequence, 0, durable=True))
+                asyncio.get_running_loop().call_later(TAKEOVER_GRACE, self._start_taken_over)
+            else:
+                self._start_taken_over()
+
+        _tasks.add(task := asyncio.ensure_future(take_over()))
+        task.add_done_callback(_tasks.discard)
+
     def _ping(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Ping)
         link.send(pw.Pong(frame.token))
@@ -351,6 +389,7 @@ class TargetSession:
         pw.HashRequest: _hash_request,
         pw.Ping: _ping,
         pw.Goodbye: _goodbye,
+        pw.Handover: _handover,
     }
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -56,6 +56,10 @@ class TargetVolumes:
         self.service = service
         self.store = records
         self.publish = publish or _ignore
+        # Set by the node: the job a volume is the source of here, if any; and the
+        # switchover's taking over of a job (daemon/roles/switchover.py).
+        self.source_of: Callable[[str], str | None] = lambda volume: None
+        self.adopt: Adopt = _cannot_adopt
         self._shown: dict[str, str] = {}  # target volume -> state last published
         self.records = records.load_all()
         self.sessions: dict[str, target_session.TargetSession] = {}
@@ -91,6 +95,13 @@ class TargetVolumes:
             record = TargetRecord(hello.job, hello.node, hello.source_volume)
             self._save(hello.volume, record)
             log.info("volume claimed as mirror target", volume=hello.volume, mirror=record.mirror)
+        elif (record.source_node, record.source_volume) != (hello.node, hello.source_volume):
+            was = record.mirror  # a sibling target took the job over (_check)
+            moved = dataclasses.replace(
+                record, source_node=hello.node, source_volume=hello.source_volume
+            )
+            record = self._save(hello.volume, moved)
+            log.info("mirror source moved", volume=hello.volume, was=was, mirror=record.mirror)
         elif record.unlocked:
             record = self.lock(hello.volume)
         if record.paused:
@@ -233,6 +244,7 @@ class TargetVolumes:
             "data_state": _DATA_STATE_NAMES[record.data_state],
             "out_of_sync_bytes": None,  # the source's intent log knows; ask it
             "sent_bytes": None,
+            "resync_sent_bytes": None,
             "wire_bytes": None,
             "compression_ratio": None,
             "received_bytes": received,
@@ -275,7 +287,12 @@ class TargetVolumes:
         where = f"{self.node}:{hello.volume}"
         if service is None:
             return pw.Refuse(R.NO_SUCH_VOLUME, f"node {self.node} has no volume {hello.volume!r}")
-        if service.replication is not None:
+        if service.replication is not None or self.source_of(hello.volume) is not None:
+            if self.source_of(hello.volume) == hello.job:
+                return pw.Refuse(
+                    R.SOURCE_MOVED,
+                    f"{where} is the source of job {hello.job!r} now: {hello.node} is not",
+                )
             return pw.Refuse(
                 R.IS_SOURCE,
                 f"{where} is the source of a mirror here: it cannot be a target too",
@@ -292,10 +309,15 @@ class TargetVolumes:
                 f"{where} is {volume.size} bytes, smaller than the source's {hello.volume_size}",
             )
         record = self.records.get(hello.volume)
-        if record is not None and (record.job, record.source_node, record.source_volume) != (
-            hello.job,
-            hello.node,
-            hello.source_volume,
+        if (
+            record is not None
+            and (record.job, record.source_node, record.source_volume)
+            != (
+                hello.job,
+                hello.node,
+                hello.source_volume,
+            )
+            and not _sibling(record, hello)
         ):
             return pw.Refuse(R.ALREADY_TARGET, f"{where} is already the target of {record.mirror}")
         if hello.volume in self.sessions:
@@ -315,6 +337,30 @@ class TargetVolumes:
             for volume, record in self.records.items()
         ]
 
+    # -- role changes (daemon/roles/switchover.py) -------------------------------------------
+
+    def become_target(self, volume: str, record: TargetRecord) -> None:
+        """This node handed the job over: ``volume`` is a target of the new source now."""
+        self._save(volume, record)
+        service = self.service(volume)
+        if service is not None:
+            service.lock(f"target of mirror {record.mirror}")
+
+    def promoted(self, volume: str, lock: str | None = None) -> None:
+        """``volume`` is the source of its job now: no target record; locked for ``lock``,
+        if given, else unlocked."""
+        record = self.records.pop(volume, None)
+        self._shown.pop(volume, None)
+        self.store.remove(volume)
+        if record is not None:
+            target = f"{self.node}:{volume}"
+            self.publish("destroy", "mirror", job=record.job, role="target", target=target)
+        service = self.service(volume)
+        if service is not None and lock is not None:
+            service.lock(lock)
+        elif service is not None:
+            service.unlock()
+
     def release(self, volume: str) -> None:
         """The source deleted the mirror: unlock the volume, keep its data."""
         record = self.records.pop(volume, None)
@@ -328,6 +374,16 @@ class TargetVolumes:
         if service is not None:
             service.unlock()
         log.info("mirror target released", volume=volume)
+
+
+def _sibling(record: TargetRecord, hello: pw.Hello) -> bool:
+    """``hello`` comes from another target of the same job, as the job's record kept here
+    names it: that copy became the job's source (a switchover or failover)."""
+    job = record.job_record()
+    if job is None or job.name != hello.job or hello.job != record.job:
+        return False
+    later = hello.epoch > job.epoch  # a node deposed since cannot come back this way
+    return later and job.mirror(f"{hello.node}:{hello.source_volume}") is not None
 
 
 _NOT_BETTER_THAN_INCONSISTENT = {pw.DataState.INCONSISTENT.name, pw.DataState.OUTDATED.name}
@@ -348,3 +404,10 @@ def _mutations(service: VolumeService) -> int:
 
 def _ignore(*args: object, **fields: object) -> None:
     return None
+
+
+Adopt = Callable[[str, str], Awaitable[Callable[[], None]]]
+
+
+async def _cannot_adopt(volume: str, document: str) -> Callable[[], None]:
+    raise Refusal("conflict", "this node takes no jobs over")

@@ -1,0 +1,425 @@
+"""Switchover: the planned reversal of a job, from its source node to one of its targets.
+
+How this works, on the old source (``switchover``):
+
+1. check: each mirror to the chosen node is Mirroring (else refused, naming its state); the
+   job's record turns round (daemon/roles/handover.py).
+2. fence: each source volume is locked (writes refused, new NBD connections read-only) and
+   its clients detached: requests in flight finish and are answered, then each closes.
+3. drain: a flush through each volume's write path, durable on every connected target;
+   then every mirror of the job stops.  The mirrors to the new source must have nothing
+   marked (something failed during the drain otherwise: refused); the others' marks travel.
+4. hand over: a short session with the new source -- the HELLO of the mirror to it, then
+   HANDOVER.  Its ACK is the commit point: the new source is the job's source on disk.
+5. become a target: each source volume gets a target record naming the new source
+   (UpToDate, the generations of the mirror to it) and stays locked; the job's record and
+   intent logs go.  The session closes, the new source starts its mirrors, and their first
+   HELLO finds this node a target already.  Other targets take the new source for the
+   same job's (daemon/target/targets.py: a sibling the job's record names).
+
+Before the commit point a failure changes nothing: the mirrors restart and the volumes
+unlock.  A HANDOVER never answered leaves the outcome unknown: the mirrors restart but the
+volumes stay locked until the mirror to the would-be source is admitted again (it did not
+take over: unlock) or is refused with SOURCE_MOVED (it did).
+
+A refusal with SOURCE_MOVED (``deposed``) means another node is the job's source now: this
+node missed the end of its own switchover (a crash at step 5), or was failed over.  It
+becomes a target of that node, as in step 5; if its log owes that node regions (writes it
+took that were never acknowledged there), its copy is Inconsistent and gets a full resync.
+
+On the new source, ``adopt`` (called by the HANDOVER's session) checks the document, makes
+each mirror's intent log with the generations and marks handed over, saves the job's
+record (the commit point), drops its target records and unlocks the volumes, and returns
+what starts the mirrors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from volkeeper.core.bitmap import image_size
+from volkeeper.core.mirror_state import MirrorEvent, MirrorState
+from volkeeper.core.peer import wire as pw
+from volkeeper.daemon.jobs.job_record import JobRecord
+from volkeeper.daemon.jobs.jobs import Jobs
+from volkeeper.daemon.roles.handover import HandedMirror, Handover, packed_image, turned_round
+from volkeeper.daemon.source.mirror import Mirror
+from volkeeper.daemon.source.peer_session import Refused, Undecided, hand_over
+from volkeeper.daemon.target.target_record import TargetRecord
+from volkeeper.daemon.target.targets import TargetVolumes
+from volkeeper.errors import PeerError, Refusal
+from volkeeper.io.intent_store import IntentStore
+from volkeeper.io.nbd_server import NbdServer
+from volkeeper.io.peer_link import PeerLink
+
+log = structlog.get_logger("volkeeper.roles")
+
+DRAIN_TIMEOUT = 30.0  # the flush that drains every mirror of the job
+BUSY_RETRIES = 20  # the new source may still hold the old mirror's connection a moment
+BUSY_PAUSE = 0.02
+CONNECT_WAIT = 2.0  # the new source takes writes by then even if a target is away
+
+
+class RoleChanges:
+    def __init__(self, node: str, jobs: Jobs, targets: TargetVolumes, nbd: NbdServer) -> None:
+        self.node = node
+        self.jobs = jobs
+        self.targets = targets
+        self.nbd = nbd
+        self.undecided: dict[str, str] = {}  # job -> node a HANDOVER went to, unanswered
+        self._tasks: set[asyncio.Task[None]] = set()
+        targets.adopt = self.adopt
+        targets.source_of = self._source_of
+        jobs.mirrors.on_deposed = self._deposed
+        jobs.state_observers.append(self._decided)
+
+    def reconcile(self) -> None:
+        """At start, before the jobs load: a switchover a crash cut short leaves a job
+        recorded here both as source and as target; the record of the later epoch stands."""
+        records, _ = self.jobs.store.load_all()
+        for record in records:
+            for volume in sorted({m.source_volume for m in record.mirrors}):
+                target = self.targets.records.get(volume)
+                if target is None or target.job != record.name:
+                    continue
+                document = target.job_record()
+                if document is not None and document.epoch > record.epoch:
+                    log.warning("job handed over before a crash: its record here goes",
+                                job=record.name, source=target.source_node)  # fmt: skip
+                    self.jobs.store.remove(record.name)
+                    for mirror in record.mirrors:
+                        self.jobs.logs.remove(record.name, mirror.target)
+                    break
+                log.warning("job taken over before a crash: its target record goes",
+                            job=record.name, volume=volume)  # fmt: skip
+                self.targets.promoted(volume)
+
+    # -- the old source -------------------------------------------------------------------
+
+    async def switchover(self, name: str, to: str) -> dict[str, Any]:
+        started = time.monotonic()
+        async with self.jobs.changing:
+            record = self.jobs.record(name)
+            turned, places = turned_round(record, to)
+            self._check_in_sync(record, to)
+            volumes = sorted({m.source_volume for m in record.mirrors})
+            await self._fence(volumes, f"switching over to {to}")
+            stores = await self._drain_and_stop(record, to)
+            try:
+                handover = self._handover(record, turned, places, stores)
+                link = await self._hand_over(record, to, handover, stores)
+            except Undecided as exc:
+                self._restart(record, unlock=False)
+                self.undecided[name] = to
+                raise Refusal(
+                    "unavailable", f"switchover of job {name!r} undecided: {exc}",
+                    f"the volumes stay locked until {to} answers again",
+                ) from None  # fmt: skip
+            except (Refusal, PeerError) as exc:
+                self._restart(record, unlock=True)
+                if isinstance(exc, Refusal):
+                    raise
+                raise Refusal("conflict", f"switchover of job {name!r} failed: {exc}") from None
+            self._become_target(record, turned, to, stores)
+            link.close("switchover done")
+        seconds = time.monotonic() - started
+        log.info("switchover done", job=name, to=to, seconds=round(seconds, 3))
+        self.jobs.publish("change", "job", job=name, role="target", source_node=to,
+                          cause="switchover")  # fmt: skip
+        return {"job": name, "old_source": self.node, "new_source": to, "seconds": seconds,
+                "mirrors": [m.target for m in turned.mirrors]}  # fmt: skip
+
+    def _check_in_sync(self, record: JobRecord, to: str) -> None:
+        for mirror in record.mirrors:
+            if mirror.target_node != to:
+                continue
+            running = self.jobs.mirrors.get((record.name, mirror.target))
+            state = running.state if running is not None else None
+            if state is not MirrorState.MIRRORING:
+                shown = state.value if state is not None else "not running"
+                raise Refusal(
+                    "conflict",
+                    f"cannot switch job {record.name!r} over to {to}: its mirror to "
+                    f"{mirror.target} is {shown}, not Mirroring",
+                    "wait until it is Mirroring (a resync must finish first)",
+                )
+
+    async def _fence(self, volumes: list[str], why: str) -> None:
+        for volume in volumes:
+            self.jobs.services[volume].lock(why)
+        await asyncio.gather(*(self.nbd.detach(volume) for volume in volumes))
+
+    async def _drain_and_stop(self, record: JobRecord, to: str) -> dict[str, IntentStore]:
+        """Flush every source volume through its mirrors, stop them; their logs, closed."""
+        replications = self.jobs.mirrors.replications
+        for volume in {m.source_volume for m in record.mirrors}:
+            replication = replications.get(volume)
+            if replication is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(replication.sync(), DRAIN_TIMEOUT)
+        stores = {}
+        for mirror in record.mirrors:
+            running = self.jobs.mirrors.get((record.name, mirror.target))
+            if running is not None:
+                stores[mirror.target] = running.store
+            await self.jobs.mirrors.stop((record.name, mirror.target), None)
+        for mirror in record.mirrors:
+            if mirror.target_node != to:
+                continue
+            store = stores.get(mirror.target)
+            marked = store.bitmap.marked_bytes if store is not None else None
+            if marked != 0:
+                self._restart(record, unlock=True)
+                raise Refusal(
+                    "conflict",
+                    f"switchover of job {record.name!r} stopped: after the drain the mirror "
+                    f"to {mirror.target} still owes {marked} bytes (its link failed?)",
+                    "wait until it is Mirroring again, then retry",
+                )
+        return stores
+
+    def _handover(
+        self,
+        record: JobRecord,
+        turned: JobRecord,
+        places: dict[str, str],
+        stores: dict[str, IntentStore],
+    ) -> Handover:
+        handed = []
+        for mirror in turned.mirrors:
+            old = stores.get(places[mirror.target])
+            if old is None:  # a mirror that was not running: nothing known of its target
+                raise Refusal(
+                    "conflict",
+                    f"the mirror of job {record.name!r} to {places[mirror.target]} is not "
+                    "running: its marked regions cannot be handed over",
+                )
+            generations = old.generations
+            image = packed_image(old.bitmap.to_bytes())
+            size = old.bitmap.volume_size
+            handed.append(
+                HandedMirror(mirror.target, size, generations.current, generations.previous, image)
+            )
+        return Handover(self.node, turned, tuple(handed))
+
+    async def _hand_over(
+        self, record: JobRecord, to: str, handover: Handover, stores: dict[str, IntentStore]
+    ) -> PeerLink:
+        """The HANDOVER, in a session opened with the HELLO of the mirror to ``to``."""
+        mirror = next(m for m in record.mirrors if m.target_node == to)
+        generations = stores[mirror.target].generations
+        target = self.jobs.mirrors.target(record.name, mirror, generations, record.epoch)
+        frame = pw.Handover(handover.to_json())
+        for _ in range(BUSY_RETRIES - 1):
+            try:
+                return await hand_over(target.address, to, target.hello, frame,
+                                       tls=self.jobs.tls)  # fmt: skip
+            except Refused as exc:
+                if exc.refusal.reason != pw.RefuseReason.BUSY:
+                    raise
+            await asyncio.sleep(BUSY_PAUSE)
+        return await hand_over(target.address, to, target.hello, frame, tls=self.jobs.tls)
+
+    def _restart(self, record: JobRecord, unlock: bool) -> None:
+        for mirror in record.mirrors:
+            if (record.name, mirror.target) not in self.jobs.mirrors.running:
+                self.jobs.load_mirror(record.name, mirror)
+        if unlock:
+            for volume in {m.source_volume for m in record.mirrors}:
+                self.jobs.services[volume].unlock()
+
+    def _become_target(
+        self, record: JobRecord, turned: JobRecord, to: str, stores: dict[str, IntentStore]
+    ) -> None:
+        """The new source committed: each source volume is its target from now on."""
+        document = turned.to_json()
+        for mirror in record.mirrors:
+            if mirror.target_node != to:
+                continue
+            generations = stores[mirror.target].generations
+            self.targets.become_target(
+                mirror.source_volume,
+                TargetRecord(
+                    record.name, to, mirror.target_volume, pw.DataState.UP_TO_DATE.name,
+                    generations.current, generations.previous, document,
+                ),
+            )  # fmt: skip
+        self.jobs.forget(record.name)
+
+    # -- the undecided and the deposed --------------------------------------------------
+
+    def _decided(self, mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:
+        """The would-be new source admitted our mirror again: it did not take over."""
+        job = mirror.spec.job
+        if self.undecided.get(job) == mirror.spec.target_node and mirror.state in (
+            MirrorState.MIRRORING, MirrorState.RESYNCING,
+        ):  # fmt: skip
+            del self.undecided[job]
+            record = self.jobs.records.get(job)
+            for volume in {m.source_volume for m in record.mirrors} if record else ():
+                self.jobs.services[volume].unlock()
+            log.warning("switchover did not happen: the job stays here", job=job)
+
+    def _deposed(self, mirror: Mirror, message: str) -> None:
+        task = asyncio.create_task(self._demote(mirror.spec.job, mirror.spec.target_node, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _demote(self, name: str, source: str, message: str) -> None:
+        async with self.jobs.changing:
+            record = self.jobs.records.get(name)
+            if record is None or record.source_node != self.node:
+                return
+            log.warning("another node is this job's source now: becoming its target",
+                        job=name, source=source, why=message)  # fmt: skip
+            self.undecided.pop(name, None)
+            await self._fence(sorted({m.source_volume for m in record.mirrors}),
+                              f"{source} is the source of job {name!r} now")  # fmt: skip
+            stores = {}
+            for mirror in record.mirrors:
+                running = self.jobs.mirrors.get((name, mirror.target))
+                if running is not None:
+                    stores[mirror.target] = running.store
+                await self.jobs.mirrors.stop((name, mirror.target), None)
+            for mirror in record.mirrors:
+                if mirror.target_node != source or mirror.target not in stores:
+                    continue
+                store = stores[mirror.target]
+                owed = [store.bitmap.region_span(first)[0] for first, _ in store.bitmap.runs()]
+                state, generations = pw.DataState.UP_TO_DATE.name, store.generations
+                if owed:
+                    state = pw.DataState.INCONSISTENT.name
+                    log.error("writes here that the new source never got will be overwritten",
+                              job=name, volume=mirror.source_volume,
+                              marked_bytes=store.bitmap.marked_bytes)  # fmt: skip
+                self.targets.become_target(
+                    mirror.source_volume,
+                    TargetRecord(
+                        name, source, mirror.target_volume, state,
+                        generations.current if not owed else 0, generations.previous, "",
+                    ),
+                )  # fmt: skip
+            self.jobs.forget(name)
+            self.jobs.publish("change", "job", job=name, role="target", source_node=source,
+                              cause="deposed")  # fmt: skip
+
+    # -- the new source ---------------------------------------------------------------------
+
+    def _source_of(self, volume: str) -> str | None:
+        for record in self.jobs.records.values():
+            if any(m.source_volume == volume for m in record.mirrors):
+                return record.name
+        return None
+
+    async def adopt(self, volume: str, document: str) -> Callable[[], None]:
+        """Take the job a HANDOVER names over; returns what starts its mirrors.  Raises
+        Refusal, having changed nothing, when it cannot."""
+        try:
+            handover = Handover.from_json(document)
+        except ValueError as exc:
+            raise Refusal("bad_request", str(exc)) from None
+        record = handover.job
+        async with self.jobs.changing:
+            self._check_adoptable(volume, handover)
+            stores: dict[str, IntentStore] = {}
+            try:
+                for mirror in record.mirrors:
+                    handed = handover.mirror(mirror.target)
+                    size = self.jobs.services[mirror.source_volume].volume.size
+                    if size != handed.volume_size:
+                        raise ValueError(
+                            f"{self.node}:{mirror.source_volume} is {size} bytes, the source "
+                            f"{handed.volume_size}: a switchover needs volumes of one size"
+                        )
+                    image = handed.image(image_size(size, mirror.settings.region_size))
+                    store, named = self.jobs.logs.create(
+                        record.name, mirror, size, (handed.generations, image)
+                    )
+                    stores[mirror.target] = store
+                    record = record.with_mirror(named)
+                self.jobs.store.save(record)  # the commit point
+            except (ValueError, OSError) as exc:
+                for target, store in stores.items():
+                    store.close()
+                    self.jobs.logs.remove(record.name, target)
+                raise Refusal("conflict", f"cannot take job {record.name!r} over: {exc}") from None
+            self.jobs.records[record.name] = record
+            taking = f"taking job {record.name!r} over from {handover.from_node}"
+            for source_volume in sorted({m.source_volume for m in record.mirrors}):
+                self.targets.promoted(source_volume, lock=taking)
+            log.info("job taken over: this node is its source", job=record.name,
+                     was=handover.from_node)  # fmt: skip
+            self.jobs.publish("change", "job", job=record.name, role="source",
+                              source_node=self.node, cause="switchover")  # fmt: skip
+
+        def start() -> None:
+            current = self.jobs.records.get(record.name)
+            if current is None or current.epoch != record.epoch:
+                return  # changed since (deleted, or handed on again)
+            for mirror in record.mirrors:
+                self.jobs.start_mirror(record, mirror, stores[mirror.target])
+            self._unlock_when_connected(record)
+
+        return start
+
+    def _unlock_when_connected(self, record: JobRecord) -> None:
+        """Take writes once every new mirror connected (so none of them is marked and
+        resent), or after ``CONNECT_WAIT`` (a target is away: its writes are tracked)."""
+        keys = {(record.name, m.target) for m in record.mirrors}
+        volumes = sorted({m.source_volume for m in record.mirrors})
+
+        def pending() -> bool:
+            mirrors = (self.jobs.mirrors.get(key) for key in keys)
+            return any(m is not None and m.state is MirrorState.RESYNC_PENDING for m in mirrors)
+
+        def unlock() -> None:
+            if observe not in self.jobs.state_observers:
+                return
+            self.jobs.state_observers.remove(observe)
+            timer.cancel()
+            current = self.jobs.records.get(record.name)
+            if current is not None and current.epoch == record.epoch:
+                for volume in volumes:
+                    self.jobs.services[volume].unlock()
+                log.info("new source takes writes", job=record.name, waited_for_targets=pending())
+
+        def observe(mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:
+            if (mirror.spec.job, mirror.spec.target) in keys and not pending():
+                unlock()
+
+        self.jobs.state_observers.append(observe)
+        timer = asyncio.get_running_loop().call_later(CONNECT_WAIT, unlock)
+        if not pending():
+            unlock()
+
+    def _check_adoptable(self, volume: str, handover: Handover) -> None:
+        record, node = handover.job, self.node
+        if record.source_node != node:
+            raise Refusal("bad_request", f"the handover names {record.source_node}, not {node}")
+        if record.name in self.jobs.records:
+            raise Refusal("conflict", f"{node} is the source of a job {record.name!r} already")
+        sources = {m.source_volume for m in record.mirrors}
+        if volume not in sources:
+            raise Refusal("bad_request", f"the handover does not make {volume} a source")
+        for source_volume in sorted(sources):
+            target = self.targets.records.get(source_volume)
+            if target is None or target.job != record.name:
+                raise Refusal(
+                    "conflict", f"{node}:{source_volume} is no target of job {record.name!r}"
+                )
+            if target.data_state != pw.DataState.UP_TO_DATE.name:
+                raise Refusal(
+                    "conflict", f"{node}:{source_volume} is {target.data_state}, not UpToDate"
+                )
+        for mirror in record.mirrors:
+            if mirror.target_node not in self.jobs.peers:
+                raise Refusal(
+                    "conflict", f"node {mirror.target_node!r} is not in {node}'s [peers]",
+                    f"add it to {node}'s config and reload, then retry",
+                )  # fmt: skip

@@ -1,0 +1,182 @@
+"""Switchover with real daemons: the job's source moves to a target node and back, under a
+client that keeps writing and follows the source; nothing acknowledged is lost, nothing is
+resent, and a switchover to a mirror that is not Mirroring is refused with the reason.
+
+The writer (tests/support/acked_writer.py) talks raw NBD to both nodes' sockets and moves to
+whichever takes writes; at the end the volumes must be byte-identical and hold every write
+the writer saw acknowledged.  "Nothing resent" is the source mirrors' ``resync_sent_bytes``:
+zero on both sides.  The time from the request to the first write the new source took is
+printed (a figure to report, not a test bound: bench/ has the measurement).
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from tests.conftest import NodeFactory
+from tests.support.acked_writer import AckedWriter
+from tests.support.mirroring import wait_state
+from tests.support.topologies import (
+    assert_identical,
+    mirror,
+    path,
+    stop_in_order,
+    volume,
+    wait_mirror,
+)
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
+
+SIZE = "32MiB"
+
+
+def two_way_pair(start_node: NodeFactory) -> tuple[LocalNode, LocalNode]:
+    """alpha and beta, each in the other's [peers], job web (alpha:data1 -> beta:data1,
+    sync) Mirroring."""
+    alpha_port, beta_port = free_tcp_port(), free_tcp_port()
+    beta = start_node("beta", [VolumeSpec("data1", SIZE)], peer_port=beta_port,
+                      peers={"alpha": alpha_port})  # fmt: skip
+    alpha = start_node("alpha", [VolumeSpec("data1", SIZE)], peer_port=alpha_port,
+                       peers={"beta": beta_port})  # fmt: skip
+    body = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "mode": "sync",
+            "confirm": True}  # fmt: skip
+    with alpha.api() as api:
+        assert api.post("/jobs", json=body).status_code == 201
+    wait_state(alpha, "Mirroring")
+    return alpha, beta
+
+
+def switchover(node: LocalNode, to: str, job: str = "web") -> httpx.Response:
+    with node.api() as api:
+        return api.post(f"/jobs/{job}/switchover", json={"to": to}, timeout=60)
+
+
+def test_switchover_and_back_under_writes(start_node: NodeFactory) -> None:
+    alpha, beta = two_way_pair(start_node)
+    writer = AckedWriter([alpha.nbd_socket, beta.nbd_socket])
+    writer.start()
+    writer.wait_writes(300)
+
+    started = time.monotonic()
+    answer = switchover(alpha, "beta")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["new_source"] == "beta"
+    before = writer.writes
+    while writer.serving != beta.nbd_socket or writer.writes == before:
+        assert time.monotonic() - started < 30, f"no write taken by beta: {writer.errors}"
+        time.sleep(0.001)
+    print(f"switchover alpha -> beta: first write on beta {time.monotonic() - started:.3f} s "
+          f"after the request ({answer.json()['seconds']:.3f} s in the node)")  # fmt: skip
+    assert volume(alpha)["role"] == "target" and volume(beta)["role"] == "source"
+    wait_mirror(beta, "web", "alpha:data1", "Mirroring")
+    writer.wait_writes(writer.writes + 300)
+    back = mirror(beta, "web", "alpha:data1")
+
+    answer = switchover(beta, "alpha")
+    assert answer.status_code == 200, answer.text
+    writer.wait_writes(writer.writes + 300)
+    assert writer.serving == alpha.nbd_socket and writer.switches >= 2
+    again = wait_mirror(alpha, "web", "beta:data1", "Mirroring")
+    writer.finish()
+    assert back["resync_sent_bytes"] == 0 and again["resync_sent_bytes"] == 0, (back, again)
+
+    stop_in_order(alpha, beta)
+    assert_identical(path(alpha), path(beta))
+    writer.check(path(alpha))
+
+
+def full_mesh(start_node: NodeFactory, *names: str) -> list[LocalNode]:
+    """Nodes that each have every other one in [peers]."""
+    ports = {name: free_tcp_port() for name in names}
+    return [
+        start_node(name, [VolumeSpec("data1", SIZE)], peer_port=ports[name],
+                   peers={other: port for other, port in ports.items() if other != name})
+        for name in names
+    ]  # fmt: skip
+
+
+def test_switchover_with_two_targets_keeps_each_mirrors_settings(start_node: NodeFactory) -> None:
+    gamma, beta, alpha = full_mesh(start_node, "gamma", "beta", "alpha")
+    mirrors = [
+        {"source": "alpha:data1", "target": "beta:data1", "mode": "sync"},
+        {"source": "alpha:data1", "target": "gamma:data1", "mode": "async",
+         "compression": "zstd:3", "throttle": "64MiB"},
+    ]  # fmt: skip
+    with alpha.api() as api:
+        created = api.post("/jobs", json={"name": "web", "mirrors": mirrors, "confirm": True})
+    assert created.status_code == 201, created.text
+    wait_mirror(alpha, "web", "beta:data1", "Mirroring")
+    wait_mirror(alpha, "web", "gamma:data1", "Mirroring")
+    writer = AckedWriter([alpha.nbd_socket, beta.nbd_socket])
+    writer.start()
+    writer.wait_writes(300)
+
+    answer = switchover(alpha, "beta")
+    assert answer.status_code == 200, answer.text
+    assert sorted(answer.json()["mirrors"]) == ["alpha:data1", "gamma:data1"]
+    to_alpha = wait_mirror(beta, "web", "alpha:data1", "Mirroring")
+    to_gamma = wait_mirror(beta, "web", "gamma:data1", "Mirroring")
+    assert (to_alpha["mode"], to_alpha["compression"], to_alpha["throttle"]) == (
+        "sync", "none", None)  # fmt: skip
+    assert (to_gamma["mode"], to_gamma["compression"], to_gamma["throttle"]) == (
+        "async", "zstd:3", 64 << 20)  # fmt: skip
+    writer.wait_writes(writer.writes + 300)
+    assert writer.serving == beta.nbd_socket
+    writer.finish()
+    resent = [mirror(beta, "web", t)["resync_sent_bytes"] for t in ("alpha:data1", "gamma:data1")]
+    assert resent == [0, 0]
+    assert volume(gamma)["role"] == "target" and volume(alpha)["role"] == "target"
+
+    stop_in_order(beta, alpha, gamma)
+    assert_identical(path(beta), path(alpha), path(gamma))
+    writer.check(path(beta))
+
+
+def test_switchover_is_refused_with_the_reason(start_node: NodeFactory) -> None:
+    alpha, beta = two_way_pair(start_node)
+    refused = switchover(alpha, "gamma")
+    assert refused.status_code == 400
+    assert "has no mirror to node 'gamma'" in refused.json()["error"]["message"]
+    refused = switchover(beta, "beta")  # asked of the target: it names the source
+    assert refused.status_code == 409
+    assert refused.json()["error"]["hint"] == "run the switchover on alpha"
+    with alpha.api() as api:
+        assert api.post("/jobs/web/mirror/pause").status_code == 200
+    refused = switchover(alpha, "beta")
+    assert refused.status_code == 409
+    assert "is Paused, not Mirroring" in refused.json()["error"]["message"]
+    with alpha.api() as api:
+        assert api.post("/jobs/web/mirror/continue").status_code == 200
+    wait_state(alpha, "Mirroring")
+    assert volume(alpha)["role"] == "source" and volume(alpha)["locked"] is None
+
+
+def test_a_new_source_that_cannot_take_over_changes_nothing(start_node: NodeFactory) -> None:
+    """beta does not know gamma: the handover is refused there, and alpha keeps the job --
+    its mirrors running again, its volume taking writes."""
+    gamma = start_node("gamma", [VolumeSpec("data1", SIZE)])
+    alpha_port = free_tcp_port()
+    beta = start_node("beta", [VolumeSpec("data1", SIZE)], peers={"alpha": alpha_port})
+    alpha = start_node("alpha", [VolumeSpec("data1", SIZE)], peer_port=alpha_port,
+                       peers={"beta": beta.peer_port, "gamma": gamma.peer_port})  # fmt: skip
+    body = {"name": "web", "source": "alpha:data1", "target": ["beta:data1", "gamma:data1"],
+            "confirm": True}  # fmt: skip
+    with alpha.api() as api:
+        assert api.post("/jobs", json=body).status_code == 201
+    wait_mirror(alpha, "web", "beta:data1", "Mirroring")
+    wait_mirror(alpha, "web", "gamma:data1", "Mirroring")
+
+    refused = switchover(alpha, "beta")
+    assert refused.status_code == 409, refused.text
+    assert "node 'gamma' is not in beta's [peers]" in refused.json()["error"]["message"]
+    wait_mirror(alpha, "web", "beta:data1", "Mirroring")
+    wait_mirror(alpha, "web", "gamma:data1", "Mirroring")
+    assert volume(alpha)["role"] == "source" and volume(alpha)["locked"] is None
+    assert volume(beta)["role"] == "target"
+    writer = AckedWriter([alpha.nbd_socket])
+    writer.start()
+    writer.wait_writes(100)
+    writer.finish()
+    stop_in_order(alpha, beta, gamma)
+    assert_identical(path(alpha), path(beta), path(gamma))
