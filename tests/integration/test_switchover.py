@@ -23,6 +23,8 @@ from tests.support.topologies import (
     mirror,
     path,
     stop_in_order,
+    vk,
+    vk_ok,
     volume,
     wait_mirror,
 )
@@ -112,9 +114,9 @@ def test_switchover_with_two_targets_keeps_each_mirrors_settings(start_node: Nod
     writer.start()
     writer.wait_writes(300)
 
-    answer = switchover(alpha, "beta")
-    assert answer.status_code == 200, answer.text
-    assert sorted(answer.json()["mirrors"]) == ["alpha:data1", "gamma:data1"]
+    said = vk_ok(alpha, "job", "switchover", "web", "--to", "beta")
+    assert said.startswith("job web: beta is the source now, alpha a target"), said
+    assert said.rstrip().endswith("mirrors to alpha:data1, gamma:data1"), said
     to_alpha = wait_mirror(beta, "web", "alpha:data1", "Mirroring")
     to_gamma = wait_mirror(beta, "web", "gamma:data1", "Mirroring")
     assert (to_alpha["mode"], to_alpha["compression"], to_alpha["throttle"]) == (
@@ -150,6 +152,8 @@ def test_switchover_is_refused_with_the_reason(start_node: NodeFactory) -> None:
         assert api.post("/jobs/web/mirror/continue").status_code == 200
     wait_state(alpha, "Mirroring")
     assert volume(alpha)["role"] == "source" and volume(alpha)["locked"] is None
+    said = vk(alpha, "job", "switchover", "web", "--to", "gamma")
+    assert said.returncode == 1 and "has no mirror to node 'gamma'" in said.stderr
 
 
 def test_a_new_source_that_cannot_take_over_changes_nothing(start_node: NodeFactory) -> None:
@@ -180,3 +184,52 @@ def test_a_new_source_that_cannot_take_over_changes_nothing(start_node: NodeFact
     writer.finish()
     stop_in_order(alpha, beta, gamma)
     assert_identical(path(alpha), path(beta), path(gamma))
+
+
+def test_a_switchover_cut_short_by_a_crash_ends_with_one_source(start_node: NodeFactory) -> None:
+    """The state a crash can leave at each step of a switchover, made from copies of the
+    nodes' files, ends the same way: beta the source, alpha its target, no resync.
+    beta with a job record and its old target record (it crashed while taking over): the
+    job record, of the later epoch, stands.  alpha with its old job record beside its
+    target record (it crashed while becoming a target): the target record stands.  alpha
+    with only its old job record and intent log (it crashed before anything of its own
+    was written): beta refuses its mirror with SOURCE_MOVED and alpha becomes its target."""
+    alpha, beta = two_way_pair(start_node)
+    state = {node.name: node.directory / "state" for node in (alpha, beta)}
+    alpha.stop()  # a cleanly closed intent log: nothing marked
+    job_record = (state["alpha"] / "jobs" / "web.json").read_bytes()
+    intent_log = (state["alpha"] / "bitmaps" / "web@beta:data1.vkil").read_bytes()
+    alpha.start()
+    wait_state(alpha, "Mirroring")
+    target_record = (state["beta"] / "targets" / "data1.json").read_bytes()
+    assert switchover(alpha, "beta").status_code == 200
+    wait_mirror(beta, "web", "alpha:data1", "Mirroring")
+
+    beta.stop()
+    (state["beta"] / "targets" / "data1.json").write_bytes(target_record)
+    beta.start()
+    wait_mirror(beta, "web", "alpha:data1", "Mirroring")
+    assert volume(beta)["role"] == "source" and volume(beta)["locked"] is None
+    assert "job taken over before a crash: its target record goes" in beta.log_text()
+
+    alpha.stop()
+    (state["alpha"] / "jobs" / "web.json").write_bytes(job_record)
+    alpha.start()
+    assert volume(alpha)["role"] == "target" and not (state["alpha"] / "jobs" / "web.json").exists()
+    assert "job handed over before a crash: its record here goes" in alpha.log_text()
+    wait_mirror(beta, "web", "alpha:data1", "Mirroring")
+
+    alpha.stop()
+    (state["alpha"] / "jobs" / "web.json").write_bytes(job_record)
+    (state["alpha"] / "bitmaps" / "web@beta:data1.vkil").write_bytes(intent_log)
+    (state["alpha"] / "targets" / "data1.json").unlink()
+    alpha.start()
+    deadline = time.monotonic() + 20
+    while volume(alpha)["role"] != "target":
+        assert time.monotonic() < deadline, alpha.log_text()[-3000:]
+        time.sleep(0.05)
+    assert "another node is this job's source now" in alpha.log_text()
+    back = wait_mirror(beta, "web", "alpha:data1", "Mirroring")
+    assert back["resync_sent_bytes"] == 0
+    stop_in_order(beta, alpha)
+    assert_identical(path(alpha), path(beta))
