@@ -44,6 +44,7 @@ and requires the machine to find each.
 from __future__ import annotations
 
 import errno
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,7 @@ from hypothesis.stateful import (
 )
 
 from volkeeper.core.bitmap import DirtyBitmap
+from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_engine import TARGET_TIMEOUT, MirrorEngine
 from volkeeper.core.mirror_ledger import Chunk, Ledger
 from volkeeper.core.mirror_state import IllegalTransition, MirrorEvent, MirrorState
@@ -97,6 +99,7 @@ class Frame:
     first: int = 0
     versions: list[int] = field(default_factory=list)
     record: pw.DataState | None = None
+    generation: int = 0  # a record's: the source's current generation when it was sent
     fails: bool = False  # the target's disk fails it
 
 
@@ -107,6 +110,8 @@ class EngineMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.bitmap = DirtyBitmap(REGIONS * REGION, REGION)
+        self.generations = Generations(GENERATION)  # the source's, as its log holds them
+        self.fresh = itertools.count(GENERATION + 1)  # the ids new generations take
         self.engine = self.new_engine(MirrorState.RESYNC_PENDING)
         self.persisted: set[int] = set()  # the bitmap as on stable storage
         self.after_persist: list[Ready[Op, Op]] = []
@@ -133,13 +138,18 @@ class EngineMachine(RuleBasedStateMachine):
         self.mode = "sync"
 
     def new_engine(self, state: MirrorState) -> MirrorEngine[Op, Op]:
-        engine = self.engine_class(self.bitmap, "beta:data1", errno.errorcode.__getitem__, state)
+        engine = self.engine_class(
+            self.bitmap, "beta:data1", errno.errorcode.__getitem__, state, self.generations,
+            lambda: next(self.fresh),
+        )  # fmt: skip
         engine.ledger = self.ledger_class(REGION)
         return engine
 
     # -- the adapter: carry out a Ready in the contract's order ---------------------------
 
     def apply(self, ready: Ready[Op, Op]) -> None:
+        if ready.generations is not None:  # the log's header: persisted at once
+            self.generations = ready.generations
         if ready.mark_all:
             self.bitmap.mark_all()
             self.persist()  # the contract: persisted before anything else of it
@@ -162,7 +172,8 @@ class EngineMachine(RuleBasedStateMachine):
             kind = "flush" if entry.is_flush else "write"
             self.app_lane.append((Frame(0, kind, op.first, [op.version] * op.count), entry))
         for record in ready.records:
-            self.resync_lane.append((Frame(0, "record", record=record), None))
+            frame = Frame(0, "record", record=record, generation=self.generations.current)
+            self.resync_lane.append((frame, None))
         if ready.answer is not None and ready.answer[0] in self.commit_flushes:
             self.commit_flushes.discard(ready.answer[0])
             if not ready.answer[1]:
@@ -183,9 +194,9 @@ class EngineMachine(RuleBasedStateMachine):
             self.volatile = list(self.durable)
 
     def connect(self) -> None:
-        handshake = self.engine.handshake(
-            self.now, GENERATION, self.target_generation, self.target_up_to_date
-        )
+        handshake = self.engine.handshake(self.now, self.target_generation, self.target_up_to_date)
+        if handshake.mark_all:  # only a target of an unrelated generation needs everything
+            assert self.target_generation not in (self.generations.current, GENERATION)
         self.apply(handshake)
         self.apply(self.engine.admitted(link_open=True))
 
@@ -285,7 +296,7 @@ class EngineMachine(RuleBasedStateMachine):
         elif frame.kind == "flush":
             self.durable = list(self.volatile)
         elif frame.record is pw.DataState.INCONSISTENT:
-            self.target_generation, self.target_up_to_date = GENERATION, False
+            self.target_generation, self.target_up_to_date = frame.generation, False
         self.acks.append((frame.sequence, 0))
 
     @precondition(lambda self: self.acks)
@@ -451,7 +462,7 @@ class EngineMachine(RuleBasedStateMachine):
     def resync_finishes(self) -> None:
         """The engine says the walk may end: the target records UpToDate (its ACK is awaited:
         here, delivered at once), then the engine is told."""
-        self.target_up_to_date = True
+        self.target_up_to_date, self.target_generation = True, self.generations.current
         self.apply(self.engine.resync_finished())
         assert self.engine.state is MirrorState.MIRRORING and not self.engine.last_error
 
@@ -573,12 +584,10 @@ class ClearsBeforeTheFlush(Ledger[Op, Op]):
 class AdmitsWhatIsMarked(MirrorEngine[Op, Op]):
     """The handshake admits a target that says UpToDate although regions are marked."""
 
-    def handshake(
-        self, now: float, current_generation: int, target_generation: int, up_to_date: bool
-    ) -> Ready[Op, Op]:
+    def handshake(self, now: float, target_generation: int, up_to_date: bool) -> Ready[Op, Op]:
         marked, self.bitmap = self.bitmap, DirtyBitmap(REGIONS * REGION, REGION)
         try:
-            return super().handshake(now, current_generation, target_generation, up_to_date)
+            return super().handshake(now, target_generation, up_to_date)
         finally:
             self.bitmap = marked
 
@@ -646,7 +655,7 @@ def test_a_flush_of_an_earlier_link_releases_nothing_on_the_next() -> None:
     assert engine.ack(5, 0, 0.0).durable_now == (flush,)  # durable on the target; not locally yet
     lost = engine.lost("link lost", [])
     assert sorted(lost.mark) == [(r * REGION, REGION) for r in range(4)]
-    engine.handshake(1.0, 7, 7, True)
+    engine.handshake(1.0, 1, True)
     engine.admitted(link_open=True)  # Resyncing: the marks go first; writes flow meanwhile
     late = Op("write", 6, 1, pinned=True)
     late_entry = engine.ship(late, late, "write", 6 * REGION, REGION, 1).send
@@ -670,3 +679,31 @@ def test_a_failing_intent_log_breaks_the_mirror_and_outdates_the_target() -> Non
     write = Op("write", 0, 1, pinned=True)
     untracked = engine.ship(write, write, "write", 0, REGION, 1)
     assert (untracked.send, untracked.mark, untracked.unpin_now) == (None, (), [write])
+
+
+def test_writes_the_target_does_not_get_start_a_new_generation_once() -> None:
+    """The first write marked with no link starts a new generation (persisted before it is
+    answered); later ones stay in it until the target holds it.  The target, still at the
+    one it grew from, gets a partial resync -- never a full one -- and holds the new one
+    once that ends (core/lineage.py)."""
+    bitmap = DirtyBitmap(REGIONS * REGION, REGION)
+    fresh = iter([21, 22])
+    engine: MirrorEngine[Op, Op] = MirrorEngine(
+        bitmap, "beta:data1", str, MirrorState.RESYNC_PENDING, Generations(11), lambda: next(fresh)
+    )
+    first, second = Op("write", 0, 1, pinned=True), Op("write", 1, 1, pinned=True)
+    kept = engine.ship(first, first, "write", 0, REGION, 1)
+    assert kept.generations == Generations(21, 11) and kept.reply == [first]
+    assert engine.ship(second, second, "write", REGION, REGION, 1).generations is None
+    for offset, length in (*kept.mark, (REGION, REGION)):
+        bitmap.mark(offset, length)
+    flush = Op("flush")
+    assert engine.ship(flush, flush, "flush", 0, 0, 0).generations is None
+    behind = engine.handshake(1.0, 11, True)  # the target holds the one ours grew from
+    assert not behind.mark_all and behind.generations is None
+    assert engine.admitted(link_open=True).start_resync
+    assert engine.resync_finished().generations == Generations(21)
+    engine.lost("link lost", [])
+    again = engine.ship(first, first, "write", 0, REGION, 1)
+    assert again.generations == Generations(22, 21)
+    assert engine.handshake(2.0, 5, True).mark_all  # unrelated: everything differs

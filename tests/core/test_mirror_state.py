@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_state import (
     TRANSITIONS,
     IllegalTransition,
@@ -26,6 +27,7 @@ def test_state_names_are_datakeepers() -> None:
         "Resync pending",
         "Paused",
         "Broken",
+        "Split brain",  # DESIGN.md's name for diverged copies
     ]
 
 
@@ -95,14 +97,16 @@ def test_where_an_application_op_goes(
         (7, True, False, False, E.CONNECTED_CLEAN),  # in sync: Mirroring at once
         (7, True, True, False, E.CONNECTED_DIRTY),  # partial resync of what is marked
         (7, False, False, False, E.CONNECTED_DIRTY),  # empty resync: proves UpToDate first
-        (8, True, False, True, E.CONNECTED_DIRTY),  # another generation: full resync
+        (8, True, False, True, E.CONNECTED_DIRTY),  # an unrelated generation: full resync
         (0, False, True, True, E.CONNECTED_DIRTY),  # a new target
+        (6, True, True, False, E.CONNECTED_DIRTY),  # the one ours grew from: partial resync
+        (6, True, False, False, E.CONNECTED_DIRTY),  # ... an empty one, to record the new one
     ],
 )
 def test_what_a_handshake_leads_to(
     target_generation: int, up_to_date: bool, marked: bool, mark_all: bool, event: MirrorEvent
 ) -> None:
-    decided = admission(7, target_generation, up_to_date, marked)
+    decided = admission(Generations(7, 6), target_generation, up_to_date, marked)
     assert (decided.mark_all, decided.event) == (mark_all, event)
     assert next_state(MirrorState.RESYNC_PENDING, decided.event) in (
         MirrorState.MIRRORING, MirrorState.RESYNCING,

@@ -365,7 +365,7 @@ def test_truncated_frames_then_eof(healthy: Target) -> None:
 def _hello_body(
     low: int = 1, high: int = 1, role: int = 0, names: list[bytes] | None = None
 ) -> bytes:
-    fixed = pw.HELLO_FIXED.pack(low, high, DATA1_SIZE, 512, 0, 0, role, 0)
+    fixed = pw.HELLO_FIXED.pack(low, high, DATA1_SIZE, 512, 0, 0, role, 0, 0)
     parts = names if names is not None else [b"fuzzer", b"data1", b"fuzz", b"src"]
     return fixed + b"".join(pw.STR_LEN.pack(len(p)) + p for p in parts)
 

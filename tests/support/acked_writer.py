@@ -47,6 +47,8 @@ class AckedWriter(threading.Thread):
         self.random = random.Random(seed)
         self.acked: dict[int, int] = {}
         self.unknown: dict[int, int] = {}
+        self.history: list[tuple[int, int]] = []  # (version, block) of every write sent
+        self.acked_versions: set[int] = set()
         self.halt = threading.Event()
         self.writes = self.switches = 0
         self.errors: list[str] = []
@@ -74,10 +76,12 @@ class AckedWriter(threading.Thread):
         block = self.random.randrange(self.blocks)
         self._version += 1
         self.unknown[block] = self._version
+        self.history.append((self._version, block))
         try:
             reply = client.write(block * BLOCK, block_bytes(block, self._version))
             if reply.error == 0:
                 self.acked[block] = self.unknown.pop(block)
+                self.acked_versions.add(self._version)
                 self.writes += 1
                 if self.writes % self.flush_every == 0:
                     return client.flush().error == 0
@@ -130,6 +134,27 @@ class AckedWriter(threading.Thread):
                     f"{self.acked.get(block)} was acknowledged "
                     f"(unanswered: {self.unknown.get(block)})"
                 )
+
+    def check_prefix(self, image: Path) -> tuple[int, list[int]]:
+        """``image`` is the volume as it was after some prefix of the writes, in the order
+        they were sent (write-order fidelity); returns the last version of that prefix and
+        the versions acknowledged after it (what the image lacks)."""
+        found = {}
+        with image.open("rb") as volume:
+            for block in range(self.blocks):
+                volume.seek(block * BLOCK)
+                found[block] = _version_of(volume.read(BLOCK), block)
+        cut = max((v for v in found.values() if v is not None), default=0)
+        latest: dict[int, int] = {}
+        for version, block in self.history:
+            if version <= cut:
+                latest[block] = version
+        for block in range(self.blocks):
+            assert found[block] == latest.get(block), (
+                f"{image.name}: block {block} holds version {found[block]}, but after the "
+                f"writes up to version {cut} it held {latest.get(block)}: write order broken"
+            )
+        return cut, [v for v, _ in self.history if v > cut and v in self.acked_versions]
 
 
 def _version_of(data: bytes, block: int) -> int | None:

@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from volkeeper.cli import jobs
+from volkeeper.cli import jobs, roles
 from volkeeper.cli.client import CliError, ControlClient, resolve_node
 from volkeeper.cli.events import stream_events
 from volkeeper.cli.options import ConfigOption, JsonOption, NodeOption, node_client
@@ -32,6 +32,7 @@ volume_app = typer.Typer(no_args_is_help=True, help="Volumes of a node.")
 app.add_typer(volume_app, name="volume")
 app.add_typer(jobs.job_app, name="job")
 app.add_typer(jobs.mirror_app, name="mirror")
+jobs.mirror_app.command("resolve")(roles.mirror_resolve)
 
 
 @app.command()
@@ -187,6 +188,9 @@ def volume_release(volume: str, node: NodeOption = None, config: ConfigOption = 
     """Forget the mirror a target volume serves, when its source is gone for good (the
     source's `mirror delete` normally does this).  The data stays as it is."""
     _volume_command("release", volume, node, config)
+
+
+volume_app.command("promote")(roles.volume_promote)
 
 
 def main() -> None:

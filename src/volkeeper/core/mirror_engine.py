@@ -13,7 +13,8 @@ out the ``Ready`` it gets back in the order written on that class (core/ready.py
     frame handed to the link       sent              (bookkeeping)
     ACK / other frame heard        ack / heard       reply, release, unpin; an errno fails
                                                      the target: mark, close, back off longer
-    HELLO_OK                       handshake         mark every region (another generation)
+    application op, no link        ship              ... and a new generation (core/lineage.py)
+    HELLO_OK                       handshake         mark every region (an unrelated generation)
       ...its marks persisted       admitted          Mirroring, or INCONSISTENT + resync
     link lost                      lost              mark what the target may lack
     resync chunk read / committed  resync_chunk,     join the batch (raced by writes in
@@ -34,6 +35,8 @@ from collections.abc import Callable, Iterable
 from typing import Generic, NamedTuple
 
 from volkeeper.core.bitmap import DirtyBitmap
+from volkeeper.core.intent_log_format import Generations
+from volkeeper.core.lineage import rotated
 from volkeeper.core.mirror_ledger import Chunk, Ledger
 from volkeeper.core.mirror_state import (
     SENDING,
@@ -53,6 +56,7 @@ PING_INTERVAL = 2.0  # an idle link is pinged this often
 TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
 BACKOFF = (0.2, 0.5, 1.0, 2.0)  # seconds between attempts; the last one repeats
 TARGET_ERROR_BACKOFF = (1.0, 2.0, 5.0, 10.0)  # the same, after the target failed a frame
+SPLIT_BRAIN_RETRY = 2.0  # in a split brain: until the other side gives way (resolved there)
 
 S, E = MirrorState, MirrorEvent
 
@@ -71,9 +75,14 @@ class MirrorEngine(Generic[Token, Pin]):
         target: str,
         strerror: Callable[[int], str],
         state: MirrorState = MirrorState.RESYNC_PENDING,
+        generations: Generations | None = None,
+        new_generation: Callable[[], int] = lambda: 0,
     ) -> None:
-        """``target``: "NODE:VOLUME", naming it in errors; ``strerror`` words an errno."""
+        """``target``: "NODE:VOLUME", naming it in errors; ``strerror`` words an errno;
+        ``generations``: the intent log's; ``new_generation`` draws a fresh random id."""
         self.bitmap = bitmap
+        self.generations = generations or Generations(1)
+        self.new_generation = new_generation
         self.target = target
         self.strerror = strerror
         self.state = state
@@ -113,6 +122,8 @@ class MirrorEngine(Generic[Token, Pin]):
 
     def backoff(self, attempt: int) -> float:
         """Seconds before connection attempt ``attempt + 1``."""
+        if self.state is S.SPLIT_BRAIN:  # asking whether the other side gave way
+            return SPLIT_BRAIN_RETRY
         if self.failures_in_a_row:
             steps = TARGET_ERROR_BACKOFF
             return steps[min(self.failures_in_a_row - 1, len(steps) - 1)]
@@ -134,16 +145,34 @@ class MirrorEngine(Generic[Token, Pin]):
 
     # -- the link -----------------------------------------------------------------------------
 
-    def handshake(
-        self, now: float, current_generation: int, target_generation: int, up_to_date: bool
-    ) -> Ready[Token, Pin]:
+    def handshake(self, now: float, target_generation: int, up_to_date: bool) -> Ready[Token, Pin]:
         """HELLO_OK: decide what the target needs (``admission``).  Every region is marked
-        when it holds another generation; ``admitted`` follows once that is persisted."""
+        when it holds an unrelated generation; ``admitted`` follows once that is persisted.
+        A target that holds the current generation confirms it."""
         self.last_heard = now
         self._admission = admission(
-            current_generation, target_generation, up_to_date, bool(self.bitmap.marked_count)
+            self.generations, target_generation, up_to_date, bool(self.bitmap.marked_count)
         )
-        return Ready(mark_all=self._admission.mark_all)
+        ready: Ready[Token, Pin] = Ready(mark_all=self._admission.mark_all)
+        if target_generation == self.generations.current:
+            ready.generations = self._confirmed()
+        return ready
+
+    def _confirmed(self) -> Generations | None:
+        """The target holds the current generation: the next write it does not get starts
+        a new one (core/lineage.py); the new generations, if they change."""
+        if not self.generations.previous:
+            return None
+        self.generations = Generations(self.generations.current)
+        return self.generations
+
+    def _rotated(self) -> Generations | None:
+        """A write the target will not get: a new generation, unless one was started since
+        the target last held the current one (it is behind by that one still)."""
+        if self.generations.previous:
+            return None
+        self.generations = rotated(self.generations, self.new_generation())
+        return self.generations
 
     def admitted(self, link_open: bool) -> Ready[Token, Pin]:
         """The handshake's marks are persisted: the link carries writes from now on."""
@@ -191,6 +220,8 @@ class MirrorEngine(Generic[Token, Pin]):
         if way is Route.UNTRACKED:
             return self.ledger.untracked(token, pin, is_flush)
         ready = self.ledger.kept(token, pin, offset, length, is_flush)
+        if not self.link_up and not is_flush:
+            ready.generations = self._rotated()
         if way is Route.OVERFLOW:
             self.overflows += 1
             if self.state is S.MIRRORING:
@@ -270,7 +301,22 @@ class MirrorEngine(Generic[Token, Pin]):
         self.walking = self.checksum_next = False
         self.standing_error = self.last_error = ""
         self.failures_in_a_row = 0
-        return Ready(changes=self._set(E.RESYNC_DONE))
+        return Ready(changes=self._set(E.RESYNC_DONE), generations=self._confirmed())
+
+    def split_brain(self, message: str) -> Ready[Token, Pin]:
+        """The target is the job's source too, with writes of its own since the copies
+        parted (core/lineage.py): keep marking, say so, and ask again now and then until it
+        gives way (the administrator resolved it there) or this side is kept here."""
+        self.stand(message)
+        if self.state is not S.RESYNC_PENDING:
+            return Ready()
+        return Ready(changes=self._set(E.SPLIT_BRAIN_FOUND))
+
+    def resolved(self) -> Ready[Token, Pin]:
+        """The split brain is over (this side was kept, or the other gave way)."""
+        if self.state is not S.SPLIT_BRAIN:
+            return Ready()
+        return Ready(changes=self._set(E.RESOLVED))
 
     # -- administrator commands ---------------------------------------------------------------
 

@@ -21,6 +21,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from volkeeper.core.intent_log_format import Generations
+from volkeeper.core.lineage import Relation, relation
+
 
 class MirrorState(enum.Enum):
     MIRRORING = "Mirroring"
@@ -28,6 +31,8 @@ class MirrorState(enum.Enum):
     RESYNC_PENDING = "Resync pending"
     PAUSED = "Paused"
     BROKEN = "Broken"
+    SPLIT_BRAIN = "Split brain"  # both copies took writes the other lacks: the administrator
+    # chooses the one to keep (a copy of a job's source moved while this one kept going)
 
 
 class MirrorEvent(enum.Enum):
@@ -42,6 +47,8 @@ class MirrorEvent(enum.Enum):
     FULL_RESYNC = "full resync requested"
     CHECKSUM_RESYNC = "checksum resync requested"  # every region compared, the differing sent
     VERIFY_MARKED = "verify marked differing regions"
+    SPLIT_BRAIN_FOUND = "split brain found"  # the target is a source too, of another line
+    RESOLVED = "split brain resolved"  # the other side gave up its changes
 
 
 class IllegalTransition(ValueError):
@@ -63,6 +70,7 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.RESYNC_PENDING, E.FULL_RESYNC): S.RESYNC_PENDING,
     (S.RESYNC_PENDING, E.CHECKSUM_RESYNC): S.RESYNC_PENDING,
     (S.RESYNC_PENDING, E.VERIFY_MARKED): S.RESYNC_PENDING,
+    (S.RESYNC_PENDING, E.SPLIT_BRAIN_FOUND): S.SPLIT_BRAIN,
     # Resyncing: marked regions stream to the target while new writes are mirrored.
     (S.RESYNCING, E.RESYNC_DONE): S.MIRRORING,
     (S.RESYNCING, E.DISCONNECTED): S.RESYNC_PENDING,
@@ -93,6 +101,12 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.BROKEN, E.DISCONNECTED): S.BROKEN,
     (S.BROKEN, E.FULL_RESYNC): S.RESYNC_PENDING,
     (S.BROKEN, E.CHECKSUM_RESYNC): S.RESYNC_PENDING,
+    # Split brain: writes are marked; nothing is sent until the administrator keeps a side.
+    (S.SPLIT_BRAIN, E.SPLIT_BRAIN_FOUND): S.SPLIT_BRAIN,
+    (S.SPLIT_BRAIN, E.RESOLVED): S.RESYNC_PENDING,
+    (S.SPLIT_BRAIN, E.DISCONNECTED): S.SPLIT_BRAIN,
+    (S.SPLIT_BRAIN, E.PAUSE): S.PAUSED,
+    (S.SPLIT_BRAIN, E.BREAK): S.BROKEN,
 }
 
 
@@ -140,14 +154,19 @@ class Admission:
 
 
 def admission(
-    current_generation: int, target_generation: int, target_up_to_date: bool, marked: bool
+    generations: Generations, target_generation: int, target_up_to_date: bool, marked: bool
 ) -> Admission:
     """The target reported ``target_generation`` and whether it is UpToDate; ``marked``: the
     intent log has regions marked.  The target is only taken as in sync when it says so, for
-    this generation, and nothing is marked; otherwise a resync runs, and it is an empty one
-    when nothing is marked (it ends once the target has recorded UpToDate)."""
-    if target_generation != current_generation:
-        return Admission(True, MirrorEvent.CONNECTED_DIRTY, "target generation differs")
+    the current generation, and nothing is marked; one that holds the generation the current
+    one grew from lacks only what is marked (a partial resync); any other needs everything.
+    A resync that finds nothing marked is an empty one (it ends once the target has recorded
+    UpToDate)."""
+    found = relation(generations, Generations(target_generation))
+    if found is Relation.BEHIND:
+        return Admission(False, MirrorEvent.CONNECTED_DIRTY, "target behind: regions marked")
+    if found is not Relation.SAME:
+        return Admission(True, MirrorEvent.CONNECTED_DIRTY, "target generation unrelated")
     if marked:
         return Admission(False, MirrorEvent.CONNECTED_DIRTY, "regions marked")
     if not target_up_to_date:

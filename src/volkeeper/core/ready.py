@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar
 
+from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
 from volkeeper.core.peer import wire as pw
 
@@ -51,6 +52,9 @@ class Close(NamedTuple):
 class Ready(Generic[Token, Pin]):
     """Effects of one event.  The adapter carries them out in this order -- the contract:
 
+    0. ``generations``: the intent log's new generations, persisted before anything else
+       (a write the target does not receive starts a new line of writes -- core/lineage.py
+       -- and no such write may be answered before the log on disk says so);
     1. ``mark_all``: mark every region; ``mark``: byte ranges to mark -- at once, in memory;
     2. ``clear``: region runs (first, count) to clear: data the target ACKed and made durable;
     3. ``mark_all`` again: persist the intent log *before anything below* -- a target of
@@ -74,6 +78,7 @@ class Ready(Generic[Token, Pin]):
         the link, last.
     """
 
+    generations: Generations | None = None
     mark: Sequence[tuple[int, int]] = ()
     clear: Sequence[tuple[int, int]] = ()
     mark_all: bool = False

@@ -34,7 +34,7 @@ from volkeeper.daemon.jobs import declared_jobs
 from volkeeper.daemon.jobs.job_record import JobRecord
 from volkeeper.daemon.jobs.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.jobs.jobs import Jobs
-from volkeeper.daemon.roles.switchover import RoleChanges
+from volkeeper.daemon.roles.roles import Roles
 from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
 from volkeeper.daemon.target.targets import TargetVolumes
 from volkeeper.errors import ConfigError, Refusal, VolumeError
@@ -63,7 +63,7 @@ class Node:
         self.targets: TargetVolumes | None = None
         self.peer_server: PeerServer | None = None
         self.jobs: Jobs | None = None
-        self.roles: RoleChanges | None = None
+        self.roles: Roles | None = None
         self.events = EventBus()
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(
@@ -111,8 +111,8 @@ class Node:
             by_name, self.readers, lambda volume: volume in self.target_records(),
             tls=self.tls_client, publish=self.events.publish,
         )  # fmt: skip
-        self.roles = RoleChanges(self.name, self.jobs, self.targets, self.nbd)
-        self.roles.reconcile()
+        self.roles = Roles(self.name, self.jobs, self.targets, self.nbd)
+        self.roles.switchover.reconcile()
         self.jobs.load()
         await declared_jobs.apply(self.jobs, list(self.config.jobs))
         await self.nbd.listen(self.config.node.nbd)
@@ -264,7 +264,15 @@ class Node:
                     "conflict", f"job {job!r} has its source on {served.source_node}, not here",
                     f"run the switchover on {served.source_node}",
                 )  # fmt: skip
-        return await self.roles.switchover(job, to)
+        return await self.roles.switchover.switchover(job, to)
+
+    async def promote(self, volume: str, force: bool) -> dict[str, Any]:
+        assert self.roles is not None
+        return await self.roles.failover.promote(volume, force)
+
+    async def resolve(self, job: str, keep: str) -> dict[str, Any]:
+        assert self.roles is not None
+        return await self.roles.failover.resolve(job, keep)
 
     async def delete_job(self, name: str) -> list[str]:
         return await self._jobs().delete(name)

@@ -38,6 +38,7 @@ from volkeeper.core.peer.wire import (
     Hello,
     HelloOk,
     Job,
+    Marked,
     Ping,
     Pong,
     Refuse,
@@ -80,7 +81,7 @@ def hello_body(
     role: int = 0,
     source: bytes = b"data0",
 ) -> bytes:
-    fixed = struct.pack(">HHQIQQBI", 1, 1, 1 << 30, 512, 0xAAAA, 0xBBBB, role, 0)
+    fixed = struct.pack(">HHQIQQBIQ", 1, 1, 1 << 30, 512, 0xAAAA, 0xBBBB, role, 0, 0)
     return fixed + s16(node) + s16(volume) + s16(job) + s16(source)
 
 
@@ -186,6 +187,7 @@ SAMPLES: list[Frame] = [
     HashRequest(1 << 20, 1 << 20, 4096),
     Hashes(7, bytes(range(32))),
     Handover('{"job": {"name": "web", "source_node": "beta"}, "mirrors": []}'),
+    Marked(65536, b"x\x9c\x03\x00\x00\x00\x00\x01"),
 ]  # fmt: skip
 
 
@@ -486,7 +488,7 @@ def test_garbage_is_refused_after_four_bytes() -> None:
         decoder.next_frame()
 
 
-@pytest.mark.parametrize("kind", [0, 20, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, 21, 0xFFFF])
 def test_unknown_frame_type(kind: int) -> None:
     good = stream([Ping(1)])
     assert decode_error(good + raw_frame(kind, b"", seq=2)) == f"frame 2: unknown frame type {kind}"
@@ -547,7 +549,7 @@ def _valid_body(frame: Frame) -> tuple[int, int, bytes]:
 def test_truncated_bodies_are_refused(frame: Frame) -> None:
     kind, flags, body = _valid_body(frame)
     fixed = {
-        1: 45,
+        1: 53,
         2: 35,
         3: 2,
         4: 8,
@@ -566,6 +568,7 @@ def test_truncated_bodies_are_refused(frame: Frame) -> None:
         17: 16,
         18: 8,
         19: 0,  # JSON too, as JOB
+        20: 4,
     }[kind]
     # Strings make every proper prefix of a HELLO / HELLO_OK invalid; elsewhere the tail
     # after the fixed part is data or a message, so only a cut into the fixed part is.
@@ -647,7 +650,8 @@ def test_unknown_enum_values(kind: int, body: bytes, message: str) -> None:
 @pytest.mark.parametrize(
     ("kind", "flags", "body", "message"),
     [
-        (1, 1, hello_body(), "HELLO frame 1: unknown flags 0x0001"),
+        (1, 2, hello_body(), "HELLO frame 1: unknown flags 0x0002"),
+        (2, 2, hello_ok_body(), "HELLO_OK frame 1: unknown flags 0x0002"),
         (4, 2, b"\0" * 8, "WRITE frame 1: unknown flags 0x0002"),
         (5, 0x8001, b"\0" * 8, "RESYNC_DATA frame 1: unknown flags 0x8000"),
         (6, 4, b"\0" * 16, "ZERO frame 1: unknown flags 0x0004"),
@@ -775,9 +779,15 @@ def test_job_document_size_is_bounded() -> None:
     assert "longer than" in decode_error(big)
 
 
-def test_hello_carries_the_jobs_epoch() -> None:
-    hello = dataclasses.replace(HELLO, epoch=7)
+def test_hello_carries_the_jobs_epoch_and_what_the_sender_marks() -> None:
+    hello = dataclasses.replace(HELLO, epoch=7, marked_bytes=1 << 40, keep=True)
     assert decode([stream([hello])]) == [hello]
+
+
+def test_hello_ok_says_whether_marked_regions_follow() -> None:
+    owed = dataclasses.replace(SAMPLES[1], owed=True)
+    assert decode([stream([owed])]) == [owed]
+    assert struct.unpack_from(">IHH", stream([owed]))[2] == pw.OWED
 
 
 def test_handover_document_size_is_bounded() -> None:

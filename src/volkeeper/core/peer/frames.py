@@ -29,13 +29,16 @@ from volkeeper.core.peer.layout import (
     HEADER,
     HELLO_FIXED,
     HELLO_OK_FIXED,
+    KEEP,
     MAGIC,
+    MARKED_HEAD,
     MAX_HANDOVER,
     MAX_JOB_DOCUMENT,
     MAX_MESSAGE,
     MAX_NAME,
     MAX_PAYLOAD,
     MAY_TRIM,
+    OWED,
     PROTOCOL_VERSION,
     RANGE,
     REASON,
@@ -101,14 +104,17 @@ class Hello:
     min_version: int = PROTOCOL_VERSION
     max_version: int = PROTOCOL_VERSION
     epoch: int = 0  # of the job: how many times its source moved
+    marked_bytes: int = 0  # what the sender's intent log marks for this target
+    keep: bool = False  # a split brain resolved keeping the sender's data
 
     def encode(self, sequence: int) -> list[Buffer]:
         body = HELLO_FIXED.pack(
             self.min_version, self.max_version, self.volume_size, self.sector_size,
             self.current_generation, self.previous_generation, self.role, self.epoch,
+            self.marked_bytes,
         )  # fmt: skip
         names = (_str(t, MAX_NAME, w) for t, w in self._names())
-        return _packed(self.TYPE, 0, sequence, body + b"".join(names))
+        return _packed(self.TYPE, KEEP if self.keep else 0, sequence, body + b"".join(names))
 
     def _names(self) -> tuple[tuple[str, str], ...]:
         return (
@@ -130,6 +136,7 @@ class HelloOk:
     previous_generation: int
     data_state: DataState
     chosen_version: int = PROTOCOL_VERSION
+    owed: bool = False  # a MARKED frame follows
 
     def encode(self, sequence: int) -> list[Buffer]:
         body = HELLO_OK_FIXED.pack(
@@ -137,7 +144,7 @@ class HelloOk:
             self.current_generation, self.previous_generation, self.data_state,
         )  # fmt: skip
         names = _str(self.node, MAX_NAME, "node name") + _str(self.volume, MAX_NAME, "volume name")
-        return _packed(self.TYPE, 0, sequence, body + names)
+        return _packed(self.TYPE, OWED if self.owed else 0, sequence, body + names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +349,20 @@ class Handover:
 
 
 @dataclass(frozen=True, slots=True)
+class Marked:
+    """Regions a deposed copy changed that its new source lacks (layout: MARKED)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.MARKED
+    region_size: int
+    image: bytes  # zlib-compressed bitmap image
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        if len(self.image) > MAX_HANDOVER:
+            raise ValueError(f"marked regions of {len(self.image)} bytes exceed {MAX_HANDOVER}")
+        return _packed(self.TYPE, 0, sequence, MARKED_HEAD.pack(self.region_size) + self.image)
+
+
+@dataclass(frozen=True, slots=True)
 class HashRequest:
     """Ask the target for the xxh3-128 of each ``region_size`` region of a range."""
 
@@ -391,6 +412,7 @@ Frame: TypeAlias = (
     | HashRequest
     | Hashes
     | Handover
+    | Marked
 )
 
 
@@ -417,6 +439,7 @@ __all__ = [
     "Hello",
     "HelloOk",
     "Job",
+    "Marked",
     "Ping",
     "Pong",
     "Refuse",

@@ -15,8 +15,13 @@ protocol's public module, which re-exports both.
 Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-8 bytes):
 
     HELLO        s->t  HELLO_FIXED, then str node, str volume (the target's), str job,
-                       str source volume                               (first frame)
-    HELLO_OK     t->s  HELLO_OK_FIXED, then str node, str volume
+                       str source volume              (first frame)   flags: KEEP (the
+                       administrator resolved a split brain keeping the sender's data)
+    HELLO_OK     t->s  HELLO_OK_FIXED, then str node, str volume        flags: OWED (a
+                       MARKED frame follows)
+    MARKED       t->s  u32 region size, then a zlib-compressed bitmap image: regions this
+                       copy changed that its new source lacks (it was deposed: its writes
+                       there are overwritten by a resync of them), right after HELLO_OK
     REFUSE       t->s  u16 RefuseReason, UTF-8 message (rest of body, <= 4096 bytes)
     WRITE        s->t  u64 offset, data (rest of body)          flags: FUA
     RESYNC_DATA  s->t  same as WRITE; a resync block, not an application write
@@ -67,9 +72,9 @@ HEADER = struct.Struct(">IHHIQ")
 CHECKSUM = struct.Struct(">Q")
 # HELLO body, fixed part: u16 min_version, u16 max_version, u64 volume_size, u32 sector_size,
 # u64 current_generation, u64 previous_generation, u8 Role of the sender, u32 the job's epoch
-# (how many times its source moved: a target takes a new source only from a later epoch);
-# four strs follow.
-HELLO_FIXED = struct.Struct(">HHQIQQBI")
+# (how many times its source moved: a target takes a new source only from a later epoch),
+# u64 bytes the sender's intent log marks for this target; four strs follow.
+HELLO_FIXED = struct.Struct(">HHQIQQBIQ")
 # HELLO_OK body, fixed part: u16 chosen_version, u64 volume_size, u32 sector_size,
 # u64 current_generation, u64 previous_generation, u8 DataState; two strs follow.
 HELLO_OK_FIXED = struct.Struct(">HQIQQB")
@@ -88,6 +93,8 @@ RANGE = struct.Struct(">QQ")
 ACK_BODY = struct.Struct(">QI")
 # PING / PONG: u64 opaque token, echoed by PONG.
 TOKEN = struct.Struct(">Q")
+# MARKED: u32 region size; the zlib-compressed bitmap image is the rest of the body.
+MARKED_HEAD = struct.Struct(">I")
 # STATE: u8 DataState, u64 current_generation, u64 previous_generation: what the target's
 # copy is from now on (Inconsistent when a full resync starts, UpToDate when a resync ends).
 STATE_BODY = struct.Struct(">BQQ")
@@ -105,6 +112,8 @@ _DATA_HEAD = struct.Struct(HEADER.format + DATA_OFFSET.format[1:])
 FUA = 1 << 0  # WRITE, RESYNC_DATA, ZERO, TRIM: durable before the ACK
 MAY_TRIM = 1 << 1  # ZERO: the target may deallocate instead of writing zeroes
 DURABLE = 1 << 0  # ACK: the acknowledged data is on stable storage
+OWED = 1 << 0  # HELLO_OK: a MARKED frame follows
+KEEP = 1 << 0  # HELLO: a split brain resolved in the sender's favour: the target yields
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
@@ -129,6 +138,7 @@ class FrameType(enum.IntEnum):
     HASH_REQUEST = 17
     HASHES = 18
     HANDOVER = 19
+    MARKED = 20
 
 
 class Role(enum.IntEnum):
@@ -194,7 +204,9 @@ __all__ = [
     "HEADER",
     "HELLO_FIXED",
     "HELLO_OK_FIXED",
+    "KEEP",
     "MAGIC",
+    "MARKED_HEAD",
     "MAX_BODY",
     "MAX_DIGESTS",
     "MAX_HANDOVER",
@@ -205,6 +217,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "MAX_SPARE_BYTES",
     "MAY_TRIM",
+    "OWED",
     "PROTOCOL_VERSION",
     "RANGE",
     "REASON",

@@ -69,7 +69,7 @@ def _strs(body: memoryview, at: int, names: tuple[str, ...]) -> list[str]:
 
 
 def _hello(body: memoryview, flags: int) -> Hello:
-    low, high, size, sector, current, previous, role, epoch = HELLO_FIXED.unpack_from(body)
+    low, high, size, sector, current, previous, role, epoch, marked = HELLO_FIXED.unpack_from(body)
     if low > high:
         raise _Bad(f"min_version {low} is above max_version {high}")
     names = ("node name", "volume name", "job name", "source volume name")
@@ -79,6 +79,7 @@ def _hello(body: memoryview, flags: int) -> Hello:
         volume_size=size, sector_size=sector,
         current_generation=current, previous_generation=previous,
         role=_enum(Role, role, "role"), min_version=low, max_version=high, epoch=epoch,
+        marked_bytes=marked, keep=flags == KEEP,
     )  # fmt: skip
 
 
@@ -89,7 +90,13 @@ def _hello_ok(body: memoryview, flags: int) -> HelloOk:
         node=node, volume=volume, volume_size=size, sector_size=sector,
         current_generation=current, previous_generation=previous,
         data_state=_enum(DataState, state, "data state"), chosen_version=version,
+        owed=flags == OWED,
     )  # fmt: skip
+
+
+def _marked(body: memoryview, flags: int) -> Marked:
+    (region_size,) = MARKED_HEAD.unpack_from(body)
+    return Marked(region_size, bytes(body[MARKED_HEAD.size :]))
 
 
 def _refuse(body: memoryview, flags: int) -> Refuse:
@@ -186,8 +193,9 @@ _T = FrameType
 _HELLO_MIN = HELLO_FIXED.size + 4 * STR_LEN.size
 _HELLO_OK_MIN = HELLO_OK_FIXED.size + 2 * STR_LEN.size
 _LAYOUTS: dict[int, _Layout] = {
-    _T.HELLO: _Layout("HELLO", _HELLO_MIN, _HELLO_MIN + 4 * MAX_NAME, 0, _hello),
-    _T.HELLO_OK: _Layout("HELLO_OK", _HELLO_OK_MIN, _HELLO_OK_MIN + 2 * MAX_NAME, 0, _hello_ok),
+    _T.HELLO: _Layout("HELLO", _HELLO_MIN, _HELLO_MIN + 4 * MAX_NAME, KEEP, _hello),
+    _T.HELLO_OK: _Layout("HELLO_OK", _HELLO_OK_MIN, _HELLO_OK_MIN + 2 * MAX_NAME, OWED, _hello_ok),
+    _T.MARKED: _Layout("MARKED", MARKED_HEAD.size, MARKED_HEAD.size + MAX_HANDOVER, 0, _marked),
     _T.REFUSE: _Layout("REFUSE", REASON.size, REASON.size + MAX_MESSAGE, 0, _refuse),
     _T.WRITE: _Layout("WRITE", 8, 8 + MAX_PAYLOAD, FUA, _write, Write),
     _T.RESYNC_DATA: _Layout("RESYNC_DATA", 8, 8 + MAX_PAYLOAD, FUA, _resync_data, ResyncData),

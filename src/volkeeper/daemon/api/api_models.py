@@ -129,6 +129,32 @@ class Switchover(Model):
     mirrors: list[str] = Field(description="the new source's targets, NODE:VOLUME")
 
 
+class MayLack(Model):
+    bytes: int = Field(description="at most this much: the async mirror's queue limit")
+    seconds_before: float | None = Field(
+        description="writes acknowledged shortly before this time (unix) may be missing"
+    )
+
+
+class Promoted(Model):
+    volume: str
+    job: str
+    old_source: str
+    data_state: str = Field(description="UpToDate, or Consistent (async), as promoted")
+    forced: bool
+    generation: str = Field(description="the new generation this node starts (hex)")
+    may_lack: MayLack | None = Field(description="async: what the copy may be missing")
+    mirrors: list[str] = Field(description="the new source's targets, NODE:VOLUME")
+    seconds: float
+
+
+class Resolved(Model):
+    job: str
+    kept: str = Field(description="the node whose data stays")
+    discarded: list[tuple[int, int]] = Field(description="(offset, length) overwritten")
+    discarded_bytes: int
+
+
 class Deleted(Model):
     deleted: str
     warnings: list[str] = Field(description="targets that could not be told, and why")

@@ -32,6 +32,8 @@ from volkeeper.daemon.api.api_models import (
     ErrorBody,
     ErrorDetail,
     JobView,
+    Promoted,
+    Resolved,
     Status,
     Switchover,
     VolumeView,
@@ -80,6 +82,10 @@ class NodeView(Protocol):
     async def plan(self, volume: str, seconds: float) -> dict[str, Any]: ...
 
     async def switchover(self, job: str, to: str) -> dict[str, Any]: ...
+
+    async def promote(self, volume: str, force: bool) -> dict[str, Any]: ...
+
+    async def resolve(self, job: str, keep: str) -> dict[str, Any]: ...
 
 
 _DEFAULT = MirrorSettings()
@@ -165,6 +171,14 @@ class VolumeAction(enum.StrEnum):
 
 class SwitchoverBody(Body):
     to: str = Field(description="the node whose copy becomes the source")
+
+
+class PromoteBody(Body):
+    force: bool = Field(False, description="promote a copy that is not UpToDate or Consistent")
+
+
+class ResolveBody(Body):
+    keep: str = Field(description="the node whose data stays; the other side's changes go")
 
 
 class MirrorCommand(Body):
@@ -305,6 +319,19 @@ def create_app(node: NodeView) -> FastAPI:
         disconnected), every mirror drains, and the copy on ``to`` becomes the job's source;
         this node becomes its target.  Refused unless the mirror to ``to`` is Mirroring."""
         return await node.switchover(name, body.to)
+
+    @app.post("/volumes/{name}/promote", response_model=Promoted)
+    async def promote(name: str, body: PromoteBody | None = None) -> dict[str, Any]:
+        """Failover, on a target node whose source is gone: this node becomes the source of
+        the volume's job.  Refused while the source is connected (switch over instead), and,
+        without force, unless the copy is UpToDate (or Consistent: async)."""
+        return await node.promote(name, body.force if body is not None else False)
+
+    @app.post("/jobs/{name}/resolve", response_model=Resolved)
+    async def resolve(name: str, body: ResolveBody) -> dict[str, Any]:
+        """Split brain: keep the data of node ``keep``; the other side becomes its target
+        and its own changes are overwritten (listed in the answer)."""
+        return await node.resolve(name, body.keep)
 
     @app.get("/volumes/{name}/plan")
     async def plan(name: str, seconds: float = 60.0) -> dict[str, Any]:

@@ -38,16 +38,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from volkeeper.core.bitmap import image_size
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
 from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.jobs.job_record import JobRecord
 from volkeeper.daemon.jobs.jobs import Jobs
+from volkeeper.daemon.roles import steps
 from volkeeper.daemon.roles.handover import HandedMirror, Handover, packed_image, turned_round
 from volkeeper.daemon.source.mirror import Mirror
 from volkeeper.daemon.source.peer_session import Refused, Undecided, hand_over
@@ -63,10 +62,9 @@ log = structlog.get_logger("volkeeper.roles")
 DRAIN_TIMEOUT = 30.0  # the flush that drains every mirror of the job
 BUSY_RETRIES = 20  # the new source may still hold the old mirror's connection a moment
 BUSY_PAUSE = 0.02
-CONNECT_WAIT = 2.0  # the new source takes writes by then even if a target is away
 
 
-class RoleChanges:
+class Switchover:
     def __init__(self, node: str, jobs: Jobs, targets: TargetVolumes, nbd: NbdServer) -> None:
         self.node = node
         self.jobs = jobs
@@ -74,9 +72,6 @@ class RoleChanges:
         self.nbd = nbd
         self.undecided: dict[str, str] = {}  # job -> node a HANDOVER went to, unanswered
         self._tasks: set[asyncio.Task[None]] = set()
-        targets.adopt = self.adopt
-        targets.source_of = self._source_of
-        jobs.mirrors.on_deposed = self._deposed
         jobs.state_observers.append(self._decided)
 
     def reconcile(self) -> None:
@@ -108,8 +103,7 @@ class RoleChanges:
             record = self.jobs.record(name)
             turned, places = turned_round(record, to)
             self._check_in_sync(record, to)
-            volumes = sorted({m.source_volume for m in record.mirrors})
-            await self._fence(volumes, f"switching over to {to}")
+            await steps.fence(self.jobs, self.nbd, record, f"switching over to {to}")
             stores = await self._drain_and_stop(record, to)
             try:
                 handover = self._handover(record, turned, places, stores)
@@ -150,11 +144,6 @@ class RoleChanges:
                     "wait until it is Mirroring (a resync must finish first)",
                 )
 
-    async def _fence(self, volumes: list[str], why: str) -> None:
-        for volume in volumes:
-            self.jobs.services[volume].lock(why)
-        await asyncio.gather(*(self.nbd.detach(volume) for volume in volumes))
-
     async def _drain_and_stop(self, record: JobRecord, to: str) -> dict[str, IntentStore]:
         """Flush every source volume through its mirrors, stop them; their logs, closed."""
         replications = self.jobs.mirrors.replications
@@ -163,12 +152,7 @@ class RoleChanges:
             if replication is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(replication.sync(), DRAIN_TIMEOUT)
-        stores = {}
-        for mirror in record.mirrors:
-            running = self.jobs.mirrors.get((record.name, mirror.target))
-            if running is not None:
-                stores[mirror.target] = running.store
-            await self.jobs.mirrors.stop((record.name, mirror.target), None)
+        stores = await steps.stop_mirrors(self.jobs, record)
         for mirror in record.mirrors:
             if mirror.target_node != to:
                 continue
@@ -265,161 +249,3 @@ class RoleChanges:
             for volume in {m.source_volume for m in record.mirrors} if record else ():
                 self.jobs.services[volume].unlock()
             log.warning("switchover did not happen: the job stays here", job=job)
-
-    def _deposed(self, mirror: Mirror, message: str) -> None:
-        task = asyncio.create_task(self._demote(mirror.spec.job, mirror.spec.target_node, message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _demote(self, name: str, source: str, message: str) -> None:
-        async with self.jobs.changing:
-            record = self.jobs.records.get(name)
-            if record is None or record.source_node != self.node:
-                return
-            log.warning("another node is this job's source now: becoming its target",
-                        job=name, source=source, why=message)  # fmt: skip
-            self.undecided.pop(name, None)
-            await self._fence(sorted({m.source_volume for m in record.mirrors}),
-                              f"{source} is the source of job {name!r} now")  # fmt: skip
-            stores = {}
-            for mirror in record.mirrors:
-                running = self.jobs.mirrors.get((name, mirror.target))
-                if running is not None:
-                    stores[mirror.target] = running.store
-                await self.jobs.mirrors.stop((name, mirror.target), None)
-            for mirror in record.mirrors:
-                if mirror.target_node != source or mirror.target not in stores:
-                    continue
-                store = stores[mirror.target]
-                owed = [store.bitmap.region_span(first)[0] for first, _ in store.bitmap.runs()]
-                state, generations = pw.DataState.UP_TO_DATE.name, store.generations
-                if owed:
-                    state = pw.DataState.INCONSISTENT.name
-                    log.error("writes here that the new source never got will be overwritten",
-                              job=name, volume=mirror.source_volume,
-                              marked_bytes=store.bitmap.marked_bytes)  # fmt: skip
-                self.targets.become_target(
-                    mirror.source_volume,
-                    TargetRecord(
-                        name, source, mirror.target_volume, state,
-                        generations.current if not owed else 0, generations.previous, "",
-                    ),
-                )  # fmt: skip
-            self.jobs.forget(name)
-            self.jobs.publish("change", "job", job=name, role="target", source_node=source,
-                              cause="deposed")  # fmt: skip
-
-    # -- the new source ---------------------------------------------------------------------
-
-    def _source_of(self, volume: str) -> str | None:
-        for record in self.jobs.records.values():
-            if any(m.source_volume == volume for m in record.mirrors):
-                return record.name
-        return None
-
-    async def adopt(self, volume: str, document: str) -> Callable[[], None]:
-        """Take the job a HANDOVER names over; returns what starts its mirrors.  Raises
-        Refusal, having changed nothing, when it cannot."""
-        try:
-            handover = Handover.from_json(document)
-        except ValueError as exc:
-            raise Refusal("bad_request", str(exc)) from None
-        record = handover.job
-        async with self.jobs.changing:
-            self._check_adoptable(volume, handover)
-            stores: dict[str, IntentStore] = {}
-            try:
-                for mirror in record.mirrors:
-                    handed = handover.mirror(mirror.target)
-                    size = self.jobs.services[mirror.source_volume].volume.size
-                    if size != handed.volume_size:
-                        raise ValueError(
-                            f"{self.node}:{mirror.source_volume} is {size} bytes, the source "
-                            f"{handed.volume_size}: a switchover needs volumes of one size"
-                        )
-                    image = handed.image(image_size(size, mirror.settings.region_size))
-                    store, named = self.jobs.logs.create(
-                        record.name, mirror, size, (handed.generations, image)
-                    )
-                    stores[mirror.target] = store
-                    record = record.with_mirror(named)
-                self.jobs.store.save(record)  # the commit point
-            except (ValueError, OSError) as exc:
-                for target, store in stores.items():
-                    store.close()
-                    self.jobs.logs.remove(record.name, target)
-                raise Refusal("conflict", f"cannot take job {record.name!r} over: {exc}") from None
-            self.jobs.records[record.name] = record
-            taking = f"taking job {record.name!r} over from {handover.from_node}"
-            for source_volume in sorted({m.source_volume for m in record.mirrors}):
-                self.targets.promoted(source_volume, lock=taking)
-            log.info("job taken over: this node is its source", job=record.name,
-                     was=handover.from_node)  # fmt: skip
-            self.jobs.publish("change", "job", job=record.name, role="source",
-                              source_node=self.node, cause="switchover")  # fmt: skip
-
-        def start() -> None:
-            current = self.jobs.records.get(record.name)
-            if current is None or current.epoch != record.epoch:
-                return  # changed since (deleted, or handed on again)
-            for mirror in record.mirrors:
-                self.jobs.start_mirror(record, mirror, stores[mirror.target])
-            self._unlock_when_connected(record)
-
-        return start
-
-    def _unlock_when_connected(self, record: JobRecord) -> None:
-        """Take writes once every new mirror connected (so none of them is marked and
-        resent), or after ``CONNECT_WAIT`` (a target is away: its writes are tracked)."""
-        keys = {(record.name, m.target) for m in record.mirrors}
-        volumes = sorted({m.source_volume for m in record.mirrors})
-
-        def pending() -> bool:
-            mirrors = (self.jobs.mirrors.get(key) for key in keys)
-            return any(m is not None and m.state is MirrorState.RESYNC_PENDING for m in mirrors)
-
-        def unlock() -> None:
-            if observe not in self.jobs.state_observers:
-                return
-            self.jobs.state_observers.remove(observe)
-            timer.cancel()
-            current = self.jobs.records.get(record.name)
-            if current is not None and current.epoch == record.epoch:
-                for volume in volumes:
-                    self.jobs.services[volume].unlock()
-                log.info("new source takes writes", job=record.name, waited_for_targets=pending())
-
-        def observe(mirror: Mirror, was: MirrorState, cause: MirrorEvent) -> None:
-            if (mirror.spec.job, mirror.spec.target) in keys and not pending():
-                unlock()
-
-        self.jobs.state_observers.append(observe)
-        timer = asyncio.get_running_loop().call_later(CONNECT_WAIT, unlock)
-        if not pending():
-            unlock()
-
-    def _check_adoptable(self, volume: str, handover: Handover) -> None:
-        record, node = handover.job, self.node
-        if record.source_node != node:
-            raise Refusal("bad_request", f"the handover names {record.source_node}, not {node}")
-        if record.name in self.jobs.records:
-            raise Refusal("conflict", f"{node} is the source of a job {record.name!r} already")
-        sources = {m.source_volume for m in record.mirrors}
-        if volume not in sources:
-            raise Refusal("bad_request", f"the handover does not make {volume} a source")
-        for source_volume in sorted(sources):
-            target = self.targets.records.get(source_volume)
-            if target is None or target.job != record.name:
-                raise Refusal(
-                    "conflict", f"{node}:{source_volume} is no target of job {record.name!r}"
-                )
-            if target.data_state != pw.DataState.UP_TO_DATE.name:
-                raise Refusal(
-                    "conflict", f"{node}:{source_volume} is {target.data_state}, not UpToDate"
-                )
-        for mirror in record.mirrors:
-            if mirror.target_node not in self.jobs.peers:
-                raise Refusal(
-                    "conflict", f"node {mirror.target_node!r} is not in {node}'s [peers]",
-                    f"add it to {node}'s config and reload, then retry",
-                )  # fmt: skip

@@ -20,11 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import ssl
+import zlib
 from collections.abc import Callable, Iterable
 
 import structlog
 
+from volkeeper.core.bitmap import DirtyBitmap
+from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_engine import PING_INTERVAL, MirrorEngine
 from volkeeper.core.mirror_ledger import Ledger
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
@@ -39,7 +43,7 @@ from volkeeper.daemon.source.peer_session import Refused, open_session
 from volkeeper.daemon.source.sender import Sender
 from volkeeper.daemon.source.verify import VerifyResult
 from volkeeper.daemon.source.walks import Walks
-from volkeeper.errors import PeerError
+from volkeeper.errors import PeerError, VolumeError
 from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
@@ -68,8 +72,9 @@ class Mirror:
         self.compressors = compressors
         self.tls = tls
         self.engine: MirrorEngine[Op, range] = MirrorEngine(
-            store.bitmap, spec.target, os.strerror, state
-        )
+            store.bitmap, spec.target, os.strerror, state, store.generations,
+            lambda: secrets.randbits(64) or 1,
+        )  # fmt: skip
         self.engine.configure(spec.settings.mode, spec.settings.queue_limit)
         self.link: PeerLink | None = None
         self.sender: Sender | None = None  # the link's ordered, compressed, throttled way out
@@ -84,6 +89,8 @@ class Mirror:
         self.on_deposed: Callable[[Mirror, str], None] = lambda *_: None
         self.job_document: Callable[[], str] = str  # the job record sent to the target
         self.epoch = 0  # the job's (its HELLO says it)
+        self.keep = False  # a split brain was resolved keeping this side (HELLO says so)
+        self.owed_runs: list[tuple[int, int]] = []  # byte ranges the target last gave up
         self.intent = IntentWriter(store, f"{spec.job} -> {spec.target}", self._intent_failed)
         self.walks = Walks(self)  # its resync and verify
         self._lost = asyncio.Event()
@@ -129,6 +136,8 @@ class Mirror:
                 log.info("mirror target refused", job=self.spec.job, why=str(exc))
                 if exc.refusal.reason == pw.RefuseReason.SOURCE_MOVED:
                     self.on_deposed(self, exc.refusal.message)
+                elif exc.refusal.reason == pw.RefuseReason.SPLIT_BRAIN:
+                    self.apply(self.engine.split_brain(exc.refusal.message))
             except (PeerError, TimeoutError) as exc:
                 self.engine.note(str(exc))
                 log.info("mirror target unreachable", job=self.spec.job, why=str(exc))
@@ -164,8 +173,11 @@ class Mirror:
 
     async def _connect_and_serve(self) -> None:
         self._lost.clear()
-        hello = hello_for(self.spec, self.node, self.service, self.store.generations, self.epoch)
-        link, answer = await open_session(
+        hello = hello_for(
+            self.spec, self.node, self.service, self.store.generations, self.epoch,
+            self.store.bitmap.marked_bytes, keep=self.keep,
+        )  # fmt: skip
+        link, answer, owed = await open_session(
             self.spec.target_address, hello, self._on_frame, self._on_lost,
             tls=self.tls, peer_name=self.spec.target_node,
         )  # fmt: skip
@@ -173,18 +185,41 @@ class Mirror:
         self.sender = Sender(link, self.compressors, send_settings(self.spec.settings))
         if not link.is_open:  # lost before it was ours: _on_lost ignored it
             raise PeerError("link lost during the handshake")
+        if self.engine.state is MirrorState.SPLIT_BRAIN:  # the other side gave way
+            self.apply(self.engine.resolved())
+        if owed is not None:
+            await self._take_owed(owed)
         handshake = self.engine.handshake(
-            self.clock(), self.store.generations.current, answer.current_generation,
-            answer.data_state == pw.DataState.UP_TO_DATE,
-        )  # fmt: skip
+            self.clock(), answer.current_generation, answer.data_state == pw.DataState.UP_TO_DATE
+        )
         if handshake.mark_all:
-            log.info("target generation differs: full resync", job=self.spec.job)
+            log.info("target generation unrelated: full resync", job=self.spec.job)
         await self._carry_out(handshake)
         admitted = self.engine.admitted(link.is_open)
         if admitted.close is None:
             self.announce()
         self.apply(admitted)
         await self._watch(link)
+
+    async def _take_owed(self, owed: pw.Marked) -> None:
+        """The target was deposed and changed regions we lack: they join our marks (the
+        resync overwrites them there), persisted before the handshake is decided."""
+        bitmap = self.store.bitmap
+        try:
+            if owed.region_size != bitmap.region_size:
+                raise ValueError(f"regions of {owed.region_size} bytes, ours {bitmap.region_size}")
+            image = zlib.decompress(owed.image)
+            theirs = DirtyBitmap.from_bytes(bitmap.volume_size, bitmap.region_size, image)
+            size = bitmap.region_size
+            self.owed_runs = [(first * size, count * size) for first, count in theirs.runs()]
+            bitmap.merge(image)
+        except (zlib.error, ValueError) as exc:
+            log.error("target's changed regions unreadable: all marked", job=self.spec.job,
+                      target=self.spec.target, error=str(exc))  # fmt: skip
+            bitmap.mark_all()
+        await self.intent.durable()
+        log.warning("target's own changes will be overwritten by the resync", job=self.spec.job,
+                    target=self.spec.target, marked_bytes=bitmap.marked_bytes)  # fmt: skip
 
     async def _watch(self, link: PeerLink) -> None:
         """PING an idle target; one silent too long is dropped (``MirrorEngine.idle``)."""
@@ -234,6 +269,9 @@ class Mirror:
 
     async def _carry_out(self, ready: Ready[Op, range]) -> None:
         """``ready`` may mark every region: persisted before anything else of it is done."""
+        if ready.generations is not None:
+            self._new_generations(ready.generations)
+            ready.generations = None
         if ready.mark_all:
             self.store.bitmap.mark_all()
             await self.intent.durable()
@@ -243,6 +281,8 @@ class Mirror:
     def apply(self, ready: Ready[Op, range]) -> None:
         """Carry out the engine's effects in the order ``Ready`` prescribes (core/ready.py)."""
         assert not ready.mark_all, "marking every region needs _carry_out"
+        if ready.generations is not None:  # rare: blocks the loop for one header write
+            self._new_generations(ready.generations)
         bitmap = self.store.bitmap
         for offset, length in ready.mark:
             bitmap.mark(offset, length)
@@ -271,6 +311,19 @@ class Mirror:
             self._send(ready.send)
         elif ready.changes or ready.records or ready.start_resync or ready.answer or ready.close:
             self._apply_rest(ready)
+
+    def _new_generations(self, generations: Generations) -> None:
+        log.info(
+            "mirror generations",
+            job=self.spec.job,
+            target=self.spec.target,
+            current=f"{generations.current:016x}",
+            previous=f"{generations.previous:016x}",
+        )
+        try:
+            self.store.set_generations(generations)
+        except VolumeError:
+            self._intent_failed()
 
     def _apply_rest(self, ready: Ready[Op, range]) -> None:
         for before, event in ready.changes:
@@ -365,6 +418,11 @@ class Mirror:
     def resume(self) -> None:
         """Continue a paused mirror: reconnect now, then resync what was marked."""
         self.apply(self.engine.resume())
+        self._wake.set()
+
+    def resume_split(self) -> None:
+        """A split brain resolved keeping this side: connect again (``keep`` says so)."""
+        self.apply(self.engine.resolved())
         self._wake.set()
 
     def break_(self) -> None:

@@ -34,7 +34,13 @@ class MirrorSpec:
 
 
 def hello_for(
-    spec: MirrorSpec, node: str, service: VolumeService, generations: Generations, epoch: int
+    spec: MirrorSpec,
+    node: str,
+    service: VolumeService,
+    generations: Generations,
+    epoch: int,
+    marked_bytes: int = 0,
+    keep: bool = False,
 ) -> pw.Hello:
     """The HELLO that opens a session of ``spec``'s mirror with its target."""
     volume = service.volume
@@ -48,6 +54,8 @@ def hello_for(
         current_generation=generations.current,
         previous_generation=generations.previous,
         epoch=epoch,
+        marked_bytes=marked_bytes,
+        keep=keep,
     )
 
 

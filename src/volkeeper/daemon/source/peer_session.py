@@ -75,17 +75,26 @@ async def open_session(
     *,
     tls: ssl.SSLContext | None,
     peer_name: str,
-) -> tuple[PeerLink, pw.HelloOk]:
+) -> tuple[PeerLink, pw.HelloOk, pw.Marked | None]:
+    """The open link, the HELLO_OK, and the MARKED frame that follows it when the target
+    owes regions (it was deposed: they go into the mirror's resync)."""
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[pw.HelloOk | pw.Refuse] = loop.create_future()
+    owed: list[pw.HelloOk] = []  # a HELLO_OK whose MARKED frame is awaited
+    marked: list[pw.Marked] = []
 
     def first(link: PeerLink, frame: pw.Frame) -> None:
-        if not answer.done() and isinstance(frame, pw.HelloOk | pw.Refuse):
+        if owed and isinstance(frame, pw.Marked) and not answer.done():
+            marked.append(frame)
+            answer.set_result(owed.pop())
+        elif not answer.done() and isinstance(frame, pw.HelloOk) and frame.owed and not owed:
+            owed.append(frame)
+        elif not answer.done() and not owed and isinstance(frame, pw.HelloOk | pw.Refuse):
             answer.set_result(frame)
         elif answer.done():
             on_frame(link, frame)
         else:
-            link.close(f"expected HELLO_OK, got {frame.TYPE.name}")
+            link.close(f"expected HELLO_OK or MARKED, got {frame.TYPE.name}")
 
     def lost(link: PeerLink, reason: str) -> None:
         if not answer.done():
@@ -102,7 +111,7 @@ async def open_session(
     if isinstance(result, pw.Refuse):
         link.close("refused")
         raise Refused(f"{peer_name}:{hello.volume}", result)
-    return link, result
+    return link, result, marked[0] if marked else None
 
 
 async def claim(
@@ -127,7 +136,9 @@ async def claim(
         if not recorded.done():
             recorded.set_exception(PeerError(reason))
 
-    link, _ = await open_session(address, hello, on_frame, on_lost, tls=tls, peer_name=target_node)
+    link, _, _ = await open_session(
+        address, hello, on_frame, on_lost, tls=tls, peer_name=target_node
+    )
     sequence = link.send(job)
     try:
         ack = await asyncio.wait_for(recorded, HANDSHAKE_TIMEOUT)
@@ -170,7 +181,9 @@ async def hand_over(
         if not answer.done():
             answer.set_exception(Undecided(f"{target_node} did not answer the handover: {reason}"))
 
-    link, _ = await open_session(address, hello, on_frame, on_lost, tls=tls, peer_name=target_node)
+    link, _, _ = await open_session(
+        address, hello, on_frame, on_lost, tls=tls, peer_name=target_node
+    )
     sequence = link.send(handover)
     try:
         result = await asyncio.wait_for(answer, HANDOVER_TIMEOUT)
@@ -206,7 +219,7 @@ async def release(
     def ignore(link: PeerLink, what: object) -> None:
         return None
 
-    link, _ = await open_session(address, hello, ignore, ignore, tls=tls, peer_name=target_node)
+    link, _, _ = await open_session(address, hello, ignore, ignore, tls=tls, peer_name=target_node)
     await say_goodbye(link, pw.GoodbyeReason.DELETED, why)
 
 

@@ -2,7 +2,8 @@
 
 How this works: a ``TargetRecord`` names the mirror feeding the volume (job, source node and
 volume), what the copy is (data state and generations, as the source last recorded them),
-the job's record as the source last sent it, and the administrator's pause and unlock.
+the job's record as the source last sent it, the administrator's pause and unlock, and
+the regions a deposed source changed that its successor lacks (``owed``).
 ``TargetRecords`` keeps one file per volume in ``state_dir/targets``, each replaced
 atomically (io/durable_files.py).  The target side's logic is in daemon/target/targets.py and
 daemon/target/target_session.py.
@@ -30,6 +31,11 @@ class TargetRecord:
     job_document: str = ""  # the job's record as the source last sent it (JSON)
     paused: bool = False  # the source said GOODBYE(PAUSED) and has not come back since
     unlocked: bool = False  # the administrator unlocked the volume (while paused)
+    # Regions this copy changed that its source lacks (it was the job's source, deposed):
+    # a zlib-compressed bitmap image, base64, of ``owed_region_size`` regions; the source
+    # resyncs them too, and they are forgotten once this copy records UpToDate.
+    owed: str = ""
+    owed_region_size: int = 0
 
     @property
     def mirror(self) -> str:

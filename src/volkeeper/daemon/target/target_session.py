@@ -29,9 +29,11 @@ refused), the volume's record is set Inconsistent, and the volume's last error i
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import errno
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Protocol
 
@@ -63,6 +65,7 @@ class TargetVolumes(Protocol):
     records: dict[str, TargetRecord]
     sessions: dict[str, TargetSession]
     received_bytes: dict[str, int]
+    lost_at: dict[str, float]
 
     def admit(self, hello: pw.Hello) -> tuple[VolumeService, TargetRecord] | pw.Refuse: ...
 
@@ -107,6 +110,7 @@ class TargetSession:
     def on_lost(self, link: PeerLink, reason: str) -> None:
         if self.volume is not None and self.targets.sessions.get(self.volume) is self:
             del self.targets.sessions[self.volume]
+            self.targets.lost_at[self.volume] = time.time()
             self.targets.changed(self.volume)
         self._start_taken_over()
 
@@ -139,17 +143,21 @@ class TargetSession:
         self.targets.sessions[frame.volume] = self
         self.targets.changed(frame.volume)
         volume = self.service.volume
+        record = self.record
         link.send(
             pw.HelloOk(
                 node=self.targets.node,
                 volume=frame.volume,
                 volume_size=volume.size,
                 sector_size=volume.sector_size,
-                current_generation=self.record.current_generation,
-                previous_generation=self.record.previous_generation,
-                data_state=pw.DataState[self.record.data_state],
+                current_generation=record.current_generation,
+                previous_generation=record.previous_generation,
+                data_state=pw.DataState[record.data_state],
+                owed=bool(record.owed),
             )
         )
+        if record.owed:  # deposed: what we changed goes into the new source's resync
+            link.send(pw.Marked(record.owed_region_size, base64.b64decode(record.owed)))
 
     # -- applying frames in order: small writes inline while the writer is idle, else on it --
 
@@ -289,6 +297,8 @@ class TargetSession:
             current_generation=frame.current_generation,
             previous_generation=frame.previous_generation,
         )
+        if frame.data_state is pw.DataState.UP_TO_DATE:  # the resync covered what we owed
+            record = dataclasses.replace(record, owed="", owed_region_size=0)
         self._record(link, sequence, record)
 
     def _job(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:

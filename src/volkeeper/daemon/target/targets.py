@@ -56,9 +56,10 @@ class TargetVolumes:
         self.service = service
         self.store = records
         self.publish = publish or _ignore
-        # Set by the node: the job a volume is the source of here, if any; and the
-        # switchover's taking over of a job (daemon/roles/switchover.py).
-        self.source_of: Callable[[str], str | None] = lambda volume: None
+        self.lost_at: dict[str, float] = {}  # target volume -> when its source left (time())
+        # Set by the node (daemon/roles/): the refusal of a HELLO for a volume that is a
+        # job's source here (None: it is none), and the taking over of a job.
+        self.judge: Callable[[pw.Hello], pw.Refuse | None] = lambda hello: None
         self.adopt: Adopt = _cannot_adopt
         self._shown: dict[str, str] = {}  # target volume -> state last published
         self.records = records.load_all()
@@ -287,12 +288,10 @@ class TargetVolumes:
         where = f"{self.node}:{hello.volume}"
         if service is None:
             return pw.Refuse(R.NO_SUCH_VOLUME, f"node {self.node} has no volume {hello.volume!r}")
-        if service.replication is not None or self.source_of(hello.volume) is not None:
-            if self.source_of(hello.volume) == hello.job:
-                return pw.Refuse(
-                    R.SOURCE_MOVED,
-                    f"{where} is the source of job {hello.job!r} now: {hello.node} is not",
-                )
+        judged = self.judge(hello)
+        if judged is not None:
+            return judged
+        if service.replication is not None:
             return pw.Refuse(
                 R.IS_SOURCE,
                 f"{where} is the source of a mirror here: it cannot be a target too",
