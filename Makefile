@@ -5,10 +5,11 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEB_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio util-linux dmsetup rsync fuse3
+DEB_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio util-linux dmsetup rsync fuse3 \
+	pacemaker pacemaker-cli-utils corosync resource-agents libxml2-utils
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test lint debs deps bench bench-review clean
+.PHONY: demo test lint debs deps bench bench-review clean ocf-install
 
 demo: deps
 	$(PY) -m volkeeper_lab.demo
@@ -22,6 +23,9 @@ lint: deps
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
+
+ocf-install: deps  # the Pacemaker resource agent ocf:volkeeper:job (on every cluster node)
+	$(PY) -m volkeeper ocf install
 
 bench: deps
 	$(PY) bench/nbd_vs_nbdkit.py

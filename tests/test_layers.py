@@ -15,7 +15,8 @@ ALLOWED = {
     "core": set(),
     "io": {"core"},
     "daemon": {"core", "io"},
-    "cli": {"core", "daemon"},  # daemon only to run a node and to read a node's config
+    "cli": {"core", "daemon", "ocf"},  # daemon only to run a node and to read a node's config
+    "ocf": {"core", "cli"},  # the agent talks to the node through the CLI's API client
 }
 
 

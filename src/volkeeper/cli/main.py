@@ -191,6 +191,18 @@ def volume_release(volume: str, node: NodeOption = None, config: ConfigOption = 
 
 
 volume_app.command("promote")(roles.volume_promote)
+ocf_app = typer.Typer(no_args_is_help=True, help="Pacemaker: the ocf:volkeeper:job agent.")
+app.add_typer(ocf_app, name="ocf")
+
+
+@ocf_app.command("install")
+def ocf_install(
+    ocf_root: Annotated[str, typer.Option("--ocf-root", help="OCF_ROOT")] = "/usr/lib/ocf",
+) -> None:
+    """Install the resource agent where Pacemaker looks for it (run on every node)."""
+    from volkeeper.ocf.install import install
+
+    print(f"installed {install(Path(ocf_root))} (ocf:volkeeper:job)")
 
 
 def main() -> None:

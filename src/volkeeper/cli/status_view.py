@@ -46,7 +46,8 @@ class VolumeTable:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Table]:
         wide = options.max_width >= WIDE if self.wide is None else self.wide
         table = Table(title="volumes")
-        for name in ("volume", "size", *(("sector",) if wide else ()), "role", "path"):
+        columns = ("volume", "size", *(("sector",) if wide else ()), "role", "data", "path")
+        for name in columns:
             table.add_column(name, overflow="fold")
         if wide:
             table.add_column("read", overflow="fold")
@@ -55,7 +56,10 @@ class VolumeTable:
             role = volume["role"] + (" (locked)" if volume.get("locked") else "")
             cells = [volume["name"], format_size(volume["size"])]
             cells += [str(volume["sector_size"])] if wide else []
-            cells += [role, str(volume.get("path") or "")]
+            data = volume.get("data_state") or "-"
+            if wide and volume.get("generation"):
+                data += f" {volume['generation'][:8]}"
+            cells += [role, data, str(volume.get("path") or "")]
             if wide:
                 cells += [format_size(volume.get("read_bytes", 0))]
                 cells += [format_size(volume.get("written_bytes", 0))]

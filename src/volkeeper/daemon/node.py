@@ -114,6 +114,7 @@ class Node:
         self.roles = Roles(self.name, self.jobs, self.targets, self.nbd)
         self.roles.switchover.reconcile()
         self.jobs.load()
+        self.roles.switchover.relock_demoted()
         await declared_jobs.apply(self.jobs, list(self.config.jobs))
         await self.nbd.listen(self.config.node.nbd)
         self._control_task = asyncio.create_task(self._serve_control())
@@ -196,8 +197,23 @@ class Node:
         errors = self.targets.errors if self.targets is not None else {}
         return [
             _volume_view(service, service.name in targets, errors.get(service.name))
+            | self._lineage(service.name)
             for service in self.services
         ]
+
+    def _lineage(self, volume: str) -> dict[str, Any]:
+        """The copy's data state and generation (hex): a target's as its record says; a
+        source's copy is the reference (UpToDate), in the generation of its mirrors' logs."""
+        record = self.target_records().get(volume)
+        if record is not None:
+            return {"data_state": record.shown_data_state(f"{self.name}:{volume}"),
+                    "generation": f"{record.current_generation:016x}"}  # fmt: skip
+        running = self.jobs.mirrors.running if self.jobs is not None else {}
+        logs = sorted((key[1], run.mirror.store) for key, run in running.items()
+                      if run.mirror.spec.source_volume == volume)  # fmt: skip
+        if not logs:
+            return {"data_state": None, "generation": None}
+        return {"data_state": "UpToDate", "generation": f"{logs[0][1].generations.current:016x}"}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -257,14 +273,19 @@ class Node:
 
     async def switchover(self, job: str, to: str) -> dict[str, Any]:
         assert self.roles is not None and self.targets is not None
-        if job not in self._jobs().records:
-            served = next((r for r in self.targets.records.values() if r.job == job), None)
-            if served is not None:
-                raise Refusal(
-                    "conflict", f"job {job!r} has its source on {served.source_node}, not here",
-                    f"run the switchover on {served.source_node}",
-                )  # fmt: skip
+        if job not in self._jobs().records and any(
+            r.job == job for r in self.targets.records.values()
+        ):  # a target: it asks the source
+            return await self.roles.switchover.ask(job, to)
         return await self.roles.switchover.switchover(job, to)
+
+    async def demote(self, job: str) -> dict[str, Any]:
+        assert self.roles is not None
+        return self._jobs().job_view(await self.roles.switchover.demote(job))
+
+    async def activate(self, job: str) -> dict[str, Any]:
+        assert self.roles is not None
+        return self._jobs().job_view(await self.roles.switchover.activate(job))
 
     async def promote(self, volume: str, force: bool) -> dict[str, Any]:
         assert self.roles is not None

@@ -47,6 +47,7 @@ from volkeeper.core.peer.wire import (
     ResyncData,
     Role,
     State,
+    SwitchoverRequest,
     Trim,
     Write,
     WriteCompressed,
@@ -188,6 +189,7 @@ SAMPLES: list[Frame] = [
     Hashes(7, bytes(range(32))),
     Handover('{"job": {"name": "web", "source_node": "beta"}, "mirrors": []}'),
     Marked(65536, b"x\x9c\x03\x00\x00\x00\x00\x01"),
+    SwitchoverRequest(),
 ]  # fmt: skip
 
 
@@ -488,7 +490,7 @@ def test_garbage_is_refused_after_four_bytes() -> None:
         decoder.next_frame()
 
 
-@pytest.mark.parametrize("kind", [0, 21, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, 22, 0xFFFF])
 def test_unknown_frame_type(kind: int) -> None:
     good = stream([Ping(1)])
     assert decode_error(good + raw_frame(kind, b"", seq=2)) == f"frame 2: unknown frame type {kind}"
@@ -569,6 +571,7 @@ def test_truncated_bodies_are_refused(frame: Frame) -> None:
         18: 8,
         19: 0,  # JSON too, as JOB
         20: 4,
+        21: 0,
     }[kind]
     # Strings make every proper prefix of a HELLO / HELLO_OK invalid; elsewhere the tail
     # after the fixed part is data or a message, so only a cut into the fixed part is.

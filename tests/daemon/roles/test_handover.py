@@ -19,13 +19,14 @@ JOB = JobRecord(
         MirrorRecord("data1", "beta", "copy1"),
         MirrorRecord("data1", "gamma", "data1", ASYNC, admin="paused"),
     ),
-    "the web server", epoch=4,
+    "the web server", epoch=4, demoted=True,
 )  # fmt: skip
 
 
 def test_a_job_turned_round_leaves_from_the_new_source_with_each_mirrors_settings() -> None:
     turned, places = turned_round(JOB, "beta")
     assert turned.source_node == "beta" and turned.epoch == 5
+    assert not turned.demoted  # the new source takes writes
     assert turned.description == "the web server"
     assert turned.mirrors == (
         MirrorRecord("copy1", "alpha", "data1"),  # reversed, and active

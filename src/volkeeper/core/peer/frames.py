@@ -349,6 +349,16 @@ class Handover:
 
 
 @dataclass(frozen=True, slots=True)
+class SwitchoverRequest:
+    """A target asks its source to hand the job over to it."""
+
+    TYPE: ClassVar[FrameType] = FrameType.SWITCHOVER
+
+    def encode(self, sequence: int) -> list[Buffer]:
+        return _packed(self.TYPE, 0, sequence, b"")
+
+
+@dataclass(frozen=True, slots=True)
 class Marked:
     """Regions a deposed copy changed that its new source lacks (layout: MARKED)."""
 
@@ -413,6 +423,7 @@ Frame: TypeAlias = (
     | Hashes
     | Handover
     | Marked
+    | SwitchoverRequest
 )
 
 
@@ -446,6 +457,7 @@ __all__ = [
     "ResyncCompressed",
     "ResyncData",
     "State",
+    "SwitchoverRequest",
     "Trim",
     "Write",
     "WriteCompressed",

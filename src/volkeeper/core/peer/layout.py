@@ -19,6 +19,8 @@ Frame types and bodies (flags not listed must be 0; "str" is a u16 length + UTF-
                        administrator resolved a split brain keeping the sender's data)
     HELLO_OK     t->s  HELLO_OK_FIXED, then str node, str volume        flags: OWED (a
                        MARKED frame follows)
+    SWITCHOVER   t->s  empty: "hand the job over to me" (a switchover asked of a target
+                       node: the source runs it, and its HANDOVER is the answer)
     MARKED       t->s  u32 region size, then a zlib-compressed bitmap image: regions this
                        copy changed that its new source lacks (it was deposed: its writes
                        there are overwritten by a resync of them), right after HELLO_OK
@@ -139,6 +141,7 @@ class FrameType(enum.IntEnum):
     HASHES = 18
     HANDOVER = 19
     MARKED = 20
+    SWITCHOVER = 21
 
 
 class Role(enum.IntEnum):

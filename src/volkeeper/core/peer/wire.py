@@ -195,6 +195,7 @@ _HELLO_OK_MIN = HELLO_OK_FIXED.size + 2 * STR_LEN.size
 _LAYOUTS: dict[int, _Layout] = {
     _T.HELLO: _Layout("HELLO", _HELLO_MIN, _HELLO_MIN + 4 * MAX_NAME, KEEP, _hello),
     _T.HELLO_OK: _Layout("HELLO_OK", _HELLO_OK_MIN, _HELLO_OK_MIN + 2 * MAX_NAME, OWED, _hello_ok),
+    _T.SWITCHOVER: _Layout("SWITCHOVER", 0, 0, 0, lambda b, f: SwitchoverRequest()),
     _T.MARKED: _Layout("MARKED", MARKED_HEAD.size, MARKED_HEAD.size + MAX_HANDOVER, 0, _marked),
     _T.REFUSE: _Layout("REFUSE", REASON.size, REASON.size + MAX_MESSAGE, 0, _refuse),
     _T.WRITE: _Layout("WRITE", 8, 8 + MAX_PAYLOAD, FUA, _write, Write),

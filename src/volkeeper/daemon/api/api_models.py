@@ -94,6 +94,8 @@ class JobView(Model):
     description: str
     source_node: str
     role: Literal["source", "target"]
+    demoted: bool = Field(False, description="a source the cluster manager demoted: no writes")
+    epoch: int = Field(0, description="how many times the job's source moved")
     declared: bool = Field(description="declared in the node config")
     mirrors: list[MirrorView]
 
@@ -106,6 +108,10 @@ class VolumeView(Model):
     sector_size: int
     role: Literal["source", "target", "standalone"]
     locked: str | None = Field(description="why the volume is exported read-only, if it is")
+    data_state: str | None = Field(
+        None, description="UpToDate, Consistent, Inconsistent or Outdated; null: standalone"
+    )
+    generation: str | None = Field(None, description="the line of writes it holds (hex)")
     read_bytes: int
     written_bytes: int
     requests: dict[str, int]

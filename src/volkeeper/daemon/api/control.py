@@ -85,6 +85,10 @@ class NodeView(Protocol):
 
     async def promote(self, volume: str, force: bool) -> dict[str, Any]: ...
 
+    async def demote(self, job: str) -> dict[str, Any]: ...
+
+    async def activate(self, job: str) -> dict[str, Any]: ...
+
     async def resolve(self, job: str, keep: str) -> dict[str, Any]: ...
 
 
@@ -326,6 +330,17 @@ def create_app(node: NodeView) -> FastAPI:
         the volume's job.  Refused while the source is connected (switch over instead), and,
         without force, unless the copy is UpToDate (or Consistent: async)."""
         return await node.promote(name, body.force if body is not None else False)
+
+    @app.post("/jobs/{name}/demote", response_model=JobView, response_model_exclude_unset=True)
+    async def demote(name: str) -> dict[str, Any]:
+        """On the source (a cluster manager's demote): writes stop, every mirror drains,
+        and the job waits, locked, for another node to take it over (or ``activate``)."""
+        return await node.demote(name)
+
+    @app.post("/jobs/{name}/activate", response_model=JobView, response_model_exclude_unset=True)
+    async def activate(name: str) -> dict[str, Any]:
+        """On a demoted source: take writes again."""
+        return await node.activate(name)
 
     @app.post("/jobs/{name}/resolve", response_model=Resolved)
     async def resolve(name: str, body: ResolveBody) -> dict[str, Any]:

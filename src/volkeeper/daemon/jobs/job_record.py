@@ -60,6 +60,8 @@ class JobRecord:
     description: str = ""
     declared: bool = False  # declared in the config file: a reload may change or delete it
     epoch: int = 0  # how many times the job's source moved (switchover, failover)
+    demoted: bool = False  # the cluster manager demoted this source: no writes until
+    # another node takes the job over, or it is promoted again (daemon/roles/switchover.py)
 
     def mirror(self, target: str) -> MirrorRecord | None:
         return next((m for m in self.mirrors if m.target == target), None)

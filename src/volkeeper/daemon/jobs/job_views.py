@@ -21,6 +21,8 @@ def job_view(record: JobRecord, mirrors: Mirrors, node: str) -> dict[str, Any]:
         "description": record.description,
         "source_node": record.source_node,
         "role": "source",
+        "demoted": record.demoted,
+        "epoch": record.epoch,
         "declared": record.declared,
         "mirrors": mirror_views(record, mirrors, node),
     }

@@ -121,7 +121,7 @@ class Failover:
                 "connected and serving", f"switch over instead, on {record.source_node}: "
                 f"volkeeper job switchover {record.job} --to {self.node}",
             )  # fmt: skip
-        state = _state_name(record, job, volume, self.node)
+        state = record.shown_data_state(f"{self.node}:{volume}")
         refused = None
         if record.paused:
             refused = f"its mirror from {record.source_node} is Paused"
@@ -144,7 +144,7 @@ class Failover:
         generations: Generations,
         force: bool,
     ) -> dict[str, Any]:
-        state = _state_name(record, job, volume, self.node)
+        state = record.shown_data_state(f"{self.node}:{volume}")
         lost_at = self.targets.lost_at.get(volume)
         mirror = job.mirror(f"{self.node}:{volume}")
         may_lack = None
@@ -305,14 +305,3 @@ class Failover:
             discarded += mirror.owed_runs
         return {"job": name, "kept": self.node, "discarded": discarded,
                 "discarded_bytes": sum(n for _, n in discarded)}  # fmt: skip
-
-
-def _state_name(record: TargetRecord, job: JobRecord, volume: str, node: str) -> str:
-    """The copy's data state as users read it: an UpToDate copy of an async mirror is
-    Consistent (write order kept, the last writes possibly missing)."""
-    names = {"UP_TO_DATE": "UpToDate", "CONSISTENT": "Consistent",
-             "INCONSISTENT": "Inconsistent", "OUTDATED": "Outdated"}  # fmt: skip
-    mirror = job.mirror(f"{node}:{volume}")
-    if record.data_state == UP_TO_DATE and mirror is not None and mirror.settings.mode == "async":
-        return "Consistent"
-    return names[record.data_state]

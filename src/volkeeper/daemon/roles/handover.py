@@ -131,6 +131,7 @@ def turned_round(record: JobRecord, new_source: str) -> tuple[JobRecord, dict[st
         mirrors.append(new)
         places[new.target] = old.target
     turned = dataclasses.replace(
-        record, source_node=new_source, mirrors=tuple(mirrors), epoch=record.epoch + 1
-    )
+        record, source_node=new_source, mirrors=tuple(mirrors), epoch=record.epoch + 1,
+        demoted=False,
+    )  # fmt: skip
     return turned, places

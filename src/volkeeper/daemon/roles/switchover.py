@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from typing import Any
 
@@ -60,6 +61,7 @@ from volkeeper.io.peer_link import PeerLink
 log = structlog.get_logger("volkeeper.roles")
 
 DRAIN_TIMEOUT = 30.0  # the flush that drains every mirror of the job
+ASK_TIMEOUT = 60.0  # a target that asked for the job waits this long for it
 BUSY_RETRIES = 20  # the new source may still hold the old mirror's connection a moment
 BUSY_PAUSE = 0.02
 
@@ -73,6 +75,7 @@ class Switchover:
         self.undecided: dict[str, str] = {}  # job -> node a HANDOVER went to, unanswered
         self._tasks: set[asyncio.Task[None]] = set()
         jobs.state_observers.append(self._decided)
+        jobs.mirrors.on_switchover_request = self.requested
 
     def reconcile(self) -> None:
         """At start, before the jobs load: a switchover a crash cut short leaves a job
@@ -144,14 +147,18 @@ class Switchover:
                     "wait until it is Mirroring (a resync must finish first)",
                 )
 
-    async def _drain_and_stop(self, record: JobRecord, to: str) -> dict[str, IntentStore]:
-        """Flush every source volume through its mirrors, stop them; their logs, closed."""
+    async def _drain(self, record: JobRecord) -> None:
+        """Flush every source volume through its mirrors (durable on every target)."""
         replications = self.jobs.mirrors.replications
-        for volume in {m.source_volume for m in record.mirrors}:
+        for volume in steps.source_volumes(record):
             replication = replications.get(volume)
             if replication is not None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(replication.sync(), DRAIN_TIMEOUT)
+
+    async def _drain_and_stop(self, record: JobRecord, to: str) -> dict[str, IntentStore]:
+        """Drain, then stop every mirror of the job; their logs, closed."""
+        await self._drain(record)
         stores = await steps.stop_mirrors(self.jobs, record)
         for mirror in record.mirrors:
             if mirror.target_node != to:
@@ -249,3 +256,94 @@ class Switchover:
             for volume in {m.source_volume for m in record.mirrors} if record else ():
                 self.jobs.services[volume].unlock()
             log.warning("switchover did not happen: the job stays here", job=job)
+
+    # -- asked by a target, or by the cluster manager ------------------------------------
+
+    def requested(self, mirror: Mirror) -> None:
+        """A target asked for the job (SWITCHOVER): hand it over, if it may be."""
+        job, to = mirror.spec.job, mirror.spec.target_node
+
+        async def run() -> None:
+            try:
+                await self.switchover(job, to)
+            except Refusal as exc:
+                log.warning("switchover asked by the target refused", job=job, to=to,
+                            why=str(exc))  # fmt: skip
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def ask(self, name: str, to: str) -> dict[str, Any]:
+        """On a target node: ask the job's source to hand the job over to this node, and
+        wait until it did."""
+        started = time.monotonic()
+        served = sorted((v, r) for v, r in self.targets.records.items() if r.job == name)
+        if not served:
+            raise Refusal("not_found", f"no job named {name!r} on {self.node}")
+        volume, record = served[0]
+        if to != self.node:
+            raise Refusal(
+                "conflict", f"job {name!r} has its source on {record.source_node}",
+                f"run the switchover on {record.source_node} or on {to}",
+            )  # fmt: skip
+        session = self.targets.sessions.get(volume)
+        if session is None or session.link is None or not session.link.is_open:
+            raise Refusal(
+                "conflict", f"{self.node}:{volume} is not connected to its source "
+                f"{record.source_node}: a switchover needs it",
+                f"if {record.source_node} is gone for good, fail over: "
+                f"volkeeper volume promote {volume}",
+            )  # fmt: skip
+        session.link.send(pw.SwitchoverRequest())
+        while time.monotonic() < started + ASK_TIMEOUT:
+            current = self.jobs.records.get(name)
+            if current is not None and self.jobs.services[volume].lock_reason is None:
+                return {"job": name, "old_source": record.source_node, "new_source": self.node,
+                        "seconds": time.monotonic() - started,
+                        "mirrors": [m.target for m in current.mirrors]}  # fmt: skip
+            await asyncio.sleep(0.02)
+        raise Refusal(
+            "unavailable", f"{record.source_node} did not hand job {name!r} over",
+            f"its log says why: volkeeper events --node (the control address of "
+            f"{record.source_node})",
+        )  # fmt: skip
+
+    async def demote(self, name: str) -> JobRecord:
+        """The cluster manager demoted this source: no writes (fenced, drained) until
+        another node takes the job over or it is promoted again; kept over restarts."""
+        async with self.jobs.changing:
+            record = self.jobs.record(name)
+            if not record.demoted:
+                await steps.fence(self.jobs, self.nbd, record, _demoted(name))
+                await self._drain(record)
+                record = self._save(dataclasses.replace(record, demoted=True))
+                self.jobs.publish("change", "job", job=name, demoted=True)
+            return record
+
+    async def activate(self, name: str) -> JobRecord:
+        """Promoted again where it was demoted: take writes."""
+        async with self.jobs.changing:
+            record = self.jobs.record(name)
+            if record.demoted:
+                record = self._save(dataclasses.replace(record, demoted=False))
+                for volume in steps.source_volumes(record):
+                    self.jobs.services[volume].unlock()
+                self.jobs.publish("change", "job", job=name, demoted=False)
+            return record
+
+    def relock_demoted(self) -> None:
+        """At start, after the jobs load: a demoted source stays without writes."""
+        for record in self.jobs.records.values():
+            if record.demoted:
+                for volume in steps.source_volumes(record):
+                    self.jobs.services[volume].lock(_demoted(record.name))
+
+    def _save(self, record: JobRecord) -> JobRecord:
+        self.jobs.store.save(record)
+        self.jobs.records[record.name] = record
+        return record
+
+
+def _demoted(job: str) -> str:
+    return f"demoted (job {job!r}): waiting for another node to take it over"

@@ -87,6 +87,7 @@ class Mirror:
         self.on_target_error: Callable[[Mirror, str], None] = lambda *_: None
         # the target is the job's source now (daemon/roles/switchover.py takes it from here)
         self.on_deposed: Callable[[Mirror, str], None] = lambda *_: None
+        self.on_switchover_request: Callable[[Mirror], None] = lambda *_: None
         self.job_document: Callable[[], str] = str  # the job record sent to the target
         self.epoch = 0  # the job's (its HELLO says it)
         self.keep = False  # a split brain was resolved keeping this side (HELLO says so)
@@ -247,6 +248,8 @@ class Mirror:
         if isinstance(frame, pw.Hashes):
             if not self.comparer.take(frame):
                 link.close(f"HASHES for {frame.request}, which was not asked")
+        elif isinstance(frame, pw.SwitchoverRequest):
+            self.on_switchover_request(self)
         elif isinstance(frame, pw.Goodbye) and frame.reason == pw.GoodbyeReason.SHUTDOWN:
             # A clean target stop: it made every write it ACKed durable before saying so.
             self.apply(self.engine.target_shut_down_cleanly())

@@ -71,6 +71,7 @@ class Mirrors:
         self.on_state = on_state
         self.on_target_error = on_target_error
         self.on_deposed: Callable[[Mirror, str], None] = lambda *_: None  # set by the node
+        self.on_switchover_request: Callable[[Mirror], None] = lambda *_: None
         self.compressors = IoWorkers(COMPRESSION_THREADS, "volkeeper-compress")
         self.running: dict[Key, RunningMirror] = {}
         self.problems: dict[Key, str] = {}  # recorded mirrors that could not start
@@ -115,6 +116,7 @@ class Mirrors:
         mirror.on_state = self.on_state
         mirror.on_target_error = self.on_target_error
         mirror.on_deposed = self.on_deposed
+        mirror.on_switchover_request = self.on_switchover_request
         replication = self.replications.get(service.name)
         if replication is None:
             replication = self.replications[service.name] = Replication(service)

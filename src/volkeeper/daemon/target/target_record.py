@@ -41,11 +41,30 @@ class TargetRecord:
     def mirror(self) -> str:
         return f"job {self.job!r} from {self.source_node}:{self.source_volume}"
 
+    def shown_data_state(self, target: str) -> str:
+        """The copy's data state as users read it (``target``: this copy, NODE:VOLUME): an
+        UpToDate copy of an async mirror is Consistent -- write order kept, the last writes
+        possibly missing."""
+        job = self.job_record()
+        mirror = job.mirror(target) if job is not None else None
+        asynchronous = mirror is not None and mirror.settings.mode == "async"
+        if self.data_state == "UP_TO_DATE" and asynchronous:
+            return "Consistent"
+        return DATA_STATE_NAMES[self.data_state]
+
     def job_record(self) -> JobRecord | None:
         try:
             return JobRecord.from_json(self.job_document) if self.job_document else None
         except ValueError:
             return None
+
+
+DATA_STATE_NAMES = {
+    "UP_TO_DATE": "UpToDate",
+    "CONSISTENT": "Consistent",
+    "INCONSISTENT": "Inconsistent",
+    "OUTDATED": "Outdated",
+}
 
 
 class TargetRecords:

@@ -242,7 +242,7 @@ class TargetVolumes:
             "role": "target",
             "mode": settings.mode if settings is not None else None,
             "state": self._state(volume, record),
-            "data_state": _DATA_STATE_NAMES[record.data_state],
+            "data_state": record.shown_data_state(target),
             "out_of_sync_bytes": None,  # the source's intent log knows; ask it
             "sent_bytes": None,
             "resync_sent_bytes": None,
@@ -386,13 +386,6 @@ def _sibling(record: TargetRecord, hello: pw.Hello) -> bool:
 
 
 _NOT_BETTER_THAN_INCONSISTENT = {pw.DataState.INCONSISTENT.name, pw.DataState.OUTDATED.name}
-
-_DATA_STATE_NAMES = {
-    "UP_TO_DATE": "UpToDate",
-    "CONSISTENT": "Consistent",
-    "INCONSISTENT": "Inconsistent",
-    "OUTDATED": "Outdated",
-}
 
 
 def _mutations(service: VolumeService) -> int:

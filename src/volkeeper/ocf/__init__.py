@@ -1,0 +1,1 @@
+"""Pacemaker integration: the OCF resource agent ocf:volkeeper:job and its installer."""
