@@ -1,18 +1,21 @@
-"""A live Pacemaker cluster drives a job through the agent; crm_simulate decides for two nodes.
+"""Live Pacemaker clusters drive a job through the agent; crm_simulate decides on two nodes.
 
-The live cluster is one node: Debian's corosync (one-node udpu ring on 127.0.0.1) and
-pacemakerd run as plain processes, started here with a CIB written beforehand (no fencing
-device in a test, a 2 s DC election).  The volkeeper daemons run beside it, alpha the job's
-source and beta its target; the agent's promotable clone on the cluster node manages beta's
-side (``control`` = beta's socket), and a Dummy application resource is colocated with the
-promoted instance.  Two cluster nodes on one machine would each need a pacemaker with its
-own /var/lib/pacemaker, /run and IPC namespace; that is not built here -- see the closing
-note of issue 12 -- so the two-node decision is shown with crm_simulate on a two-node CIB.
+Two live clusters are started here, each from Debian's corosync and pacemakerd run as plain
+processes with a CIB written beforehand (no fencing device in a test; a 2 s DC election):
 
-What the live cluster shows: a stale copy (a job whose full resync is running) gets no
-promotion score and is never promoted although its resource asks to be; when the source of
-an UpToDate copy is killed, Pacemaker promotes it (the agent fails over), the application
-starts there and a client writes to it; the old source, restarted, becomes its target.
+* two nodes on this one machine, each in its own network, mount and IPC namespaces joined
+  by veth (tests/ocf/cluster.py), each node's agent managing its own volkeeper node through
+  its own /etc/volkeeper/node.toml: Pacemaker finds alpha (the job's source) promoted and a
+  Dummy application colocated there; nodeA's cluster stack stops and Pacemaker demotes alpha
+  and promotes beta (a switchover: nothing resent), the application and the client follow;
+  nodeA returns as a target; beta's daemon is killed and Pacemaker promotes alpha (a
+  failover); beta restarts as its target.
+* one node (a one-node ring on 127.0.0.1) whose agent manages beta: a copy whose full resync
+  runs gets no promotion score and is never promoted although its resource asks to be; when
+  the source of an UpToDate copy is killed, Pacemaker promotes it (a failover) and the
+  application starts there.
+
+crm_simulate shows the same ladder on a two-node CIB, case by case.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NodeFactory, need
+from tests.ocf.cluster import TwoNodeCluster
 from tests.support.acked_writer import AckedWriter
-from tests.support.topologies import volume, wait_mirror
+from tests.support.topologies import assert_identical, path, stop_in_order, volume, wait_mirror
 from volkeeper.ocf.install import install
 from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
@@ -310,3 +314,85 @@ def test_crm_simulate_promotes_by_the_agents_scores_on_two_nodes(
 ) -> None:
     need("crm_simulate")
     assert promoted_by_simulation(two_node_cib(node1, node2), tmp_path) == promoted
+
+
+TWO_NODE_CIB = """<cib validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
+  <configuration>
+    <crm_config>
+      <cluster_property_set id="options">
+        <nvpair id="options-stonith" name="stonith-enabled" value="false"/>
+        <nvpair id="options-dc-deadtime" name="dc-deadtime" value="2s"/>
+        <nvpair id="options-recheck" name="cluster-recheck-interval" value="5s"/>
+      </cluster_property_set>
+    </crm_config>
+    <nodes/>
+    <resources>{resources}{app}</resources>
+    {constraints}
+  </configuration>
+  <status/>
+</cib>
+"""
+
+
+@pytest.mark.serial  # one Pacemaker per machine: never beside another test
+def test_a_two_node_cluster_switches_over_and_fails_over(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Two cluster nodes, each in its own namespaces (tests/ocf/cluster.py), each running
+    the agent for its own volkeeper node.  nodeA's cluster stack stops: Pacemaker demotes
+    alpha and promotes beta -- a switchover, nothing resent -- and the application moves;
+    nodeA returns as the target.  Then beta's daemon is killed: Pacemaker promotes alpha --
+    a failover -- and beta, restarted, becomes its target."""
+    need("corosync", "pacemakerd", "crm_mon", "nsenter", "unshare")
+    install()
+    alpha_port, beta_port = free_tcp_port(), free_tcp_port()
+    beta = start_node("beta", [VolumeSpec("data1", "16MiB")], peer_port=beta_port,
+                      peers={"alpha": alpha_port})  # fmt: skip
+    alpha = start_node("alpha", [VolumeSpec("data1", "16MiB")], peer_port=alpha_port,
+                       peers={"beta": beta_port})  # fmt: skip
+    body = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "confirm": True}
+    with alpha.api() as api:
+        assert api.post("/jobs", json=body).status_code == 201
+    wait_mirror(alpha, "web", "beta:data1", "Mirroring")
+    resources = clone("web", "web", "", "Promoted").replace(
+        '"web-clone-max" name="clone-max" value="1"', '"web-clone-max" name="clone-max" value="2"'
+    )
+    config = '<nvpair id="web-config" name="config" value="/etc/volkeeper/node.toml"/>'
+    resources = resources.replace('<nvpair id="web-control" name="control" value=""/>', config)
+    cib = TWO_NODE_CIB.format(resources=resources, app=APP, constraints=CONSTRAINTS)
+    with TwoNodeCluster(tmp_path / "cluster", cib, os.getpid() % 200) as cluster:
+        cluster.config("nodeA", alpha.config_path)
+        cluster.config("nodeB", beta.config_path)
+        cluster.start()
+
+        def placed(web: dict[str, str], app: str) -> Callable[[], bool]:
+            return lambda: cluster.roles("web") == web and app in cluster.roles("app")
+
+        both = {"nodeA": "Promoted", "nodeB": "Unpromoted"}
+        cluster.until(placed(both, "nodeA"), 90, "alpha found promoted, app on nodeA")
+
+        cluster.nodes["nodeA"].stop()  # its resources go first: demoted, then stopped
+        cluster.until(placed({"nodeB": "Promoted"}, "nodeB"), 90, "beta promoted")
+        assert volume(beta)["role"] == "source" and volume(alpha)["role"] == "target"
+        writer = AckedWriter([beta.nbd_socket, alpha.nbd_socket], blocks=1024)
+        writer.start()
+        writer.wait_writes(200)
+        cluster.start("nodeA")
+        back = {"nodeA": "Unpromoted", "nodeB": "Promoted"}
+        cluster.until(placed(back, "nodeB"), 90, "nodeA back, unpromoted")
+        switched = wait_mirror(beta, "web", "alpha:data1", "Mirroring")
+        assert switched["resync_sent_bytes"] == 0  # a switchover: nothing resent
+
+        beta.kill()  # the source's daemon dies: Pacemaker fails over to nodeA
+        cluster.until(placed({"nodeA": "Promoted"}, "nodeA"), 90, "alpha promoted")
+        assert volume(alpha)["role"] == "source"
+        writer.wait_writes(writer.writes + 200)  # the client moved to alpha
+        writer.finish()
+        beta.start()
+        cluster.until(lambda: volume(beta)["role"] == "target", 30, "beta a target")
+        cluster.any_node().run("crm_resource", "--cleanup", "-r", "web-clone")
+        cluster.until(placed(both, "nodeA"), 90, "nodeB back, unpromoted")
+        wait_mirror(alpha, "web", "beta:data1", "Mirroring")
+    stop_in_order(alpha, beta)
+    assert_identical(path(alpha), path(beta))
+    writer.check(path(alpha))
