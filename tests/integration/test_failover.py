@@ -23,6 +23,7 @@ import httpx
 from tests.conftest import NodeFactory
 from tests.integration.tcp_proxy import TcpProxy
 from tests.support.acked_writer import BLOCK, AckedWriter
+from tests.support.metrics import metric
 from tests.support.mirroring import wait_state
 from tests.support.topologies import (
     assert_identical,
@@ -105,6 +106,11 @@ def test_failover_after_kill_9_and_the_old_sources_return(start_node: NodeFactor
     writer.finish()
     writer.check(path(beta))  # every write acknowledged before and after the kill is there
     assert volume(beta)["role"] == "source"
+    with beta.api() as api:
+        text = api.get("/metrics").text
+    role = {"volume": "data1", "role": "source", "data_state": "UpToDate",
+            "generation": promoted["generation"]}  # fmt: skip
+    assert metric(text, "volkeeper_volume_role_info", **role) == 1
     owed_by_beta = mirror(beta, "web", "alpha:data1")["out_of_sync_bytes"]
 
     alpha.start()  # it comes back as the job's source, finds beta is, and gives way
@@ -287,3 +293,39 @@ def test_a_split_brain_resolved_on_the_side_that_is_kept(start_node: NodeFactory
         stop_in_order(alpha, beta)
         assert_identical(path(alpha), path(beta))
         kept.check(path(beta))
+
+
+def test_failover_with_two_targets_compares_the_other_one(start_node: NodeFactory) -> None:
+    """alpha -> beta and gamma; alpha killed, beta promoted: gamma takes beta as its source
+    (the job's record names beta, one epoch on) and compares every region with it (writes in
+    flight when alpha died may have reached one copy and not the other), sending only
+    what differs; alpha, back, gets its partial resync."""
+    ports = {name: free_tcp_port() for name in ("alpha", "beta", "gamma")}
+    nodes = {
+        name: start_node(name, [VolumeSpec("data1", SIZE)], peer_port=ports[name],
+                         peers={o: p for o, p in ports.items() if o != name})
+        for name in ("gamma", "beta", "alpha")
+    }  # fmt: skip
+    alpha, beta, gamma = nodes["alpha"], nodes["beta"], nodes["gamma"]
+    body = {"name": "web", "source": "alpha:data1", "target": ["beta:data1", "gamma:data1"],
+            "confirm": True}  # fmt: skip
+    with alpha.api() as api:
+        assert api.post("/jobs", json=body).status_code == 201
+    wait_mirror(alpha, "web", "beta:data1", "Mirroring")
+    wait_mirror(alpha, "web", "gamma:data1", "Mirroring")
+    writer = AckedWriter([alpha.nbd_socket, beta.nbd_socket])
+    writer.start()
+    writer.wait_writes(400)
+    alpha.kill()
+    assert promote(beta).status_code == 200
+    writer.wait_writes(writer.writes + 200)
+    writer.finish()
+    compared = wait_mirror(beta, "web", "gamma:data1", "Mirroring")
+    print(f"third copy: a checksum resync sent {compared['resync_sent_bytes']} bytes")
+    assert compared["resync_sent_bytes"] < VOLUME_BYTES // 4, compared
+    alpha.start()
+    wait_role(alpha, "target")
+    wait_mirror(beta, "web", "alpha:data1", "Mirroring")
+    stop_in_order(beta, alpha, gamma)
+    assert_identical(path(beta), path(alpha), path(gamma))
+    writer.check(path(gamma))

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from volkeeper.daemon import plan
 from volkeeper.daemon.api.control import ControlServer
 from volkeeper.daemon.api.events import EventBus
-from volkeeper.daemon.api.metrics import MirrorCollector, NodeCollector
+from volkeeper.daemon.api.metrics import MirrorCollector, NodeCollector, RoleCollector
 from volkeeper.daemon.config.node import NodeConfig, load_config
 from volkeeper.daemon.jobs import declared_jobs
 from volkeeper.daemon.jobs.job_record import JobRecord
@@ -77,6 +77,7 @@ class Node:
                 lambda: self.targets.received() if self.targets else [],
             )
         )
+        self.registry.register(RoleCollector(self.volume_list))
         self.control = ControlServer(self, config.node.control)
         self._control_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()

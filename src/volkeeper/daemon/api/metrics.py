@@ -6,12 +6,14 @@ prometheus-client object sits on the hot path.  Names follow
 ``volkeeper_<object>_<quantity>_<unit>`` (DESIGN.md), labelled by ``volume`` and ``op``; mirror
 families (``MirrorCollector``) by ``job``, ``target`` (``NODE:VOLUME``) and, on a target node,
 ``volume`` and ``source``.  ``volkeeper_mirror_state`` is an enum family: one series per state,
-1 for the mirror's current one.
+1 for the mirror's current one; ``volkeeper_volume_role_info`` (``RoleCollector``) is 1 for a
+volume's role, data state and generation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -75,6 +77,28 @@ class NodeCollector(Collector):
         connections = GaugeMetricFamily("volkeeper_nbd_connections", "NBD clients connected now")
         connections.add_metric([], self._connections())
         yield from (size, read, written, flushes, requests, errors, latency, connections)
+
+
+class RoleCollector(Collector):
+    """Each volume's role, data state and generation (daemon/node.py's volume views)."""
+
+    def __init__(self, volumes: Callable[[], list[dict[str, Any]]]) -> None:
+        self._volumes = volumes
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "volkeeper_volume_role_info",
+            "1 for the volume's role, data state and generation (hex; empty: standalone)",
+            labels=["volume", "role", "data_state", "generation"],
+        )
+        locked = GaugeMetricFamily(
+            "volkeeper_volume_locked", "1 while the volume takes no writes", labels=["volume"]
+        )
+        for view in self._volumes():
+            labels = [view["role"], view.get("data_state") or "", view.get("generation") or ""]
+            info.add_metric([view["name"], *labels], 1)
+            locked.add_metric([view["name"]], 1 if view["locked"] else 0)
+        yield from (info, locked)
 
 
 class MirrorCollector(Collector):
