@@ -30,6 +30,7 @@ ocf-install: deps  # the Pacemaker resource agent ocf:volkeeper:job (on every cl
 bench: deps
 	$(PY) bench/nbd_vs_nbdkit.py
 	$(PY) bench/mirror_overhead.py
+	$(PY) bench/role_changes.py
 
 bench-review: deps  # the DataKeeper review's experiment: root, ~90 min (--short: ~10 min)
 	$(PY) bench/review_experiment.py $(REVIEW_ARGS)
