@@ -30,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/support helpers
 
-from tests.integration.rawnbd import NbdClosed, NbdTimeout, RawNbd  # noqa: E402
-from tests.support.acked_writer import AckedWriter, block_bytes  # noqa: E402
-from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port  # noqa: E402
+from tests.integration.rawnbd import NbdClosed, NbdTimeout, RawNbd
+from tests.support.acked_writer import AckedWriter, block_bytes
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 
 def first_write(socket: Path, since: float, timeout: float = 30) -> float:
@@ -40,9 +40,9 @@ def first_write(socket: Path, since: float, timeout: float = 30) -> float:
     while time.monotonic() < since + timeout:
         try:
             with RawNbd.open(socket, "data1", timeout=2) as client:
-                if client.export is not None and not client.export.flags & 2:
-                    if client.write(0, block_bytes(0, 1)).error == 0:
-                        return time.monotonic() - since
+                writable = client.export is not None and not client.export.flags & 2
+                if writable and client.write(0, block_bytes(0, 1)).error == 0:
+                    return time.monotonic() - since
         except (NbdClosed, NbdTimeout, OSError, AssertionError):
             pass
         time.sleep(0.001)
@@ -161,8 +161,10 @@ def main() -> None:
     print(summary("switchover, idle", idle, base))
     print(summary("switchover, a client writing (4 KiB QD1)", loaded, base))
     print(summary("failover: promote after kill -9", [seconds], base))
-    print(f"\nold source's return after the failover: resync sent {resent} bytes; the new "
-          f"source had marked {marked} (the rest: the old source's unacknowledged extents)")
+    print(
+        f"\nold source's return after the failover: resync sent {resent} bytes; the new "
+        f"source had marked {marked} (the rest: the old source's unacknowledged extents)"
+    )
 
 
 if __name__ == "__main__":
