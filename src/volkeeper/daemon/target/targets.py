@@ -4,7 +4,11 @@ How this works: ``TargetVolumes`` holds every target volume of the node and the 
 (``target_session.TargetSession``) feeding each one, if any.  A session passes its source's HELLO to
 ``admit``, which checks it against the node: the volume exists, has the source's sector size
 and at least its size, and is not already the target of another mirror nor fed by another
-live connection, nor the source of a mirror here.  The first HELLO for a volume claims it: a
+live connection, nor the source of a mirror here (a HELLO for a volume that is a job's
+source here is judged by the node's role changes: ``judge``, daemon/roles/failover.py).  A
+HELLO from another target of the same job, one epoch later, as the job's record kept here
+names it, is that copy become the job's source (a switchover or failover): the record
+follows it.  The first HELLO for a volume claims it: a
 ``TargetRecord`` is written (durably, before the answer) and the volume is locked, so its NBD
 export refuses writes from then on (DESIGN invariant 4).  A GOODBYE(DELETED) from the source,
 or the administrator's ``forget`` when the source cannot say so any more, releases the volume
