@@ -19,7 +19,7 @@ JOB = JobRecord(
         MirrorRecord("data1", "beta", "copy1"),
         MirrorRecord("data1", "gamma", "data1", ASYNC, admin="paused"),
     ),
-    "the web server", epoch=4, demoted=True,
+    "the web server", declared=True, epoch=4, demoted=True,
 )  # fmt: skip
 
 
@@ -27,6 +27,7 @@ def test_a_job_turned_round_leaves_from_the_new_source_with_each_mirrors_setting
     turned, places = turned_round(JOB, "beta")
     assert turned.source_node == "beta" and turned.epoch == 5
     assert not turned.demoted  # the new source takes writes
+    assert not turned.declared  # its config declares no such job: a reload must not delete it
     assert turned.description == "the web server"
     assert turned.mirrors == (
         MirrorRecord("copy1", "alpha", "data1"),  # reversed, and active

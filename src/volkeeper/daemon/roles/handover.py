@@ -132,6 +132,6 @@ def turned_round(record: JobRecord, new_source: str) -> tuple[JobRecord, dict[st
         places[new.target] = old.target
     turned = dataclasses.replace(
         record, source_node=new_source, mirrors=tuple(mirrors), epoch=record.epoch + 1,
-        demoted=False,
+        demoted=False, declared=False,  # the config declares the old source: not this one
     )  # fmt: skip
     return turned, places

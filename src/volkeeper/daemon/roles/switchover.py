@@ -104,6 +104,12 @@ class Switchover:
         started = time.monotonic()
         async with self.jobs.changing:
             record = self.jobs.record(name)
+            if record.declared:
+                raise Refusal(
+                    "conflict", f"job {name!r} is declared in {self.node}'s config file, as "
+                    f"its source", "change the [[job]] table's source to the new node (on "
+                    "every node) and reload instead, or create the job through the API",
+                )  # fmt: skip
             turned, places = turned_round(record, to)
             self._check_in_sync(record, to)
             await steps.fence(self.jobs, self.nbd, record, f"switching over to {to}")
