@@ -27,6 +27,7 @@ from tests.support.metrics import metric
 from tests.support.mirroring import wait_state
 from tests.support.topologies import (
     assert_identical,
+    full_mesh,
     mirror,
     path,
     stop_in_order,
@@ -300,13 +301,7 @@ def test_failover_with_two_targets_compares_the_other_one(start_node: NodeFactor
     (the job's record names beta, one epoch on) and compares every region with it (writes in
     flight when alpha died may have reached one copy and not the other), sending only
     what differs; alpha, back, gets its partial resync."""
-    ports = {name: free_tcp_port() for name in ("alpha", "beta", "gamma")}
-    nodes = {
-        name: start_node(name, [VolumeSpec("data1", SIZE)], peer_port=ports[name],
-                         peers={o: p for o, p in ports.items() if o != name})
-        for name in ("gamma", "beta", "alpha")
-    }  # fmt: skip
-    alpha, beta, gamma = nodes["alpha"], nodes["beta"], nodes["gamma"]
+    gamma, beta, alpha = full_mesh(start_node, "gamma", "beta", "alpha", size=SIZE)
     body = {"name": "web", "source": "alpha:data1", "target": ["beta:data1", "gamma:data1"],
             "confirm": True}  # fmt: skip
     with alpha.api() as api:

@@ -20,6 +20,7 @@ from tests.support.acked_writer import AckedWriter
 from tests.support.mirroring import wait_state
 from tests.support.topologies import (
     assert_identical,
+    full_mesh,
     mirror,
     path,
     stop_in_order,
@@ -88,16 +89,6 @@ def test_switchover_and_back_under_writes(start_node: NodeFactory) -> None:
     writer.check(path(alpha))
 
 
-def full_mesh(start_node: NodeFactory, *names: str) -> list[LocalNode]:
-    """Nodes that each have every other one in [peers]."""
-    ports = {name: free_tcp_port() for name in names}
-    return [
-        start_node(name, [VolumeSpec("data1", SIZE)], peer_port=ports[name],
-                   peers={other: port for other, port in ports.items() if other != name})
-        for name in names
-    ]  # fmt: skip
-
-
 def test_switchover_with_two_targets_keeps_each_mirrors_settings(start_node: NodeFactory) -> None:
     gamma, beta, alpha = full_mesh(start_node, "gamma", "beta", "alpha")
     mirrors = [
@@ -140,19 +131,27 @@ def test_switchover_is_refused_with_the_reason(start_node: NodeFactory) -> None:
     refused = switchover(alpha, "gamma")
     assert refused.status_code == 400
     assert "has no mirror to node 'gamma'" in refused.json()["error"]["message"]
-    refused = switchover(beta, "beta")  # asked of the target: it names the source
+    refused = switchover(beta, "gamma")  # asked of a target, for a third node
     assert refused.status_code == 409
-    assert refused.json()["error"]["hint"] == "run the switchover on alpha"
+    assert refused.json()["error"]["hint"] == "run the switchover on alpha or on gamma"
     with alpha.api() as api:
         assert api.post("/jobs/web/mirror/pause").status_code == 200
     refused = switchover(alpha, "beta")
     assert refused.status_code == 409
     assert "is Paused, not Mirroring" in refused.json()["error"]["message"]
+    refused = switchover(beta, "beta")  # asked of the target: its source is not connected
+    assert refused.status_code == 409
+    error = refused.json()["error"]
+    assert "beta:data1 is not connected to its source alpha" in error["message"]
+    assert error["hint"] == "if alpha is gone for good, fail over: volkeeper volume promote data1"
     with alpha.api() as api:
         assert api.post("/jobs/web/mirror/continue").status_code == 200
     wait_state(alpha, "Mirroring")
     assert volume(alpha)["role"] == "source" and volume(alpha)["locked"] is None
-    said = vk(alpha, "job", "switchover", "web", "--to", "gamma")
+    asked = switchover(beta, "beta")  # asked of the target, connected: its source hands over
+    assert asked.status_code == 200 and asked.json()["new_source"] == "beta", asked.text
+    assert volume(alpha)["role"] == "target"
+    said = vk(beta, "job", "switchover", "web", "--to", "gamma")
     assert said.returncode == 1 and "has no mirror to node 'gamma'" in said.stderr
 
 

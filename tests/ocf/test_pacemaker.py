@@ -66,7 +66,8 @@ logging {{
 }}
 """
 
-EMPTY_CIB = """<cib validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
+
+CIB = """<cib validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
   <configuration>
     <crm_config>
       <cluster_property_set id="options">
@@ -76,12 +77,13 @@ EMPTY_CIB = """<cib validate-with="pacemaker-3.9" epoch="1" num_updates="0" admi
       </cluster_property_set>
     </crm_config>
     <nodes/>
-    <resources/>
-    <constraints/>
+    <resources>{resources}{app}</resources>
+    {constraints}
   </configuration>
   <status/>
 </cib>
 """
+EMPTY_CIB = CIB.format(resources="", app="", constraints="<constraints/>")
 
 
 def clone(name: str, job: str, control: str, target_role: str) -> str:
@@ -316,24 +318,6 @@ def test_crm_simulate_promotes_by_the_agents_scores_on_two_nodes(
     assert promoted_by_simulation(two_node_cib(node1, node2), tmp_path) == promoted
 
 
-TWO_NODE_CIB = """<cib validate-with="pacemaker-3.9" epoch="1" num_updates="0" admin_epoch="0">
-  <configuration>
-    <crm_config>
-      <cluster_property_set id="options">
-        <nvpair id="options-stonith" name="stonith-enabled" value="false"/>
-        <nvpair id="options-dc-deadtime" name="dc-deadtime" value="2s"/>
-        <nvpair id="options-recheck" name="cluster-recheck-interval" value="5s"/>
-      </cluster_property_set>
-    </crm_config>
-    <nodes/>
-    <resources>{resources}{app}</resources>
-    {constraints}
-  </configuration>
-  <status/>
-</cib>
-"""
-
-
 @pytest.mark.serial  # one Pacemaker per machine: never beside another test
 def test_a_two_node_cluster_switches_over_and_fails_over(
     start_node: NodeFactory, tmp_path: Path
@@ -359,7 +343,7 @@ def test_a_two_node_cluster_switches_over_and_fails_over(
     )
     config = '<nvpair id="web-config" name="config" value="/etc/volkeeper/node.toml"/>'
     resources = resources.replace('<nvpair id="web-control" name="control" value=""/>', config)
-    cib = TWO_NODE_CIB.format(resources=resources, app=APP, constraints=CONSTRAINTS)
+    cib = CIB.format(resources=resources, app=APP, constraints=CONSTRAINTS)
     with TwoNodeCluster(tmp_path / "cluster", cib, os.getpid() % 200) as cluster:
         cluster.config("nodeA", alpha.config_path)
         cluster.config("nodeB", beta.config_path)

@@ -26,7 +26,7 @@ from tests.support.mirroring import (
     sha256,
     stop_process,
 )
-from volkeeper_lab.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 SIZE = "32MiB"
 
@@ -47,6 +47,17 @@ def trio(
         peers={"beta": b.peer_port, "gamma": g.peer_port},
     )
     return a, b, g
+
+
+def full_mesh(start_node: NodeFactory, *names: str, size: str = SIZE) -> list[LocalNode]:
+    """Nodes (started in this order) that each have every other one in [peers], one
+    ``data1`` volume each."""
+    ports = {name: free_tcp_port() for name in names}
+    return [
+        start_node(name, [VolumeSpec("data1", size)], peer_port=ports[name],
+                   peers={other: port for other, port in ports.items() if other != name})
+        for name in names
+    ]  # fmt: skip
 
 
 def path(node: LocalNode, volume: str = "data1") -> Path:
