@@ -11,11 +11,15 @@ printed (a figure to report, not a test bound: bench/ has the measurement).
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 import httpx
 
 from tests.conftest import NodeFactory
+from tests.integration.powerloss_fs import PowerLossDisk
 from tests.support.acked_writer import AckedWriter
 from tests.support.mirroring import wait_state
 from tests.support.topologies import (
@@ -232,3 +236,53 @@ def test_a_switchover_cut_short_by_a_crash_ends_with_one_source(start_node: Node
     assert back["resync_sent_bytes"] == 0
     stop_in_order(beta, alpha)
     assert_identical(path(alpha), path(beta))
+
+
+def test_a_handover_never_answered_keeps_the_volume_locked_until_it_is_known(
+    failing_disk: PowerLossDisk, start_node: NodeFactory
+) -> None:
+    """beta takes the HANDOVER and hangs writing its intent log (its disk holds every fsync),
+    then is killed: alpha cannot know whether beta took the job, so it keeps its volume
+    locked, its mirrors running.  beta restarts without the job (its record was never
+    written), alpha's mirror is admitted again: the switchover did not happen, alpha takes
+    writes.  A second switchover then goes through, over the log the first one left."""
+    alpha_port, beta_port = free_tcp_port(), free_tcp_port()
+    beta = start_node("beta", [VolumeSpec("data1", SIZE)], peer_port=beta_port,
+                      peers={"alpha": alpha_port}, bitmap_dir=failing_disk.mountpoint)  # fmt: skip
+    alpha = start_node("alpha", [VolumeSpec("data1", SIZE)], peer_port=alpha_port,
+                       peers={"beta": beta_port})  # fmt: skip
+    body = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "confirm": True}
+    with alpha.api() as api:
+        assert api.post("/jobs", json=body).status_code == 201
+    wait_state(alpha, "Mirroring")
+    failing_disk.command("hold")
+    answers: list[httpx.Response] = []
+    asking = threading.Thread(target=lambda: answers.append(switchover(alpha, "beta")))
+    asking.start()
+    left = failing_disk.backing / "web@alpha:data1.vkil"
+    deadline = time.monotonic() + 20
+    while not left.exists():  # beta is writing the new log: the HANDOVER reached it
+        assert time.monotonic() < deadline, "beta never began to take the job"
+        time.sleep(0.01)
+    assert beta.process is not None
+    os.kill(beta.process.pid, signal.SIGKILL)  # it dies once its disk stops holding it
+    failing_disk.power_loss()
+    beta.kill()
+    asking.join(60)
+    assert answers and answers[0].status_code == 503, answers
+    error = answers[0].json()["error"]
+    assert "switchover of job 'web' undecided" in error["message"], error
+    assert "switching over to beta" in (volume(alpha)["locked"] or "")
+
+    failing_disk.start()
+    beta.start()
+    wait_state(alpha, "Mirroring")
+    deadline = time.monotonic() + 20
+    while volume(alpha)["locked"] is not None:
+        assert time.monotonic() < deadline, volume(alpha)
+        time.sleep(0.05)
+    assert "switchover did not happen: the job stays here" in alpha.log_text()
+    assert volume(beta)["role"] == "target"
+    assert switchover(alpha, "beta").status_code == 200
+    wait_mirror(beta, "web", "alpha:data1", "Mirroring")
+    assert "intent log of no recorded job replaced" in beta.log_text()

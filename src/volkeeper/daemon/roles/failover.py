@@ -88,7 +88,7 @@ class Failover:
                 size = self.jobs.services[mirror.source_volume].volume.size
                 back = mirror.target_node == record.source_node
                 handed = (generations, b"") if back else None  # another target: compare all
-                store, named = self.jobs.logs.create(turned.name, mirror, size, handed)
+                store, named = self.jobs.logs.create_afresh(turned.name, mirror, size, handed)
                 if not back:
                     store.set_generations(generations)
                 stores[mirror.target] = store

@@ -62,7 +62,7 @@ class Takeover:
                             f"{handed.volume_size}: a switchover needs volumes of one size"
                         )
                     image = handed.image(image_size(size, mirror.settings.region_size))
-                    store, named = self.jobs.logs.create(
+                    store, named = self.jobs.logs.create_afresh(
                         record.name, mirror, size, (handed.generations, image)
                     )
                     stores[mirror.target] = store

@@ -132,6 +132,21 @@ class IntentLogs:
     def remove(self, job: str, target: str) -> None:
         self.path(job, target).unlink(missing_ok=True)
 
+    def create_afresh(
+        self,
+        job: str,
+        mirror: MirrorRecord,
+        volume_size: int,
+        handed_over: tuple[Generations, bytes] | None = None,
+    ) -> tuple[IntentStore, MirrorRecord]:
+        """``create``, over whatever log a job that is not recorded here left behind (a
+        takeover cut short by a crash): it belongs to nothing."""
+        left = self.path(job, mirror.target)
+        if left.exists():
+            log.warning("intent log of no recorded job replaced", log=str(left))
+            left.unlink()
+        return self.create(job, mirror, volume_size, handed_over)
+
 
 def _name(job: str, mirror: MirrorRecord) -> str:
     """The mirror a log belongs to, as its header names it."""

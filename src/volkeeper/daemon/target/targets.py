@@ -352,7 +352,18 @@ class TargetVolumes:
     def promoted(self, volume: str, lock: str | None = None) -> None:
         """``volume`` is the source of its job now: no target record; locked for ``lock``,
         if given, else unlocked."""
+        self._drop(volume, lock)
+
+    def release(self, volume: str) -> None:
+        """The source deleted the mirror: unlock the volume, keep its data."""
+        self._drop(volume, None)
+        log.info("mirror target released", volume=volume)
+
+    def _drop(self, volume: str, lock: str | None) -> None:
+        """Forget ``volume``'s record (durably) and its state here; lock it for ``lock``,
+        or unlock it."""
         record = self.records.pop(volume, None)
+        self._unlocked_at.pop(volume, None)
         self._shown.pop(volume, None)
         self.store.remove(volume)
         if record is not None:
@@ -363,20 +374,6 @@ class TargetVolumes:
             service.lock(lock)
         elif service is not None:
             service.unlock()
-
-    def release(self, volume: str) -> None:
-        """The source deleted the mirror: unlock the volume, keep its data."""
-        record = self.records.pop(volume, None)
-        self._unlocked_at.pop(volume, None)
-        self._shown.pop(volume, None)
-        self.store.remove(volume)
-        if record is not None:
-            target = f"{self.node}:{volume}"
-            self.publish("destroy", "mirror", job=record.job, role="target", target=target)
-        service = self.service(volume)
-        if service is not None:
-            service.unlock()
-        log.info("mirror target released", volume=volume)
 
 
 def _sibling(record: TargetRecord, hello: pw.Hello) -> bool:
