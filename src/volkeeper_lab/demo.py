@@ -4,8 +4,9 @@ How this works: nodes alpha (source) and beta (target) start in ./demo-run with 
 file-backed volume each.  nbdcopy writes 64 MiB of random data to alpha over NBD; a sync job
 mirrors alpha:data1 to beta:data1 (full resync: Resyncing -> Mirroring).  Then beta is
 stopped while the application keeps writing (Resync pending: the writes are marked in the
-intent log), beta comes back, and the partial resync sends only the marked regions.  Finally
-both daemons stop and the two backing files are compared byte for byte.
+intent log), beta comes back, and the partial resync sends only the marked regions.  The job
+then switches over to beta (the application writes there; nothing is resent) and back.
+Finally both daemons stop and the two backing files are compared byte for byte.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from volkeeper.core.units import format_size
-from volkeeper_lab.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 DEMO_DIR = Path("demo-run")
 VOLUME_SIZE = 256 * 1024 * 1024
@@ -77,10 +78,11 @@ def fio_writes(node: LocalNode, amount: str) -> None:
 
 def main() -> int:
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
-    beta = LocalNode(DEMO_DIR / "beta", "beta", [VolumeSpec("data1", size=VOLUME_SIZE)])
-    alpha = LocalNode(
-        DEMO_DIR / "alpha", "alpha", [VolumeSpec("data1", size=VOLUME_SIZE)],
-        peers={"beta": beta.peer_port},
+    ports = {"alpha": free_tcp_port(), "beta": free_tcp_port()}  # each in the other's [peers]
+    alpha, beta = (
+        LocalNode(DEMO_DIR / name, name, [VolumeSpec("data1", size=VOLUME_SIZE)],
+                  peer_port=ports[name], peers={o: p for o, p in ports.items() if o != name})
+        for name in ("alpha", "beta")
     )  # fmt: skip
     step("starting two nodes: alpha (source) and beta (target), 256 MiB volume data1 each")
     beta.start()
@@ -114,6 +116,17 @@ def main() -> int:
             f"volume ({100 * resent / VOLUME_SIZE:.2f}%)"
         )
         fio_writes(alpha, "2M")
+
+        step("switchover: beta becomes the source, alpha its target -- nothing is resent")
+        print(cli(alpha, "job", "switchover", "web", "--to", "beta"), end="")
+        moved = wait_for(beta, "Mirroring")
+        fio_writes(beta, "2M")
+        print(f"   the application writes to beta now; resync bytes sent: "
+              f"{moved['resync_sent_bytes']}")  # fmt: skip
+        step("and back to alpha")
+        print(cli(beta, "job", "switchover", "web", "--to", "alpha"), end="")
+        wait_for(alpha, "Mirroring")
+        fio_writes(alpha, "1M")
     finally:
         step("stopping both nodes (SIGTERM)")
         codes = alpha.stop(), beta.stop()
@@ -136,6 +149,7 @@ def main() -> int:
         "stop beta and watch the mirror go Resync pending, then resync when it returns;\n"
         f"`volkeeper mirror pause web --config {alpha.config_path}` (then `continue`),\n"
         "`volkeeper mirror set web --mode async --compression zstd:3 --throttle 50MiB` (live),\n"
+        "`volkeeper job switchover web --to beta` (docs/failover.md: failover, Pacemaker),\n"
         "and `volkeeper events` in another terminal to watch every change as it happens."
     )
     return max(codes)
