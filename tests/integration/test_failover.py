@@ -146,10 +146,16 @@ def test_async_failover_keeps_write_order_and_says_what_it_may_lack(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     alpha.kill()
+    deadline = time.monotonic() + 10
+    while (shown := mirror(beta, "web", "beta:data1"))["source_lost_at"] is None:
+        assert time.monotonic() < deadline, shown
+        time.sleep(0.02)
+    assert (shown["data_state"], shown["may_lack_bytes"]) == ("Consistent", 64 << 20), shown
     answer = promote(beta)
     assert answer.status_code == 200, answer.text
     promoted = answer.json()
     assert promoted["data_state"] == "Consistent"
+    assert promoted["may_lack"]["seconds_before"] == shown["source_lost_at"]
     assert promoted["may_lack"]["bytes"] > 0 and promoted["may_lack"]["seconds_before"] > 0
     said = vk(beta, "volume", "promote", "data1")  # once is enough: it is the source now
     assert said.returncode == 1 and "is not a mirror target" in said.stderr

@@ -66,6 +66,12 @@ class MirrorView(Model):
     data_state: str | None = Field(None, description="target: UpToDate, Consistent, ...")
     out_of_sync_bytes: int | None
     sent_bytes: int | None
+    may_lack_bytes: int | None = Field(
+        None, description="target side, async: acknowledged writes it may lack, at most"
+    )
+    source_lost_at: float | None = Field(
+        None, description="target side: when its source was last connected (unix time)"
+    )
     resync_sent_bytes: int | None = Field(
         None, description="payload bytes resyncs sent since the node started (source side)"
     )

@@ -238,6 +238,7 @@ class TargetVolumes:
         target = f"{self.node}:{volume}"
         mirror = job.mirror(target) if job is not None else None
         settings = mirror.settings if mirror is not None else None
+        may_lack = settings.queue_limit if settings and settings.mode == "async" else None
         received = self.received_bytes.get(volume, 0)
         return {
             "job": record.job,
@@ -256,6 +257,10 @@ class TargetVolumes:
             "queue_bytes": None,
             "queue_limit_bytes": None,
             "lag_s": None,
+            # an async copy may lack up to the queue's worth of acknowledged writes, made
+            # before its source was last heard of (a failover's answer says the same)
+            "may_lack_bytes": may_lack,
+            "source_lost_at": None if volume in self.sessions else self.lost_at.get(volume),
             "throughput_bytes_per_s": None,
             "compression": settings.compression if settings is not None else None,
             "throttle": settings.throttle if settings is not None else None,
