@@ -22,13 +22,10 @@ import contextlib
 import os
 import secrets
 import ssl
-import zlib
 from collections.abc import Callable, Iterable
 
 import structlog
 
-from volkeeper.core.bitmap import DirtyBitmap
-from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_engine import PING_INTERVAL, MirrorEngine
 from volkeeper.core.mirror_ledger import Ledger
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
@@ -43,7 +40,7 @@ from volkeeper.daemon.source.peer_session import Refused, open_session
 from volkeeper.daemon.source.sender import Sender
 from volkeeper.daemon.source.verify import VerifyResult
 from volkeeper.daemon.source.walks import Walks
-from volkeeper.errors import PeerError, VolumeError
+from volkeeper.errors import PeerError
 from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
@@ -188,8 +185,10 @@ class Mirror:
             raise PeerError("link lost during the handshake")
         if self.engine.state is MirrorState.SPLIT_BRAIN:  # the other side gave way
             self.apply(self.engine.resolved())
-        if owed is not None:
-            await self._take_owed(owed)
+        if owed is not None:  # it was deposed: its changes are resynced over, with ours
+            self.owed_runs = await self.intent.merge(owed.image, owed.region_size)
+            log.warning("the target's own changes will be overwritten", job=self.spec.job,
+                        target=self.spec.target, ranges=self.owed_runs[:64])  # fmt: skip
         handshake = self.engine.handshake(
             self.clock(), answer.current_generation, answer.data_state == pw.DataState.UP_TO_DATE
         )
@@ -201,26 +200,6 @@ class Mirror:
             self.announce()
         self.apply(admitted)
         await self._watch(link)
-
-    async def _take_owed(self, owed: pw.Marked) -> None:
-        """The target was deposed and changed regions we lack: they join our marks (the
-        resync overwrites them there), persisted before the handshake is decided."""
-        bitmap = self.store.bitmap
-        try:
-            if owed.region_size != bitmap.region_size:
-                raise ValueError(f"regions of {owed.region_size} bytes, ours {bitmap.region_size}")
-            image = zlib.decompress(owed.image)
-            theirs = DirtyBitmap.from_bytes(bitmap.volume_size, bitmap.region_size, image)
-            size = bitmap.region_size
-            self.owed_runs = [(first * size, count * size) for first, count in theirs.runs()]
-            bitmap.merge(image)
-        except (zlib.error, ValueError) as exc:
-            log.error("target's changed regions unreadable: all marked", job=self.spec.job,
-                      target=self.spec.target, error=str(exc))  # fmt: skip
-            bitmap.mark_all()
-        await self.intent.durable()
-        log.warning("target's own changes will be overwritten by the resync", job=self.spec.job,
-                    target=self.spec.target, marked_bytes=bitmap.marked_bytes)  # fmt: skip
 
     async def _watch(self, link: PeerLink) -> None:
         """PING an idle target; one silent too long is dropped (``MirrorEngine.idle``)."""
@@ -273,7 +252,7 @@ class Mirror:
     async def _carry_out(self, ready: Ready[Op, range]) -> None:
         """``ready`` may mark every region: persisted before anything else of it is done."""
         if ready.generations is not None:
-            self._new_generations(ready.generations)
+            self.intent.set_generations(ready.generations)
             ready.generations = None
         if ready.mark_all:
             self.store.bitmap.mark_all()
@@ -285,7 +264,7 @@ class Mirror:
         """Carry out the engine's effects in the order ``Ready`` prescribes (core/ready.py)."""
         assert not ready.mark_all, "marking every region needs _carry_out"
         if ready.generations is not None:  # rare: blocks the loop for one header write
-            self._new_generations(ready.generations)
+            self.intent.set_generations(ready.generations)
         bitmap = self.store.bitmap
         for offset, length in ready.mark:
             bitmap.mark(offset, length)
@@ -314,19 +293,6 @@ class Mirror:
             self._send(ready.send)
         elif ready.changes or ready.records or ready.start_resync or ready.answer or ready.close:
             self._apply_rest(ready)
-
-    def _new_generations(self, generations: Generations) -> None:
-        log.info(
-            "mirror generations",
-            job=self.spec.job,
-            target=self.spec.target,
-            current=f"{generations.current:016x}",
-            previous=f"{generations.previous:016x}",
-        )
-        try:
-            self.store.set_generations(generations)
-        except VolumeError:
-            self._intent_failed()
 
     def _apply_rest(self, ready: Ready[Op, range]) -> None:
         for before, event in ready.changes:
