@@ -1,11 +1,12 @@
-"""Replication protocol frames: one frozen dataclass per frame type, and the encoder.
+"""Replication protocol frames of the data path, the ``Frame`` union of all, and the encoder.
 
 How this works: each frame type (layouts in ``layout``) is a frozen dataclass whose
-``encode(sequence)`` returns the buffers to hand to ``transport.writelines``;
-``FrameEncoder`` owns the outgoing counter.  A WRITE or RESYNC_DATA payload is never copied:
-the caller's object itself sits in the list between the header and the checksum, so it must
-not change until the transport sent it.  Decoding lives in ``wire``, the protocol's
-public module, which re-exports all of this.
+``encode(sequence)`` returns the buffers to hand to ``transport.writelines``; the frames of a
+session (handshake, records, role changes) are in ``session_frames``, the helpers both use
+in ``encoding``.  ``FrameEncoder`` owns the outgoing counter.  A WRITE or RESYNC_DATA
+payload is never copied: the caller's object itself sits in the list between the header and
+the checksum, so it must not change until the transport sent it.  Decoding lives in
+``wire``, the protocol's public module, which re-exports all of this.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
 
-from xxhash import xxh3_64, xxh3_64_digest
+from xxhash import xxh3_64
 
+from volkeeper.core.peer.encoding import packed
 from volkeeper.core.peer.layout import (
     _DATA_HEAD,
     ACK_BODY,
@@ -27,37 +29,27 @@ from volkeeper.core.peer.layout import (
     HASH_RANGE,
     HASHES_HEAD,
     HEADER,
-    HELLO_FIXED,
-    HELLO_OK_FIXED,
-    KEEP,
     MAGIC,
-    MARKED_HEAD,
-    MAX_HANDOVER,
-    MAX_JOB_DOCUMENT,
-    MAX_MESSAGE,
-    MAX_NAME,
     MAX_PAYLOAD,
     MAY_TRIM,
-    OWED,
-    PROTOCOL_VERSION,
     RANGE,
-    REASON,
-    STATE_BODY,
-    STR_LEN,
-    TOKEN,
     Buffer,
     Codec,
-    DataState,
     FrameType,
-    GoodbyeReason,
-    RefuseReason,
-    Role,
 )
-
-
-def _packed(kind: FrameType, flags: int, sequence: int, body: bytes) -> list[Buffer]:
-    head = HEADER.pack(MAGIC, kind, flags, len(body), sequence) + body
-    return [head + xxh3_64_digest(head)]
+from volkeeper.core.peer.session_frames import (
+    Goodbye,
+    Handover,
+    Hello,
+    HelloOk,
+    Job,
+    Marked,
+    Ping,
+    Pong,
+    Refuse,
+    State,
+    SwitchoverRequest,
+)
 
 
 def _data_frame(kind: FrameType, flags: int, seq: int, offset: int, data: Buffer) -> list[Buffer]:
@@ -75,88 +67,6 @@ def _data_repr(frame: _DataFrame) -> str:
     size = frame.data.nbytes if isinstance(frame.data, memoryview) else len(frame.data)
     name = type(frame).__name__
     return f"{name}(offset={frame.offset}, data=<{size} bytes>, fua={frame.fua})"
-
-
-def _str(text: str, limit: int, what: str) -> bytes:
-    raw = text.encode()
-    if len(raw) > limit:
-        raise ValueError(f"{what} is {len(raw)} UTF-8 bytes, more than {limit}")
-    return STR_LEN.pack(len(raw)) + raw
-
-
-def _message(text: str) -> bytes:
-    """A REFUSE / GOODBYE message, cut at a character boundary to MAX_MESSAGE bytes."""
-    return text.encode()[:MAX_MESSAGE].decode(errors="ignore").encode()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Hello:
-    TYPE: ClassVar[FrameType] = FrameType.HELLO
-    node: str
-    volume: str
-    job: str
-    source_volume: str
-    volume_size: int
-    sector_size: int
-    current_generation: int
-    previous_generation: int
-    role: Role = Role.SOURCE
-    min_version: int = PROTOCOL_VERSION
-    max_version: int = PROTOCOL_VERSION
-    epoch: int = 0  # of the job: how many times its source moved
-    marked_bytes: int = 0  # what the sender's intent log marks for this target
-    keep: bool = False  # a split brain resolved keeping the sender's data
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        body = HELLO_FIXED.pack(
-            self.min_version, self.max_version, self.volume_size, self.sector_size,
-            self.current_generation, self.previous_generation, self.role, self.epoch,
-            self.marked_bytes,
-        )  # fmt: skip
-        names = (_str(t, MAX_NAME, w) for t, w in self._names())
-        return _packed(self.TYPE, KEEP if self.keep else 0, sequence, body + b"".join(names))
-
-    def _names(self) -> tuple[tuple[str, str], ...]:
-        return (
-            (self.node, "node name"),
-            (self.volume, "volume name"),
-            (self.job, "job name"),
-            (self.source_volume, "source volume name"),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HelloOk:
-    TYPE: ClassVar[FrameType] = FrameType.HELLO_OK
-    node: str
-    volume: str
-    volume_size: int
-    sector_size: int
-    current_generation: int
-    previous_generation: int
-    data_state: DataState
-    chosen_version: int = PROTOCOL_VERSION
-    owed: bool = False  # a MARKED frame follows
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        body = HELLO_OK_FIXED.pack(
-            self.chosen_version, self.volume_size, self.sector_size,
-            self.current_generation, self.previous_generation, self.data_state,
-        )  # fmt: skip
-        names = _str(self.node, MAX_NAME, "node name") + _str(self.volume, MAX_NAME, "volume name")
-        return _packed(self.TYPE, OWED if self.owed else 0, sequence, body + names)
-
-
-@dataclass(frozen=True, slots=True)
-class Refuse:
-    """The target's answer to a HELLO it will not accept; ``message`` is for the log."""
-
-    TYPE: ClassVar[FrameType] = FrameType.REFUSE
-    reason: RefuseReason
-    message: str = ""
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        return _packed(self.TYPE, 0, sequence, REASON.pack(self.reason) + _message(self.message))
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -239,7 +149,7 @@ class Zero:
 
     def encode(self, sequence: int) -> list[Buffer]:
         flags = (FUA if self.fua else 0) | (MAY_TRIM if self.may_trim else 0)
-        return _packed(self.TYPE, flags, sequence, RANGE.pack(self.offset, self.length))
+        return packed(self.TYPE, flags, sequence, RANGE.pack(self.offset, self.length))
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +161,7 @@ class Trim:
 
     def encode(self, sequence: int) -> list[Buffer]:
         flags = FUA if self.fua else 0
-        return _packed(self.TYPE, flags, sequence, RANGE.pack(self.offset, self.length))
+        return packed(self.TYPE, flags, sequence, RANGE.pack(self.offset, self.length))
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +171,7 @@ class Flush:
     TYPE: ClassVar[FrameType] = FrameType.FLUSH
 
     def encode(self, sequence: int) -> list[Buffer]:
-        return _packed(self.TYPE, 0, sequence, b"")
+        return packed(self.TYPE, 0, sequence, b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,101 +185,7 @@ class Ack:
 
     def encode(self, sequence: int) -> list[Buffer]:
         flags = DURABLE if self.durable else 0
-        return _packed(self.TYPE, flags, sequence, ACK_BODY.pack(self.sequence, self.errno))
-
-
-@dataclass(frozen=True, slots=True)
-class Ping:
-    TYPE: ClassVar[FrameType] = FrameType.PING
-    token: int
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        return _packed(self.TYPE, 0, sequence, TOKEN.pack(self.token))
-
-
-@dataclass(frozen=True, slots=True)
-class Pong:
-    TYPE: ClassVar[FrameType] = FrameType.PONG
-    token: int
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        return _packed(self.TYPE, 0, sequence, TOKEN.pack(self.token))
-
-
-@dataclass(frozen=True, slots=True)
-class Goodbye:
-    TYPE: ClassVar[FrameType] = FrameType.GOODBYE
-    reason: GoodbyeReason
-    message: str = ""
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        return _packed(self.TYPE, 0, sequence, REASON.pack(self.reason) + _message(self.message))
-
-
-@dataclass(frozen=True, slots=True)
-class State:
-    """The source tells the target what its copy now is; ACKed once durably recorded."""
-
-    TYPE: ClassVar[FrameType] = FrameType.STATE
-    data_state: DataState
-    current_generation: int
-    previous_generation: int
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        body = STATE_BODY.pack(self.data_state, self.current_generation, self.previous_generation)
-        return _packed(self.TYPE, 0, sequence, body)
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    """The job this mirror belongs to, as JSON (the target stores it; the source owns it)."""
-
-    TYPE: ClassVar[FrameType] = FrameType.JOB
-    document: str
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        raw = self.document.encode()
-        if len(raw) > MAX_JOB_DOCUMENT:
-            raise ValueError(f"job document of {len(raw)} bytes exceeds {MAX_JOB_DOCUMENT}")
-        return _packed(self.TYPE, 0, sequence, raw)
-
-
-@dataclass(frozen=True, slots=True)
-class Handover:
-    """A switchover: the target's node becomes the job's source (JSON, see layout)."""
-
-    TYPE: ClassVar[FrameType] = FrameType.HANDOVER
-    document: str
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        raw = self.document.encode()
-        if len(raw) > MAX_HANDOVER:
-            raise ValueError(f"handover document of {len(raw)} bytes exceeds {MAX_HANDOVER}")
-        return _packed(self.TYPE, 0, sequence, raw)
-
-
-@dataclass(frozen=True, slots=True)
-class SwitchoverRequest:
-    """A target asks its source to hand the job over to it."""
-
-    TYPE: ClassVar[FrameType] = FrameType.SWITCHOVER
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        return _packed(self.TYPE, 0, sequence, b"")
-
-
-@dataclass(frozen=True, slots=True)
-class Marked:
-    """Regions a deposed copy changed that its new source lacks (layout: MARKED)."""
-
-    TYPE: ClassVar[FrameType] = FrameType.MARKED
-    region_size: int
-    image: bytes  # zlib-compressed bitmap image
-
-    def encode(self, sequence: int) -> list[Buffer]:
-        if len(self.image) > MAX_HANDOVER:
-            raise ValueError(f"marked regions of {len(self.image)} bytes exceed {MAX_HANDOVER}")
-        return _packed(self.TYPE, 0, sequence, MARKED_HEAD.pack(self.region_size) + self.image)
+        return packed(self.TYPE, flags, sequence, ACK_BODY.pack(self.sequence, self.errno))
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +199,7 @@ class HashRequest:
 
     def encode(self, sequence: int) -> list[Buffer]:
         body = HASH_RANGE.pack(self.offset, self.length, self.region_size)
-        return _packed(self.TYPE, 0, sequence, body)
+        return packed(self.TYPE, 0, sequence, body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,7 +211,7 @@ class Hashes:
     digests: bytes
 
     def encode(self, sequence: int) -> list[Buffer]:
-        return _packed(self.TYPE, 0, sequence, HASHES_HEAD.pack(self.request) + self.digests)
+        return packed(self.TYPE, 0, sequence, HASHES_HEAD.pack(self.request) + self.digests)
 
     def __iter__(self) -> Iterator[bytes]:
         digests = self.digests

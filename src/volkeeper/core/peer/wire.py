@@ -27,6 +27,7 @@ from xxhash import xxh3_64, xxh3_64_intdigest
 from volkeeper.core.peer.frames import *
 from volkeeper.core.peer.layout import *
 from volkeeper.core.peer.layout import _DATA_HEAD
+from volkeeper.core.peer.session_frames import *
 from volkeeper.errors import ProtocolError
 
 _E = TypeVar("_E", bound=enum.IntEnum)
