@@ -25,13 +25,12 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from volkeeper.daemon import plan
+from volkeeper.daemon import node_views, plan
 from volkeeper.daemon.api.control import ControlServer
 from volkeeper.daemon.api.events import EventBus
 from volkeeper.daemon.api.metrics import MirrorCollector, NodeCollector, RoleCollector
 from volkeeper.daemon.config.node import NodeConfig, load_config
 from volkeeper.daemon.jobs import declared_jobs
-from volkeeper.daemon.jobs.job_record import JobRecord
 from volkeeper.daemon.jobs.job_rules import JobRequest, MirrorRequest
 from volkeeper.daemon.jobs.jobs import Jobs
 from volkeeper.daemon.roles.roles import Roles
@@ -197,7 +196,7 @@ class Node:
         targets = self.target_records()
         errors = self.targets.errors if self.targets is not None else {}
         return [
-            _volume_view(service, service.name in targets, errors.get(service.name))
+            node_views.volume_view(service, service.name in targets, errors.get(service.name))
             | self._lineage(service.name)
             for service in self.services
         ]
@@ -235,17 +234,17 @@ class Node:
             views = self.targets.views()
             for job in self.targets.jobs():
                 mirrors = [view for view in views if view["job"] == job.name]
-                jobs.append(_target_job_view(job, mirrors))
+                jobs.append(node_views.target_job_view(job, mirrors))
         return jobs
 
     def event_snapshot(self) -> list[dict[str, Any]]:
         """Every object as it is now, for a new event stream's ``exists`` events."""
-        volumes = [{"object": "volume", **_brief_volume(v)} for v in self.volume_list()]
+        volumes = [{"object": "volume", **node_views.brief_volume(v)} for v in self.volume_list()]
         jobs = [
             {"object": "job", "job": j["name"], "role": j["role"], "description": j["description"]}
             for j in self.job_list()
         ]
-        mirrors = [{"object": "mirror", **_brief_mirror(m)} for m in self._mirror_views()]
+        mirrors = [{"object": "mirror", **node_views.brief_mirror(m)} for m in self._mirror_views()]
         return [{"object": "node", "node": self.name}, *volumes, *jobs, *mirrors]
 
     def _jobs(self) -> Jobs:
@@ -347,44 +346,6 @@ def _log_peer_security(config: NodeConfig) -> None:
             certificate=str(config.tls.certificate),
             ca=str(config.tls.ca),
         )
-
-
-def _target_job_view(job: JobRecord, mirrors: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "name": job.name,
-        "description": job.description,
-        "source_node": job.source_node,
-        "role": "target",
-        "declared": job.declared,
-        "mirrors": mirrors,
-    }
-
-
-def _brief_volume(view: dict[str, Any]) -> dict[str, Any]:
-    return {"volume": view["name"], "role": view["role"], "locked": bool(view["locked"])}
-
-
-def _brief_mirror(view: dict[str, Any]) -> dict[str, Any]:
-    keys = ("job", "source", "target", "role", "mode", "state")
-    return {key: view[key] for key in keys}
-
-
-def _volume_view(service: VolumeService, target: bool, last_error: str | None) -> dict[str, Any]:
-    volume, ops = service.volume, service.stats.ops
-    role = "source" if service.replication is not None else "target" if target else "standalone"
-    return {
-        "name": volume.name,
-        "path": volume.path,
-        "kind": volume.kind,
-        "size": volume.size,
-        "sector_size": volume.sector_size,
-        "role": role,
-        "locked": service.lock_reason,
-        "read_bytes": ops["read"].bytes,
-        "written_bytes": ops["write"].bytes,
-        "requests": {op: stats.requests for op, stats in ops.items()},
-        "last_error": last_error,  # a target's: the last mirror frame it could not apply
-    }
 
 
 async def serve(config: NodeConfig, config_path: Path | None = None) -> None:
