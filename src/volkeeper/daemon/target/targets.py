@@ -39,6 +39,7 @@ from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.jobs.job_record import JobRecord
 from volkeeper.daemon.target import target_session
 from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
+from volkeeper.daemon.target.target_view import target_view
 from volkeeper.errors import Refusal
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
@@ -231,44 +232,15 @@ class TargetVolumes:
 
     def views(self) -> list[dict[str, Any]]:
         """The mirrors this node is the target of, as far as it can tell."""
-        return [self._view(volume, record) for volume, record in self.records.items()]
-
-    def _view(self, volume: str, record: TargetRecord) -> dict[str, Any]:
-        job = record.job_record()
-        target = f"{self.node}:{volume}"
-        mirror = job.mirror(target) if job is not None else None
-        settings = mirror.settings if mirror is not None else None
-        may_lack = settings.queue_limit if settings and settings.mode == "async" else None
-        received = self.received_bytes.get(volume, 0)
-        return {
-            "job": record.job,
-            "source": f"{record.source_node}:{record.source_volume}",
-            "target": target,
-            "role": "target",
-            "mode": settings.mode if settings is not None else None,
-            "state": self._state(volume, record),
-            "data_state": record.shown_data_state(target),
-            "out_of_sync_bytes": None,  # the source's intent log knows; ask it
-            "sent_bytes": None,
-            "resync_sent_bytes": None,
-            "wire_bytes": None,
-            "compression_ratio": None,
-            "received_bytes": received,
-            "queue_bytes": None,
-            "queue_limit_bytes": None,
-            "lag_s": None,
-            # an async copy may lack up to the queue's worth of acknowledged writes, made
-            # before its source was last heard of (a failover's answer says the same)
-            "may_lack_bytes": may_lack,
-            "source_lost_at": None if volume in self.sessions else self.lost_at.get(volume),
-            "throughput_bytes_per_s": None,
-            "compression": settings.compression if settings is not None else None,
-            "throttle": settings.throttle if settings is not None else None,
-            "resync": {"done_bytes": 0, "total_bytes": 0, "rate_bytes_per_s": 0, "eta_s": None},
-            "unlocked": record.unlocked,
-            "last_error": self.errors.get(volume),
-            "target_errors": self.error_counts.get(volume, 0),
-        }
+        return [
+            target_view(self.node, volume, record, self._state(volume, record), {
+                "received_bytes": self.received_bytes.get(volume, 0),
+                "source_lost_at": None if volume in self.sessions else self.lost_at.get(volume),
+                "last_error": self.errors.get(volume),
+                "target_errors": self.error_counts.get(volume, 0),
+            })
+            for volume, record in self.records.items()
+        ]  # fmt: skip
 
     def _state(self, volume: str, record: TargetRecord) -> str:
         if volume in self.sessions:
