@@ -330,3 +330,20 @@ def test_failover_with_two_targets_compares_the_other_one(start_node: NodeFactor
     stop_in_order(beta, alpha, gamma)
     assert_identical(path(beta), path(alpha), path(gamma))
     writer.check(path(gamma))
+
+
+def test_an_outdated_target_is_not_promoted(start_node: NodeFactory) -> None:
+    """A broken mirror's target is Outdated: its source stopped tracking what it lacks."""
+    alpha, beta = pair(start_node)
+    wait_state(alpha, "Mirroring")
+    with alpha.api() as api:
+        assert api.post("/jobs/web/mirror/break").status_code == 200
+    deadline = time.monotonic() + 10
+    while mirror(beta, "web", "beta:data1")["data_state"] != "Outdated":
+        assert time.monotonic() < deadline, mirror(beta, "web", "beta:data1")
+        time.sleep(0.02)
+    alpha.kill()
+    refused = promote(beta)
+    assert refused.status_code == 409
+    assert "its data is Outdated" in refused.json()["error"]["message"]
+    assert volume(beta)["role"] == "target"
