@@ -16,7 +16,6 @@ import json
 import re
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 
@@ -31,6 +30,7 @@ from tests.support.topologies import (
     mirror,
     path,
     stop_in_order,
+    two_way_pair,
     vk,
     volume,
     wait_mirror,
@@ -41,24 +41,9 @@ SIZE = "32MiB"
 VOLUME_BYTES = 32 << 20
 
 
-def pair(
-    start_node: NodeFactory, mode: str = "sync", throttle: str | None = None,
-    alpha_peer: int | None = None, beta_peer: int | None = None,
-) -> tuple[LocalNode, LocalNode]:  # fmt: skip
-    """alpha and beta in each other's [peers] (or at the given ports: proxies), job web
-    (alpha:data1 -> beta:data1) created."""
-    alpha_port, beta_port = free_tcp_port(), free_tcp_port()
-    beta = start_node("beta", [VolumeSpec("data1", SIZE)], peer_port=beta_port,
-                      peers={"alpha": alpha_peer or alpha_port})  # fmt: skip
-    alpha = start_node("alpha", [VolumeSpec("data1", SIZE)], peer_port=alpha_port,
-                       peers={"beta": beta_peer or beta_port})  # fmt: skip
-    body: dict[str, Any] = {"name": "web", "source": "alpha:data1", "target": "beta:data1",
-                            "mode": mode, "confirm": True}  # fmt: skip
-    if throttle:
-        body["throttle"] = throttle
-    with alpha.api() as api:
-        assert api.post("/jobs", json=body).status_code == 201
-    return alpha, beta
+def pair(start_node: NodeFactory, **job: object) -> tuple[LocalNode, LocalNode]:
+    """alpha and beta in each other's [peers], job web (alpha:data1 -> beta:data1) created."""
+    return two_way_pair(start_node, SIZE, **job)
 
 
 def promote(node: LocalNode, force: bool = False, until_gone: bool = True) -> httpx.Response:

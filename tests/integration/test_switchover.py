@@ -28,6 +28,7 @@ from tests.support.topologies import (
     mirror,
     path,
     stop_in_order,
+    two_way_pair,
     vk,
     vk_ok,
     volume,
@@ -38,18 +39,10 @@ from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 SIZE = "32MiB"
 
 
-def two_way_pair(start_node: NodeFactory) -> tuple[LocalNode, LocalNode]:
+def mirrored_two_way_pair(start_node: NodeFactory) -> tuple[LocalNode, LocalNode]:
     """alpha and beta, each in the other's [peers], job web (alpha:data1 -> beta:data1,
     sync) Mirroring."""
-    alpha_port, beta_port = free_tcp_port(), free_tcp_port()
-    beta = start_node("beta", [VolumeSpec("data1", SIZE)], peer_port=beta_port,
-                      peers={"alpha": alpha_port})  # fmt: skip
-    alpha = start_node("alpha", [VolumeSpec("data1", SIZE)], peer_port=alpha_port,
-                       peers={"beta": beta_port})  # fmt: skip
-    body = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "mode": "sync",
-            "confirm": True}  # fmt: skip
-    with alpha.api() as api:
-        assert api.post("/jobs", json=body).status_code == 201
+    alpha, beta = two_way_pair(start_node, SIZE, mode="sync")
     wait_state(alpha, "Mirroring")
     return alpha, beta
 
@@ -60,7 +53,7 @@ def switchover(node: LocalNode, to: str, job: str = "web") -> httpx.Response:
 
 
 def test_switchover_and_back_under_writes(start_node: NodeFactory) -> None:
-    alpha, beta = two_way_pair(start_node)
+    alpha, beta = mirrored_two_way_pair(start_node)
     writer = AckedWriter([alpha.nbd_socket, beta.nbd_socket])
     writer.start()
     writer.wait_writes(300)
@@ -131,7 +124,7 @@ def test_switchover_with_two_targets_keeps_each_mirrors_settings(start_node: Nod
 
 
 def test_switchover_is_refused_with_the_reason(start_node: NodeFactory) -> None:
-    alpha, beta = two_way_pair(start_node)
+    alpha, beta = mirrored_two_way_pair(start_node)
     refused = switchover(alpha, "gamma")
     assert refused.status_code == 400
     assert "has no mirror to node 'gamma'" in refused.json()["error"]["message"]
@@ -197,7 +190,7 @@ def test_a_switchover_cut_short_by_a_crash_ends_with_one_source(start_node: Node
     target record (it crashed while becoming a target): the target record stands.  alpha
     with only its old job record and intent log (it crashed before anything of its own
     was written): beta refuses its mirror with SOURCE_MOVED and alpha becomes its target."""
-    alpha, beta = two_way_pair(start_node)
+    alpha, beta = mirrored_two_way_pair(start_node)
     state = {node.name: node.directory / "state" for node in (alpha, beta)}
     alpha.stop()  # a cleanly closed intent log: nothing marked
     job_record = (state["alpha"] / "jobs" / "web.json").read_bytes()

@@ -11,24 +11,16 @@ from pathlib import Path
 
 from tests.conftest import NodeFactory, need
 from tests.support.mirroring import wait_state
-from tests.support.topologies import volume, wait_mirror
+from tests.support.topologies import two_way_pair, volume, wait_mirror
 from volkeeper.ocf import agent
 from volkeeper.ocf.install import install
-from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
+from volkeeper_lab.launcher import LocalNode
 
 SIZE = "16MiB"
 
 
-def pair(start_node: NodeFactory, **job: str) -> tuple[LocalNode, LocalNode]:
-    alpha_port, beta_port = free_tcp_port(), free_tcp_port()
-    beta = start_node("beta", [VolumeSpec("data1", SIZE)], peer_port=beta_port,
-                      peers={"alpha": alpha_port})  # fmt: skip
-    alpha = start_node("alpha", [VolumeSpec("data1", SIZE)], peer_port=alpha_port,
-                       peers={"beta": beta_port})  # fmt: skip
-    body = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "confirm": True}
-    with alpha.api() as api:
-        assert api.post("/jobs", json={**body, **job}).status_code == 201
-    return alpha, beta
+def pair(start_node: NodeFactory, **job: object) -> tuple[LocalNode, LocalNode]:
+    return two_way_pair(start_node, SIZE, **job)
 
 
 def env(node: LocalNode, tmp_path: Path, job: str = "web") -> dict[str, str]:

@@ -60,6 +60,18 @@ def full_mesh(start_node: NodeFactory, *names: str, size: str = SIZE) -> list[Lo
     ]  # fmt: skip
 
 
+def two_way_pair(
+    start_node: NodeFactory, size: str = SIZE, **job: object
+) -> tuple[LocalNode, LocalNode]:
+    """beta, then alpha, each in the other's [peers]; job web (alpha:data1 -> beta:data1,
+    with the settings in ``job``) created."""
+    beta, alpha = full_mesh(start_node, "beta", "alpha", size=size)
+    body = {"name": "web", "source": "alpha:data1", "target": "beta:data1", "confirm": True}
+    with alpha.api() as api:
+        assert api.post("/jobs", json={**body, **job}).status_code == 201
+    return alpha, beta
+
+
 def path(node: LocalNode, volume: str = "data1") -> Path:
     return node.volume_path(next(v for v in node.volumes if v.name == volume))
 

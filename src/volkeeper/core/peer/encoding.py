@@ -28,3 +28,11 @@ def encoded_str(text: str, limit: int, what: str) -> bytes:
 def message_bytes(text: str) -> bytes:
     """A REFUSE / GOODBYE message, cut at a character boundary to MAX_MESSAGE bytes."""
     return text.encode()[:MAX_MESSAGE].decode(errors="ignore").encode()
+
+
+def document(kind: FrameType, sequence: int, text: str, limit: int, what: str) -> list[Buffer]:
+    """A frame whose whole body is a UTF-8 document of at most ``limit`` bytes."""
+    raw = text.encode()
+    if len(raw) > limit:
+        raise ValueError(f"{what} of {len(raw)} bytes exceeds {limit}")
+    return packed(kind, 0, sequence, raw)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from volkeeper.core.peer.encoding import encoded_str, message_bytes, packed
+from volkeeper.core.peer.encoding import document, encoded_str, message_bytes, packed
 from volkeeper.core.peer.layout import (
     HELLO_FIXED,
     HELLO_OK_FIXED,
@@ -161,10 +161,7 @@ class Job:
     document: str
 
     def encode(self, sequence: int) -> list[Buffer]:
-        raw = self.document.encode()
-        if len(raw) > MAX_JOB_DOCUMENT:
-            raise ValueError(f"job document of {len(raw)} bytes exceeds {MAX_JOB_DOCUMENT}")
-        return packed(self.TYPE, 0, sequence, raw)
+        return document(self.TYPE, sequence, self.document, MAX_JOB_DOCUMENT, "job document")
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,10 +172,7 @@ class Handover:
     document: str
 
     def encode(self, sequence: int) -> list[Buffer]:
-        raw = self.document.encode()
-        if len(raw) > MAX_HANDOVER:
-            raise ValueError(f"handover document of {len(raw)} bytes exceeds {MAX_HANDOVER}")
-        return packed(self.TYPE, 0, sequence, raw)
+        return document(self.TYPE, sequence, self.document, MAX_HANDOVER, "handover document")
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,7 +62,7 @@ log = structlog.get_logger("volkeeper.roles")
 
 RESOLVE_WAIT = 30.0  # resolve keeping this side: how long the other side has to yield
 R = pw.RefuseReason
-UP_TO_DATE, CONSISTENT = pw.DataState.UP_TO_DATE.name, pw.DataState.CONSISTENT.name
+UP_TO_DATE = pw.DataState.UP_TO_DATE.name
 
 
 class Failover:
@@ -87,10 +87,10 @@ class Failover:
             for mirror in turned.mirrors:
                 size = self.jobs.services[mirror.source_volume].volume.size
                 back = mirror.target_node == record.source_node
-                handed = (generations, b"") if back else None  # another target: compare all
-                store, named = self.jobs.logs.create_afresh(turned.name, mirror, size, handed)
-                if not back:
-                    store.set_generations(generations)
+                marked = b"" if back else None  # another target: every region compared
+                store, named = self.jobs.logs.create(
+                    turned.name, mirror, size, generations, marked, replace_leftover=True
+                )
                 stores[mirror.target] = store
                 turned = turned.with_mirror(named)
             self.jobs.store.save(turned)  # the commit point
@@ -286,8 +286,7 @@ class Failover:
         if keep not in others:
             raise Refusal("bad_request", f"keep {self.node} or {', '.join(sorted(others))}")
         discarded = await self.demote(name, keep, f"split brain resolved: {keep} kept")
-        return {"job": name, "kept": keep, "discarded": discarded,
-                "discarded_bytes": sum(n for _, n in discarded)}  # fmt: skip
+        return _resolved(name, keep, discarded)
 
     async def _keep_ours(self, name: str, split: list[Any]) -> dict[str, Any]:
         mirrors = [self.jobs.mirrors.get((name, m.target)) for m in split]
@@ -303,5 +302,10 @@ class Failover:
                 await asyncio.sleep(0.05)
             mirror.keep = False
             discarded += mirror.owed_runs
-        return {"job": name, "kept": self.node, "discarded": discarded,
-                "discarded_bytes": sum(n for _, n in discarded)}  # fmt: skip
+        return _resolved(name, self.node, discarded)
+
+
+def _resolved(job: str, kept: str, discarded: list[tuple[int, int]]) -> dict[str, Any]:
+    """The answer to ``resolve``."""
+    return {"job": job, "kept": kept, "discarded": discarded,
+            "discarded_bytes": sum(length for _, length in discarded)}  # fmt: skip

@@ -22,21 +22,16 @@ unlock.  A HANDOVER never answered leaves the outcome unknown: the mirrors resta
 volumes stay locked until the mirror to the would-be source is admitted again (it did not
 take over: unlock) or is refused with SOURCE_MOVED (it did).
 
-A refusal with SOURCE_MOVED (``deposed``) means another node is the job's source now: this
-node missed the end of its own switchover (a crash at step 5), or was failed over.  It
-becomes a target of that node, as in step 5; if its log owes that node regions (writes it
-took that were never acknowledged there), its copy is Inconsistent and gets a full resync.
-
-On the new source, ``adopt`` (called by the HANDOVER's session) checks the document, makes
-each mirror's intent log with the generations and marks handed over, saves the job's
-record (the commit point), drops its target records and unlocks the volumes, and returns
-what starts the mirrors.
+A crash at step 5 leaves this node believing it is still the source: ``reconcile`` at
+start keeps the record of the later epoch, and a mirror refused with SOURCE_MOVED makes it
+a target (daemon/roles/failover.py).  The new source's side is daemon/roles/takeover.py.
+A target node may ask for the job (a SWITCHOVER frame: ``requested``, ``ask``), and the
+cluster manager may ``demote`` a source (fenced, drained, waiting) and ``activate`` it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 from typing import Any
@@ -82,7 +77,7 @@ class Switchover:
         recorded here both as source and as target; the record of the later epoch stands."""
         records, _ = self.jobs.store.load_all()
         for record in records:
-            for volume in sorted({m.source_volume for m in record.mirrors}):
+            for volume in steps.source_volumes(record):
                 target = self.targets.records.get(volume)
                 if target is None or target.job != record.name:
                     continue
@@ -153,18 +148,9 @@ class Switchover:
                     "wait until it is Mirroring (a resync must finish first)",
                 )
 
-    async def _drain(self, record: JobRecord) -> None:
-        """Flush every source volume through its mirrors (durable on every target)."""
-        replications = self.jobs.mirrors.replications
-        for volume in steps.source_volumes(record):
-            replication = replications.get(volume)
-            if replication is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(replication.sync(), DRAIN_TIMEOUT)
-
     async def _drain_and_stop(self, record: JobRecord, to: str) -> dict[str, IntentStore]:
         """Drain, then stop every mirror of the job; their logs, closed."""
-        await self._drain(record)
+        await self.jobs.mirrors.drain(steps.source_volumes(record), DRAIN_TIMEOUT)
         stores = await steps.stop_mirrors(self.jobs, record)
         for mirror in record.mirrors:
             if mirror.target_node != to:
@@ -228,7 +214,7 @@ class Switchover:
             if (record.name, mirror.target) not in self.jobs.mirrors.running:
                 self.jobs.load_mirror(record.name, mirror)
         if unlock:
-            for volume in {m.source_volume for m in record.mirrors}:
+            for volume in steps.source_volumes(record):
                 self.jobs.services[volume].unlock()
 
     def _become_target(
@@ -259,7 +245,7 @@ class Switchover:
         ):  # fmt: skip
             del self.undecided[job]
             record = self.jobs.records.get(job)
-            for volume in {m.source_volume for m in record.mirrors} if record else ():
+            for volume in steps.source_volumes(record) if record else ():
                 self.jobs.services[volume].unlock()
             log.warning("switchover did not happen: the job stays here", job=job)
 
@@ -322,7 +308,7 @@ class Switchover:
             record = self.jobs.record(name)
             if not record.demoted:
                 await steps.fence(self.jobs, self.nbd, record, _demoted(name))
-                await self._drain(record)
+                await self.jobs.mirrors.drain(steps.source_volumes(record), DRAIN_TIMEOUT)
                 record = self._save(dataclasses.replace(record, demoted=True))
                 self.jobs.publish("change", "job", job=name, demoted=True)
             return record

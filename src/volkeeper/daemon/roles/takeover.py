@@ -23,6 +23,7 @@ from volkeeper.core.mirror_state import MirrorEvent, MirrorState
 from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.jobs.job_record import JobRecord
 from volkeeper.daemon.jobs.jobs import Jobs
+from volkeeper.daemon.roles import steps
 from volkeeper.daemon.roles.handover import Handover
 from volkeeper.daemon.source.mirror import Mirror
 from volkeeper.daemon.target.targets import TargetVolumes
@@ -62,9 +63,10 @@ class Takeover:
                             f"{handed.volume_size}: a switchover needs volumes of one size"
                         )
                     image = handed.image(image_size(size, mirror.settings.region_size))
-                    store, named = self.jobs.logs.create_afresh(
-                        record.name, mirror, size, (handed.generations, image)
-                    )
+                    store, named = self.jobs.logs.create(
+                        record.name, mirror, size, handed.generations, image,
+                        replace_leftover=True,
+                    )  # fmt: skip
                     stores[mirror.target] = store
                     record = record.with_mirror(named)
                 self.jobs.store.save(record)  # the commit point
@@ -75,7 +77,7 @@ class Takeover:
                 raise Refusal("conflict", f"cannot take job {record.name!r} over: {exc}") from None
             self.jobs.records[record.name] = record
             taking = f"taking job {record.name!r} over from {handover.from_node}"
-            for source_volume in sorted({m.source_volume for m in record.mirrors}):
+            for source_volume in steps.source_volumes(record):
                 self.targets.promoted(source_volume, lock=taking)
             log.info("job taken over: this node is its source", job=record.name,
                      was=handover.from_node)  # fmt: skip
@@ -96,7 +98,7 @@ class Takeover:
         """Take writes once every new mirror connected (so none of them is marked and
         resent), or after ``CONNECT_WAIT`` (a target is away: its writes are tracked)."""
         keys = {(record.name, m.target) for m in record.mirrors}
-        volumes = sorted({m.source_volume for m in record.mirrors})
+        volumes = steps.source_volumes(record)
 
         def pending() -> bool:
             mirrors = (self.jobs.mirrors.get(key) for key in keys)
@@ -128,10 +130,10 @@ class Takeover:
             raise Refusal("bad_request", f"the handover names {record.source_node}, not {node}")
         if record.name in self.jobs.records:
             raise Refusal("conflict", f"{node} is the source of a job {record.name!r} already")
-        sources = {m.source_volume for m in record.mirrors}
+        sources = steps.source_volumes(record)
         if volume not in sources:
             raise Refusal("bad_request", f"the handover does not make {volume} a source")
-        for source_volume in sorted(sources):
+        for source_volume in sources:
             target = self.targets.records.get(source_volume)
             if target is None or target.job != record.name:
                 raise Refusal(

@@ -56,17 +56,25 @@ class IntentLogs:
         job: str,
         mirror: MirrorRecord,
         volume_size: int,
-        handed_over: tuple[Generations, bytes] | None = None,
+        generations: Generations | None = None,
+        marked: bytes | None = None,
+        replace_leftover: bool = False,
     ) -> tuple[IntentStore, MirrorRecord]:
-        """A new log (regions of the mirror's region size), and ``mirror`` naming it: with
-        every region marked under a new generation, or, for a mirror ``handed_over`` by a
-        switchover, with the generations and the marked regions (a bitmap image) it had."""
+        """A new log (regions of the mirror's region size), and ``mirror`` naming it, in
+        ``generations`` (None: a new one) with the regions ``marked`` marks (a bitmap image;
+        b"": none; None: every region).  ``replace_leftover``: a log a job that is not
+        recorded here left behind (a takeover cut short by a crash) belongs to nothing and
+        is replaced; otherwise an existing file is an error."""
+        path = self.path(job, mirror.target)
+        if replace_leftover and path.exists():
+            log.warning("intent log of no recorded job replaced", log=str(path))
+            path.unlink()
         log_id = new_log_id()
         geometry = Geometry(volume_size, mirror.settings.region_size)
-        generations, marked = handed_over or (Generations(secrets.randbits(64) or 1), b"")
         store = IntentStore.create(
-            self.path(job, mirror.target), geometry, generations, mirror=_name(job, mirror),
-            log_id=log_id, all_dirty=handed_over is None, marked=marked,
+            path, geometry, generations or Generations(secrets.randbits(64) or 1),
+            mirror=_name(job, mirror), log_id=log_id, all_dirty=marked is None,
+            marked=marked or b"",
         )  # fmt: skip
         return store, dataclasses.replace(mirror, intent_log=f"{log_id:016x}")
 
@@ -131,21 +139,6 @@ class IntentLogs:
 
     def remove(self, job: str, target: str) -> None:
         self.path(job, target).unlink(missing_ok=True)
-
-    def create_afresh(
-        self,
-        job: str,
-        mirror: MirrorRecord,
-        volume_size: int,
-        handed_over: tuple[Generations, bytes] | None = None,
-    ) -> tuple[IntentStore, MirrorRecord]:
-        """``create``, over whatever log a job that is not recorded here left behind (a
-        takeover cut short by a crash): it belongs to nothing."""
-        left = self.path(job, mirror.target)
-        if left.exists():
-            log.warning("intent log of no recorded job replaced", log=str(left))
-            left.unlink()
-        return self.create(job, mirror, volume_size, handed_over)
 
 
 def _name(job: str, mirror: MirrorRecord) -> str:

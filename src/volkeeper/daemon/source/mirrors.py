@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
@@ -164,11 +164,18 @@ class Mirrors:
         mirror.close()
         return told
 
+    async def drain(self, volumes: Iterable[str], timeout: float) -> None:
+        """Flush each source volume through its mirrors, durable on every connected target
+        (so nothing written so far is resent), waiting ``timeout`` at most for each."""
+        for volume in volumes:
+            replication = self.replications.get(volume)
+            if replication is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(replication.sync(), timeout)
+
     async def stop_all(self) -> None:
         """Node shutdown: a last sync of every source volume, then every mirror stops."""
-        for replication in self.replications.values():
-            with contextlib.suppress(TimeoutError):  # so a restart resends nothing
-                await asyncio.wait_for(replication.sync(), STOP_SYNC_TIMEOUT)
+        await self.drain(list(self.replications), STOP_SYNC_TIMEOUT)
         for key in list(self.running):
             await self.stop(key, None)
         self.compressors.shutdown()
