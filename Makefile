@@ -6,10 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio util-linux dmsetup rsync fuse3 \
-	pacemaker pacemaker-cli-utils corosync resource-agents libxml2-utils
+	pacemaker pacemaker-cli-utils corosync resource-agents libxml2-utils iptables
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test lint debs deps bench bench-review clean ocf-install
+.PHONY: demo test lint debs deps bench bench-review clean ocf-install soak
 
 demo: deps
 	$(PY) -m volkeeper_lab.demo
@@ -23,6 +23,11 @@ lint: deps
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
+
+SECONDS ?= 600
+soak: deps  # the nemesis with random seeds for SECONDS (SEED=N: one schedule again); root
+	$(PY) -m tests.fault.soak --seconds $(SECONDS) $(if $(SEED),--seed $(SEED)) \
+		$(if $(NODES),--nodes $(NODES)) $(if $(MODE),--mode $(MODE)) --report soak-report
 
 ocf-install: deps  # the Pacemaker resource agent ocf:volkeeper:job (on every cluster node)
 	$(PY) -m volkeeper ocf install

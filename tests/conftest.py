@@ -15,9 +15,10 @@ NodeFactory = Callable[..., LocalNode]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test ``integration`` (tests/integration) or ``unit`` (the rest)."""
+    """Mark every test ``integration`` (tests/integration, tests/fault) or ``unit`` (the rest)."""
     for item in items:
-        kind = "integration" if "integration" in item.path.parts else "unit"
+        parts = item.path.parts
+        kind = "integration" if "integration" in parts or "fault" in parts else "unit"
         item.add_marker(getattr(pytest.mark, kind))
 
 

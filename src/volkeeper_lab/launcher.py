@@ -9,6 +9,7 @@ a grace period).  ``kill()`` is the ``kill -9`` of fault tests.  Every daemon lo
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -71,6 +72,7 @@ class LocalNode:
     tls: tuple[Path, Path, Path] | None = None  # [tls] certificate, key, ca (PEM files)
     bitmap_dir: Path | None = None  # the intent logs' directory, if not state_dir/bitmaps
     peer_port: int = 0  # the replication port; 0: a free one
+    node_settings: dict[str, str | int | float] = field(default_factory=dict)  # more [node] keys
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -119,6 +121,7 @@ class LocalNode:
         ]
         if self.bitmap_dir is not None:
             lines.append(f'bitmap_dir = "{self.bitmap_dir}"')
+        lines += [f"{key} = {json.dumps(value)}" for key, value in self.node_settings.items()]
         if self.peers:
             lines += ["", "[peers]"]
             lines += [

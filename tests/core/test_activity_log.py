@@ -49,6 +49,25 @@ def test_hot_extents_need_no_transaction() -> None:
     assert log.transaction() is None
 
 
+def test_a_snapshot_that_could_not_be_written_is_written_again() -> None:
+    """Found by the nemesis: after a failed snapshot write the log kept it "in flight", so
+    no later transaction was ever due and writes to a cold extent waited forever."""
+    log = ActivityLog(capacity=4, extent_bytes=EXTENT)
+    extents = log.extents_of(0, 100)
+    log.pin(extents)
+    failed = log.transaction()
+    assert failed is not None
+    log.abandoned(failed)
+    assert not log.ready(extents)
+    again = log.transaction()
+    assert again is not None and again.extents == (0,) and again.number > failed.number
+    log.committed(again)
+    assert log.ready(extents)
+    assert log.transaction() is None
+    with pytest.raises(ValueError):
+        log.abandoned(again)
+
+
 def test_waiting_writes_share_one_transaction_and_lru_eviction() -> None:
     log = ActivityLog(capacity=2, extent_bytes=EXTENT)
     for extent in (0, 1):

@@ -63,7 +63,7 @@ from hypothesis.stateful import (
 
 from volkeeper.core.bitmap import DirtyBitmap
 from volkeeper.core.intent_log_format import Generations
-from volkeeper.core.mirror_engine import TARGET_TIMEOUT, MirrorEngine
+from volkeeper.core.mirror_engine import MAX_PING_INTERVAL, MirrorEngine
 from volkeeper.core.mirror_ledger import Chunk, Ledger
 from volkeeper.core.mirror_state import IllegalTransition, MirrorEvent, MirrorState
 from volkeeper.core.peer import wire as pw
@@ -73,6 +73,7 @@ from volkeeper.core.resync_plan import Span
 REGION = 4096
 REGIONS = 8
 QUEUE_LIMIT = 2  # async mode: writes sent and not ACKed (each counts 1)
+PEER_TIMEOUT = 3.0  # the node's [node] peer_timeout, not the default
 GENERATION = 7  # the source's
 
 
@@ -140,7 +141,7 @@ class EngineMachine(RuleBasedStateMachine):
     def new_engine(self, state: MirrorState) -> MirrorEngine[Op, Op]:
         engine = self.engine_class(
             self.bitmap, "beta:data1", errno.errorcode.__getitem__, state, self.generations,
-            lambda: next(self.fresh),
+            lambda: next(self.fresh), PEER_TIMEOUT,
         )  # fmt: skip
         engine.ledger = self.ledger_class(REGION)
         return engine
@@ -337,8 +338,8 @@ class EngineMachine(RuleBasedStateMachine):
         """The link goes (and the target's volatile copy with it, on a crash); or the target
         falls silent and the engine's liveness check drops it; or the source restarts."""
         if how == "target silent" and self.engine.link_up:
-            assert self.engine.idle(self.engine.last_heard + TARGET_TIMEOUT / 2) is None
-            silent = self.engine.idle(self.engine.last_heard + TARGET_TIMEOUT + 1)
+            assert self.engine.idle(self.engine.last_heard + PEER_TIMEOUT) is None
+            silent = self.engine.idle(self.engine.last_heard + PEER_TIMEOUT + 0.1)
             assert silent is not None and "silent" in silent.message
         if how == "source crashed":
             self.source_restarts()
@@ -707,3 +708,57 @@ def test_writes_the_target_does_not_get_start_a_new_generation_once() -> None:
     again = engine.ship(first, first, "write", 0, REGION, 1)
     assert again.generations == Generations(22, 21)
     assert engine.handshake(2.0, 5, True).mark_all  # unrelated: everything differs
+
+
+@pytest.mark.parametrize("peer_timeout", [1.0, 1.5, 3.0, 10.0, 600.0])
+def test_a_silent_target_is_dropped_after_peer_timeout_and_not_before(peer_timeout: float) -> None:
+    """The adapter ticks every ``ping_interval`` (4 per timeout, at most every 2 s) and asks
+    ``idle``: a target that said nothing for ``peer_timeout`` is dropped at the first tick
+    after that -- never before, and at most one interval later.  Anything heard (a PONG, an
+    ACK) starts the count again."""
+    bitmap = DirtyBitmap(REGIONS * REGION, REGION)
+    engine: MirrorEngine[Op, Op] = MirrorEngine(
+        bitmap, "beta:data1", str, MirrorState.RESYNC_PENDING, peer_timeout=peer_timeout
+    )
+    tick = engine.ping_interval
+    assert tick == min(MAX_PING_INTERVAL, peer_timeout / 4)
+    engine.handshake(100.0, 1, True)
+    assert engine.admitted(link_open=True).changes
+    assert engine.idle(100.0 + peer_timeout) is None  # silent for exactly the timeout: kept
+    heard_at = 100.0 + peer_timeout - tick / 3  # a PONG between two ticks
+    engine.heard(heard_at)
+    ticks = (100.0 + k * tick for k in itertools.count(1))
+    dropped_at = next(t for t in ticks if engine.idle(t) is not None)
+    assert peer_timeout < dropped_at - heard_at <= peer_timeout + tick
+    silent = engine.idle(dropped_at)
+    assert silent is not None
+    assert silent.message == f"beta:data1 silent for {peer_timeout:g} s (peer_timeout)"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_target_that_answers_pings_but_acknowledges_nothing_is_dropped(mode: str) -> None:
+    """Found by the nemesis: a target whose disk hangs still answers PINGs, so it was never
+    silent and a synchronous write waited for its ACK for ever.  A frame an application waits
+    on, unacknowledged for ``peer_timeout``, drops the link; an asynchronous frame (nobody
+    waits on it) does not, or a slow link would be cut over and over."""
+    bitmap = DirtyBitmap(REGIONS * REGION, REGION)
+    engine: MirrorEngine[Op, Op] = MirrorEngine(
+        bitmap, "beta:data1", str, MirrorState.RESYNC_PENDING, peer_timeout=3.0
+    )
+    engine.configure(mode, 1 << 30)
+    engine.handshake(100.0, 1, True)
+    engine.admitted(link_open=True)
+    write = Op("write", 0, 1, pinned=True)
+    ready = engine.ship(write, write, "write", 0, REGION, REGION)
+    assert ready.send is not None
+    engine.sent(ready.send, 1, 100.0)
+    for tick in (101.0, 102.0, 103.0):
+        engine.heard(tick)  # PONGs keep coming
+        assert engine.idle(tick) is None
+    engine.heard(103.5)
+    overdue = engine.idle(103.5)
+    if mode == "async":
+        assert overdue is None
+    else:
+        assert overdue is not None
+        assert overdue.message == "beta:data1 acknowledged no write for 3 s (peer_timeout)"

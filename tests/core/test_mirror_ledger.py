@@ -78,3 +78,20 @@ def test_a_resync_chunk_is_cleared_only_when_proven_and_unraced() -> None:
     ledger.ack(9, 0, 0.0)
     assert ledger.commit()
     assert ledger.committed().clear == [(0, 1)]
+
+
+def test_only_the_raced_regions_of_a_resync_chunk_stay_marked() -> None:
+    """A busy writer touching a block of a chunk keeps that block's region marked, not the
+    whole chunk (the nemesis saw a resync under an async writer resend a 4 MiB hot set for
+    30 s, every chunk raced somewhere)."""
+    ledger: Ledger[Op, Op] = Ledger(REGION)
+    chunk = ledger.chunk(10, 8, 10 * REGION, 8 * REGION)  # regions 10..17
+    ledger.chunk_frame(chunk)
+    ledger.chunk_frame_sent(chunk, 1)
+    ledger.race(12 * REGION + 5, 1)  # region 12
+    ledger.race(14 * REGION, 2 * REGION)  # regions 14 and 15
+    ledger.race(9 * REGION, 2 * REGION)  # regions 9 (not the chunk's) and 10
+    ledger.race(13 * REGION, 1)  # region 13: 12..15 are raced, 11, 16, 17 are not
+    ledger.ack(1, 0, 0.0)
+    assert ledger.commit()
+    assert ledger.committed().clear == [(11, 1), (16, 2)]

@@ -23,13 +23,18 @@ written part of its cache when the power went:
                           (a seeded choice, in the order written), print a JSON line, exit;
                           with ``torn``, every other piece keeps its first 2 KiB (a disk of
                           512-byte sectors that wrote 4 of a page's 8 when the power went)
-    hold                  from now on every fsync waits forever (a flush that never ends),
-                          so whatever is written after stays pending for ``crash``
+    hold                  from now on every fsync waits (a flush that never ends), so
+                          whatever is written after stays pending for ``crash``, until
+    unhold                lets the held fsyncs go on (a disk that hung for a while)
+    slow MS               from now on every read, write and fsync takes MS milliseconds
+                          longer (``slow 0``: full speed again)
     sync                  apply everything pending (a clean shutdown), print a JSON line
     stats                 print a JSON line of counters
-    fail ERRNO OP...      from now on, every OP (write, fsync, read) of a file fails with the
-                          errno named ERRNO (EIO, ENOSPC, ...): a failing disk; a failed
-                          write leaves the file as it was
+    fail ERRNO OP... [only=FILE]
+                          from now on, every OP (write, fsync, read) of a file (of FILE,
+                          a path in the mount, with ``only=``) fails with the errno named
+                          ERRNO (EIO, ENOSPC, ...): a failing disk (or bad sectors of one
+                          file); a failed write leaves the file as it was
     heal                  stop failing
 
 A write is torn at 4 KiB boundaries of the file (a 4Kn disk's atomic unit), never inside one,
@@ -108,11 +113,18 @@ class PowerLossFs:
         self.pending: dict[int, Pending] = {}  # inode -> unflushed writes
         self.counters = {"writes": 0, "fsyncs": 0, "applied_writes": 0, "failed": 0}
         self.failing: dict[str, int] = {}  # operation -> errno it fails with
-        self.holding = threading.Event()  # set: fsync never returns
+        self.failing_file: str | None = None  # only this file's operations fail (None: all)
+        self.flowing = threading.Event()  # clear: fsync waits (``hold``) until set again
+        self.flowing.set()
+        self.delay = 0.0  # seconds added to every read, write and fsync (``slow``)
 
-    def _gate(self, op: str) -> None:
+    def _gate(self, op: str, path: str) -> None:
+        if self.delay:
+            time.sleep(self.delay)
         code = self.failing.get(op)
-        if code is not None:
+        if code is not None and (
+            self.failing_file is None or path.lstrip("/") == self.failing_file
+        ):
             self.counters["failed"] += 1
             raise OSError(code, os.strerror(code))
 
@@ -260,7 +272,7 @@ class PowerLossFs:
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         with self.mutex:
-            self._gate("read")
+            self._gate("read", path)
             fd, inode = self.handles[fh]
             entry = self.pending.get(inode)
             if entry is None:
@@ -279,7 +291,7 @@ class PowerLossFs:
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         with self.mutex:
-            self._gate("write")
+            self._gate("write", path)
             fd, inode = self.handles[fh]
             entry = self.pending.get(inode)
             if entry is None:
@@ -310,10 +322,9 @@ class PowerLossFs:
                 os.truncate(real, length)
 
     def fsync(self, path: str, datasync: int, fh: int) -> None:
-        if self.holding.is_set():
-            threading.Event().wait()  # never: the power goes first
+        self.flowing.wait()
         with self.mutex:
-            self._gate("fsync")
+            self._gate("fsync", path)
             _, inode = self.handles[fh]
             entry = self.pending.get(inode)
             self._apply(inode)
@@ -345,12 +356,21 @@ def _control(fs: PowerLossFs, mountpoint: Path) -> None:
         elif words[0] == "stats":
             print(json.dumps(fs.stats()), flush=True)
         elif words[0] == "fail" and len(words) > 2 and hasattr(errno, words[1]):
+            ops = [word for word in words[2:] if not word.startswith("only=")]
+            only = [word.removeprefix("only=") for word in words[2:] if word.startswith("only=")]
             with fs.mutex:
-                fs.failing = {op: getattr(errno, words[1]) for op in words[2:]}
-            print(json.dumps({"failing": fs.failing}), flush=True)
+                fs.failing = {op: getattr(errno, words[1]) for op in ops}
+                fs.failing_file = only[0] if only else None
+            print(json.dumps({"failing": fs.failing, "only": fs.failing_file}), flush=True)
         elif words[0] == "hold":
-            fs.holding.set()
+            fs.flowing.clear()
             print(json.dumps({"holding": True}), flush=True)
+        elif words[0] == "unhold":
+            fs.flowing.set()
+            print(json.dumps({"holding": False}), flush=True)
+        elif words[0] == "slow" and len(words) == 2 and words[1].isdigit():
+            fs.delay = int(words[1]) / 1000
+            print(json.dumps({"slow_ms": int(words[1])}), flush=True)
         elif words[0] == "heal":
             with fs.mutex:
                 fs.failing = {}

@@ -8,8 +8,11 @@ both sockets.  ``cut()`` closes every live connection at once (both ends see the
 drop, as after a reset) and, until ``restore()``, accepts new connections only to close them
 straight away -- the dialer sees a connection that dies before the first byte, never a hang.
 ``cut_after_reply()`` arms a cut at a protocol point: right after the next bytes from the
-target reach the client (closed with FIN, so they do arrive).  ``close()`` stops accepting
-and closes everything; the proxy is a context manager.
+target reach the client (closed with FIN, so they do arrive).  ``freeze()`` makes every live
+connection a black hole, as a partition that drops packets does: bytes either way are read
+and thrown away, and when one end closes the other never hears of it (half-open until
+``close()``); new connections are forwarded as usual.  ``close()`` stops accepting and closes
+everything; the proxy is a context manager.
 
 A target that is down (its port refuses) is passed on the same way: the client's connection
 is closed at once.  ``accepted`` counts connections the proxy forwarded, so a test can show
@@ -43,6 +46,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._pairs: set[tuple[socket.socket, socket.socket]] = set()
         self._graceful: set[tuple[socket.socket, socket.socket]] = set()  # closed with FIN
+        self._frozen: set[tuple[socket.socket, socket.socket]] = set()  # black holes
         self._threads: list[threading.Thread] = []
         self._connected = True
         self._cut_armed = False
@@ -80,6 +84,12 @@ class TcpProxy:
         with self._lock:
             self._cut_armed = True
 
+    def freeze(self) -> None:
+        """Black-hole every live connection: nothing more passes, no close is passed on."""
+        with self._lock:
+            self._frozen |= self._pairs
+            self._pairs = set()
+
     def restore(self) -> None:
         with self._lock:
             self._connected = True
@@ -89,7 +99,7 @@ class TcpProxy:
         with self._lock:
             self._closed = True
             self._connected = False
-            pairs, self._pairs = self._pairs, set()
+            pairs, self._pairs = self._pairs | self._frozen, set()
         for pair in pairs:
             _close_pair(pair)
         self._accepter.join(5)
@@ -159,6 +169,8 @@ class TcpProxy:
     ) -> None:
         try:
             while data := source.recv(CHUNK):
+                if pair in self._frozen:
+                    continue
                 # Looked at before passing the bytes on: bytes the client has already seen
                 # can never trigger a cut armed after them.
                 cut_now = source is pair[1] and self._cut_armed
@@ -174,6 +186,8 @@ class TcpProxy:
         except OSError:
             pass
         with self._lock:
+            if pair in self._frozen:  # the other end never hears: close() closes it
+                return
             self._pairs.discard(pair)
             reset = pair not in self._graceful
         _close_pair(pair, reset=reset)

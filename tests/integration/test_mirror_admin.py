@@ -167,7 +167,7 @@ def test_async_queue_full_tracks_instead_of_blocking(
     finally:
         os.kill(beta.process.pid, signal.SIGCONT)
     # The target holds at most the queue limit plus socket buffers: the writes did not wait
-    # for it (a sync mirror would have waited TARGET_TIMEOUT = 10 s for the silent target).
+    # for it (a sync mirror would have waited peer_timeout, 10 s, for the silent target).
     assert elapsed < 8, f"48 MiB took {elapsed:.1f} s with the target stopped"
     assert view["state"] in ("Resyncing", "Resync pending"), view
     assert view["queue_bytes"] <= 2 * MiB, view

@@ -1,6 +1,7 @@
 """The test proxy itself (tests/integration/tcp_proxy.py): forwarding, cut, restore, a cut
-right after the target's next reply, and a target that is down.  An echo server stands in
-for the target; every socket and thread here is closed before the test returns."""
+right after the target's next reply, a frozen link, and a target that is down.  An echo
+server (or a bare listener) stands in for the target; every socket and thread here is closed
+before the test returns."""
 
 from __future__ import annotations
 
@@ -103,3 +104,44 @@ def test_proxy_cuts_right_after_the_next_reply() -> None:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=2) as again:
             again.sendall(b"three")
             assert again.recv(5) == b"three"
+
+
+def hears_nothing(sock: socket.socket, timeout: float = 0.5) -> bool:
+    """Neither bytes nor a close arrive on ``sock`` within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        sock.recv(1)
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def test_a_frozen_link_is_a_black_hole_and_new_connections_pass() -> None:
+    """After freeze() a live connection carries nothing either way, and its client's close
+    never reaches the target: the target's end stays open (half-open, as after a partition)
+    until the proxy closes.  A new connection is forwarded as usual."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(2)
+        with TcpProxy(listener.getsockname()[1]) as proxy:
+            client = socket.create_connection(("127.0.0.1", proxy.port), timeout=2)
+            upstream, _ = listener.accept()
+            with upstream:
+                client.sendall(b"a")
+                upstream.settimeout(2)
+                assert upstream.recv(1) == b"a"
+                proxy.freeze()
+                assert proxy.live_connections == 0
+                client.sendall(b"lost")
+                upstream.sendall(b"lost too")
+                assert hears_nothing(client) and hears_nothing(upstream)
+                client.close()
+                assert hears_nothing(upstream), "the client's close got through a frozen link"
+                with socket.create_connection(("127.0.0.1", proxy.port), timeout=2) as again:
+                    fresh, _ = listener.accept()
+                    with fresh:
+                        again.sendall(b"b")
+                        fresh.settimeout(2)
+                        assert fresh.recv(1) == b"b"
+            assert proxy.accepted == 2

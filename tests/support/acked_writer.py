@@ -128,7 +128,7 @@ class AckedWriter(threading.Thread):
                     continue
                 acked = self.acked.get(block)  # None: none was (the block as it was before)
                 allowed = {acked, self.unknown.get(block, acked)}
-                found = _version_of(data, block)
+                found = version_of(data, block)
                 assert found in allowed, (
                     f"{image.name}: block {block} holds version {found}, but version "
                     f"{self.acked.get(block)} was acknowledged "
@@ -143,7 +143,7 @@ class AckedWriter(threading.Thread):
         with image.open("rb") as volume:
             for block in range(self.blocks):
                 volume.seek(block * BLOCK)
-                found[block] = _version_of(volume.read(BLOCK), block)
+                found[block] = version_of(volume.read(BLOCK), block)
         cut = max((v for v in found.values() if v is not None), default=0)
         latest: dict[int, int] = {}
         for version, block in self.history:
@@ -157,7 +157,7 @@ class AckedWriter(threading.Thread):
         return cut, [v for v, _ in self.history if v > cut and v in self.acked_versions]
 
 
-def _version_of(data: bytes, block: int) -> int | None:
+def version_of(data: bytes, block: int) -> int | None:
     magic, found_block, version = _HEAD.unpack_from(data)
     if magic != _MAGIC or found_block != block or data != block_bytes(block, version):
         return None

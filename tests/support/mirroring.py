@@ -235,7 +235,7 @@ VERIFY = ("--verify=crc32c", "--do_verify=1", "--verify_fatal=1")
 
 
 @functools.cache
-def _python_with_libnbd() -> str | None:
+def python_with_libnbd() -> str | None:
     for python in (shutil.which("python3"), "/usr/bin/python3", "/usr/local/bin/python3"):
         if python and os.path.exists(python) and run(python, "-c", "import nbd").returncode == 0:
             return python
@@ -244,7 +244,7 @@ def _python_with_libnbd() -> str | None:
 
 def libnbd(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run a script with libnbd's own Python bindings (``import nbd``)."""
-    python = _python_with_libnbd()
+    python = python_with_libnbd()
     if python is None:
         pytest.skip("no python3 on this host imports libnbd's nbd module (libnbd python3 pkg)")
     return run(python, "-c", script, *args, timeout=timeout)

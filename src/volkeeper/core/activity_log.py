@@ -110,6 +110,7 @@ class ActivityLog:
         self._wanted: dict[int, int] = {}  # extents asked for, not yet active -> pins
         self._number = recovered.number if recovered else 0
         self._in_flight: Snapshot | None = None
+        self._rewrite = False  # a snapshot could not be written: the next one must be
 
     # -- the write path -------------------------------------------------------------------
 
@@ -161,9 +162,9 @@ class ActivityLog:
 
     def transaction(self) -> Snapshot | None:
         """The next snapshot to persist, or None (nothing wanted, one in flight, or full)."""
-        if self._in_flight is not None or not self._wanted:
+        if self._in_flight is not None or not (self._wanted or self._rewrite):
             return None
-        admitted = False
+        admitted, self._rewrite = self._rewrite, False
         for extent in list(self._wanted):
             if len(self._active) >= self.capacity and not self._evict_one():
                 break
@@ -181,6 +182,14 @@ class ActivityLog:
             raise ValueError(f"snapshot {snapshot.number} is not the one being written")
         self._durable = frozenset(snapshot.extents)
         self._in_flight = None
+
+    def abandoned(self, snapshot: Snapshot) -> None:
+        """``snapshot`` could not be written: the log stays as durable as it was, and the
+        next ``transaction`` (whenever the store can write again) holds its extents."""
+        if snapshot is not self._in_flight:
+            raise ValueError(f"snapshot {snapshot.number} is not the one being written")
+        self._in_flight = None
+        self._rewrite = True
 
     def _evict_one(self) -> bool:
         for extent, pins in self._active.items():  # least recently used first

@@ -3,9 +3,10 @@
 How this works: a ``MirrorEngine`` holds everything the source decides about one mirror --
 its state (the table in core/mirror_state.py), whether the link is up, the fate of every frame
 sent (its ``Ledger``), whether a resync walk runs, the errors that stand until a resync ends,
-and the backoff and liveness policy.  It does no I/O and keeps no clock: the adapter
-(daemon/source/mirror.py) tells it what happened, with the time where it matters, and carries
-out the ``Ready`` it gets back in the order written on that class (core/ready.py).
+and the backoff and liveness policy (a target silent for ``peer_timeout`` is dropped).  It
+does no I/O and keeps no clock: the adapter (daemon/source/mirror.py) tells it what happened,
+with the time where it matters, and carries out the ``Ready`` it gets back in the order
+written on that class (core/ready.py).
 
     event                          method            what it may lead to
     application op                 ship              send it; or mark it (no link, paused,
@@ -22,6 +23,8 @@ out the ``Ready`` it gets back in the order written on that class (core/ready.py
     resync walk may end            resync_complete   (nothing marked, no batch open)
     resync done                    resync_finished   Mirroring; standing errors cleared
     idle tick                      idle              ping, or drop a silent target
+    the source's disk failed a     source_write_    mark its regions (the target may have it),
+    shipped write                  failed            resync them
     administrator                  pause, resume, break_, full_resync, checksum_resync,
                                    verify_marked
 
@@ -52,8 +55,8 @@ from volkeeper.core.peer import wire as pw
 from volkeeper.core.ready import Close, Pin, Ready, Sent, Token
 from volkeeper.core.resync_plan import Span
 
-PING_INTERVAL = 2.0  # an idle link is pinged this often
-TARGET_TIMEOUT = 10.0  # a target that says nothing this long is lost
+DEFAULT_PEER_TIMEOUT = 10.0  # a target that says nothing this long is lost ([node] peer_timeout)
+MAX_PING_INTERVAL = 2.0  # the most between two pings (4 per peer_timeout when it is under 8 s)
 BACKOFF = (0.2, 0.5, 1.0, 2.0)  # seconds between attempts; the last one repeats
 TARGET_ERROR_BACKOFF = (1.0, 2.0, 5.0, 10.0)  # the same, after the target failed a frame
 SPLIT_BRAIN_RETRY = 2.0  # in a split brain: until the other side gives way (resolved there)
@@ -77,9 +80,11 @@ class MirrorEngine(Generic[Token, Pin]):
         state: MirrorState = MirrorState.RESYNC_PENDING,
         generations: Generations | None = None,
         new_generation: Callable[[], int] = lambda: 0,
+        peer_timeout: float = DEFAULT_PEER_TIMEOUT,
     ) -> None:
         """``target``: "NODE:VOLUME", naming it in errors; ``strerror`` words an errno;
-        ``generations``: the intent log's; ``new_generation`` draws a fresh random id."""
+        ``generations``: the intent log's; ``new_generation`` draws a fresh random id;
+        ``peer_timeout``: seconds the target may say nothing before it is dropped."""
         self.bitmap = bitmap
         self.generations = generations or Generations(1)
         self.new_generation = new_generation
@@ -102,6 +107,9 @@ class MirrorEngine(Generic[Token, Pin]):
         self.failures_in_a_row = 0  # links ended by a target failure since the last success
         self.overflows = 0  # async ops marked because the queue was full
         self.last_heard = 0.0
+        self.peer_timeout = peer_timeout
+        # the adapter's idle tick: at least 4 pings before a silent target is dropped
+        self.ping_interval = min(MAX_PING_INTERVAL, peer_timeout / 4)
         self._admission: Admission | None = None
 
     def configure(self, mode: str, queue_limit: int) -> None:
@@ -137,10 +145,18 @@ class MirrorEngine(Generic[Token, Pin]):
         self.last_heard = now
 
     def idle(self, now: float) -> Close | None:
-        """A quiet ``PING_INTERVAL`` passed: the link to drop if the target is silent too
-        long (a hung target cannot hold synchronous writes forever), else None: ping it."""
-        if now - self.last_heard > TARGET_TIMEOUT:
-            return Close(f"{self.target} silent for {TARGET_TIMEOUT:.0f} s")
+        """A ``ping_interval`` passed: the link to drop if the target said nothing for more
+        than ``peer_timeout``, or has left a frame an application waits on (sync mode)
+        unacknowledged that long -- a target whose disk hangs still answers PINGs -- else
+        None: ping it.  Either way a synchronous write waits at most ``peer_timeout`` plus
+        one interval for a target that stopped answering."""
+        if now - self.last_heard > self.peer_timeout:
+            return Close(f"{self.target} silent for {self.peer_timeout:g} s (peer_timeout)")
+        oldest = self.ledger.oldest_owed()
+        if oldest is not None and now - oldest > self.peer_timeout:
+            return Close(
+                f"{self.target} acknowledged no write for {self.peer_timeout:g} s (peer_timeout)"
+            )
         return None
 
     # -- the link -----------------------------------------------------------------------------
@@ -358,6 +374,25 @@ class MirrorEngine(Generic[Token, Pin]):
     def verify_marked(self) -> Ready[Token, Pin]:
         """A verify marked the regions it found different: resync them."""
         ready: Ready[Token, Pin] = Ready(changes=self._set(E.VERIFY_MARKED))
+        if self.state is S.RESYNCING and not self.walking and self.link_up:
+            self._start_resync(ready)
+        return ready
+
+    def source_write_failed(
+        self, pin: Pin, offset: int, length: int, why: str
+    ) -> Ready[Token, Pin]:
+        """The source's own disk failed a mutation this mirror shipped: the target may hold
+        what the source does not.  Its regions are marked (``pin``, an extra pin of its
+        extents, goes once the marks are persisted) and resynced, so the target gets the
+        source's data back; the error stands until then."""
+        if self.state is S.BROKEN:
+            return Ready(unpin_now=[pin])
+        self.stand(f"the source's disk failed a write ({why}): its regions are resynced")
+        ready: Ready[Token, Pin] = Ready(
+            mark=[(offset, length)], unpin_after_persist=[pin],
+            changes=self._set(E.SOURCE_WRITE_FAILED),
+        )  # fmt: skip
+        self.ledger.race(offset, length)
         if self.state is S.RESYNCING and not self.walking and self.link_up:
             self._start_resync(ready)
         return ready

@@ -23,15 +23,16 @@ carry them out in).  The rules the ledger keeps, which the engine's property tes
   marked (as if the link were lost) and ``Ready.failure`` says why, so the adapter drops the
   link;
 * a resync chunk is cleared only by ``committed`` after the batch's FLUSH was ACKed without
-  error, and only if every frame of the chunk was itself ACKed without error and no
-  application write raced it (``race``: issued while the chunk was read or in flight);
+  error, and only if every frame of the chunk was itself ACKed without error -- and then
+  only its regions no application write raced (``race``: issued while the chunk was read
+  or in flight); the raced ones stay marked for the next pass;
 * a lost link marks every write not known durable on the target, and the extents of those
   writes are unpinned only after the marks are persisted.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic
 
 from volkeeper.core.ready import NOTHING, Pin, Ready, Sent, Token
@@ -47,7 +48,7 @@ class Chunk:
     count: int
     offset: int
     length: int
-    raced: bool = False
+    raced: list[tuple[int, int]] = field(default_factory=list)  # (first, last) regions raced
     unacked: int = 0  # frames of it handed to the sender and not ACKed yet
     failed: bool = False  # the target answered one of its frames with an error
 
@@ -71,6 +72,13 @@ class Ledger(Generic[Token, Pin]):
         """``entry``'s frame left as ``sequence`` (it was counted by ``queued`` before)."""
         entry.sent_at = now
         self.pending[sequence] = entry
+
+    def oldest_owed(self) -> float | None:
+        """When the oldest frame an application still waits on (sync mode) was sent."""
+        for entry in self.pending.values():  # in the order sent
+            if entry.owed:
+                return entry.sent_at
+        return None
 
     def queued(self, entry: Sent[Token, Pin]) -> None:
         """``entry`` was handed to the sender (it may wait there before ``sent``)."""
@@ -217,7 +225,9 @@ class Ledger(Generic[Token, Pin]):
         last = (offset + max(length, 1) - 1) // self.region_size
         for chunk in (*self.open_chunks, *self.committing):
             if first < chunk.first + chunk.count and chunk.first <= last:
-                chunk.raced = True
+                chunk.raced.append(
+                    (max(first, chunk.first), min(last, chunk.first + chunk.count - 1))
+                )
 
     def commit(self) -> bool:
         """The open batch's FLUSH is about to be sent; False if there is nothing to commit.
@@ -234,7 +244,21 @@ class Ledger(Generic[Token, Pin]):
         chunks, self.committing = self.committing, []
         if any(chunk.unacked for chunk in chunks):
             return Ready(failure=(0, "the target ACKed a FLUSH before the resync data it covers"))
-        return Ready(clear=[(c.first, c.count) for c in chunks if not (c.raced or c.failed)])
+        return Ready(clear=[run for c in chunks if not c.failed for run in _unraced(c)])
+
+
+def _unraced(chunk: Chunk) -> list[tuple[int, int]]:
+    """``chunk``'s regions no application write raced, as (first, count) runs: only the
+    raced ones stay marked (a hot block under a busy writer costs its own region again, not
+    its whole chunk -- or a resync under load would resend every chunk it reads)."""
+    runs, at = [], chunk.first
+    for first, last in sorted(chunk.raced):
+        if first > at:
+            runs.append((at, first - at))
+        at = max(at, last + 1)
+    if at < chunk.first + chunk.count:
+        runs.append((at, chunk.first + chunk.count - at))
+    return runs
 
 
 def _span(what: str, offset: int, length: int) -> str:

@@ -47,6 +47,7 @@ class MirrorEvent(enum.Enum):
     FULL_RESYNC = "full resync requested"
     CHECKSUM_RESYNC = "checksum resync requested"  # every region compared, the differing sent
     VERIFY_MARKED = "verify marked differing regions"
+    SOURCE_WRITE_FAILED = "source disk failed a write"  # the target may hold what it lacks
     SPLIT_BRAIN_FOUND = "split brain found"  # the target is a source too, of another line
     RESOLVED = "split brain resolved"  # the other side gave up its changes
 
@@ -70,6 +71,7 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.RESYNC_PENDING, E.FULL_RESYNC): S.RESYNC_PENDING,
     (S.RESYNC_PENDING, E.CHECKSUM_RESYNC): S.RESYNC_PENDING,
     (S.RESYNC_PENDING, E.VERIFY_MARKED): S.RESYNC_PENDING,
+    (S.RESYNC_PENDING, E.SOURCE_WRITE_FAILED): S.RESYNC_PENDING,
     (S.RESYNC_PENDING, E.SPLIT_BRAIN_FOUND): S.SPLIT_BRAIN,
     # Resyncing: marked regions stream to the target while new writes are mirrored.
     (S.RESYNCING, E.RESYNC_DONE): S.MIRRORING,
@@ -80,6 +82,7 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.RESYNCING, E.FULL_RESYNC): S.RESYNCING,
     (S.RESYNCING, E.CHECKSUM_RESYNC): S.RESYNCING,
     (S.RESYNCING, E.VERIFY_MARKED): S.RESYNCING,
+    (S.RESYNCING, E.SOURCE_WRITE_FAILED): S.RESYNCING,
     # Mirroring: every write reaches the target.
     (S.MIRRORING, E.DISCONNECTED): S.RESYNC_PENDING,
     (S.MIRRORING, E.QUEUE_OVERFLOW): S.RESYNCING,
@@ -88,6 +91,7 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.MIRRORING, E.FULL_RESYNC): S.RESYNCING,
     (S.MIRRORING, E.CHECKSUM_RESYNC): S.RESYNCING,
     (S.MIRRORING, E.VERIFY_MARKED): S.RESYNCING,
+    (S.MIRRORING, E.SOURCE_WRITE_FAILED): S.RESYNCING,
     # Paused by the administrator: writes are marked, nothing is sent.
     (S.PAUSED, E.CONTINUE): S.RESYNC_PENDING,
     (S.PAUSED, E.PAUSE): S.PAUSED,
@@ -96,6 +100,7 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.PAUSED, E.FULL_RESYNC): S.RESYNC_PENDING,
     (S.PAUSED, E.CHECKSUM_RESYNC): S.RESYNC_PENDING,
     (S.PAUSED, E.VERIFY_MARKED): S.PAUSED,
+    (S.PAUSED, E.SOURCE_WRITE_FAILED): S.PAUSED,
     # Broken: changes are not tracked; only a full resync repairs it.
     (S.BROKEN, E.BREAK): S.BROKEN,
     (S.BROKEN, E.DISCONNECTED): S.BROKEN,
@@ -107,6 +112,7 @@ TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
     (S.SPLIT_BRAIN, E.DISCONNECTED): S.SPLIT_BRAIN,
     (S.SPLIT_BRAIN, E.PAUSE): S.PAUSED,
     (S.SPLIT_BRAIN, E.BREAK): S.BROKEN,
+    (S.SPLIT_BRAIN, E.SOURCE_WRITE_FAILED): S.SPLIT_BRAIN,
 }
 
 

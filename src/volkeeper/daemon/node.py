@@ -100,16 +100,18 @@ class Node:
             log.info("volume opened", volume=volume.name, path=volume.path, size=volume.size)
         by_name = {service.name: service for service in self.services}
         state_dir = Path(self.config.node.state_dir)
+        peer_timeout = self.config.node.peer_timeout
         self.targets = TargetVolumes(
-            self.name, by_name.get, TargetRecords(state_dir / "targets"), self.events.publish
-        )
+            self.name, by_name.get, TargetRecords(state_dir / "targets"), self.events.publish,
+            peer_timeout,
+        )  # fmt: skip
         self.peer_server = PeerServer(self.targets.make_link, tls=self.tls_server)
         await self.peer_server.listen(self.config.node.listen)
         _log_peer_security(self.config)
         self.jobs = Jobs(
             self.name, state_dir, Path(self.config.node.bitmap_dir), dict(self.config.peers),
             by_name, self.readers, lambda volume: volume in self.target_records(),
-            tls=self.tls_client, publish=self.events.publish,
+            tls=self.tls_client, publish=self.events.publish, peer_timeout=peer_timeout,
         )  # fmt: skip
         self.roles = Roles(self.name, self.jobs, self.targets, self.nbd)
         self.roles.switchover.reconcile()

@@ -60,6 +60,7 @@ def test_full_config(tmp_path: Path) -> None:
             '"unix:/run/volkeeper/alpha-nbd.sock"', '"[::1]:10809"'
         )
         + 'log_level = "WARNING"\n'
+        + "peer_timeout = 2.5\n"
         + '[peers]\nbeta = "127.0.0.1:7790"\n"gamma.dc2" = "[fd00::2]:7788"\n'
         + VOLUME
         + 'size = "1GiB"\nsector_size = 4096\n'
@@ -73,6 +74,7 @@ def test_full_config(tmp_path: Path) -> None:
     assert config.node.control == UnixAddress("/run/volkeeper/alpha.sock")
     assert config.node.nbd == TcpAddress("::1", 10809)
     assert config.node.log_level == "warning"
+    assert config.node.peer_timeout == 2.5
     assert config.peers == {
         "beta": TcpAddress("127.0.0.1", 7790),
         "gamma.dc2": TcpAddress("fd00::2", 7788),
@@ -87,6 +89,7 @@ def test_minimal_config_gets_defaults() -> None:
     config = parse_config(NODE)
     assert config.node.bitmap_dir == Path("/var/lib/volkeeper/alpha/bitmaps")
     assert config.node.log_level == "info"
+    assert config.node.peer_timeout == 10
     assert config.peers == {}
     assert config.volumes == []
 
@@ -283,6 +286,31 @@ def test_paths_must_be_absolute() -> None:
 def test_bad_log_level() -> None:
     assert refusal(with_node_line("log_level", '"verbose"')) == (
         'alpha.toml: node.log_level: must be one of debug, info, warning, error, got "verbose"'
+    )
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("1", 1.0), ("600", 600.0), ("0.5e1", 5.0)])
+def test_peer_timeout_takes_whole_or_fractional_seconds(value: str, seconds: float) -> None:
+    timeout = parse_config(with_node_line("peer_timeout", value)).node.peer_timeout
+    assert (timeout, type(timeout)) == (seconds, float)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("0", "must be from 1 to 600 seconds, got 0"),
+        ("0.999", "must be from 1 to 600 seconds, got 0.999"),
+        ("601", "must be from 1 to 600 seconds, got 601"),
+        ("-5", "must be from 1 to 600 seconds, got -5"),
+        ("inf", "must be from 1 to 600 seconds, got inf"),
+        ("nan", "must be from 1 to 600 seconds, got nan"),
+        ('"10s"', 'expected a number of seconds, got "10s"'),
+        ("true", "expected a number of seconds, got true"),
+    ],
+)
+def test_bad_peer_timeout(value: str, reason: str) -> None:
+    assert refusal(with_node_line("peer_timeout", value)) == (
+        f"alpha.toml: node.peer_timeout: {reason}"
     )
 
 

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.support.target_session import (
     MiB,
@@ -20,6 +21,7 @@ from tests.support.target_session import (
     run,
 )
 from volkeeper.core.peer import wire as pw
+from volkeeper.daemon.jobs.job_record import JobRecord, MirrorRecord
 from volkeeper.io.faults import FaultyVolume
 from volkeeper.io.memory import MemoryVolume
 from volkeeper.io.peer_link import connect
@@ -88,6 +90,89 @@ def test_a_silent_connection_is_closed_after_the_hello_deadline(
         assert silent.lost, "a connection that never said HELLO is still open"
         assert not talker.lost and isinstance(talker.frames[0], pw.HelloOk)
         talker.link.close("done")
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
+
+
+def silences(monkeypatch: pytest.MonkeyPatch, target: Target, peer_timeout: float) -> None:
+    """``target`` drops a silent source after ``peer_timeout``, however short (the floor of
+    two of a source's longest ping interval, 4 s, scaled down with it)."""
+    monkeypatch.setattr("volkeeper.daemon.target.target_session.MAX_PING_INTERVAL", 0.1)
+    target.targets.peer_timeout = peer_timeout
+
+
+async def busy(target: Target) -> bool:
+    """A second source's HELLO for data1 is refused as BUSY (the first session holds it)."""
+    second = await target.source(hello())
+    refuse = second.frames[0]
+    if isinstance(refuse, pw.HelloOk):
+        assert second.link is not None
+        second.link.close("done")
+        return False
+    assert isinstance(refuse, pw.Refuse), refuse
+    return refuse.reason == pw.RefuseReason.BUSY
+
+
+def test_a_source_that_falls_silent_is_dropped_after_peer_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source cut off by a partition, or gone with its host, stops sending and leaves a
+    half-open connection: once it has pinged, the target closes it after ``peer_timeout``
+    of silence (not before), says so in its log, and the source's next HELLO is admitted
+    instead of being refused as BUSY for ever."""
+
+    async def scenario(target: Target) -> None:
+        silences(monkeypatch, target, 0.5)
+        loop = asyncio.get_running_loop()
+        first = await target.source(hello())
+        assert isinstance(first.frames[0], pw.HelloOk) and first.link is not None
+        with structlog.testing.capture_logs() as logs:
+            sent = loop.time()
+            first.link.send(pw.Ping(1))  # a mirror's source: it pings
+            assert (await first.answers(2))[1] == pw.Pong(1)
+            assert await busy(target)  # then nothing more from it: the partition
+            async with asyncio.timeout(5):
+                while not first.lost:
+                    await asyncio.sleep(0.01)
+            assert loop.time() - sent >= 0.5, "dropped before peer_timeout"
+        (dropped,) = [e for e in logs if e["event"] == "mirror source silent: session dropped"]
+        assert (dropped["volume"], dropped["peer_timeout"]) == ("data1", 0.5), dropped
+        assert dropped["silent_s"] >= 0.5 and dropped["log_level"] == "warning", dropped
+        (view,) = target.targets.views()
+        assert view["state"] == "Unknown" and view["source_lost_at"] is not None, view
+        assert not await busy(target)  # the source's next HELLO is admitted
+
+    run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
+
+
+def test_a_pinging_source_and_one_that_never_pinged_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mirror's source pings all along: kept however long it has nothing else to send.  A
+    short session (a claim, a release, a handover) never pings and may wait in silence for
+    an answer or for the other targets of a job: kept too."""
+
+    async def scenario(target: Target) -> None:
+        silences(monkeypatch, target, 0.3)
+        pinging = await target.source(hello())
+        assert pinging.link is not None
+        for token in range(1, 11):  # 2 s, one PING every 0.2 s
+            pinging.link.send(pw.Ping(token))
+            await asyncio.sleep(0.2)
+        assert not pinging.lost and await busy(target)
+        assert len(pinging.frames) == 11  # HELLO_OK and every PONG
+        pinging.link.close("done")
+        await asyncio.sleep(0.05)
+
+        claiming = await target.source(hello())
+        assert claiming.link is not None
+        job = JobRecord("web", "alpha", (MirrorRecord("data0", "beta", "data1"),))
+        claiming.link.send(pw.Job(job.to_json()))  # a claim: its ACK, then silence
+        ack = (await claiming.answers(2))[1]
+        assert isinstance(ack, pw.Ack) and ack.errno == 0, ack
+        await asyncio.sleep(1.5)
+        assert not claiming.lost and await busy(target)
+        claiming.link.close("done")
 
     run(tmp_path, [MemoryVolume("data1", 8 * MiB)], scenario)
 

@@ -47,6 +47,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from volkeeper.core.addresses import TcpAddress, UnixAddress, parse_address, parse_tcp_address
+from volkeeper.core.mirror_engine import DEFAULT_PEER_TIMEOUT
 from volkeeper.daemon.config.jobs import JobConfig as JobConfig  # re-exported, as is:
 from volkeeper.daemon.config.jobs import MirrorConfig as MirrorConfig
 from volkeeper.daemon.config.jobs import check_jobs
@@ -55,6 +56,7 @@ from volkeeper.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECTOR_SIZES = (512, 4096)
+PEER_TIMEOUT_RANGE = (1, 600)  # seconds
 
 _BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
 _TOML_POSITION_RE = re.compile(r"(.*) \(at (.*)\)", re.DOTALL)
@@ -115,6 +117,15 @@ def _sector_size(value: object) -> int:
     raise ValueError(f"must be 512 or 4096, got {show(value)}")
 
 
+def _peer_timeout(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number of seconds, got {show(value)}")
+    low, high = PEER_TIMEOUT_RANGE
+    if not low <= value <= high:  # nan and inf fail this too
+        raise ValueError(f"must be from {low} to {high} seconds, got {show(value)}")
+    return float(value)
+
+
 def _log_level(value: object) -> str:
     level = as_string(value).lower()
     if level not in LOG_LEVELS:
@@ -128,6 +139,7 @@ ReadableFile = Annotated[Path, PlainValidator(_readable_file)]
 PeerAddress = Annotated[TcpAddress, PlainValidator(_tcp_address), PlainSerializer(str)]
 ListenAddress = Annotated[UnixAddress | TcpAddress, PlainValidator(_address), PlainSerializer(str)]
 SectorSize = Annotated[int, PlainValidator(_sector_size)]
+PeerTimeout = Annotated[float, PlainValidator(_peer_timeout)]
 LogLevel = Annotated[str, PlainValidator(_log_level)]
 
 
@@ -146,6 +158,8 @@ class NodeSection(Table):
     control: ListenAddress
     nbd: ListenAddress
     log_level: LogLevel = "info"
+    # Seconds a peer may say nothing before its link is dropped (see docs/mirroring.md).
+    peer_timeout: PeerTimeout = DEFAULT_PEER_TIMEOUT
 
     @model_validator(mode="after")
     def _one_address_per_listener(self) -> Self:

@@ -68,6 +68,8 @@ class Jobs:
         is_target: Callable[[str], bool],
         tls: ssl.SSLContext | None = None,
         publish: Publish | None = None,
+        *,
+        peer_timeout: float,
     ) -> None:
         self.node = node
         self.store = JobRecords(state_dir / "jobs")
@@ -79,8 +81,9 @@ class Jobs:
         self.publish: Publish = publish or _ignore
         self.records: dict[str, JobRecord] = {}
         self.mirrors = Mirrors(
-            node, peers, services, readers, tls, self._state_changed, self._publish_error
-        )
+            node, peers, services, readers, tls, self._state_changed, self._publish_error,
+            peer_timeout,
+        )  # fmt: skip
         self.state_observers: list[Callable[[Mirror, MirrorState, MirrorEvent], None]] = []
         self.changing = asyncio.Lock()
 
@@ -386,8 +389,13 @@ class Jobs:
         admin = next((a for a, s in ADMIN_STATES.items() if s is mirror.state), "active")
         if admin != current.admin:
             updated = record.with_mirror(dataclasses.replace(current, admin=admin))
-            self.store.save(updated)
             self.records[spec.job] = updated
+            try:
+                self.store.save(updated)
+            except OSError as exc:  # a failing state disk must not stop the change itself
+                log.error("job record not saved: a restart will not remember the state",
+                          job=spec.job, target=spec.target, state=mirror.state.value,
+                          error=str(exc))  # fmt: skip
 
     def _publish_error(self, mirror: Mirror, message: str) -> None:
         """Publish an error that stands until a resync completes."""

@@ -78,6 +78,7 @@ class IntentWriter:
             if error is None:
                 self.store.activity_log.committed(snapshot)
             else:
+                self.store.activity_log.abandoned(snapshot)
                 log.error("activity log write failed", mirror=self.name, error=str(error))
                 self._on_failure()
             then()

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 
 import structlog
 
-from volkeeper.core.mirror_engine import PING_INTERVAL, MirrorEngine
+from volkeeper.core.mirror_engine import MirrorEngine
 from volkeeper.core.mirror_ledger import Ledger
 from volkeeper.core.mirror_state import MirrorEvent, MirrorState
 from volkeeper.core.peer import wire as pw
@@ -60,7 +60,11 @@ class Mirror:
         compressors: IoWorkers,
         tls: ssl.SSLContext | None = None,
         state: MirrorState = MirrorState.RESYNC_PENDING,
+        *,
+        peer_timeout: float,
     ) -> None:
+        """``peer_timeout``: seconds the target may say nothing before the link is dropped
+        (the node's ``[node] peer_timeout``)."""
         self.spec = spec
         self.node = node
         self.service = service
@@ -70,7 +74,7 @@ class Mirror:
         self.tls = tls
         self.engine: MirrorEngine[Op, range] = MirrorEngine(
             store.bitmap, spec.target, os.strerror, state, store.generations,
-            lambda: secrets.randbits(64) or 1,
+            lambda: secrets.randbits(64) or 1, peer_timeout,
         )  # fmt: skip
         self.engine.configure(spec.settings.mode, spec.settings.queue_limit)
         self.link: PeerLink | None = None
@@ -202,11 +206,15 @@ class Mirror:
         await self._watch(link)
 
     async def _watch(self, link: PeerLink) -> None:
-        """PING an idle target; one silent too long is dropped (``MirrorEngine.idle``)."""
+        """PING the target every ``ping_interval``, the first at once (from then on the
+        target counts this source's silence: daemon/target/target_session.py); a target
+        silent too long is dropped (``MirrorEngine.idle``)."""
         token = 0
-        while not self._lost.is_set():
+        while not self._lost.is_set() and link.is_open:
+            token += 1
+            link.send(pw.Ping(token))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), PING_INTERVAL)
+                await asyncio.wait_for(self._lost.wait(), self.engine.ping_interval)
             if self._lost.is_set() or not link.is_open:
                 return
             now = self.clock()
@@ -214,8 +222,6 @@ class Mirror:
             if silent is not None:
                 link.close(silent.message)
                 return
-            token += 1
-            link.send(pw.Ping(token))
             self.throughput.sample(now, self.sent_bytes)
 
     def _on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
@@ -362,6 +368,12 @@ class Mirror:
     def _sender(self) -> Sender:
         assert self.sender is not None, "no link"
         return self.sender
+
+    def source_write_failed(self, op: Op, error: BaseException) -> None:
+        """The local disk failed ``op``, which this mirror shipped: mark and resync it."""
+        self.store.activity_log.pin(op.extents)  # held until the marks are persisted
+        why = str(error)
+        self.apply(self.engine.source_write_failed(op.extents, op.offset, op.length, why))
 
     def release_durable(self, op: Op) -> None:
         """``op`` (a flush) is durable locally and on the target: unpin what it covered."""

@@ -62,6 +62,7 @@ class Mirrors:
         tls: ssl.SSLContext | None,
         on_state: OnState,
         on_target_error: OnTargetError,
+        peer_timeout: float,
     ) -> None:
         self.node = node
         self.peers = peers
@@ -70,6 +71,7 @@ class Mirrors:
         self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
         self.on_state = on_state
         self.on_target_error = on_target_error
+        self.peer_timeout = peer_timeout  # [node] peer_timeout: every mirror drops a silent target
         self.on_deposed: Callable[[Mirror, str], None] = lambda *_: None  # set by the node
         self.on_switchover_request: Callable[[Mirror], None] = lambda *_: None
         self.compressors = IoWorkers(COMPRESSION_THREADS, "volkeeper-compress")
@@ -107,8 +109,9 @@ class Mirrors:
         spec = self.spec(job, record)
         state = ADMIN_STATES.get(record.admin, MirrorState.RESYNC_PENDING)
         mirror = Mirror(
-            spec, self.node, service, store, self.readers, self.compressors, self.tls, state
-        )
+            spec, self.node, service, store, self.readers, self.compressors, self.tls, state,
+            peer_timeout=self.peer_timeout,
+        )  # fmt: skip
         mirror.job_document = document
         mirror.epoch = epoch
         if notice is not None:

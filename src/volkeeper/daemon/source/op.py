@@ -10,6 +10,9 @@ side has flushed -- the local disk when its flush returns, a target when it ACKs
 frame (for an async mirror that is after the reply).  Once every side has, ``on_durable``
 runs: the activity-log pins of the writes before the flush can go.
 
+A mutation the local disk fails may still reach a target: every mirror that shipped it keeps
+its regions marked (``Carrier.source_write_failed``), so the resync puts the source's data back.
+
 A write's payload buffer belongs to the NBD connection that received it; ``release_payload``
 hands it back (for the next request) once the disk and every target are done with it.
 """
@@ -44,6 +47,8 @@ class Carrier(Protocol):
     def ship(self, op: Op) -> None: ...
 
     def release_durable(self, op: Op) -> None: ...
+
+    def source_write_failed(self, op: Op, error: BaseException) -> None: ...
 
 
 def _nothing(error: BaseException | None) -> None:

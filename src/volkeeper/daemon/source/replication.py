@@ -16,6 +16,10 @@ extent while the log is full of pinned ones, more than half the log is pinned, o
 remembers more than ``UNDURABLE_WRITES`` ACKed writes that no flush has covered yet -- and as a
 backstop every ``SYNC_INTERVAL`` (a periodic fdatasync of everything would stall writes).
 
+A write the local disk fails was shipped all the same: each of its mirrors keeps the op's
+regions marked and resyncs them, so the target gets the source's data back (Mirror.
+``source_write_failed``); the application is told the write failed.
+
 A small write is written inline (a page-cache copy on the loop) while the volume's writer
 thread has nothing queued, as on an unmirrored volume; anything else goes to that thread.
 
@@ -223,6 +227,9 @@ def _locally_done(op: Op, result: object, error: BaseException | None) -> None:
 
 def _local_done(op: Op, error: BaseException | None) -> None:
     op.release_payload()
+    if error is not None and not op.is_flush:
+        for mirror in op.mirrors:  # the targets may get what this disk did not take
+            mirror.source_write_failed(op, error)
     op.part_done(error)
     if op.is_flush and error is None:
         op.durable_done()

@@ -4,7 +4,8 @@ How this works: ``TargetVolumes`` holds every target volume of the node and the 
 (``target_session.TargetSession``) feeding each one, if any.  A session passes its source's HELLO to
 ``admit``, which checks it against the node: the volume exists, has the source's sector size
 and at least its size, and is not already the target of another mirror nor fed by another
-live connection, nor the source of a mirror here (a HELLO for a volume that is a job's
+live connection (one whose source fell silent is closed after the node's ``peer_timeout``:
+target_session.py), nor the source of a mirror here (a HELLO for a volume that is a job's
 source here is judged by the node's role changes: ``judge``, daemon/roles/failover.py).  A
 HELLO from another target of the same job, one epoch later, as the job's record kept here
 names it, is that copy become the job's source (a switchover or failover): the record
@@ -35,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from volkeeper.core.mirror_engine import DEFAULT_PEER_TIMEOUT
 from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.jobs.job_record import JobRecord
 from volkeeper.daemon.target import target_session
@@ -56,11 +58,13 @@ class TargetVolumes:
         service: Callable[[str], VolumeService | None],
         records: TargetRecords,
         publish: Callable[..., None] | None = None,
+        peer_timeout: float = DEFAULT_PEER_TIMEOUT,
     ) -> None:
         self.node = node
         self.service = service
         self.store = records
         self.publish = publish or _ignore
+        self.peer_timeout = peer_timeout  # [node] peer_timeout: a silent source is dropped
         self.lost_at: dict[str, float] = {}  # target volume -> when its source left (time())
         # Set by the node (daemon/roles/): the refusal of a HELLO for a volume that is a
         # job's source here (None: it is none), and the taking over of a job.

@@ -1,0 +1,113 @@
+"""``make soak``: nemesis runs with random seeds for a while, then a report.
+
+How this works: ``python -m tests.fault.soak --seconds N [--report DIR]`` runs one nemesis
+run after another (tests/fault/nemesis.py), each with a fresh seed drawn from the clock and
+a topology and mode drawn from the seed (two nodes sync, two nodes async, three nodes sync),
+until N seconds have passed.  ``--seed S`` (with ``--nodes``, ``--mode``, ``--faults``) runs
+one given schedule again instead.  Every run's report is printed as it ends and kept in
+DIR/runs.jsonl; DIR/report.md sums them up: runs, faults by kind, anomalies, recovery time
+per fault kind (p50/p99), bytes resynced per fault kind, the application's longest wait.
+Each run works in a directory of its own under DIR, removed when the run found nothing.
+The exit status is 1 if any run found an anomaly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from tests.fault.nemesis import RunReport, RunSpec, run
+
+SHAPES = [(2, "sync"), (2, "async"), (3, "sync")]
+
+
+def spec_for(seed: int, faults: int) -> RunSpec:
+    nodes, mode = SHAPES[seed % len(SHAPES)]
+    return RunSpec(seed=seed, nodes=nodes, mode=mode, faults=faults)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="make soak")
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--faults", type=int, default=12, help="faults per run")
+    parser.add_argument("--seed", type=int, help="run this seed's schedule once")
+    parser.add_argument("--nodes", type=int, choices=(2, 3))
+    parser.add_argument("--mode", choices=("sync", "async"))
+    parser.add_argument("--report", type=Path, default=Path("soak-report"))
+    args = parser.parse_args(argv)
+    args.report.mkdir(parents=True, exist_ok=True)
+    reports: list[RunReport] = []
+    deadline = time.monotonic() + args.seconds
+    seeds = random.SystemRandom()
+    while not reports or (args.seed is None and time.monotonic() < deadline):
+        seed = args.seed if args.seed is not None else seeds.randrange(1, 1 << 31)
+        spec = spec_for(seed, args.faults)
+        if args.nodes or args.mode:
+            spec = RunSpec(seed, args.nodes or spec.nodes, args.mode or spec.mode, args.faults)
+        directory = args.report / f"run-{seed}"
+        report = run(spec, directory)
+        print(report, flush=True)
+        reports.append(report)
+        with (args.report / "runs.jsonl").open("a") as runs:
+            runs.write(json.dumps(report.as_dict()) + "\n")
+        if not report.anomalies:
+            shutil.rmtree(directory, ignore_errors=True)
+    (args.report / "report.md").write_text(summary(reports, args.seconds))
+    print(summary(reports, args.seconds))
+    return 1 if any(r.anomalies for r in reports) else 0
+
+
+def summary(reports: list[RunReport], seconds: float) -> str:
+    faults: dict[str, int] = defaultdict(int)
+    recovery: dict[str, list[float]] = defaultdict(list)
+    resynced: dict[str, list[int]] = defaultdict(list)
+    waits: dict[str, float] = defaultdict(float)
+    for report in reports:
+        for record in report.records:
+            faults[record.kind] += 1
+            if record.recovery_s is not None:
+                recovery[record.kind].append(record.recovery_s)
+            resynced[record.kind].append(record.resync_bytes)
+            waits[record.kind] = max(waits[record.kind], record.longest_wait_s)
+    anomalies = [f"- seed {r.spec.seed}: {a}" for r in reports for a in r.anomalies]
+    lines = [
+        f"# Soak report: {len(reports)} runs in {seconds:.0f} s",
+        "",
+        f"{sum(faults.values())} faults; {sum(r.writes for r in reports)} writes and "
+        f"{sum(r.flushes for r in reports)} flushes acknowledged; "
+        f"{sum(r.looks for r in reports)} checker looks; {len(anomalies)} anomalies.",
+        "",
+        "| fault | count | recovery p50 (s) | recovery p99 (s) | resynced per fault, median "
+        "| max | longest client wait (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for kind in sorted(faults):
+        times = sorted(recovery[kind])
+        lines.append(
+            f"| {kind} | {faults[kind]} | {_quantile(times, 0.5)} | {_quantile(times, 0.99)} | "
+            f"{_size(statistics.median(resynced[kind]))} | {_size(max(resynced[kind]))} | "
+            f"{waits[kind]:.2f} |"
+        )
+    lines += ["", "## Anomalies", "", *(anomalies or ["none"]), ""]
+    return "\n".join(lines)
+
+
+def _quantile(values: list[float], q: float) -> str:
+    if not values:
+        return "-"
+    return f"{values[min(len(values) - 1, int(q * len(values)))]:.2f}"
+
+
+def _size(count: float) -> str:
+    return f"{count / (1 << 20):.1f} MiB" if count >= 1 << 20 else f"{count / 1024:.0f} KiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
