@@ -41,7 +41,7 @@ VOLUME = "data1"
 class FaultNode:
     def __init__(self, root: Path, name: str, size: int, settings: dict[str, Any]) -> None:
         self.name = name
-        directory = root / name
+        directory = root.resolve() / name
         self.disk = PowerLossDisk(directory / "backing", directory / "disk", directory / "fs.log")
         self.daemon = LocalNode(
             directory, name, [VolumeSpec(VOLUME, size, path=self.image)], host="0.0.0.0",

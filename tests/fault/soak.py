@@ -7,7 +7,9 @@ until N seconds have passed.  ``--seed S`` (with ``--nodes``, ``--mode``, ``--fa
 one given schedule again instead.  Every run's report is printed as it ends and kept in
 DIR/runs.jsonl; DIR/report.md sums them up: runs, faults by kind, anomalies, recovery time
 per fault kind (p50/p99), bytes resynced per fault kind, the application's longest wait.
-Each run works in a directory of its own under DIR, removed when the run found nothing.
+Each run works in a directory of its own under DIR, removed when the run found nothing.  A
+run the harness itself could not finish (an exception) counts as an anomaly, and the soak
+goes on with the next seed.
 The exit status is 1 if any run found an anomaly.
 """
 
@@ -20,10 +22,13 @@ import shutil
 import statistics
 import sys
 import time
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
+from tests.fault.checker import Anomaly
 from tests.fault.nemesis import RunReport, RunSpec, run
+from tests.fault.schedule import schedule
 
 SHAPES = [(2, "sync"), (2, "async"), (3, "sync")]
 
@@ -42,6 +47,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--mode", choices=("sync", "async"))
     parser.add_argument("--report", type=Path, default=Path("soak-report"))
     args = parser.parse_args(argv)
+    args.report = args.report.resolve()  # the nodes' configs want absolute paths
     args.report.mkdir(parents=True, exist_ok=True)
     reports: list[RunReport] = []
     deadline = time.monotonic() + args.seconds
@@ -52,7 +58,12 @@ def main(argv: list[str]) -> int:
         if args.nodes or args.mode:
             spec = RunSpec(seed, args.nodes or spec.nodes, args.mode or spec.mode, args.faults)
         directory = args.report / f"run-{seed}"
-        report = run(spec, directory)
+        try:
+            report = run(spec, directory)
+        except Exception as error:  # the harness failed: say so, keep the run's files, go on
+            report = RunReport(spec, schedule(seed, spec.faults, spec.nodes - 1, spec.kinds))
+            report.anomalies.append(Anomaly("harness error", f"seed {seed}", repr(error)))
+            traceback.print_exc()
         print(report, flush=True)
         reports.append(report)
         with (args.report / "runs.jsonl").open("a") as runs:
