@@ -27,7 +27,8 @@ lint: deps
 SECONDS ?= 600
 soak: deps  # the nemesis with random seeds for SECONDS (SEED=N: one schedule again); root
 	$(PY) -m tests.fault.soak --seconds $(SECONDS) $(if $(SEED),--seed $(SEED)) \
-		$(if $(NODES),--nodes $(NODES)) $(if $(MODE),--mode $(MODE)) --report soak-report
+		$(if $(NODES),--nodes $(NODES)) $(if $(MODE),--mode $(MODE)) \
+		$(if $(FAULTS),--faults $(FAULTS)) --report soak-report
 
 ocf-install: deps  # the Pacemaker resource agent ocf:volkeeper:job (on every cluster node)
 	$(PY) -m volkeeper ocf install

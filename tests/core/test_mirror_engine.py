@@ -762,3 +762,34 @@ def test_a_target_that_answers_pings_but_acknowledges_nothing_is_dropped(mode: s
     else:
         assert overdue is not None
         assert overdue.message == "beta:data1 acknowledged no write for 3 s (peer_timeout)"
+
+
+def test_a_source_write_failing_while_a_resync_finishes_keeps_it_going() -> None:
+    """Found by the nemesis (a soak run): the walk found nothing marked and asked the target
+    to record UpToDate; a write the source's disk failed marked a region while it waited,
+    and the mirror went Mirroring with that region marked and the copies different.  Now
+    the target is told it is Inconsistent again and the walk is not complete."""
+    bitmap = DirtyBitmap(REGIONS * REGION, REGION)
+    engine: MirrorEngine[Op, Op] = MirrorEngine(bitmap, "beta:data1", str)
+    bitmap.mark(0, REGION)
+    engine.handshake(1.0, 1, True)
+    assert engine.admitted(link_open=True).start_resync
+    bitmap.clear_regions(0, 1)  # the walk resent and committed it
+    assert engine.resync_complete
+    engine.finishing = True  # Resync._finish: UP_TO_DATE is on its way
+    failed = engine.source_write_failed(range(0), 3 * REGION, REGION, "Input/output error")
+    for offset, length in failed.mark:
+        bitmap.mark(offset, length)
+    assert failed.records == (pw.DataState.INCONSISTENT,) and not failed.start_resync
+    assert engine.state is MirrorState.RESYNCING and not engine.resync_complete
+    assert "source's disk failed a write" in engine.last_error
+    again = engine.source_write_failed(range(0), 4 * REGION, REGION, "Input/output error")
+    assert again.records == ()  # told once; the walk goes on and records UpToDate when done
+    mirroring = MirrorEngine[Op, Op](DirtyBitmap(REGIONS * REGION, REGION), "beta:data1", str)
+    mirroring.handshake(1.0, 1, True)
+    mirroring.admitted(link_open=True)
+    assert mirroring.state is MirrorState.MIRRORING
+    marked = mirroring.source_write_failed(range(0), 0, REGION, "Input/output error")
+    assert marked.changes == ((MirrorState.MIRRORING, MirrorEvent.SOURCE_WRITE_FAILED),)
+    assert marked.start_resync and marked.records == (pw.DataState.INCONSISTENT,)
+    assert list(marked.mark) == [(0, REGION)] and list(marked.unpin_after_persist) == [range(0)]

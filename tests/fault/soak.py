@@ -2,7 +2,7 @@
 
 How this works: ``python -m tests.fault.soak --seconds N [--report DIR]`` runs one nemesis
 run after another (tests/fault/nemesis.py), each with a fresh seed drawn from the clock and
-a topology and mode drawn from the seed (two nodes sync, two nodes async, three nodes sync),
+a topology and mode in turn (two nodes sync, two nodes async, three nodes sync),
 until N seconds have passed.  ``--seed S`` (with ``--nodes``, ``--mode``, ``--faults``) runs
 one given schedule again instead.  Every run's report is printed as it ends and kept in
 DIR/runs.jsonl; DIR/report.md sums them up: runs, faults by kind, anomalies, recovery time
@@ -33,8 +33,9 @@ from tests.fault.schedule import schedule
 SHAPES = [(2, "sync"), (2, "async"), (3, "sync")]
 
 
-def spec_for(seed: int, faults: int) -> RunSpec:
-    nodes, mode = SHAPES[seed % len(SHAPES)]
+def spec_for(seed: int, run_number: int, faults: int) -> RunSpec:
+    """Shapes in turn, so a soak of any length covers each (a report names the shape)."""
+    nodes, mode = SHAPES[run_number % len(SHAPES)]
     return RunSpec(seed=seed, nodes=nodes, mode=mode, faults=faults)
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> int:
     seeds = random.SystemRandom()
     while not reports or (args.seed is None and time.monotonic() < deadline):
         seed = args.seed if args.seed is not None else seeds.randrange(1, 1 << 31)
-        spec = spec_for(seed, args.faults)
+        spec = spec_for(seed, len(reports), args.faults)
         if args.nodes or args.mode:
             spec = RunSpec(seed, args.nodes or spec.nodes, args.mode or spec.mode, args.faults)
         directory = args.report / f"run-{seed}"

@@ -107,6 +107,9 @@ class MirrorEngine(Generic[Token, Pin]):
         self.failures_in_a_row = 0  # links ended by a target failure since the last success
         self.overflows = 0  # async ops marked because the queue was full
         self.last_heard = 0.0
+        # the walk found nothing marked and asks the target to record UpToDate (Resync._finish);
+        # a region marked meanwhile tells it Inconsistent again and the walk goes on
+        self.finishing = False
         self.peer_timeout = peer_timeout
         # the adapter's idle tick: at least 4 pings before a silent target is dropped
         self.ping_interval = min(MAX_PING_INTERVAL, peer_timeout / 4)
@@ -282,6 +285,7 @@ class MirrorEngine(Generic[Token, Pin]):
         """The target gets marked regions from now on: its copy is Inconsistent until done."""
         ready.records = (pw.DataState.INCONSISTENT,)
         ready.start_resync = self.walking = True
+        self.finishing = False
 
     def resync_chunk(self, span: Span, racing: Iterable[tuple[int, int]]) -> Chunk:
         """``span`` is about to be read and sent: it joins the open batch.  ``racing``: the
@@ -314,7 +318,7 @@ class MirrorEngine(Generic[Token, Pin]):
     def resync_finished(self) -> Ready[Token, Pin]:
         """Every chunk ACKed, durable and cleared, the target recorded UpToDate, and that
         persisted: the only way to Mirroring from a resync."""
-        self.walking = self.checksum_next = False
+        self.walking = self.checksum_next = self.finishing = False
         self.standing_error = self.last_error = ""
         self.failures_in_a_row = 0
         return Ready(changes=self._set(E.RESYNC_DONE), generations=self._confirmed())
@@ -374,8 +378,11 @@ class MirrorEngine(Generic[Token, Pin]):
     def verify_marked(self) -> Ready[Token, Pin]:
         """A verify marked the regions it found different: resync them."""
         ready: Ready[Token, Pin] = Ready(changes=self._set(E.VERIFY_MARKED))
-        if self.state is S.RESYNCING and not self.walking and self.link_up:
-            self._start_resync(ready)
+        if self.state is S.RESYNCING and self.link_up:
+            if self.finishing:  # the target may be recording UpToDate right now: it is not
+                ready.records, self.finishing = (pw.DataState.INCONSISTENT,), False
+            elif not self.walking:
+                self._start_resync(ready)
         return ready
 
     def source_write_failed(
@@ -393,8 +400,11 @@ class MirrorEngine(Generic[Token, Pin]):
             changes=self._set(E.SOURCE_WRITE_FAILED),
         )  # fmt: skip
         self.ledger.race(offset, length)
-        if self.state is S.RESYNCING and not self.walking and self.link_up:
-            self._start_resync(ready)
+        if self.state is S.RESYNCING and self.link_up:
+            if self.finishing:  # the target may be recording UpToDate right now: it is not
+                ready.records, self.finishing = (pw.DataState.INCONSISTENT,), False
+            elif not self.walking:
+                self._start_resync(ready)
         return ready
 
     def intent_log_failed(self) -> Ready[Token, Pin]:

@@ -196,8 +196,9 @@ class Mirror:
         handshake = self.engine.handshake(
             self.clock(), answer.current_generation, answer.data_state == pw.DataState.UP_TO_DATE
         )
-        if handshake.mark_all:
-            log.info("target generation unrelated: full resync", job=self.spec.job)
+        if handshake.mark_all:  # a checksum resync sends only the regions that differ
+            how = "checksum resync" if self.engine.checksum_next else "full resync"
+            log.info(f"target generation unrelated: {how}", job=self.spec.job)
         await self._carry_out(handshake)
         admitted = self.engine.admitted(link.is_open)
         if admitted.close is None:

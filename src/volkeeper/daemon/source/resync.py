@@ -129,8 +129,7 @@ class Resync:
                 if self.mirror.state is not MirrorState.RESYNCING:
                     return
                 self._send_chunk(span)
-            if self.engine.resync_complete:
-                await self._finish()
+            if self.engine.resync_complete and await self._finish():
                 return
 
     async def _slot(self) -> None:
@@ -224,13 +223,20 @@ class Resync:
         self.mirror.apply(self.engine.resync_committed())
         self._check()
 
-    async def _finish(self) -> None:
+    async def _finish(self) -> bool:
+        """The target records UpToDate, then the mirror is Mirroring -- unless a region was
+        marked meanwhile (a write the source's disk failed: the engine told the target it is
+        Inconsistent again): then False, and the walk goes on."""
         mirror = self.mirror
         state = pw.State(pw.DataState.UP_TO_DATE, mirror.store.generations.current, 0)
+        self.engine.finishing = True
         if await self._ask(state, "UP_TO_DATE record"):
             raise PeerError("target failed to record its new state")
         await mirror.intent.durable()
+        if not self.engine.resync_complete:
+            return False
         self.on_finished(self)
+        return True
 
     async def _ask(self, frame: pw.Frame, what: str) -> int:
         """Send ``frame`` and wait for the target's ACK; returns its errno."""
