@@ -125,10 +125,10 @@ class Checker:
 
     # -- the end of a fault ---------------------------------------------------------------------
 
-    def settled(self) -> bool:
+    def settled(self, mirrors: list[dict[str, Any]] | None = None) -> bool:
         """Every mirror Mirroring and every target in step (UpToDate; an asynchronous one
         says Consistent: it cannot know what is still on its way)."""
-        mirrors = self.mirrors()
+        mirrors = self.mirrors() if mirrors is None else mirrors
         if not mirrors or any(m["state"] != "Mirroring" for m in mirrors):
             return False
         in_step = ("UpToDate",) if self.mode == "sync" else ("UpToDate", "Consistent")
@@ -138,7 +138,7 @@ class Checker:
         """Settled, and nothing out of sync or on its way."""
         mirrors = self.mirrors() or []
         lag = sum(m["out_of_sync_bytes"] + (m["queue_bytes"] or 0) for m in mirrors)
-        return lag == 0 and self.settled()
+        return lag == 0 and self.settled(mirrors)
 
     def identical(self, context: str) -> None:
         """Every copy equals the source, which holds what it should; then rebase on it."""

@@ -378,11 +378,7 @@ class MirrorEngine(Generic[Token, Pin]):
     def verify_marked(self) -> Ready[Token, Pin]:
         """A verify marked the regions it found different: resync them."""
         ready: Ready[Token, Pin] = Ready(changes=self._set(E.VERIFY_MARKED))
-        if self.state is S.RESYNCING and self.link_up:
-            if self.finishing:  # the target may be recording UpToDate right now: it is not
-                ready.records, self.finishing = (pw.DataState.INCONSISTENT,), False
-            elif not self.walking:
-                self._start_resync(ready)
+        self._resync_new_marks(ready)
         return ready
 
     def source_write_failed(
@@ -399,13 +395,18 @@ class MirrorEngine(Generic[Token, Pin]):
             mark=[(offset, length)], unpin_after_persist=[pin],
             changes=self._set(E.SOURCE_WRITE_FAILED),
         )  # fmt: skip
-        self.ledger.race(offset, length)
+        self._resync_new_marks(ready)
+        return ready
+
+    def _resync_new_marks(self, ready: Ready[Token, Pin]) -> None:
+        """Regions were marked while the mirror resyncs: start the walk if none runs, or, if
+        the walk is asking the target to record UpToDate right now, tell it it is not (the
+        walk goes on: ``Resync._finish`` looks again)."""
         if self.state is S.RESYNCING and self.link_up:
-            if self.finishing:  # the target may be recording UpToDate right now: it is not
+            if self.finishing:
                 ready.records, self.finishing = (pw.DataState.INCONSISTENT,), False
             elif not self.walking:
                 self._start_resync(ready)
-        return ready
 
     def intent_log_failed(self) -> Ready[Token, Pin]:
         """The intent log cannot be written: changes can no longer be tracked.  The mirror

@@ -97,7 +97,7 @@ def test_a_silent_connection_is_closed_after_the_hello_deadline(
 def silences(monkeypatch: pytest.MonkeyPatch, target: Target, peer_timeout: float) -> None:
     """``target`` drops a silent source after ``peer_timeout``, however short (the floor of
     two of a source's longest ping interval, 4 s, scaled down with it)."""
-    monkeypatch.setattr("volkeeper.daemon.target.target_session.MAX_PING_INTERVAL", 0.1)
+    monkeypatch.setattr("volkeeper.daemon.target.silence.MAX_PING_INTERVAL", 0.1)
     target.targets.peer_timeout = peer_timeout
 
 

@@ -373,8 +373,7 @@ class Mirror:
     def source_write_failed(self, op: Op, error: BaseException) -> None:
         """The local disk failed ``op``, which this mirror shipped: mark and resync it."""
         self.store.activity_log.pin(op.extents)  # held until the marks are persisted
-        why = str(error)
-        self.apply(self.engine.source_write_failed(op.extents, op.offset, op.length, why))
+        self.apply(self.engine.source_write_failed(op.extents, op.offset, op.length, str(error)))
 
     def release_durable(self, op: Op) -> None:
         """``op`` (a flush) is durable locally and on the target: unpin what it covered."""

@@ -7,13 +7,8 @@ node its HELLO claims to be.  ``TargetVolumes.admit`` checks the rest and, on th
 the volume, claims it (records and locks: see ``targets``).  The answer is HELLO_OK with what
 the record says of this copy (data state, generations), or REFUSE naming the reason.
 
-A mirror's source PINGs its target all along (daemon/source/mirror.py, the first one at once).
-From that first PING on, a session whose source then sends nothing at all for the node's
-``peer_timeout`` (``silence_limit``) is closed, with a log line: a source cut off by a
-partition, or gone with its host, leaves a half-open connection that would otherwise hold
-the volume -- and have the source's next HELLO refused as BUSY -- for ever.  The short
-sessions that claim, release or hand over a volume (daemon/source/peer_session.py) never
-PING and may wait in silence for an answer, so they are never closed this way.
+A mirror session whose source pinged and then went silent for the node's ``peer_timeout`` is
+closed (``watch_silence``, daemon/target/silence.py).
 
 After that the session applies WRITE, RESYNC_DATA, ZERO, TRIM and FLUSH frames through the
 volume's writer thread -- one FIFO -- so they reach the disk in the order the source sent them
@@ -48,9 +43,9 @@ from typing import Any, ClassVar, Protocol
 import structlog
 
 from volkeeper.core import region_hash
-from volkeeper.core.mirror_engine import MAX_PING_INTERVAL
 from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.jobs.job_record import JobRecord
+from volkeeper.daemon.target.silence import watch_silence
 from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
 from volkeeper.errors import ProtocolError, Refusal, VolumeError
 from volkeeper.io.codecs import decompress
@@ -63,13 +58,6 @@ SHUTDOWN_FLUSH_TIMEOUT = 10.0
 HELLO_TIMEOUT = 10.0  # a connection that has not said HELLO by then is closed
 TAKEOVER_GRACE = 5.0  # a handover's mirrors start by then even if the old source is silent
 _tasks: set[asyncio.Future[None]] = set()  # handovers being taken (kept from the collector)
-
-
-def silence_limit(peer_timeout: float) -> float:
-    """Seconds a pinging source may say nothing before its session is closed: the node's
-    ``peer_timeout``, but never less than two of a source's longest ping interval, so a
-    source with a longer timeout of its own (pinging every 2 s) is never cut off."""
-    return max(peer_timeout, 2 * MAX_PING_INTERVAL)
 
 
 class TargetVolumes(Protocol):
@@ -160,7 +148,10 @@ class TargetSession:
         self.link = link
         self.targets.sessions[frame.volume] = self
         self.targets.changed(frame.volume)
-        self._watch(link)
+        watch_silence(
+            link, self.targets.peer_timeout, lambda: self.pinged,
+            volume=frame.volume, mirror=self.record.mirror,
+        )  # fmt: skip
         volume = self.service.volume
         record = self.record
         link.send(
@@ -397,34 +388,6 @@ class TargetSession:
         assert isinstance(frame, pw.Ping)
         self.pinged = True
         link.send(pw.Pong(frame.token))
-
-    def _watch(self, link: PeerLink) -> None:
-        """Close the session once its source, one that pings, has sent nothing at all for
-        ``silence_limit``.  Looked at every ``MAX_PING_INTERVAL`` at most, by the sequence
-        number of the last frame received: receiving costs nothing more."""
-        assert self.record is not None
-        loop, mirror = asyncio.get_running_loop(), self.record.mirror
-        limit = silence_limit(self.targets.peer_timeout)
-        every = min(MAX_PING_INTERVAL, limit / 4)
-        last, since = link.last_received, loop.time()  # the last frame seen, first seen then
-
-        def check() -> None:
-            nonlocal last, since
-            if not link.is_open:
-                return
-            now = loop.time()
-            if link.last_received != last:
-                last, since = link.last_received, now
-            elif self.pinged and now - since >= limit:
-                log.warning(
-                    "mirror source silent: session dropped", volume=self.volume, mirror=mirror,
-                    silent_s=round(now - since, 1), peer_timeout=self.targets.peer_timeout,
-                )  # fmt: skip
-                link.close(f"source silent for {limit:g} s (peer_timeout)")
-                return
-            loop.call_later(every, check)
-
-        loop.call_later(every, check)
 
     def _goodbye(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.Goodbye) and self.volume is not None
