@@ -6,7 +6,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio util-linux dmsetup rsync fuse3 \
-	pacemaker pacemaker-cli-utils corosync resource-agents libxml2-utils iptables
+	pacemaker pacemaker-cli-utils corosync resource-agents libxml2-utils iptables \
+	chromium
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: demo test lint debs deps bench bench-review clean ocf-install soak

@@ -15,10 +15,11 @@ NodeFactory = Callable[..., LocalNode]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test ``integration`` (tests/integration, tests/fault) or ``unit`` (the rest)."""
+    """Mark every test ``integration`` (tests/integration, tests/fault, tests/gui/browser) or
+    ``unit`` (the rest)."""
     for item in items:
-        parts = item.path.parts
-        kind = "integration" if "integration" in parts or "fault" in parts else "unit"
+        parts = set(item.path.parts)
+        kind = "integration" if parts & {"integration", "fault", "browser"} else "unit"
         item.add_marker(getattr(pytest.mark, kind))
 
 

@@ -15,7 +15,13 @@ ALLOWED = {
     "core": set(),
     "io": {"core"},
     "daemon": {"core", "io"},
-    "cli": {"core", "daemon", "ocf"},  # daemon only to run a node and to read a node's config
+    "cli": {
+        "core",
+        "daemon",
+        "ocf",
+        "gui",
+    },  # daemon only to run a node and to read a node's config
+    "gui": {"core"},  # talks to nodes through their control APIs only
     "ocf": {"core", "cli"},  # the agent talks to the node through the CLI's API client
 }
 

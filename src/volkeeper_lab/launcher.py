@@ -218,3 +218,65 @@ class LocalNode:
 
     def log_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@dataclass
+class LocalGui:
+    """``volkeeper gui`` as a child process over ``nodes``, on a free loopback port unless
+    ``listen`` says otherwise; ``args`` adds options (--tokens, --cert, --key)."""
+
+    directory: Path
+    nodes: list[LocalNode]
+    listen: str = ""
+    args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.listen = self.listen or f"127.0.0.1:{free_tcp_port()}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "gui.log"
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if "--cert" in self.args else "http"
+        host, port = self.listen.rsplit(":", 1)
+        return f"{scheme}://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}"
+
+    def start(self, timeout: float = 20.0) -> float:
+        """Start it and wait until it answers; returns the seconds that took."""
+        nodes = [arg for node in self.nodes for arg in ("--node", f"unix:{node.control_socket}")]
+        command = [sys.executable, "-m", "volkeeper", "gui", *nodes, "--listen", self.listen]
+        log = self.log_path.open("ab")
+        began = time.monotonic()
+        self.process = subprocess.Popen(
+            [*command, *self.args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        log.close()
+        deadline = began + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the GUI exited early:\n{self.log_path.read_text()}")
+            try:
+                httpx.get(f"{self.url}/static/gui.css", verify=False, timeout=2)
+                return time.monotonic() - began
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise TimeoutError(f"the GUI did not answer in {timeout} s:\n{self.log_path.read_text()}")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code

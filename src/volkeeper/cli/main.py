@@ -152,6 +152,39 @@ def reload(node: NodeOption = None, config: ConfigOption = None) -> None:
         raise typer.Exit(1)
 
 
+@app.command()
+def gui(
+    node: Annotated[
+        list[str] | None,
+        typer.Option("--node", help="a node's control address (unix:/path or host:port); repeat"),
+    ] = None,
+    config: Annotated[
+        list[str] | None, typer.Option("--config", help="read a node's address here; repeat")
+    ] = None,
+    listen: Annotated[
+        str, typer.Option("--listen", help="host:port; beyond localhost a login is required")
+    ] = "127.0.0.1:8470",
+    tokens: Annotated[
+        Path | None, typer.Option("--tokens", help="login tokens, one per line (NAME TOKEN)")
+    ] = None,
+    cert: Annotated[Path | None, typer.Option("--cert", help="serve HTTPS: certificate")] = None,
+    key: Annotated[Path | None, typer.Option("--key", help="serve HTTPS: private key")] = None,
+) -> None:
+    """Serve the web GUI over the control APIs of the given nodes until Ctrl-C."""
+    from volkeeper.core.addresses import parse_tcp_address
+    from volkeeper.gui.server import serve
+
+    addresses = [resolve_node(text, None) for text in node or []]
+    addresses += [resolve_node(None, path) for path in config or []]
+    if not addresses:
+        addresses = [resolve_node(None, None)]  # VOLKEEPER_NODE, or the error that asks
+    try:
+        where = parse_tcp_address(listen)
+    except ValueError as exc:
+        raise CliError(f"bad --listen address {listen!r}: {exc}") from None
+    serve(addresses, where, tokens, cert, key)
+
+
 @volume_app.command("list")
 def volume_list(
     node: NodeOption = None, config: ConfigOption = None, as_json: JsonOption = False

@@ -27,7 +27,7 @@ from volkeeper.cli.client import CliError
 from volkeeper.cli.events import sse_events, stream_events, text_line
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.daemon.api import events
-from volkeeper.daemon.api.events import QUEUE_LIMIT, EventBus, Subscription
+from volkeeper.daemon.api.events import HISTORY, QUEUE_LIMIT, EventBus, Subscription
 from volkeeper_lab.launcher import free_tcp_port
 
 pytestmark = pytest.mark.timeout(20)
@@ -95,6 +95,19 @@ def test_every_subscriber_gets_every_event_from_its_subscription_on() -> None:
         assert bus.subscribers == 2
 
     asyncio.run(scenario())
+
+
+def test_the_bus_keeps_its_last_events_for_readers_that_poll() -> None:
+    bus, other = EventBus(), EventBus()
+    assert bus.recent() == {"boot": bus.boot, "seq": 0, "events": []}
+    assert bus.boot != other.boot  # a restarted daemon numbers from 1 again: boot says so
+    for n in range(HISTORY + 3):
+        bus.publish("change", "mirror", job="web", n=n)
+    kept = bus.recent()
+    assert kept["seq"] == HISTORY + 3
+    assert [e["seq"] for e in kept["events"]] == list(range(4, HISTORY + 4))
+    assert [e["n"] for e in bus.recent(after=HISTORY + 1)["events"]] == [HISTORY + 1, HISTORY + 2]
+    assert bus.recent(after=HISTORY + 3)["events"] == []
 
 
 def test_a_snapshot_comes_first_as_exists_events_then_the_exists_marker() -> None:

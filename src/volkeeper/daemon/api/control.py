@@ -370,6 +370,12 @@ def create_app(node: NodeView) -> FastAPI:
         (with initial=true, first an ``exists`` event per object, then ``exists -``)."""
         return sse_response(node.events, node.event_snapshot if initial else None)
 
+    @app.get("/events/recent")
+    async def recent_events(after: int = 0) -> dict[str, Any]:
+        """The node's last events (at most 512) numbered after ``after``: ``{"boot", "seq",
+        "events"}``; ``boot`` changes when the daemon restarts (numbering starts again)."""
+        return node.events.recent(after)
+
     @app.post("/reload")
     async def reload() -> dict[str, Any]:
         """Re-read the config file and apply it (as SIGHUP does); answers what changed."""

@@ -18,6 +18,12 @@ see), then iteration stops; it should reconnect to read the state afresh.  ``Eve
 ends every subscription the same way, without the marker: call it when the node stops, or
 uvicorn waits for the open streams forever.
 
+The bus also keeps its last ``HISTORY`` events: ``recent(after)`` answers those numbered after
+``after``, with the bus's ``boot`` (a random id per bus, so per daemon run: a reader that sees
+it change knows the numbering started again) -- a GUI that polls reads the event log with
+causes from there, and nothing is lost between two of its polls unless more than ``HISTORY``
+events happened.
+
 ``sse_response`` serves one subscription as Server-Sent Events (``text/event-stream``): per event
 ``id: <seq>``, ``event: <type>``, ``data: <the event as one line of JSON>`` and a blank line;
 a ``: keepalive`` comment after ``KEEPALIVE_S`` of silence.  When the client goes away,
@@ -29,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +48,7 @@ Snapshot = Callable[[], list[Event]]
 
 TYPES = frozenset({"exists", "create", "change", "destroy"})
 QUEUE_LIMIT = 4096
+HISTORY = 512
 KEEPALIVE_S = 15.0
 _STAMPS = frozenset({"seq", "time"})
 
@@ -96,6 +105,8 @@ class EventBus:
         self._seq = 0
         self._subscribers: set[Subscription] = set()
         self._closed = False
+        self._history: deque[Event] = deque(maxlen=HISTORY)
+        self.boot = secrets.token_hex(8)
 
     @property
     def subscribers(self) -> int:
@@ -108,8 +119,15 @@ class EventBus:
             raise ValueError("an event's seq and time are set by the bus, not by its fields")
         self._seq += 1
         event = {"seq": self._seq, "time": _now(), "type": type, "object": object, **fields}
+        self._history.append(event)
         for subscription in tuple(self._subscribers):
             subscription._deliver(event)
+
+    def recent(self, after: int = 0) -> dict[str, Any]:
+        """The kept events numbered after ``after``, oldest first, with ``boot`` and ``seq``
+        (the last number given out)."""
+        events = [event for event in self._history if event["seq"] > after]
+        return {"boot": self.boot, "seq": self._seq, "events": events}
 
     def subscribe(self, snapshot: Snapshot | None = None) -> Subscription:
         """Live events; with a snapshot, first its items as ``exists`` events and ``exists -``."""

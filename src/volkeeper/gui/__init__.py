@@ -1,0 +1,1 @@
+"""The web GUI: ``volkeeper gui`` serves it over the control APIs of any number of nodes."""
