@@ -12,8 +12,8 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
 .PHONY: demo test lint debs deps bench bench-review clean ocf-install soak
 
-demo: deps
-	$(PY) -m volkeeper_lab.demo
+demo: deps  # KEEP=1: leave the nodes and the GUI running at the end, until Ctrl-C
+	KEEP=$(KEEP) $(PY) -m volkeeper_lab.demo
 
 PYTEST_WORKERS ?= 2
 test: deps lint  # tests that measure rates or times (marked serial) run alone, after the rest
@@ -38,6 +38,7 @@ bench: deps
 	$(PY) bench/nbd_vs_nbdkit.py
 	$(PY) bench/mirror_overhead.py
 	$(PY) bench/role_changes.py
+	$(PY) bench/gui_scale.py
 
 bench-review: deps  # the DataKeeper review's experiment: root, ~90 min (--short: ~10 min)
 	$(PY) bench/review_experiment.py $(REVIEW_ARGS)

@@ -11,9 +11,12 @@ Finally both daemons stop and the two backing files are compared byte for byte.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from volkeeper.core.units import format_size
-from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
+from volkeeper_lab.launcher import LocalGui, LocalNode, VolumeSpec, free_tcp_port
 
 DEMO_DIR = Path("demo-run")
+GUI_PORT = 8470
 VOLUME_SIZE = 256 * 1024 * 1024
 FIRST_WRITE = 64 * 1024 * 1024
 
@@ -87,6 +91,10 @@ def main() -> int:
     step("starting two nodes: alpha (source) and beta (target), 256 MiB volume data1 each")
     beta.start()
     alpha.start()
+    gui = LocalGui(DEMO_DIR / "gui", [alpha, beta], f"127.0.0.1:{gui_port()}")
+    gui.start()
+    atexit.register(gui.stop)  # also when a step fails
+    step(f"the web GUI watches both nodes: open {gui.url}/ in a browser to follow the demo")
     try:
         step(f"the application writes {format_size(FIRST_WRITE)} of random data to alpha over NBD")
         data = DEMO_DIR / "random.bin"
@@ -138,8 +146,12 @@ def main() -> int:
     step("are the two volumes byte-identical?")
     print(f"   alpha:data1 sha256 {source}\n   beta:data1  sha256 {target}")
     if source != target:
+        gui.stop()
         print("MISMATCH: the target differs from the source", file=sys.stderr)
         return 1
+    if os.environ.get("KEEP"):
+        keep_running(alpha, beta, gui)
+    gui.stop()
     print(
         "\nDone: beta:data1 is an exact copy of alpha:data1.\n"
         f"Try next: start the nodes yourself with `volkeeper daemon --config "
@@ -150,9 +162,39 @@ def main() -> int:
         f"`volkeeper mirror pause web --config {alpha.config_path}` (then `continue`),\n"
         "`volkeeper mirror set web --mode async --compression zstd:3 --throttle 50MiB` (live),\n"
         "`volkeeper job switchover web --to beta` (docs/failover.md: failover, Pacemaker),\n"
-        "and `volkeeper events` in another terminal to watch every change as it happens."
+        "and `volkeeper events` in another terminal to watch every change as it happens.\n"
+        f"The web GUI: `volkeeper gui --config {alpha.config_path} --config "
+        f"{beta.config_path}`,\nthen open http://127.0.0.1:{GUI_PORT}/ (docs/gui.md); "
+        "`make demo KEEP=1` leaves nodes and GUI running."
     )
     return max(codes)
+
+
+def gui_port() -> int:
+    """8470 (the GUI's default) when it is free, another free port otherwise."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", GUI_PORT))
+        except OSError:
+            return free_tcp_port()
+    return GUI_PORT
+
+
+def keep_running(alpha: LocalNode, beta: LocalNode, gui: LocalGui) -> None:
+    step("KEEP=1: the nodes start again (the GUI picks them up by itself); Ctrl-C stops all")
+    beta.start()
+    alpha.start()
+    print(f"   GUI: {gui.url}/\n   alpha: volkeeper status --config {alpha.config_path}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print()
+    finally:
+        alpha.stop()
+        beta.stop()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from volkeeper.gui.fleet import Fleet
 from volkeeper.gui.pages import Pages
 
 REFRESH_S = 1.0
+KEEPALIVE_S = 15.0
 FLASHES_KEPT = 200
 OPEN_PATHS = ("/login", "/static/")
 
@@ -263,12 +264,15 @@ def _local(path: str) -> str:
 
 async def _live(pages: Pages, fleet: Fleet, view: str, csrf: str) -> AsyncIterator[bytes]:
     sent: dict[str, str] = {}
-    version = -1
+    version, quiet_since = -1, time.monotonic()
     yield b"retry: 1000\n\n"
     while not fleet.closing:
         for region, html in pages.regions(view, time.time(), csrf).items():
             if sent.get(region) != html:
-                sent[region] = html
+                sent[region], quiet_since = html, time.monotonic()
                 data = json.dumps({"id": region, "html": html})
                 yield f"event: region\ndata: {data}\n\n".encode()
+        if time.monotonic() - quiet_since > KEEPALIVE_S:
+            quiet_since = time.monotonic()
+            yield b": keepalive\n\n"  # proxies and the browser see the stream is alive
         version = await fleet.wait_change(version, REFRESH_S)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ import httpx
 
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.gui.rates import Samples
+
+log = logging.getLogger(__name__)
 
 POLL_S = 1.0
 POLL_TIMEOUT_S = 2.5
@@ -165,6 +168,9 @@ class Fleet:
                     recent = await _json(client, f"/events/recent?after={link.after}")
                 except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
                     wait = link.failed(_reason(exc), time.time())
+                except Exception as exc:  # a poller that dies would freeze the node's state
+                    log.exception("polling %s failed", link.address)
+                    wait = link.failed(f"unexpected error: {exc!r}", time.time())
                 else:
                     link.took(status, recent, time.time())
                     wait = POLL_S
