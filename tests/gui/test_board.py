@@ -89,6 +89,16 @@ def test_resync_progress_is_shown_only_while_known_and_resyncing() -> None:
     assert away.resync_percent is None
 
 
+def test_the_intent_logs_bitmap_size_is_one_bit_per_region() -> None:
+    log = {"region_bytes": 4096, "hot_extents": 0, "hot_extent_bytes": 4 << 20,
+           "crash_resync_bound_bytes": 0}  # fmt: skip
+    answer = status("alpha", [job("source", mirror("source", "Mirroring", intent_log=log))],
+                    [volume("data1", size=(1 << 30) + 1)])  # fmt: skip
+    (row,) = board.jobs([Link("alpha", answer)], now=101.0)
+    assert row.source_size == (1 << 30) + 1
+    assert row.bitmap_bytes(row.mirrors[0]) == 32 * 1024 + 1  # 262145 regions: 32769 bytes
+
+
 def test_the_worst_state_is_the_jobs() -> None:
     two = status("alpha", [job("source", mirror("source", "Mirroring"),
                                mirror("source", "Broken", target="gamma:data1"))])  # fmt: skip

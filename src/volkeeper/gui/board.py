@@ -74,6 +74,15 @@ class JobRow:
     source_volume: str | None
     mirrors: list[MirrorRow] = field(default_factory=list)
     demoted: bool = False
+    source_size: int | None = None  # bytes of the source volume, if its node ever answered
+
+    def bitmap_bytes(self, mirror: MirrorRow) -> int | None:
+        """The size of ``mirror``'s intent-log bitmap: one bit per region of the volume."""
+        log = mirror.view.get("intent_log")
+        if not log or not self.source_size:
+            return None
+        regions = -(-self.source_size // log["region_bytes"])
+        return -(-regions // 8)
 
     @property
     def state(self) -> str:
@@ -130,9 +139,11 @@ def _job(
         ]
     volume = mirrors[0].source.split(":", 1)[1] if mirrors else None
     source_known = source is not None and source[0].reachable
+    volumes = (source[0].status or {}).get("volumes", []) if source else []
+    size = next((v["size"] for v in volumes if v["name"] == volume), None)
     return JobRow(
         name, job["description"], job["source_node"], source_known, volume, mirrors,
-        bool(job.get("demoted")),
+        bool(job.get("demoted")), size,
     )  # fmt: skip
 
 
