@@ -81,7 +81,7 @@ class JobRow:
         log = mirror.view.get("intent_log")
         if not log or not self.source_size:
             return None
-        regions = -(-self.source_size // log["region_bytes"])
+        regions = -(-self.source_size // int(log["region_bytes"]))
         return -(-regions // 8)
 
     @property
