@@ -73,6 +73,7 @@ class LocalNode:
     bitmap_dir: Path | None = None  # the intent logs' directory, if not state_dir/bitmaps
     peer_port: int = 0  # the replication port; 0: a free one
     node_settings: dict[str, str | int | float] = field(default_factory=dict)  # more [node] keys
+    control_tcp: bool = False  # the control API on a loopback TCP port, not a unix socket
     process: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -80,6 +81,7 @@ class LocalNode:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.peer_port = self.peer_port or free_tcp_port()
         self.nbd_port = free_tcp_port() if self.nbd_tcp else None
+        self.control_port = free_tcp_port() if self.control_tcp else None
 
     # -- addresses --------------------------------------------------------------------------
 
@@ -94,6 +96,13 @@ class LocalNode:
     @property
     def control_socket(self) -> Path:
         return self.directory / f"{self.name}.sock"
+
+    @property
+    def control(self) -> str:
+        """The control API's address, as ``--node`` takes it."""
+        if self.control_port is not None:
+            return f"127.0.0.1:{self.control_port}"
+        return f"unix:{self.control_socket}"
 
     @property
     def nbd_socket(self) -> Path:
@@ -116,7 +125,7 @@ class LocalNode:
             f'name = "{self.name}"',
             f'state_dir = "{self.directory / "state"}"',
             f'listen = "{self.host}:{self.peer_port}"',
-            f'control = "unix:{self.control_socket}"',
+            f'control = "{self.control}"',
             f'nbd = "{nbd}"',
         ]
         if self.bitmap_dir is not None:
@@ -186,6 +195,8 @@ class LocalNode:
             return False
 
     def api(self) -> httpx.Client:
+        if self.control_port is not None:
+            return httpx.Client(base_url=f"http://{self.control}", timeout=10)
         transport = httpx.HTTPTransport(uds=str(self.control_socket))
         return httpx.Client(transport=transport, base_url="http://node", timeout=10)
 
@@ -248,7 +259,7 @@ class LocalGui:
 
     def start(self, timeout: float = 20.0) -> float:
         """Start it and wait until it answers; returns the seconds that took."""
-        nodes = [arg for node in self.nodes for arg in ("--node", f"unix:{node.control_socket}")]
+        nodes = [arg for node in self.nodes for arg in ("--node", node.control)]
         command = [sys.executable, "-m", "volkeeper", "gui", *nodes, "--listen", self.listen]
         log = self.log_path.open("ab")
         began = time.monotonic()
