@@ -61,6 +61,7 @@ class Pages:
         self.env = Environment(
             loader=PackageLoader("volkeeper.gui", "templates"),
             autoescape=select_autoescape(["html"]),
+            extensions=["jinja2.ext.do"],
             trim_blocks=True,
             lstrip_blocks=True,
         )

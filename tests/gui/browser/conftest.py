@@ -1,6 +1,6 @@
 """Browser tests: Debian's chromium, driven by Playwright, against real daemons and a real GUI.
 
-How this works: one headless chromium per test worker (the Debian package's executable,
+How this works: one headless chromium per test module (the Debian package's executable,
 ``--no-sandbox`` because tests run as root; Playwright's own browser download is never
 used); per test, two nodes (alpha, beta; volumes data1 and data2 each), the GUI over both,
 and a fresh browser context.  Screenshots go to ``test-artefacts/gui/`` (``shoot``).
@@ -22,8 +22,11 @@ CHROMIUM = "/usr/bin/chromium"
 ARTEFACTS = Path(__file__).resolve().parents[3] / "test-artefacts" / "gui"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    """One chromium per module, not per session: while Playwright's sync API is open its
+    event loop counts as running in this thread, and any other test that calls
+    ``asyncio.run`` on the same worker would fail."""
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing: make test installs Debian's chromium package")
     with sync_playwright() as playwright:

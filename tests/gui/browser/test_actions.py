@@ -29,13 +29,13 @@ def test_resync_progress_then_every_resync_verify_and_delete(
     state = mirror.locator("h3 .state")
     expect(state).to_have_text("Mirroring", timeout=30_000)
     expect(page.locator("#job-chart polyline").first).to_be_attached()
-    expect(mirror.locator("dl")).to_contain_text("bitmap 512 B (4.0 KiB per bit)")
+    expect(mirror.locator("dl.facts")).to_contain_text("bitmap 512 B (4.0 KiB per bit)")
 
     click(page, "resync")
     expect(page.locator(".flash.ok")).to_have_text("Resync: done")
     click(page, "verify")
     expect(page.locator(".flash.ok")).to_have_text("Verify: done")
-    expect(mirror.locator("dl")).to_contain_text("done: 0 B differ of 16.0 MiB compared",
+    expect(mirror.locator("dl.facts")).to_contain_text("done: 0 B differ of 16.0 MiB compared",
                                                  timeout=30_000)  # fmt: skip
     click(page, "resync_checksum")
     expect(page.locator(".flash.ok")).to_have_text("Checksum resync: done")

@@ -41,6 +41,10 @@ def test_pause_and_continue_change_the_state_shown(
     state = page.locator("section.mirror[data-target='beta:data1'] h3 .state")
     expect(state).to_have_text("Mirroring")
 
+    explained = page.locator("section.mirror details.explain")
+    explained.locator("summary").click()
+    expect(explained).to_contain_text("Stop sending to beta:data1.")
+    expect(explained).to_contain_text("Break (asks first)")
     page.click("section.mirror button[data-action=pause]")
     expect(page.locator(".flash.ok")).to_have_text("Pause: done")
     expect(state).to_have_text("Paused")
@@ -131,7 +135,7 @@ def test_settings_change_live_and_the_gui_stream_reconnects(
     with cluster.alpha.api() as api:
         mirror = api.get("/jobs").json()[0]["mirrors"][0]
     assert (mirror["compression"], mirror["throttle"]) == ("zstd:3", 20 * 1024 * 1024)
-    expect(page.locator("section.mirror dl")).to_contain_text("zstd:3")
+    expect(page.locator("section.mirror dl.facts")).to_contain_text("zstd:3")
 
     # the GUI itself restarts: the page says so, then picks the stream up again by itself
     expect(page.locator("body")).to_have_attribute("data-live-state", "open")
@@ -139,6 +143,9 @@ def test_settings_change_live_and_the_gui_stream_reconnects(
     expect(page.locator("#gui-link")).to_be_visible(timeout=5_000)
     gui.start()
     expect(page.locator("#gui-link")).to_be_hidden(timeout=10_000)
+    explained = page.locator("section.mirror details.explain")
+    explained.locator("summary").click()
     with cluster.alpha.api() as api:
         api.post("/jobs/web/mirror/pause", json={})
     expect(page.locator("section.mirror h3 .state")).to_have_text("Paused")
+    expect(explained).to_have_attribute("open", "")  # a live update keeps it open

@@ -3,7 +3,8 @@
 // The page's <body data-live="VIEW"> names its view; /live?view=VIEW streams "region" events,
 // each {id, html}: the new inner HTML of the element with that id.  A region is not replaced
 // while a pointer is pressed inside it (the click would land on a node that is gone); the
-// newest HTML is applied when the pointer is released.  If the stream breaks, the browser's
+// newest HTML is applied when the pointer is released, and a <details data-key> that was open
+// stays open.  If the stream breaks, the browser's
 // EventSource reconnects by itself; meanwhile a banner says the state shown may be old.
 (function () {
   "use strict";
@@ -17,7 +18,14 @@
     var element = document.getElementById(id);
     if (!element) { return; }
     if (pressed && element.contains(pressed)) { pending[id] = html; return; }
+    var open = Array.prototype.map.call(
+      element.querySelectorAll("details[open][data-key]"),
+      function (details) { return details.getAttribute("data-key"); });
     element.innerHTML = html;
+    open.forEach(function (key) {
+      var details = element.querySelector('details[data-key="' + CSS.escape(key) + '"]');
+      if (details) { details.open = true; }
+    });
   }
 
   document.addEventListener("pointerdown", function (event) { pressed = event.target; }, true);
