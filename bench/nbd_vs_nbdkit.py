@@ -142,9 +142,10 @@ class Server(Protocol):
 class Volkeeper:
     name = "volkeeper"
 
-    def __init__(self, workdir: Path, backing: Path, size: int) -> None:
+    def __init__(self, workdir: Path, backing: Path, size: int, io_uring: bool = True) -> None:
         spec = VolumeSpec("data1", size=size, path=backing)
-        self.node = LocalNode(workdir / "volkeeper", "alpha", [spec])
+        settings: dict[str, str | int | float] = {} if io_uring else {"io_uring": False}
+        self.node = LocalNode(workdir / "volkeeper", "alpha", [spec], node_settings=settings)
 
     def start(self) -> None:
         self.node.start()
@@ -447,6 +448,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", default=",".join(JOB_NAMES), help="comma-separated subset")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results path")
     parser.add_argument("--quick", action="store_true", help="smoke: 5 s, 256MiB, 1 repeat")
+    parser.add_argument(
+        "--no-io-uring", action="store_true", help="volkeeper reads cache misses on threads"
+    )
     parser.add_argument("--workdir", type=Path, help="where the backing file goes (temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
@@ -491,7 +495,10 @@ def execute(args: argparse.Namespace, workdir: Path, log: Callable[[str], None])
     )
     log(f"prefilling {backing} with random data ...")
     prefill(backing, size)
-    servers: list[Server] = [Volkeeper(workdir, backing, size), Nbdkit(workdir, backing)]
+    servers: list[Server] = [
+        Volkeeper(workdir, backing, size, io_uring=not args.no_io_uring),
+        Nbdkit(workdir, backing),
+    ]
     _servers.extend(servers)
     runs = [
         run_and_log(bench, job, server, repeat, log)

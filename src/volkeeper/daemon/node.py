@@ -40,6 +40,7 @@ from volkeeper.errors import ConfigError, Refusal, VolumeError
 from volkeeper.io import peer_tls
 from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.peer_link import PeerServer
+from volkeeper.io.uring import UringReads
 from volkeeper.io.volume import open_volume
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
@@ -58,6 +59,7 @@ class Node:
         self.tls_server, self.tls_client = _peer_tls_contexts(config)
         self.services: list[VolumeService] = []
         self.readers = IoWorkers(IO_THREADS, "volkeeper-read")
+        self.ring = UringReads.create() if config.node.io_uring else None
         self.nbd = NbdServer(lambda: self.services)
         self.targets: TargetVolumes | None = None
         self.peer_server: PeerServer | None = None
@@ -94,10 +96,13 @@ class Node:
                 size=volume_config.size,
                 read_only=volume_config.read_only,
             )
-            self.services.append(
-                VolumeService(volume, self.readers, read_only=volume_config.read_only)
-            )
+            read_only = volume_config.read_only
+            service = VolumeService(volume, self.readers, read_only=read_only, ring=self.ring)
+            self.services.append(service)
             log.info("volume opened", volume=volume.name, path=volume.path, size=volume.size)
+        reads = "io_uring" if self.ring else "worker threads"
+        why = "" if self.ring or not self.config.node.io_uring else " (io_uring unavailable)"
+        log.info(f"reads that miss the page cache: {reads}{why}")
         by_name = {service.name: service for service in self.services}
         state_dir = Path(self.config.node.state_dir)
         peer_timeout = self.config.node.peer_timeout
@@ -186,6 +191,8 @@ class Node:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._control_task, timeout=5)
         self.control.close()
+        if self.ring is not None:
+            self.ring.close()
         self.readers.shutdown()
         log.info("node stopped", node=self.name)
 

@@ -120,6 +120,16 @@ class Volume(abc.ABC):
             reason = f"the range ends past the end of the volume ({self.size} bytes)"
             raise self._error(op, code, reason, offset, length)
 
+    def readable(self, offset: int, length: int) -> bool:
+        """True if ``read(offset, length)`` would not be refused for its range or state."""
+        return not self.closed and offset >= 0 and length >= 0 and offset + length <= self.size
+
+    def read_fd(self) -> int | None:
+        """A descriptor whose ``pread`` at a volume offset is this volume's read, for reads
+        submitted without a thread (io/uring.py); None where reads must go through ``read``
+        (memory volumes, fault-injecting wrappers)."""
+        return None
+
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes | bytearray: ...
 
@@ -187,6 +197,9 @@ class FileVolume(Volume):
                 raise self._error("read", errno.EIO, "unexpected end of file", offset, length)
             done += n
         return buf
+
+    def read_fd(self) -> int | None:
+        return None if self.closed else self._fd
 
     def read_nowait(self, offset: int, length: int) -> bytearray | None:
         self._check("read", offset, length)

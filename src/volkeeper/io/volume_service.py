@@ -5,7 +5,8 @@ costs tens of microseconds, so each request takes the cheapest safe route:
 
     request                          route
     read, data in the page cache     inline: ``preadv2(RWF_NOWAIT)`` answers on the loop
-    read, cache miss                 the node's shared reader pool (many threads, parallel)
+    read, cache miss                 io_uring (io/uring.py) where the node has a ring; else
+                                     the node's shared reader pool (many threads, parallel)
     small write, writer idle         inline: RWF_NOWAIT where the kernel has it, else a plain
                                      buffered ``pwrite`` (a page-cache copy of a few us)
     other writes, trim, zero, flush  this volume's writer thread, one at a time, in order
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 
 from volkeeper.core.nbd_handshake import ExportInfo
 from volkeeper.core.stats import VolumeStats
+from volkeeper.io.uring import UringReads
 from volkeeper.io.volume import Volume
 from volkeeper.io.workers import Done, IoWorkers
 
@@ -60,8 +62,16 @@ PROBE_EVERY = 16  # while rationed, probe one read in this many
 
 
 class VolumeService:
-    def __init__(self, volume: Volume, readers: IoWorkers, *, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        readers: IoWorkers,
+        *,
+        read_only: bool = False,
+        ring: UringReads | None = None,
+    ) -> None:
         self.volume = volume
+        self._ring = ring
         self.stats = VolumeStats()
         self.read_only = read_only
         self.lock_reason: str | None = "configured read-only" if read_only else None
@@ -121,9 +131,11 @@ class VolumeService:
     def submit(
         self, function: Callable[..., Any], *args: Any, mutating: bool, on_done: Done
     ) -> None:
-        """Run ``function(*args)`` on a thread; ``on_done(result, error)`` runs on the loop."""
+        """Run ``function(*args)`` on a thread; ``on_done(result, error)`` runs on the loop.
+        A read of the volume goes through io_uring instead where the node has a ring."""
         if not mutating:
-            self._readers.submit(function, args, on_done)
+            if not (function == self.volume.read and self._ring_read(*args, on_done=on_done)):
+                self._readers.submit(function, args, on_done)
             return
         self._mutations_queued += 1
 
@@ -133,8 +145,25 @@ class VolumeService:
 
         self._writer.submit(function, args, finished)
 
+    def _ring_read(self, offset: int, length: int, *, on_done: Done) -> bool:
+        """Queue the read on the ring; False if it cannot go there (no ring, not a plain
+        file descriptor, a range the volume refuses: the thread path says why)."""
+        fd = self.volume.read_fd()
+        if self._ring is None or fd is None or not self.volume.readable(offset, length):
+            return False
+
+        def done(data: bytearray | None) -> None:
+            if data is None:  # an error or a short read: the ordinary read says what
+                self._readers.submit(self.volume.read, (offset, length), on_done)
+            else:
+                on_done(data, None)
+
+        return self._ring.read(fd, offset, length, done)
+
     def close(self) -> None:
         """Let queued mutations finish, flush, close the volume."""
+        if self._ring is not None:
+            self._ring.settle()  # no completion may land after the descriptor is closed
         self._writer.shutdown()
         try:
             self.volume.flush()

@@ -283,6 +283,13 @@ def test_paths_must_be_absolute() -> None:
     )
 
 
+def test_io_uring_is_on_unless_turned_off_with_a_real_boolean() -> None:
+    assert parse_config(NODE).node.io_uring is True
+    assert parse_config(with_node_line("io_uring", "false")).node.io_uring is False
+    problem = refusal(with_node_line("io_uring", '"no"'))
+    assert problem.startswith("alpha.toml: node.io_uring: ") and "no" in problem
+
+
 def test_bad_log_level() -> None:
     assert refusal(with_node_line("log_level", '"verbose"')) == (
         'alpha.toml: node.log_level: must be one of debug, info, warning, error, got "verbose"'

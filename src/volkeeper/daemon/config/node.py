@@ -160,6 +160,9 @@ class NodeSection(Table):
     log_level: LogLevel = "info"
     # Seconds a peer may say nothing before its link is dropped (see docs/mirroring.md).
     peer_timeout: PeerTimeout = DEFAULT_PEER_TIMEOUT
+    # Reads that miss the page cache go through io_uring where the kernel allows it (false:
+    # worker threads, as where it does not).
+    io_uring: StrictBool = True
 
     @model_validator(mode="after")
     def _one_address_per_listener(self) -> Self:
