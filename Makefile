@@ -10,7 +10,7 @@ DEB_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio util-linux dmset
 	chromium fonts-dejavu-core
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test lint debs deps bench bench-review clean ocf-install soak
+.PHONY: demo test lint debs deps bench bench-quick bench-review clean ocf-install soak
 
 demo: deps  # KEEP=1: leave the nodes and the GUI running at the end, until Ctrl-C
 	KEEP=$(KEEP) $(PY) -m volkeeper_lab.demo
@@ -39,6 +39,12 @@ bench: deps
 	$(PY) bench/mirror_overhead.py
 	$(PY) bench/role_changes.py
 	$(PY) bench/gui_scale.py
+
+bench-quick: deps  # under 2 minutes, for checking a change: short runs, one of each, ratios
+	$(PY) bench/nbd_vs_nbdkit.py --quick --jobs seqwrite,randwrite,syncwrite
+	$(PY) bench/nbd_vs_nbdkit.py --quick --jobs randrw --size 1GiB \
+		--out bench/results/nbd_vs_nbdkit-randrw.json  # cold reads need a file that is not cached
+	$(PY) bench/mirror_overhead.py --quick --skip-resync --jobs randwrite,syncwrite
 
 bench-review: deps  # the DataKeeper review's experiment: root, ~90 min (--short: ~10 min)
 	$(PY) bench/review_experiment.py $(REVIEW_ARGS)

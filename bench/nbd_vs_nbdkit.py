@@ -442,7 +442,7 @@ def prefill(path: Path, size: int) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="1GiB", help="backing file size (default 1GiB)")
+    parser.add_argument("--size", help="backing file size (default 1GiB; --quick: 256MiB)")
     parser.add_argument("--runtime", type=int, default=20, help="seconds per fio run (20)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per server per job (2)")
     parser.add_argument("--jobs", default=",".join(JOB_NAMES), help="comma-separated subset")
@@ -464,7 +464,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
     args = parser.parse_args(argv)
     if args.quick:
-        args.runtime, args.size, args.repeat = 5, "256MiB", 1
+        args.runtime, args.repeat = 5, 1
+    args.size = args.size or ("256MiB" if args.quick else "1GiB")
     names = [name.strip() for name in args.jobs.split(",") if name.strip()]
     unknown = sorted(set(names) - set(JOB_NAMES))
     if unknown:
