@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -64,19 +65,22 @@ def create_mirrors(nodes: dict[str, LocalNode]) -> None:
                 assert answer.status_code == 201, answer.text
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        states = [m["state"] for node in nodes.values() for m in node.status()["mirrors"]  # type: ignore[attr-defined]
-                  if m["role"] == "source"]  # fmt: skip
+        states = []
+        for node in nodes.values():
+            with node.api() as api:
+                mirrors = api.get("/status").json()["mirrors"]
+            states += [m["state"] for m in mirrors if m["role"] == "source"]
         if len(states) == 50 and set(states) == {"Mirroring"}:
             return
         time.sleep(0.2)
     raise SystemExit(f"the 50 mirrors did not reach Mirroring: {sorted(set(states))}")
 
 
-def median_seconds(call: object, times: int) -> float:
+def median_seconds(call: Callable[[], object], times: int) -> float:
     spent = []
     for _ in range(times):
         began = time.perf_counter()
-        call()  # type: ignore[operator]
+        call()
         spent.append(time.perf_counter() - began)
     return statistics.median(spent)
 

@@ -25,6 +25,21 @@ import httpx
 from volkeeper.core.units import parse_size
 
 
+def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> int:
+    """SIGTERM ``process``, wait ``timeout``, SIGKILL if it is still there; its exit status
+    (0 for no process)."""
+    if process is None:
+        return 0
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 @dataclass
 class VolumeSpec:
     name: str
@@ -207,17 +222,7 @@ class LocalNode:
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        code = self.process.returncode
-        self.process = None
+        code, self.process = terminate(self.process, timeout), None
         return code
 
     def kill(self) -> None:
@@ -279,15 +284,5 @@ class LocalGui:
         raise TimeoutError(f"the GUI did not answer in {timeout} s:\n{self.log_path.read_text()}")
 
     def stop(self, timeout: float = 10.0) -> int:
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        code = self.process.returncode
-        self.process = None
+        code, self.process = terminate(self.process, timeout), None
         return code

@@ -21,7 +21,6 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
@@ -32,7 +31,7 @@ from starlette.datastructures import FormData
 from volkeeper.gui import actions, wizard
 from volkeeper.gui.access import CSRF_COOKIE, SESSION_COOKIE, Access
 from volkeeper.gui.actions import ACTIONS, outcome
-from volkeeper.gui.fleet import Fleet
+from volkeeper.gui.fleet import Answer, Fleet
 from volkeeper.gui.pages import Pages
 
 REFRESH_S = 1.0
@@ -154,7 +153,7 @@ def create_app(fleet: Fleet, access: Access) -> FastAPI:
         job_name, target = _text(form, "job"), _text(form, "target")
         here = f"/jobs/{quote(job_name, safe='')}"
         action = ACTIONS.get(_text(form, "action"))
-        job = next((j for j in pages.jobs() if j.name == job_name), None)
+        job = pages.job(job_name)
         if action is None or job is None:
             return back(here, Flash(False, "no such action or job (any more): nothing was done"))
         mirror = next((m for m in job.mirrors if m.target == target), None)
@@ -166,42 +165,39 @@ def create_app(fleet: Fleet, access: Access) -> FastAPI:
         node, method, path, body = actions.request(action, job, mirror, force)
         answer = await fleet.call(node, method, path, body)
         if not answer.ok:
-            return back(here, Flash(False, f"{node} refused: {answer.message}", answer.hint))
+            return back(here, _refused(node, answer))
         destination = "/" if action.name == "delete_job" else here
         return back(destination, Flash(True, outcome(action, answer.body)))
 
     @app.post("/jobs/{name}/settings")
     async def settings(name: str, form: FormData = Form) -> Response:
         here = f"/jobs/{quote(name, safe='')}"
-        job = next((j for j in pages.jobs() if j.name == name), None)
+        job = pages.job(name)
         if job is None:
             return back(here, Flash(False, f"no node that answers knows job {name}"))
-        changes = {key: _text(form, key) for key in ("mode", "compression", "throttle")}
-        body: dict[str, Any] = {k: v for k, v in changes.items() if v}
+        body = wizard.mirror_body(form, "")
         body["target"] = _text(form, "target") or None
         answer = await fleet.call(job.source_node, "PATCH", f"/jobs/{quote(name)}/mirror", body)
         if not answer.ok:
-            return back(here, Flash(False, f"{job.source_node} refused: {answer.message}",
-                                    answer.hint))  # fmt: skip
+            return back(here, _refused(job.source_node, answer))
         return back(here, Flash(True, f"settings of {body['target']} changed"))
 
     @app.post("/jobs/{name}/targets", response_class=HTMLResponse)
     async def add_target(request: Request, name: str, form: FormData = Form) -> Response:
         here = f"/jobs/{quote(name, safe='')}"
-        job = next((j for j in pages.jobs() if j.name == name), None)
+        job = pages.job(name)
         if job is None or not job.source_volume:
             return back(here, Flash(False, f"no node that answers knows job {name}"))
         target = _text(form, "target")
         if not target:
             return back(here, Flash(False, "choose the volume to add as a target"))
+        settings = wizard.mirror_body(form, "")
         if _text(form, "overwrite") != target:  # first ask, naming what is overwritten
-            return pages.confirm_target(request, job, target, wizard.mirror_body(form, ""))
-        body = wizard.mirror_body(form, "")
-        body.update(target=target, confirm=True)
+            return pages.confirm_target(request, job, target, settings)
+        body = {**settings, "target": target, "confirm": True}
         answer = await fleet.call(job.source_node, "POST", f"/jobs/{quote(name)}/targets", body)
         if not answer.ok:
-            return back(here, Flash(False, f"{job.source_node} refused: {answer.message}",
-                                    answer.hint))  # fmt: skip
+            return back(here, _refused(job.source_node, answer))
         return back(here, Flash(True, f"{target} added: a full resync overwrites it now"))
 
     # -- the wizard --------------------------------------------------------------------------
@@ -214,14 +210,13 @@ def create_app(fleet: Fleet, access: Access) -> FastAPI:
     @app.post("/wizard", response_class=HTMLResponse)
     async def wizard_step(request: Request, form: FormData = Form) -> Response:
         draft = wizard.Draft.from_form(form)
-        step, problem = draft.next_step(_text(form, "go"), pages.links())
+        step, problem = draft.next_step(_text(form, "go"), fleet.links)
         if step != "create":
             return pages.wizard(request, draft, step, problem)
         node, body = draft.job_body()
         answer = await fleet.call(node, "POST", "/jobs", body)
         if not answer.ok:
-            refusal = Flash(False, f"{node} refused: {answer.message}", answer.hint)
-            return pages.wizard(request, draft, "review", refusal=refusal)
+            return pages.wizard(request, draft, "review", refusal=_refused(node, answer))
         created = Flash(True, f"job {draft.name} created: the full resync has started")
         return back(f"/jobs/{quote(draft.name, safe='')}", created)
 
@@ -250,6 +245,11 @@ def create_app(fleet: Fleet, access: Access) -> FastAPI:
         return response
 
     return app
+
+
+def _refused(node: str, answer: Answer) -> Flash:
+    """A node's refusal, in its own words."""
+    return Flash(False, f"{node} refused: {answer.message}", answer.hint)
 
 
 def _text(form: FormData, key: str) -> str:

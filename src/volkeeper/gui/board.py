@@ -113,6 +113,11 @@ def jobs(links: Sequence[Link], now: float) -> list[JobRow]:
     return rows
 
 
+def job(links: Sequence[Link], name: str, now: float) -> JobRow | None:
+    """The job named ``name``, as ``jobs`` shows it; None if no node tells of it."""
+    return next((row for row in jobs(links, now) if row.name == name), None)
+
+
 def _job(
     name: str,
     source: tuple[Link, dict[str, Any]] | None,

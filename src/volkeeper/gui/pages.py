@@ -20,7 +20,7 @@ from volkeeper.core.units import format_size
 from volkeeper.gui import board, wizard
 from volkeeper.gui.actions import ACTIONS, Action
 from volkeeper.gui.chart import Series, line_chart
-from volkeeper.gui.fleet import Fleet, NodeLink
+from volkeeper.gui.fleet import Fleet
 
 CHART_SPAN_S = 120.0
 
@@ -71,11 +71,8 @@ class Pages:
             compressions=wizard.COMPRESSIONS,
         )  # fmt: skip
 
-    def links(self) -> list[NodeLink]:
-        return self.fleet.links
-
-    def jobs(self) -> list[board.JobRow]:
-        return board.jobs(self.fleet.links, time.time())
+    def job(self, name: str) -> board.JobRow | None:
+        return board.job(self.fleet.links, name, time.time())
 
     # -- regions -----------------------------------------------------------------------------
 
@@ -100,7 +97,7 @@ class Pages:
         return {"overview": self._render("regions/overview.html", jobs=jobs, nodes=nodes)}
 
     def _job_regions(self, name: str, now: float, csrf: str) -> dict[str, str]:
-        job = next((j for j in board.jobs(self.fleet.links, now) if j.name == name), None)
+        job = board.job(self.fleet.links, name, now)
         events = board.job_events(self.fleet.links, name)
         return {
             "job-state": self._render("regions/job_state.html", job=job, name=name, csrf=csrf),
@@ -132,10 +129,7 @@ class Pages:
         self, request: Request, template: str, view: str, flash: Any, **context: Any
     ) -> HTMLResponse:
         regions = self.regions(view, time.time(), request.state.csrf)
-        jobs = self.jobs()
-        context.setdefault(
-            "job", next((j for j in jobs if j.name == context.get("job_name")), None)
-        )
+        context.setdefault("job", self.job(context.get("job_name", "")))
         if context["job"] is not None and context["job"].source_volume:
             context["add_targets"] = self._addable(context["job"])
         return self._page(request, template, view=view, regions=regions, flash=flash, **context)

@@ -122,7 +122,11 @@ class Volume(abc.ABC):
 
     def readable(self, offset: int, length: int) -> bool:
         """True if ``read(offset, length)`` would not be refused for its range or state."""
-        return not self.closed and offset >= 0 and length >= 0 and offset + length <= self.size
+        try:
+            self._check("read", offset, length)
+        except VolumeError:
+            return False
+        return True
 
     def read_fd(self) -> int | None:
         """A descriptor whose ``pread`` at a volume offset is this volume's read, for reads

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+from playwright.sync_api import Page
+
 from volkeeper_lab.launcher import LocalGui, LocalNode, VolumeSpec, free_tcp_port
+
+Shoot = Callable[[Page, str], Path]  # the ``shoot`` fixture: a screenshot named so
 
 
 class Cluster:
@@ -35,3 +41,15 @@ class Cluster:
         with self.alpha.api() as api:
             answer = api.post("/jobs", json=body)
         assert answer.status_code == 201, answer.text
+
+    def mirrored_job(self, timeout: float = 30) -> None:
+        """Job ``web`` (alpha:data1 -> beta:data1), once its mirror is Mirroring."""
+        self.create_job()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.alpha.api() as api:
+                states = [m["state"] for m in api.get("/jobs").json()[0]["mirrors"]]
+            if states == ["Mirroring"]:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"job web did not reach Mirroring: {states}")

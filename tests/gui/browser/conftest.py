@@ -9,13 +9,13 @@ and a fresh browser context.  Screenshots go to ``test-artefacts/gui/`` (``shoot
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.gui.browser.cluster import Cluster
+from tests.gui.browser.cluster import Cluster, Shoot
 from volkeeper_lab.launcher import LocalGui
 
 CHROMIUM = "/usr/bin/chromium"
@@ -65,7 +65,7 @@ def gui(cluster: Cluster) -> Iterator[LocalGui]:
 
 
 @pytest.fixture
-def shoot(request: pytest.FixtureRequest) -> Callable[[Page, str], Path]:
+def shoot(request: pytest.FixtureRequest) -> Shoot:
     def screenshot(page: Page, name: str) -> Path:
         ARTEFACTS.mkdir(parents=True, exist_ok=True)
         path = ARTEFACTS / f"{name}.png"

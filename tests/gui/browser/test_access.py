@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trustme
 from playwright.sync_api import Page, expect
 
-from tests.gui.browser.cluster import Cluster
+from tests.gui.browser.cluster import Cluster, Shoot
 from volkeeper_lab.launcher import LocalGui, free_tcp_port
 
-Shoot = Callable[[Page, str], Path]
 TOKEN = "s3cret-token-for-the-gui-test"
 
 

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 from playwright.sync_api import Page, expect
 
-from tests.gui.browser.cluster import Cluster
+from tests.gui.browser.cluster import Cluster, Shoot
 from volkeeper_lab.launcher import LocalGui
-
-Shoot = Callable[[Page, str], Path]
 
 
 def click(page: Page, action: str) -> None:

@@ -5,38 +5,19 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 from playwright.sync_api import Page, expect
 
-from tests.gui.browser.cluster import Cluster
+from tests.gui.browser.cluster import Cluster, Shoot
 from volkeeper_lab.launcher import LocalGui
 
-Shoot = Callable[[Page, str], Path]
 RED = re.compile(r"rgb\((\d+), (\d+), (\d+)\)")
-
-
-def wait_mirroring(cluster: Cluster, job: str = "web", timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with cluster.alpha.api() as api:
-            states = [m["state"] for m in api.get("/jobs").json()[0]["mirrors"]]
-        if states == ["Mirroring"]:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"job {job} did not reach Mirroring: {states}")
-
-
-def mirror_state(page: Page, target: str = "beta:data1") -> object:
-    return page.locator(f"section.mirror[data-target='{target}'] h3 .state")
 
 
 def test_pause_and_continue_change_the_state_shown(
     cluster: Cluster, gui: LocalGui, page: Page, shoot: Shoot
 ) -> None:
-    cluster.create_job()
-    wait_mirroring(cluster)
+    cluster.mirrored_job()
     page.goto(f"{gui.url}/jobs/web")
     state = page.locator("section.mirror[data-target='beta:data1'] h3 .state")
     expect(state).to_have_text("Mirroring")
@@ -68,8 +49,7 @@ def test_pause_and_continue_change_the_state_shown(
 def test_a_killed_node_turns_unknown_never_red_and_comes_back_by_itself(
     cluster: Cluster, gui: LocalGui, page: Page, shoot: Shoot
 ) -> None:
-    cluster.create_job()
-    wait_mirroring(cluster)
+    cluster.mirrored_job()
     page.goto(gui.url)
     row = page.locator("tr[data-job=web][data-target='beta:data1']")
     expect(row.locator(".state")).to_have_text("Mirroring")
@@ -105,8 +85,7 @@ def test_a_killed_node_turns_unknown_never_red_and_comes_back_by_itself(
 def test_the_node_page_shows_volumes_roles_and_recent_errors(
     cluster: Cluster, gui: LocalGui, page: Page, shoot: Shoot
 ) -> None:
-    cluster.create_job()
-    wait_mirroring(cluster)
+    cluster.mirrored_job()
     page.goto(f"{gui.url}/nodes/beta")
     data1 = page.locator("tr[data-volume=data1]")
     expect(data1).to_contain_text("target")
@@ -124,8 +103,7 @@ def test_the_node_page_shows_volumes_roles_and_recent_errors(
 def test_settings_change_live_and_the_gui_stream_reconnects(
     cluster: Cluster, gui: LocalGui, page: Page
 ) -> None:
-    cluster.create_job()
-    wait_mirroring(cluster)
+    cluster.mirrored_job()
     page.goto(f"{gui.url}/jobs/web")
     form = page.locator("form.settings[data-target='beta:data1']")
     form.locator("input[name=compression]").fill("zstd:3")

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 from playwright.sync_api import Page, expect
 
-from tests.gui.browser.cluster import Cluster
-from tests.gui.browser.test_live import wait_mirroring
+from tests.gui.browser.cluster import Cluster, Shoot
 from volkeeper_lab.launcher import LocalGui
-
-Shoot = Callable[[Page, str], Path]
 
 
 def test_a_target_is_added_after_a_confirmation_that_names_it(
     cluster: Cluster, gui: LocalGui, page: Page, shoot: Shoot
 ) -> None:
-    cluster.create_job()
-    wait_mirroring(cluster)
+    cluster.mirrored_job()
     page.goto(f"{gui.url}/jobs/web")
     form = page.locator("form.add-target")
     expect(form.locator("select[name=target] option")).to_have_text(["beta:data2 (16.0 MiB)"])
@@ -38,8 +31,7 @@ def test_a_target_is_added_after_a_confirmation_that_names_it(
 
 
 def test_switchover_and_promotion(cluster: Cluster, gui: LocalGui, page: Page) -> None:
-    cluster.create_job()
-    wait_mirroring(cluster)
+    cluster.mirrored_job()
     page.goto(f"{gui.url}/jobs/web")
     page.click("section.mirror button[data-action=switchover]")
     expect(page.locator("p.explains")).to_contain_text("the copy on beta becomes the source")

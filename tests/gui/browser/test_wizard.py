@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
 from playwright.sync_api import Page, expect
 
-from tests.gui.browser.cluster import Cluster
+from tests.gui.browser.cluster import Cluster, Shoot
 from volkeeper_lab.launcher import LocalGui
-
-Shoot = Callable[[Page, str], Path]
 
 
 def test_the_wizard_creates_a_job_that_reaches_mirroring_on_screen(
