@@ -7,18 +7,36 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEB_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio util-linux dmsetup rsync fuse3 \
 	pacemaker pacemaker-cli-utils corosync resource-agents libxml2-utils iptables \
-	chromium fonts-dejavu-core
+	chromium fonts-dejavu-core gcc
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test lint debs deps bench bench-quick bench-review clean ocf-install soak
+.PHONY: demo test lint debs deps bench bench-quick bench-review clean ocf-install soak compiled pure
 
-demo: deps  # KEEP=1: leave the nodes and the GUI running at the end, until Ctrl-C
+demo: deps compiled  # KEEP=1: leave the nodes and the GUI running at the end, until Ctrl-C
 	KEEP=$(KEEP) $(PY) -m volkeeper_lab.demo
 
 PYTEST_WORKERS ?= 2
-test: deps lint  # tests that measure rates or times (marked serial) run alone, after the rest
-	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) -m "not serial"
-	$(VENV)/bin/pytest -m serial
+# The suite runs with the data path compiled (mypyc); then the core's own tests run again as
+# pure Python, the reference the build compiles from.  VOLKEEPER_EXPECT makes a build that
+# silently failed, or a fallback nobody asked for, fail the run (tests/test_compiled.py).
+test: deps lint compiled  # tests that measure rates or times (marked serial) run alone, after the rest
+	VOLKEEPER_EXPECT=compiled $(VENV)/bin/pytest -n $(PYTEST_WORKERS) -m "not serial"
+	VOLKEEPER_EXPECT=compiled $(VENV)/bin/pytest -m serial
+	VOLKEEPER_EXPECT=pure VOLKEEPER_PURE_PYTHON=1 $(VENV)/bin/pytest -n $(PYTEST_WORKERS) \
+		tests/core tests/test_compiled.py
+
+# The data path's modules compiled with mypyc into build/mypyc (volkeeper_lab/compile.py);
+# rebuilt when a core source changes.  `make pure` removes the build: pure Python everywhere.
+COMPILED := build/mypyc/manifest.json
+compiled: $(COMPILED)
+$(COMPILED): $(STAMP) src/volkeeper_lab/compile.py $(shell find src/volkeeper/core -name '*.py') \
+		src/volkeeper/errors.py src/volkeeper/_compiled.py
+	@mkdir -p build
+	$(PY) -m volkeeper_lab.compile >build/mypyc.log 2>&1 || { tail -20 build/mypyc.log; exit 1; }
+	@tail -1 build/mypyc.log
+
+pure:
+	$(PY) -m volkeeper_lab.compile --clean
 
 lint: deps
 	$(VENV)/bin/ruff check src tests bench
@@ -34,13 +52,14 @@ soak: deps  # the nemesis with random seeds for SECONDS (SEED=N: one schedule ag
 ocf-install: deps  # the Pacemaker resource agent ocf:volkeeper:job (on every cluster node)
 	$(PY) -m volkeeper ocf install
 
-bench: deps
+bench: deps compiled
 	$(PY) bench/nbd_vs_nbdkit.py
 	$(PY) bench/mirror_overhead.py
 	$(PY) bench/role_changes.py
 	$(PY) bench/gui_scale.py
+	$(PY) bench/scale.py
 
-bench-quick: deps  # under 2 minutes, for checking a change: short runs, one of each, ratios
+bench-quick: deps compiled  # under 2 minutes, for checking a change: short runs, one of each, ratios
 	$(PY) bench/nbd_vs_nbdkit.py --quick --jobs seqwrite,randwrite,syncwrite
 	$(PY) bench/nbd_vs_nbdkit.py --quick --jobs randrw --size 1GiB \
 		--out bench/results/nbd_vs_nbdkit-randrw.json  # cold reads need a file that is not cached
@@ -66,4 +85,4 @@ $(STAMP): pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build

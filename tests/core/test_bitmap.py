@@ -2,7 +2,7 @@
 
 The model is a plain ``set`` of marked region indexes; the expected image is built from it with
 the on-disk layout restated here (byte i // 8, bit i % 8, least significant bit first), so a
-layout change in the module fails these tests.  Small ``PAGE_BYTES`` subclasses let small
+layout change in the module fails these tests.  Small ``page_bytes`` let small
 volumes span many dirty-tracking pages.
 """
 
@@ -21,29 +21,9 @@ KIB, MIB, GIB, TIB = 1024, 1024**2, 1024**3, 1024**4
 REGION_SIZES = [4 * KIB, 8 * KIB, 64 * KIB, 1 * MIB]
 
 
-class OneBytePages(DirtyBitmap):
-    PAGE_BYTES = 1
-
-
-class TwoBytePages(DirtyBitmap):
-    PAGE_BYTES = 2
-
-
-class ThreeBytePages(DirtyBitmap):  # pages need not be a power of two (the default is 4080)
-    PAGE_BYTES = 3
-
-
-class EightBytePages(DirtyBitmap):
-    PAGE_BYTES = 8
-
-
-BITMAP_CLASSES: list[type[DirtyBitmap]] = [
-    OneBytePages,
-    TwoBytePages,
-    ThreeBytePages,
-    EightBytePages,
-    DirtyBitmap,
-]
+# Page sizes the bitmap is tested with: tiny pages make a small volume span many of them
+# (pages need not be a power of two; the default is 4080).
+PAGE_SIZES = [1, 2, 3, 8, PAGE_BYTES]
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -413,12 +393,12 @@ def test_failed_page_writes_can_be_handed_back() -> None:
 
 
 @st.composite
-def geometries(draw: st.DrawFn) -> tuple[type[DirtyBitmap], int, int]:
-    cls = draw(st.sampled_from(BITMAP_CLASSES))
+def geometries(draw: st.DrawFn) -> tuple[int, int, int]:
+    page_bytes = draw(st.sampled_from(PAGE_SIZES))
     region_size = draw(st.sampled_from(REGION_SIZES))
     full = draw(st.integers(0, 300))
     rest = draw(st.sampled_from([0, 0, 1, 512, region_size - 1]) | st.integers(0, region_size - 1))
-    return cls, full * region_size + rest, region_size
+    return page_bytes, full * region_size + rest, region_size
 
 
 class BitmapModel(RuleBasedStateMachine):
@@ -430,9 +410,9 @@ class BitmapModel(RuleBasedStateMachine):
         self.marked: set[int] = set()
 
     @initialize(geometry=geometries())
-    def create(self, geometry: tuple[type[DirtyBitmap], int, int]) -> None:
-        cls, self.volume_size, self.region_size = geometry
-        self.bm = cls(self.volume_size, self.region_size)
+    def create(self, geometry: tuple[int, int, int]) -> None:
+        page_bytes, self.volume_size, self.region_size = geometry
+        self.bm = DirtyBitmap(self.volume_size, self.region_size, page_bytes=page_bytes)
         self.total = self.bm.total_regions
         self.persisted = bytearray(self.bm.to_bytes())
 
@@ -510,7 +490,7 @@ class BitmapModel(RuleBasedStateMachine):
     @rule()
     def write_dirty_pages(self) -> None:
         """Apply the returned pages to the previous image: they must reproduce the current one."""
-        page = self.bm.PAGE_BYTES
+        page = self.bm.page_bytes
         previous = bytes(self.persisted)
         pages = self.bm.take_dirty_pages()
         indexes = [p for p, _ in pages]
@@ -531,8 +511,9 @@ class BitmapModel(RuleBasedStateMachine):
     def restart_from_persisted_image(self) -> None:
         """Crash and reload: what was written is what comes back, dirty pages included."""
         self.write_dirty_pages()
-        cls = type(self.bm)
-        self.bm = cls.from_bytes(self.volume_size, self.region_size, bytes(self.persisted))
+        self.bm = DirtyBitmap.from_bytes(
+            self.volume_size, self.region_size, bytes(self.persisted), page_bytes=self.bm.page_bytes
+        )
         assert self.bm.take_dirty_pages() == []
 
     @invariant()

@@ -61,6 +61,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from volkeeper import _compiled
 from volkeeper.core.bitmap import DirtyBitmap
 from volkeeper.core.intent_log_format import Generations
 from volkeeper.core.mirror_engine import MAX_PING_INTERVAL, MirrorEngine
@@ -338,7 +339,11 @@ class EngineMachine(RuleBasedStateMachine):
         """The link goes (and the target's volatile copy with it, on a crash); or the target
         falls silent and the engine's liveness check drops it; or the source restarts."""
         if how == "target silent" and self.engine.link_up:
-            assert self.engine.idle(self.engine.last_heard + PEER_TIMEOUT) is None
+            # Not dropped before peer_timeout: from the last word heard, or from the oldest
+            # frame an application waits on, if that is older (its ACK never came).
+            owed = self.engine.ledger.oldest_owed()
+            since = min(self.engine.last_heard, self.engine.last_heard if owed is None else owed)
+            assert self.engine.idle(since + PEER_TIMEOUT) is None
             silent = self.engine.idle(self.engine.last_heard + PEER_TIMEOUT + 0.1)
             assert silent is not None and "silent" in silent.message
         if how == "source crashed":
@@ -615,6 +620,11 @@ SEEDED = [
 ]
 
 
+@pytest.mark.skipif(
+    _compiled.ACTIVE,
+    reason="a seeded bug subclasses the engine or the ledger, which Python "
+    "cannot do to a compiled class; make test runs these with the pure modules",
+)
 @pytest.mark.parametrize("machine", SEEDED, ids=lambda machine: machine.__name__)
 def test_the_machine_catches_a_seeded_bug(machine: type[EngineMachine]) -> None:
     quick = settings(

@@ -35,7 +35,6 @@ Region *i* covers volume bytes ``[i * region_size, min((i + 1) * region_size, vo
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import ClassVar
 
 MIN_REGION_SIZE = 4096
 MAX_REGION_SIZE = 1024 * 1024
@@ -76,11 +75,10 @@ def _check_region_size(region_size: int) -> int:
 class DirtyBitmap:
     """One bit per region of a volume; see the module docstring for the layout.
 
-    ``PAGE_BYTES`` is a class attribute so that tests can subclass with tiny pages and make a
-    small volume span many of them; the image layout does not depend on it.
+    ``page_bytes`` (default ``PAGE_BYTES``) only groups the image into pages for
+    ``take_dirty_pages``: tests pass tiny pages to make a small volume span many of them; the
+    image layout does not depend on it.
     """
-
-    PAGE_BYTES: ClassVar[int] = PAGE_BYTES
 
     __slots__ = (
         "_bits",
@@ -94,15 +92,16 @@ class DirtyBitmap:
         "_volume_size",
     )
 
-    def __init__(self, volume_size: int, region_size: int = MIN_REGION_SIZE) -> None:
+    def __init__(
+        self, volume_size: int, region_size: int = MIN_REGION_SIZE, *, page_bytes: int = PAGE_BYTES
+    ) -> None:
         self._volume_size = _check_volume_size(volume_size)
         self._region_size = _check_region_size(region_size)
         self._shift = region_size.bit_length() - 1
         self._total = -(-volume_size // region_size)
         self._last_len = volume_size - ((self._total - 1) << self._shift) if self._total else 0
-        page_bytes = self.PAGE_BYTES
         if not 1 <= page_bytes <= _FILL_BYTES:
-            raise ValueError(f"PAGE_BYTES must be 1 to 64 KiB, got {page_bytes}")
+            raise ValueError(f"page_bytes must be 1 to 64 KiB, got {page_bytes}")
         self._page_bytes = page_bytes  # image byte index // page_bytes = page index
         self._bits = bytearray((self._total + 7) >> 3)
         self._count = 0
@@ -113,6 +112,10 @@ class DirtyBitmap:
     @property
     def volume_size(self) -> int:
         return self._volume_size
+
+    @property
+    def page_bytes(self) -> int:
+        return self._page_bytes
 
     @property
     def region_size(self) -> int:
@@ -213,7 +216,7 @@ class DirtyBitmap:
         """OR another image of the same geometry in; return how many bits were newly set."""
         view = self._check_image(other)
         bits = self._bits
-        page = self.PAGE_BYTES
+        page = self._page_bytes
         newly = 0
         for start in range(0, len(bits), page):
             theirs = int.from_bytes(view[start : start + page], "little")
@@ -346,10 +349,15 @@ class DirtyBitmap:
 
     @classmethod
     def from_bytes(
-        cls, volume_size: int, region_size: int, data: bytes | bytearray | memoryview
+        cls,
+        volume_size: int,
+        region_size: int,
+        data: bytes | bytearray | memoryview,
+        *,
+        page_bytes: int = PAGE_BYTES,
     ) -> DirtyBitmap:
         """A bitmap holding a persisted image; it starts with no dirty pages."""
-        bitmap = cls(volume_size, region_size)
+        bitmap = cls(volume_size, region_size, page_bytes=page_bytes)
         view = bitmap._check_image(data)
         bitmap._bits[:] = view
         size = len(view)
@@ -361,7 +369,7 @@ class DirtyBitmap:
 
     def take_dirty_pages(self) -> list[tuple[int, bytes]]:
         """(page index, page bytes) of every page changed since the last call, ascending."""
-        page = self.PAGE_BYTES
+        page = self._page_bytes
         dirty, self._dirty = sorted(self._dirty), set()
         return [(p, bytes(self._bits[p * page : (p + 1) * page])) for p in dirty]
 

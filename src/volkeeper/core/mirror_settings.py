@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 from volkeeper.core.bitmap import MIN_REGION_SIZE, image_size
 from volkeeper.core.compression_setting import NO_COMPRESSION, parse_compression
@@ -26,6 +26,11 @@ MODES = ("sync", "async")
 DEFAULT_QUEUE_LIMIT = 64 * 1024 * 1024  # async mode: bytes sent and not yet ACKed, at most
 MIN_QUEUE_LIMIT = 1024 * 1024
 UNLIMITED = ("none", "off", "unlimited")  # what people write for "no rate limit"
+# Which settings a running mirror can change, which are sizes and which are rates.  Module
+# constants, not ClassVars: mypyc would make a ClassVar of a dataclass a field (mypyc#1122).
+LIVE_SETTINGS = ("mode", "queue_limit", "compression", "throttle", "resync_min", "resync_max")
+SIZE_SETTINGS = ("queue_limit", "region_size")
+RATE_SETTINGS = ("throttle", "resync_min", "resync_max")
 
 
 @dataclass(frozen=True)
@@ -37,12 +42,6 @@ class MirrorSettings:
     resync_min: int | None = None  # bytes per second a resync gets under load
     resync_max: int | None = None  # bytes per second a resync never exceeds
     region_size: int = MIN_REGION_SIZE  # intent-log bytes per bitmap bit
-
-    LIVE: ClassVar[tuple[str, ...]] = (
-        "mode", "queue_limit", "compression", "throttle", "resync_min", "resync_max",
-    )  # fmt: skip
-    SIZES: ClassVar[tuple[str, ...]] = ("queue_limit", "region_size")
-    RATES: ClassVar[tuple[str, ...]] = ("throttle", "resync_min", "resync_max")
 
     @classmethod
     def from_text(cls, **fields: Any) -> MirrorSettings:
@@ -59,7 +58,7 @@ class MirrorSettings:
             compression = parse_compression(self.compression)
         except ValueError as exc:
             raise ValueError(f"compression: {exc}") from None
-        for name in self.RATES:
+        for name in RATE_SETTINGS:
             rate = getattr(self, name)
             if rate is not None and rate <= 0:
                 raise ValueError(f"{name} must be a positive rate, got {rate}")
@@ -73,14 +72,14 @@ class MirrorSettings:
 
     def changed(self, **changes: Any) -> MirrorSettings:
         """These settings with ``changes`` (already parsed) made, checked."""
-        fixed = sorted(set(changes) - set(self.LIVE))
+        fixed = sorted(set(changes) - set(LIVE_SETTINGS))
         if fixed:
             raise ValueError(f"{', '.join(fixed)}: cannot be changed on a mirror")
         return dataclasses.replace(self, **changes).checked()
 
     def live(self) -> dict[str, Any]:
         """The settings a running mirror can change, by name (for events and comparisons)."""
-        return {name: getattr(self, name) for name in self.LIVE}
+        return {name: getattr(self, name) for name in LIVE_SETTINGS}
 
     @property
     def resync_floor(self) -> int | None:
@@ -99,9 +98,9 @@ def parse_fields(fields: dict[str, Any]) -> dict[str, Any]:
     parsed = dict(fields)
     for name, value in fields.items():
         try:
-            if name in MirrorSettings.SIZES:
+            if name in SIZE_SETTINGS:
                 parsed[name] = parse_size(value)
-            elif name in MirrorSettings.RATES:
+            elif name in RATE_SETTINGS:
                 parsed[name] = None if value is None or value in UNLIMITED else parse_rate(value)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None

@@ -25,6 +25,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
+from volkeeper import _compiled
 from volkeeper.daemon import node_views, plan
 from volkeeper.daemon.api.control import ControlServer
 from volkeeper.daemon.api.events import EventBus
@@ -103,6 +104,7 @@ class Node:
         reads = "io_uring" if self.ring else "worker threads"
         why = "" if self.ring or not self.config.node.io_uring else " (io_uring unavailable)"
         log.info(f"reads that miss the page cache: {reads}{why}")
+        log.info(f"the core's data path: {_compiled.STATE}")
         by_name = {service.name: service for service in self.services}
         state_dir = Path(self.config.node.state_dir)
         peer_timeout = self.config.node.peer_timeout

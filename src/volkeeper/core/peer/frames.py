@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import ClassVar, TypeAlias
+from typing import TypeAlias
 
 from xxhash import xxh3_64
 
@@ -73,7 +73,11 @@ def _data_repr(frame: _DataFrame) -> str:
 class _DataFrame:
     """u64 offset + data: the layout WRITE and RESYNC_DATA share."""
 
-    TYPE: ClassVar[FrameType]
+    @property
+    def TYPE(self) -> FrameType:
+        """Each subclass names its own."""
+        raise NotImplementedError
+
     offset: int
     data: Buffer
     fua: bool = False
@@ -89,21 +93,29 @@ class _DataFrame:
 class Write(_DataFrame):
     """An application write, in the source's acknowledgement order."""
 
-    TYPE: ClassVar[FrameType] = FrameType.WRITE
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.WRITE
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class ResyncData(_DataFrame):
     """A block sent by a resync (marked region), not an application write."""
 
-    TYPE: ClassVar[FrameType] = FrameType.RESYNC_DATA
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.RESYNC_DATA
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class _CompressedFrame:
     """COMPRESSED_HEAD + compressed data: the layout WRITE_Z and RESYNC_Z share."""
 
-    TYPE: ClassVar[FrameType]
+    @property
+    def TYPE(self) -> FrameType:
+        """Each subclass names its own."""
+        raise NotImplementedError
+
     offset: int
     codec: Codec
     raw_length: int  # of the data once decompressed
@@ -131,17 +143,24 @@ class _CompressedFrame:
 
 @dataclass(frozen=True, slots=True, repr=False)
 class WriteCompressed(_CompressedFrame):
-    TYPE: ClassVar[FrameType] = FrameType.WRITE_Z
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.WRITE_Z
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class ResyncCompressed(_CompressedFrame):
-    TYPE: ClassVar[FrameType] = FrameType.RESYNC_Z
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.RESYNC_Z
 
 
 @dataclass(frozen=True, slots=True)
 class Zero:
-    TYPE: ClassVar[FrameType] = FrameType.ZERO
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.ZERO
+
     offset: int
     length: int
     fua: bool = False
@@ -154,7 +173,10 @@ class Zero:
 
 @dataclass(frozen=True, slots=True)
 class Trim:
-    TYPE: ClassVar[FrameType] = FrameType.TRIM
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.TRIM
+
     offset: int
     length: int
     fua: bool = False
@@ -168,7 +190,9 @@ class Trim:
 class Flush:
     """A barrier: the target makes every earlier write durable before acknowledging it."""
 
-    TYPE: ClassVar[FrameType] = FrameType.FLUSH
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.FLUSH
 
     def encode(self, sequence: int) -> list[Buffer]:
         return packed(self.TYPE, 0, sequence, b"")
@@ -178,7 +202,10 @@ class Flush:
 class Ack:
     """Completion of the peer's frame ``sequence``; ``errno`` 0 means success."""
 
-    TYPE: ClassVar[FrameType] = FrameType.ACK
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.ACK
+
     sequence: int
     errno: int = 0
     durable: bool = False
@@ -192,7 +219,10 @@ class Ack:
 class HashRequest:
     """Ask the target for the xxh3-128 of each ``region_size`` region of a range."""
 
-    TYPE: ClassVar[FrameType] = FrameType.HASH_REQUEST
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.HASH_REQUEST
+
     offset: int
     length: int
     region_size: int
@@ -206,7 +236,10 @@ class HashRequest:
 class Hashes:
     """The answer to HASH_REQUEST ``request``: the digests, concatenated, in order."""
 
-    TYPE: ClassVar[FrameType] = FrameType.HASHES
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.HASHES
+
     request: int
     digests: bytes
 

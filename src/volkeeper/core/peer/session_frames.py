@@ -10,7 +10,6 @@ How this works: one frozen dataclass per frame type (layouts in ``layout``), who
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from volkeeper.core.peer.encoding import document, encoded_str, message_bytes, packed
 from volkeeper.core.peer.layout import (
@@ -37,7 +36,10 @@ from volkeeper.core.peer.layout import (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello:
-    TYPE: ClassVar[FrameType] = FrameType.HELLO
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.HELLO
+
     node: str
     volume: str
     job: str
@@ -73,7 +75,10 @@ class Hello:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HelloOk:
-    TYPE: ClassVar[FrameType] = FrameType.HELLO_OK
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.HELLO_OK
+
     node: str
     volume: str
     volume_size: int
@@ -99,7 +104,10 @@ class HelloOk:
 class Refuse:
     """The target's answer to a HELLO it will not accept; ``message`` is for the log."""
 
-    TYPE: ClassVar[FrameType] = FrameType.REFUSE
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.REFUSE
+
     reason: RefuseReason
     message: str = ""
 
@@ -111,7 +119,10 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
-    TYPE: ClassVar[FrameType] = FrameType.PING
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.PING
+
     token: int
 
     def encode(self, sequence: int) -> list[Buffer]:
@@ -120,7 +131,10 @@ class Ping:
 
 @dataclass(frozen=True, slots=True)
 class Pong:
-    TYPE: ClassVar[FrameType] = FrameType.PONG
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.PONG
+
     token: int
 
     def encode(self, sequence: int) -> list[Buffer]:
@@ -129,7 +143,10 @@ class Pong:
 
 @dataclass(frozen=True, slots=True)
 class Goodbye:
-    TYPE: ClassVar[FrameType] = FrameType.GOODBYE
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.GOODBYE
+
     reason: GoodbyeReason
     message: str = ""
 
@@ -143,7 +160,10 @@ class Goodbye:
 class State:
     """The source tells the target what its copy now is; ACKed once durably recorded."""
 
-    TYPE: ClassVar[FrameType] = FrameType.STATE
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.STATE
+
     data_state: DataState
     current_generation: int
     previous_generation: int
@@ -157,7 +177,10 @@ class State:
 class Job:
     """The job this mirror belongs to, as JSON (the target stores it; the source owns it)."""
 
-    TYPE: ClassVar[FrameType] = FrameType.JOB
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.JOB
+
     document: str
 
     def encode(self, sequence: int) -> list[Buffer]:
@@ -168,7 +191,10 @@ class Job:
 class Handover:
     """A switchover: the target's node becomes the job's source (JSON, see layout)."""
 
-    TYPE: ClassVar[FrameType] = FrameType.HANDOVER
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.HANDOVER
+
     document: str
 
     def encode(self, sequence: int) -> list[Buffer]:
@@ -179,7 +205,9 @@ class Handover:
 class SwitchoverRequest:
     """A target asks its source to hand the job over to it."""
 
-    TYPE: ClassVar[FrameType] = FrameType.SWITCHOVER
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.SWITCHOVER
 
     def encode(self, sequence: int) -> list[Buffer]:
         return packed(self.TYPE, 0, sequence, b"")
@@ -189,7 +217,10 @@ class SwitchoverRequest:
 class Marked:
     """Regions a deposed copy changed that its new source lacks (layout: MARKED)."""
 
-    TYPE: ClassVar[FrameType] = FrameType.MARKED
+    @property
+    def TYPE(self) -> FrameType:
+        return FrameType.MARKED
+
     region_size: int
     image: bytes  # zlib-compressed bitmap image
 

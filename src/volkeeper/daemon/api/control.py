@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from volkeeper import __version__
 from volkeeper.core.addresses import TcpAddress, UnixAddress
-from volkeeper.core.mirror_settings import NAMES, MirrorSettings, parse_fields
+from volkeeper.core.mirror_settings import NAMES, RATE_SETTINGS, MirrorSettings, parse_fields
 from volkeeper.daemon.api.api_models import (
     Deleted,
     ErrorBody,
@@ -217,7 +217,7 @@ def _changes(body: SetBody) -> dict[str, Any]:
             "resync_max",
         )
     fields = {name: getattr(body, name) for name in given}
-    fields = {k: v for k, v in fields.items() if v is not None or k in MirrorSettings.RATES}
+    fields = {k: v for k, v in fields.items() if v is not None or k in RATE_SETTINGS}
     try:
         return parse_fields(fields)
     except ValueError as exc:

@@ -324,7 +324,7 @@ class Jobs:
         return remaining
 
     async def configure(self, name: str, target: str | None, changes: dict[str, Any]) -> JobRecord:
-        """``mirror set``: any of MirrorSettings.LIVE on live mirrors (``changes`` parsed)."""
+        """``mirror set``: any of LIVE_SETTINGS on live mirrors (``changes`` parsed)."""
         async with self.changing:
             record = self.record(name)
             updated = record
