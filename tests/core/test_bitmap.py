@@ -539,3 +539,19 @@ class BitmapModel(RuleBasedStateMachine):
 
 TestBitmapModel = BitmapModel.TestCase
 TestBitmapModel.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+def test_an_image_is_copied_once() -> None:
+    """Opening a big log holds its image twice at most (the file's bytes and the bitmap's),
+    never a zeroed bitmap and a temporary copy besides (bench/scale.py: 16 TiB)."""
+    import tracemalloc
+
+    image = bytearray(b"\x01" * (8 * MIB))
+    tracemalloc.start()
+    try:
+        bitmap = DirtyBitmap.from_bytes(len(image) * 8 * 4096, 4096, image)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert bitmap.marked_count == len(image)
+    assert peak < 1.25 * len(image)

@@ -45,3 +45,31 @@ def test_a_pass_covers_the_marked_regions_in_batches(
 
 def test_a_pass_over_a_clean_bitmap_only_commits() -> None:
     assert list(resync_pass(DirtyBitmap(64 * REGION, REGION), REGION, REGION)) == [COMMIT]
+
+
+def test_a_pass_walks_the_live_bitmap() -> None:
+    """Lazily: what is marked ahead of the cursor during the pass is in it, what is marked
+    behind it is left to the next pass, and what is cleared ahead is not sent."""
+    bitmap = DirtyBitmap(100 * REGION, REGION)
+    for region in (10, 50, 60):
+        bitmap.mark(region * REGION, 1)
+    walk = resync_pass(bitmap, REGION, 100 * REGION)
+    first = next(walk)
+    assert isinstance(first, Span) and first.first == 10
+    bitmap.mark(5 * REGION, 1)  # behind the cursor
+    bitmap.mark(70 * REGION, 1)  # ahead of it
+    bitmap.clear_regions(60, 1)  # sent meanwhile by something else, say
+    rest = [step.first for step in walk if isinstance(step, Span)]
+    assert rest == [50, 70]
+
+
+def test_a_huge_scattered_pass_starts_at_once() -> None:
+    """A million separate runs: the first chunk comes without listing them all."""
+    regions = 2_000_000
+    image = b"\x55" * (regions // 8)  # every other region marked
+    bitmap = DirtyBitmap.from_bytes(regions * REGION, REGION, image)
+    walk = resync_pass(bitmap, 256 * REGION, 1 << 40)
+    first = next(walk)
+    assert isinstance(first, Span) and (first.first, first.count) == (0, 1)
+    bitmap.clear_regions(0, regions)  # the rest of the walk finds nothing left
+    assert list(walk) == [COMMIT]

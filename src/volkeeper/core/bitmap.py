@@ -93,8 +93,14 @@ class DirtyBitmap:
     )
 
     def __init__(
-        self, volume_size: int, region_size: int = MIN_REGION_SIZE, *, page_bytes: int = PAGE_BYTES
+        self,
+        volume_size: int,
+        region_size: int = MIN_REGION_SIZE,
+        *,
+        page_bytes: int = PAGE_BYTES,
+        image: bytes | bytearray | memoryview | None = None,
     ) -> None:
+        """An empty bitmap, or one holding ``image`` (checked, copied once: see from_bytes)."""
         self._volume_size = _check_volume_size(volume_size)
         self._region_size = _check_region_size(region_size)
         self._shift = region_size.bit_length() - 1
@@ -103,9 +109,17 @@ class DirtyBitmap:
         if not 1 <= page_bytes <= _FILL_BYTES:
             raise ValueError(f"page_bytes must be 1 to 64 KiB, got {page_bytes}")
         self._page_bytes = page_bytes  # image byte index // page_bytes = page index
-        self._bits = bytearray((self._total + 7) >> 3)
         self._count = 0
         self._dirty: set[int] = set()
+        if image is None:
+            self._bits = bytearray((self._total + 7) >> 3)
+            return
+        self._bits = bytearray(self._check_image(image))
+        size = len(self._bits)
+        self._count = sum(
+            self._ones_in(start, min(_FILL_BYTES, size - start))
+            for start in range(0, size, _FILL_BYTES)
+        )
 
     # -- geometry -----------------------------------------------------------------------------
 
@@ -356,16 +370,10 @@ class DirtyBitmap:
         *,
         page_bytes: int = PAGE_BYTES,
     ) -> DirtyBitmap:
-        """A bitmap holding a persisted image; it starts with no dirty pages."""
-        bitmap = cls(volume_size, region_size, page_bytes=page_bytes)
-        view = bitmap._check_image(data)
-        bitmap._bits[:] = view
-        size = len(view)
-        bitmap._count = sum(
-            bitmap._ones_in(start, min(_FILL_BYTES, size - start))
-            for start in range(0, size, _FILL_BYTES)
-        )
-        return bitmap
+        """A bitmap holding a persisted image; it starts with no dirty pages.  The image is
+        copied once, into the bitmap's own bytes (a 16 TiB volume's is 512 MiB at 4 KiB
+        regions: opening its log holds it twice, briefly, never three times)."""
+        return cls(volume_size, region_size, page_bytes=page_bytes, image=data)
 
     def take_dirty_pages(self) -> list[tuple[int, bytes]]:
         """(page index, page bytes) of every page changed since the last call, ascending."""
@@ -393,9 +401,10 @@ class DirtyBitmap:
 
     def _check_image(self, data: bytes | bytearray | memoryview) -> memoryview:
         view = memoryview(data).cast("B")
-        if len(view) != len(self._bits):
+        expected = (self._total + 7) >> 3
+        if len(view) != expected:
             raise ValueError(
-                f"bitmap image is {len(view)} bytes, expected {len(self._bits)} for "
+                f"bitmap image is {len(view)} bytes, expected {expected} for "
                 f"{self._total} regions (volume size {self._volume_size}, "
                 f"region size {self._region_size})"
             )

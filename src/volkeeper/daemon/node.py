@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import ssl
@@ -375,6 +376,10 @@ async def serve(config: NodeConfig, config_path: Path | None = None) -> None:
     loop.add_signal_handler(signal.SIGHUP, reload)
     try:
         await node.start()
+        # What was built to start (modules, the API's models, volumes, mirrors) lives as long
+        # as the daemon: out of the collector's sight, a collection looks only at what the
+        # data path allocates (3-5% of a mirrored write's CPU, measured; docs/performance.md).
+        gc.freeze()
         log.info(
             "node ready", node=node.name, nbd=str(config.node.nbd), control=str(config.node.control)
         )

@@ -12,7 +12,12 @@ connection runs ``ServerHandshake`` until an export is chosen, then feeds a
 * anything else runs on a worker thread and is answered from its completion callback, so
   replies can overtake each other (the cookie tells the client which request is answered).
 
-Replies are queued and leave in one ``writelines`` per batch of input or completion.
+Replies are queued and leave in one ``writelines`` per batch: the requests of one read are
+answered at its end, those completed on the loop while it is handled (a mirrored write's
+local inline write and async shipping) included.  A completion that arrives later (a disk
+read, a target's ACK) is answered at once: holding it for others of its burst saves system
+calls but keeps the client waiting, which costs more on cold reads (measured:
+docs/performance.md).
 Back-pressure: reading from a client pauses while it has ``MAX_IN_FLIGHT`` requests on
 threads or while the transport's send buffer is full.  A protocol violation closes that one
 client; a failing volume becomes an NBD error code; neither reaches the other connections.
@@ -142,7 +147,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._in_flight = 0
         self._drained: asyncio.Future[None] | None = None
         self._out: list[bytes | bytearray] = []  # replies waiting for the next send
-        self._send_scheduled = False
+        self._receiving = False  # inside buffer_updated, which sends at its end
         self._reading_paused = False
         self._writing_paused = False
         self._closing = False
@@ -179,16 +184,20 @@ class NbdConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self._closing:
             return
-        if self._direct:
-            assert self._parser is not None
-            self._parser.payload_received(nbytes)
-            self._dispatch_all()
-        elif self._handshake is not None:
-            self._negotiate(bytes(self._staging[:nbytes]))
-        else:
-            assert self._parser is not None
-            self._parser.feed(self._staging[:nbytes])
-            self._dispatch_all()
+        self._receiving = True
+        try:
+            if self._direct:
+                assert self._parser is not None
+                self._parser.payload_received(nbytes)
+                self._dispatch_all()
+            elif self._handshake is not None:
+                self._negotiate(bytes(self._staging[:nbytes]))
+            else:
+                assert self._parser is not None
+                self._parser.feed(self._staging[:nbytes])
+                self._dispatch_all()
+        finally:
+            self._receiving = False
         self._send()
 
     # -- handshake --------------------------------------------------------------------------
@@ -335,7 +344,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         else:
             log.error("nbd request crashed", peer=self._peer, error=repr(error))
             self._close()
-        self._send()
+        if not self._receiving:
+            self._send()
         if self._in_flight == 0 and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         self._update_reading()
