@@ -9,6 +9,7 @@ a grace period).  ``kill()`` is the ``kill -9`` of fault tests.  Every daemon lo
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import random
@@ -53,18 +54,39 @@ def free_tcp_port() -> int:
     """A loopback port nothing is bound to, *below* the kernel's ephemeral range: a port that
     bind(0) hands out can be taken, before the daemon binds it, as the local port of any
     outgoing connection on this machine (tests make thousands), and the daemon then fails
-    with "Address already in use"."""
-    first_ephemeral = _first_ephemeral_port()
+    with "Address already in use".  Under pytest-xdist each worker draws from a slice of its
+    own, and no port is handed out twice in a row: between this check and the daemon's bind
+    another worker, or the same test's next node, could otherwise draw the same port."""
+    low, high = _port_range()
     choose = random.SystemRandom()
     for _ in range(200):
-        port = choose.randrange(max(1024, first_ephemeral - 12000), first_ephemeral)
+        port = choose.randrange(low, high)
+        if port in _RECENT:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
-    raise RuntimeError(f"no free TCP port below the ephemeral range ({first_ephemeral})")
+        _RECENT.append(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {low}..{high - 1} (below the ephemeral range)")
+
+
+_RECENT: collections.deque[int] = collections.deque(maxlen=256)  # handed out lately
+
+
+def _port_range() -> tuple[int, int]:
+    """Ports [low, high) below the ephemeral range; this xdist worker's slice of them."""
+    high = _first_ephemeral_port()
+    low = max(1024, high - 12000)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if worker[2:].isdigit() and workers > 1:
+        span = (high - low) // workers
+        low += int(worker[2:]) % workers * span
+        high = low + span
+    return low, high
 
 
 def _first_ephemeral_port() -> int:
