@@ -21,7 +21,8 @@ regions marked and resyncs them, so the target gets the source's data back (Mirr
 ``source_write_failed``); the application is told the write failed.
 
 A small write is written inline (a page-cache copy on the loop) while the volume's writer
-thread has nothing queued, as on an unmirrored volume; anything else goes to that thread.
+thread has nothing queued, and a flush with nothing else in flight anywhere on the volume is
+made inline too, as on an unmirrored volume; anything else goes to that thread.
 
 Mirrors come and go while writes flow (a target added to a job, a mirror deleted): each op
 remembers the mirrors it was submitted to (``op.mirrors``) and only those pin, ship and
@@ -147,10 +148,14 @@ class Replication:
         if op.is_flush:
             op.durable_parts = 1 + len(op.mirrors)
             op.on_durable = functools.partial(self._released, op, op.on_durable)
+        idle = len(self.in_flight) == 0 and self.service.writer_idle  # before this op
         self.in_flight.add(op)
         for mirror in op.mirrors:  # ship first: an inline local write completes at once
             mirror.ship(op)
         if op.command == "write" and not op.fua and self._write_inline(op):
+            return
+        if op.is_flush and idle:
+            self._flush_inline(op)
             return
         function, args = _local(self.service, op)
         done_locally = functools.partial(_locally_done, op)
@@ -161,6 +166,16 @@ class Replication:
         for mirror in flush.mirrors:
             mirror.release_durable(flush)
         then()
+
+    def _flush_inline(self, op: Op) -> None:
+        """Nothing else is in flight and the writer is idle: fdatasync here beats two thread
+        hand-offs, as on an unmirrored volume (QD1 write+flush loads)."""
+        try:
+            self.service.volume.flush()
+        except VolkeeperError as error:
+            _local_done(op, error)
+            return
+        _local_done(op, None)
 
     def _write_inline(self, op: Op) -> bool:
         try:
