@@ -370,6 +370,11 @@ class Mirror:
         assert self.sender is not None, "no link"
         return self.sender
 
+    @property
+    def asynchronous(self) -> bool:
+        """Its writes and flushes are answered without waiting for the target."""
+        return self.engine.asynchronous
+
     def source_write_failed(self, op: Op, error: BaseException) -> None:
         """The local disk failed ``op``, which this mirror shipped: mark and resync it."""
         self.store.activity_log.pin(op.extents)  # held until the marks are persisted

@@ -15,12 +15,10 @@ volume's writer thread -- one FIFO -- so they reach the disk in the order the so
 (invariant 1), and ACKs each with its sequence number once done; a FLUSH's ACK carries
 DURABLE. A small write that arrives while that thread has nothing queued is copied to the page
 cache on the loop instead (as on the NBD path): nothing earlier is pending, so the order
-holds, and its ACK leaves with the others of the same receive.  A FLUSH that finds the
-thread idle is made there too (one fdatasync on the loop, no hand-offs: what a write+flush
-QD1 load waits on).  A STATE frame rewrites the record through the same FIFO, so
-"UpToDate" is recorded only after every earlier write; so does a JOB frame (the job's
-document).  A GOODBYE(DELETED) releases the volume, a GOODBYE(PAUSED) marks its record
-paused.  Anything out of place closes that session only.
+holds, and its ACK leaves with the others of the same receive. A STATE frame rewrites the
+record through the same FIFO, so "UpToDate" is recorded only after every earlier write; so
+does a JOB frame (the job's document). A GOODBYE(DELETED) releases the volume, a
+GOODBYE(PAUSED) marks its record paused. Anything out of place closes that session only.
 When the node stops cleanly, each session flushes its volume and says GOODBYE(SHUTDOWN) first.
 A HANDOVER (a switchover) makes this node the job's source (``TargetVolumes.adopt``).
 
@@ -171,7 +169,7 @@ class TargetSession:
         if record.owed:  # deposed: what we changed goes into the new source's resync
             link.send(pw.Marked(record.owed_region_size, base64.b64decode(record.owed)))
 
-    # -- applying frames in order: small writes and flushes inline while the writer is idle --
+    # -- applying frames in order: small writes inline while the writer is idle, else on it --
 
     def _submit(
         self,
@@ -298,18 +296,8 @@ class TargetSession:
         self._submit(link, sequence, self.service.trim, *args, durable=frame.fua)
 
     def _flush(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
-        service = self.service
-        assert service is not None
-        if not service.writer_idle:
-            self._submit(link, sequence, service.volume.flush, durable=True)
-            return
-        try:  # every earlier frame is applied: fdatasync here beats two thread hand-offs
-            service.volume.flush()
-        except VolumeError as error:
-            self._failed(sequence, str(error))
-            link.send(pw.Ack(sequence, error.errno))
-            return
-        link.send(pw.Ack(sequence, 0, durable=True))
+        assert self.service is not None
+        self._submit(link, sequence, self.service.volume.flush, durable=True)
 
     def _state(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         assert isinstance(frame, pw.State) and self.record is not None
