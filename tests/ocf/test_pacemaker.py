@@ -151,6 +151,8 @@ def pacemaker(directory: Path) -> Iterator[None]:
         finally:
             _stop(corosync, 20)
             _reset_cib(None)
+            for blackbox in Path("/dev/shm").glob(f"qb-corosync-{corosync.pid}-blackbox-*"):
+                blackbox.unlink()  # libqb's flight recorder of that corosync: 8 MiB a run
 
 
 def _reset_cib(document: str | None) -> None:
