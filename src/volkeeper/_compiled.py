@@ -26,11 +26,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
 
 PACKAGE = Path(__file__).resolve().parent  # src/volkeeper
 BUILD = PACKAGE.parent.parent / "build" / "mypyc"
-MANIFEST = BUILD / "manifest.json"
+MANIFEST = "manifest.json"  # in the build directory: written by the build, checked here
 PURE_VARIABLE = "VOLKEEPER_PURE_PYTHON"
 # What the build hashes: everything mypyc reads when it compiles the core.
 INPUTS = ("core/**/*.py", "errors.py")
@@ -56,16 +55,16 @@ def activate() -> str:
 def _activate(build: Path = BUILD) -> str:
     if os.environ.get(PURE_VARIABLE, "") not in ("", "0"):
         return f"pure Python ({PURE_VARIABLE} is set)"
-    if not (build / "manifest.json").exists():
+    if not (build / MANIFEST).exists():
         return "pure Python (no compiled build: make compiled)"
     try:
-        manifest = json.loads((build / "manifest.json").read_text())
+        manifest = json.loads((build / MANIFEST).read_text())
         if manifest["python"] != sys.implementation.cache_tag:
             return f"pure Python (the build is for {manifest['python']}: make compiled)"
         if manifest["sources"] != source_hashes():
             return "pure Python (core changed since the compiled build: make compiled)"
-        runtime = build / manifest["runtime"]
-        _load(manifest["runtime_module"], runtime)
+        runtime = manifest["runtime"]  # the file; its module name is what precedes the tags
+        _load(runtime.split(".")[0], build / runtime)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         return f"pure Python (the compiled build cannot be used: {exc})"
     import volkeeper.core
@@ -77,11 +76,11 @@ def _activate(build: Path = BUILD) -> str:
     return f"compiled with mypyc ({len(manifest['modules'])} core modules)"
 
 
-def _load(name: str, path: Path) -> ModuleType:
+def _load(name: str, path: Path) -> None:
     """Import the extension module at ``path`` as ``name`` (mypyc's shared runtime library,
     which each compiled module imports by name) without putting ``build/`` on sys.path."""
     if name in sys.modules:
-        return sys.modules[name]
+        return
     loader = importlib.machinery.ExtensionFileLoader(name, str(path))
     spec = importlib.util.spec_from_file_location(name, path, loader=loader)
     if spec is None:
@@ -89,4 +88,3 @@ def _load(name: str, path: Path) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     loader.exec_module(module)
-    return module

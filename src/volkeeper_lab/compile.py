@@ -50,7 +50,7 @@ COMPILED = (
 )
 
 
-def build(package: Path = _compiled.PACKAGE, out: Path = _compiled.BUILD) -> dict[str, object]:
+def build(package: Path = _compiled.PACKAGE, out: Path = _compiled.BUILD) -> None:
     shutil.rmtree(out, ignore_errors=True)
     target = out / "volkeeper"
     target.mkdir(parents=True)
@@ -66,18 +66,16 @@ def build(package: Path = _compiled.PACKAGE, out: Path = _compiled.BUILD) -> dic
         path.unlink()
     shutil.rmtree(out / "build", ignore_errors=True)  # mypyc's C sources and objects
     shutil.rmtree(out / ".mypy_cache", ignore_errors=True)
-    runtime = [p for p in out.glob("*__mypyc*.so")]
+    runtime = list(out.glob("*__mypyc*.so"))
     if len(runtime) != 1:
         raise SystemExit(f"expected one mypyc runtime library in {out}, found {runtime}")
-    manifest: dict[str, object] = {
+    manifest = {
         "python": sys.implementation.cache_tag,
         "sources": _compiled.source_hashes(package),
         "modules": [".".join(m.with_suffix("").parts) for m in modules],
         "runtime": runtime[0].name,
-        "runtime_module": runtime[0].name.split(".")[0],
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    (out / _compiled.MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def main() -> None:
@@ -88,10 +86,8 @@ def main() -> None:
         shutil.rmtree(_compiled.BUILD, ignore_errors=True)
         print(f"removed {_compiled.BUILD}: volkeeper runs as pure Python")
         return
-    manifest = build()
-    modules = manifest["modules"]
-    assert isinstance(modules, list)
-    print(f"compiled {len(modules)} core modules with mypyc into {_compiled.BUILD}")
+    build()
+    print(f"compiled {len(COMPILED)} core modules with mypyc into {_compiled.BUILD}")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,9 @@ class VolumeSpec:
     read_only: bool = False
 
 
+_RECENT: collections.deque[int] = collections.deque(maxlen=256)  # handed out lately
+
+
 def free_tcp_port() -> int:
     """A loopback port nothing is bound to, *below* the kernel's ephemeral range: a port that
     bind(0) hands out can be taken, before the daemon binds it, as the local port of any
@@ -71,9 +74,6 @@ def free_tcp_port() -> int:
         _RECENT.append(port)
         return port
     raise RuntimeError(f"no free TCP port in {low}..{high - 1} (below the ephemeral range)")
-
-
-_RECENT: collections.deque[int] = collections.deque(maxlen=256)  # handed out lately
 
 
 def _port_range() -> tuple[int, int]:

@@ -148,15 +148,13 @@ class Replication:
         if op.is_flush:
             op.durable_parts = 1 + len(op.mirrors)
             op.on_durable = functools.partial(self._released, op, op.on_durable)
-        idle = len(self.in_flight) == 0 and self.service.writer_idle  # before this op
-        if idle and op.is_flush:  # its reply waits for no target: none is synchronous
-            idle = all(mirror.asynchronous for mirror in op.mirrors)
+        flush_here = op.is_flush and self._may_flush_here(op)  # before op is in flight
         self.in_flight.add(op)
         for mirror in op.mirrors:  # ship first: an inline local write completes at once
             mirror.ship(op)
         if op.command == "write" and not op.fua and self._write_inline(op):
             return
-        if op.is_flush and idle:
+        if flush_here:
             self._flush_inline(op)
             return
         function, args = _local(self.service, op)
@@ -169,13 +167,17 @@ class Replication:
             mirror.release_durable(flush)
         then()
 
-    def _flush_inline(self, op: Op) -> None:
+    def _may_flush_here(self, flush: Op) -> bool:
         """Nothing else is in flight, the writer is idle and no mirror is synchronous:
-        fdatasync here beats two thread hand-offs, as on an unmirrored volume (QD1
+        fdatasync on the loop beats two thread hand-offs, as on an unmirrored volume (QD1
         write+flush loads).  With a synchronous mirror the thread is kept: measured with
         source and target on one disk, the local fdatasync made at once landed in an
         earlier journal commit than the target's, and the two were paid one after the other
         (docs/performance.md)."""
+        idle = not self.in_flight and self.service.writer_idle
+        return idle and all(mirror.asynchronous for mirror in flush.mirrors)
+
+    def _flush_inline(self, op: Op) -> None:
         try:
             self.service.volume.flush()
         except VolkeeperError as error:
