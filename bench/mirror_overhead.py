@@ -74,7 +74,7 @@ from benchlib import format_number as _number
 from benchlib import percentile_us as _percentile_us
 
 from volkeeper.core.units import format_size, parse_size
-from volkeeper_lab.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port, trust_each_other
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "mirror_overhead.json"
@@ -339,12 +339,23 @@ class Pair:
         source_file: Path,
         mode: str = "sync",
         queue_limit: str = DEFAULT_QUEUE_LIMIT,
+        tls: bool = False,
     ) -> None:
-        self.beta = LocalNode(directory / "beta", "beta", [VolumeSpec("data1", size=size)])
+        # Plain TCP links (insecure peers), as every earlier run measured, or with ``tls``
+        # the default link: TLS 1.3 between pinned identities.  The target lists its
+        # source, as a target must.
+        alpha_port = free_tcp_port()
+        self.beta = LocalNode(
+            directory / "beta", "beta", [VolumeSpec("data1", size=size)],
+            peers={"alpha": alpha_port}, secure=tls,
+        )  # fmt: skip
         spec = VolumeSpec("data1", size=size, path=source_file)
         self.alpha = LocalNode(
-            directory / "alpha", "alpha", [spec], peers={"beta": self.beta.peer_port}
-        )
+            directory / "alpha", "alpha", [spec], peers={"beta": self.beta.peer_port},
+            peer_port=alpha_port, secure=tls,
+        )  # fmt: skip
+        if tls:
+            trust_each_other(self.alpha, self.beta)
         self.size = size
         self.mode = mode
         self.name = mode  # the setup's name in runs, tables and file names
@@ -677,7 +688,10 @@ def fio_part(args: argparse.Namespace, workdir: Path, notes: list[str], log: Log
     for path in files.values():
         prefill(path, size)
     solo = Solo(workdir, size, files["unmirrored"])
-    pairs = [Pair(workdir / mode, size, files[mode], mode, args.queue_limit) for mode in MODES]
+    pairs = [
+        Pair(workdir / mode, size, files[mode], mode, args.queue_limit, tls=args.tls)
+        for mode in MODES
+    ]
     creations = {}
     for pair in pairs:
         queue = f", queue limit {args.queue_limit}" if pair.mode == "async" else ""
@@ -1129,6 +1143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--py-spy", metavar="DIR", help="profile every daemon of every fio run into DIR (skews)"
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument(
+        "--tls", action="store_true", help="links are TLS 1.3 between pinned identities (plain)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runtime, args.size, args.repeat, args.resync_size = 5, "256MiB", 1, "256MiB"
@@ -1242,7 +1259,8 @@ def report(
             f"ratio = async or sync mirror / unmirrored, medians of {args.repeat} run(s); CPU ="
             " utime+stime of every daemon (alpha+beta when mirrored), per GiB: from fio's start"
             " until the mirror has drained (Mirroring, queue 0), CPU %: while fio ran; loopback"
-            f" RTT p50 = {rtt:.1f} us; async queue limit {args.queue_limit}."
+            f" RTT p50 = {rtt:.1f} us; async queue limit {args.queue_limit}; links:"
+            f" {'TLS 1.3, pinned identities' if args.tls else 'plain TCP (insecure peers)'}."
         )
     for note in notes:
         log(f"note: {note}")

@@ -37,7 +37,7 @@ from typing import Any
 
 from benchlib import cpu_seconds, reap, reap_children, run_benchmark, spawn
 
-from volkeeper_lab.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 SETTINGS: list[str | None] = [None, "none", "zlib:1", "zlib:3", "zlib:6", "zlib:9", "zstd:1",
                               "zstd:3", "lz4"]  # fmt: skip
@@ -83,11 +83,13 @@ class Link:
 
 def nodes(workdir: Path, link: Link, size: str) -> tuple[LocalNode, LocalNode]:
     volumes = [VolumeSpec(f"data{i}", size) for i in range(1, VOLUMES + 1)]
-    beta = LocalNode(workdir / "beta", "beta", volumes, host=link.target_ip, netns=link.target)
+    alpha_port = free_tcp_port()  # beta, the target, must know its source
+    beta = LocalNode(workdir / "beta", "beta", volumes, host=link.target_ip, netns=link.target,
+                     peers={"alpha": f"{link.source_ip}:{alpha_port}"})  # fmt: skip
     beta.start()
     alpha = LocalNode(workdir / "alpha", "alpha", [VolumeSpec(v.name, size) for v in volumes],
                       peers={"beta": f"{link.target_ip}:{beta.peer_port}"},
-                      host=link.source_ip, netns=link.source)  # fmt: skip
+                      host=link.source_ip, netns=link.source, peer_port=alpha_port)  # fmt: skip
     alpha.start()
     return alpha, beta
 

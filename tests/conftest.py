@@ -33,8 +33,16 @@ def node_factory(root: Path) -> Iterator[NodeFactory]:
         name: str = "alpha", volumes: list[VolumeSpec] | None = None, **kw: object
     ) -> LocalNode:
         node = LocalNode(root / name, name, volumes or [VolumeSpec("data1")], **kw)  # type: ignore[arg-type]
+        # A target must know its source (it authenticates it): each node named in another's
+        # [peers] gets that one in its own [peers] too, as an administrator would add it.
+        for other in nodes:
+            if name in other.peers and other.name != name:
+                node.peers.setdefault(other.name, other.peer_port)
         nodes.append(node)
         node.start()
+        for other in nodes:
+            if other.name in node.peers and other is not node:
+                other.admit(name, node.peer_port)
         return node
 
     try:

@@ -1,6 +1,8 @@
 """``make demo``: two nodes on this machine, one mirrored volume, a real NBD client writing.
 
-How this works: nodes alpha (source) and beta (target) start in ./demo-run with a 256 MiB
+How this works: nodes alpha (source) and beta (target) get identities and trust each other's
+fingerprint (``volkeeper node init``, ``node trust``: the replication link is mutual TLS),
+then start in ./demo-run with a 256 MiB
 file-backed volume each.  nbdcopy writes 64 MiB of random data to alpha over NBD; a sync job
 mirrors alpha:data1 to beta:data1 (full resync: Resyncing -> Mirroring).  Then beta is
 stopped while the application keeps writing (Resync pending: the writes are marked in the
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -80,14 +83,32 @@ def fio_writes(node: LocalNode, amount: str) -> None:
     )  # fmt: skip
 
 
+def introduce(alpha: LocalNode, beta: LocalNode) -> None:
+    """Node identities, as an administrator sets them up: init on each, trust the other's."""
+    step("node identities: each node makes its key, then trusts the other's fingerprint")
+    fingerprints = {}
+    for node in (alpha, beta):
+        shown = node_cli(node, "node", "init", "--json")
+        fingerprints[node.name] = json.loads(shown)["fingerprint"]
+        print(f"   {node.name}: {fingerprints[node.name]}", flush=True)
+    for node, other in ((alpha, beta), (beta, alpha)):
+        print("   " + node_cli(node, "node", "trust", other.name, fingerprints[other.name]).strip())
+
+
+def node_cli(node: LocalNode, *args: str) -> str:
+    return run(sys.executable, "-m", "volkeeper", *args, "--config", str(node.write_config()))
+
+
 def main() -> int:
     shutil.rmtree(DEMO_DIR, ignore_errors=True)
     ports = {"alpha": free_tcp_port(), "beta": free_tcp_port()}  # each in the other's [peers]
     alpha, beta = (
         LocalNode(DEMO_DIR / name, name, [VolumeSpec("data1", size=VOLUME_SIZE)],
-                  peer_port=ports[name], peers={o: p for o, p in ports.items() if o != name})
+                  peer_port=ports[name], peers={o: p for o, p in ports.items() if o != name},
+                  secure=True)
         for name in ("alpha", "beta")
     )  # fmt: skip
+    introduce(alpha, beta)
     step("starting two nodes: alpha (source) and beta (target), 256 MiB volume data1 each")
     beta.start()
     alpha.start()

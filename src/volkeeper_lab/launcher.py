@@ -5,6 +5,10 @@ How this works: ``LocalNode`` writes a node config into a directory of its own, 
 ``/status`` and the NBD socket accepts, and stops the daemon by PID (SIGTERM, then SIGKILL after
 a grace period).  ``kill()`` is the ``kill -9`` of fault tests.  Every daemon logs to
 ``DIR/NAME.log``.
+
+Peers are written ``insecure = true`` unless the node is ``secure`` (or has ``[tls]``): then
+``trust_each_other`` gives the nodes identities and pins them, as ``volkeeper node init`` and
+``node trust`` do.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 import httpx
 
 from volkeeper.core.units import parse_size
+from volkeeper.io import identity
+from volkeeper.io.identity import KnownPeers
 
 
 def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> int:
@@ -107,6 +113,9 @@ class LocalNode:
     host: str = "127.0.0.1"  # the replication listener's address
     netns: str | None = None  # run the daemon in this network namespace (ip netns exec)
     tls: tuple[Path, Path, Path] | None = None  # [tls] certificate, key, ca (PEM files)
+    # False: every peer is written insecure = true (plain TCP), as most tests of other things
+    # want; True: peers are pinned with trust() / trust_each_other() (node identities, TLS).
+    secure: bool = False
     bitmap_dir: Path | None = None  # the intent logs' directory, if not state_dir/bitmaps
     peer_port: int = 0  # the replication port; 0: a free one
     node_settings: dict[str, str | int | float] = field(default_factory=dict)  # more [node] keys
@@ -170,10 +179,13 @@ class LocalNode:
         lines += [f"{key} = {json.dumps(value)}" for key, value in self.node_settings.items()]
         if self.peers:
             lines += ["", "[peers]"]
-            lines += [
-                f'{name} = "{port if isinstance(port, str) else f"127.0.0.1:{port}"}"'
-                for name, port in self.peers.items()
-            ]
+            for name, port in self.peers.items():
+                address = port if isinstance(port, str) else f"127.0.0.1:{port}"
+                insecure = self.tls is None and not self.secure
+                entry = (
+                    f'{{ address = "{address}", insecure = true }}' if insecure else f'"{address}"'
+                )
+                lines.append(f"{name} = {entry}")
         if self.tls is not None:
             certificate, key, ca = self.tls
             lines += ["", "[tls]", f'certificate = "{certificate}"']
@@ -190,6 +202,32 @@ class LocalNode:
             ]
         self.config_path.write_text("\n".join(lines) + "\n")
         return self.config_path
+
+    # -- identity ---------------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self.directory / "state"
+
+    def identity(self) -> str:
+        """This node's fingerprint, its identity made now if it has none yet."""
+        own, _ = identity.ensure(self.state_dir, self.name)
+        return own.fingerprint
+
+    def trust(self, peer: str, fingerprint: str) -> None:
+        """Pin ``peer``, as ``volkeeper node trust`` does."""
+        KnownPeers(self.state_dir).trust(peer, fingerprint)
+
+    def admit(self, peer: str, port: int | str) -> None:
+        """Add ``peer`` to [peers] (a source this target must know); a running daemon
+        reloads its config."""
+        if peer in self.peers:
+            return
+        self.peers[peer] = port
+        self.write_config()
+        if self.process is not None and self.process.poll() is None:
+            with self.api() as api:
+                api.post("/reload").raise_for_status()
 
     # -- process ----------------------------------------------------------------------------
 
@@ -256,6 +294,14 @@ class LocalNode:
 
     def log_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+def trust_each_other(*nodes: LocalNode) -> None:
+    """Every node pins every other one's identity (made now where missing)."""
+    for node in nodes:
+        for other in nodes:
+            if other is not node:
+                node.trust(other.name, other.identity())
 
 
 @dataclass

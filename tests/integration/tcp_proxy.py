@@ -11,8 +11,10 @@ straight away -- the dialer sees a connection that dies before the first byte, n
 target reach the client (closed with FIN, so they do arrive).  ``freeze()`` makes every live
 connection a black hole, as a partition that drops packets does: bytes either way are read
 and thrown away, and when one end closes the other never hears of it (half-open until
-``close()``); new connections are forwarded as usual.  ``close()`` stops accepting and closes
-everything; the proxy is a context manager.
+``close()``); new connections are forwarded as usual.  ``tamper(how)`` changes the next chunk of
+at least 1 KiB from the client, once: ``flip`` one bit of it, ``replay`` it (sent twice) or
+``reorder`` it (held back and sent after the chunk that follows).  ``close()`` stops accepting
+and closes everything; the proxy is a context manager.
 
 A target that is down (its port refuses) is passed on the same way: the client's connection
 is closed at once.  ``accepted`` counts connections the proxy forwarded, so a test can show
@@ -51,6 +53,9 @@ class TcpProxy:
         self._connected = True
         self._cut_armed = False
         self._closed = False
+        self._tamper: str | None = None  # armed by tamper()
+        self._held: bytes | None = None  # a chunk held back to be sent out of order
+        self.tampered = 0  # chunks tampered with
         self.accepted = 0  # connections forwarded to the target
         self.dropped = 0  # connections closed at once (cut, or the target refused)
         self._accepter = threading.Thread(target=self._accept_loop, name="proxy-accept")
@@ -89,6 +94,29 @@ class TcpProxy:
         with self._lock:
             self._frozen |= self._pairs
             self._pairs = set()
+
+    def tamper(self, how: str) -> None:
+        assert how in ("flip", "replay", "reorder"), how
+        with self._lock:
+            self._tamper = how
+
+    def _tampered(self, data: bytes) -> list[bytes]:
+        """What to send for ``data`` from the client (with the chunk held back, if any)."""
+        with self._lock:
+            how = self._tamper if len(data) >= 1024 else None
+            if how is not None:
+                self._tamper = None
+                self.tampered += 1
+            held, self._held = self._held, None
+        if how == "flip":
+            middle = len(data) // 2
+            return [data[:middle] + bytes([data[middle] ^ 1]) + data[middle + 1 :]]
+        if how == "replay":
+            return [data, data]
+        if how == "reorder":
+            self._held = data
+            return []
+        return [data] if held is None else [data, held]
 
     def restore(self) -> None:
         with self._lock:
@@ -174,7 +202,8 @@ class TcpProxy:
                 # Looked at before passing the bytes on: bytes the client has already seen
                 # can never trigger a cut armed after them.
                 cut_now = source is pair[1] and self._cut_armed
-                sink.sendall(data)
+                for chunk in self._tampered(data) if source is pair[0] else [data]:
+                    sink.sendall(chunk)
                 if cut_now:
                     with self._lock:
                         self._cut_armed = self._connected = False

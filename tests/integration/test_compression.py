@@ -71,7 +71,7 @@ from tests.support.watch import (
 )
 from volkeeper.core.peer import wire as pw
 from volkeeper.io.codecs import compressor_for
-from volkeeper_lab.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 KiB = 1 << 10
 COMPRESSIBLE = ("--buffer_compress_percentage=70", "--refill_buffers")
@@ -435,7 +435,8 @@ def target_node(start_node: NodeFactory, tmp_path: Path) -> tuple[LocalNode, Pat
     for file in files:
         file.write_bytes(os.urandom(VOLUME))
     volumes = [VolumeSpec(f.stem, VOLUME, path=f) for f in files]
-    return start_node("beta", volumes), *files
+    # "rawpeer", the HELLOs' node, is an insecure peer of beta: a target admits only those.
+    return start_node("beta", volumes, peers={"rawpeer": free_tcp_port()}), *files
 
 
 def corrupt_frames() -> list[tuple[str, pw.WriteCompressed]]:

@@ -772,6 +772,7 @@ def test_declared_jobs_apply_at_start_and_on_reload(start_node: NodeFactory) -> 
         time.sleep(0.5)  # subscribed
         # A second mirror, to gamma (a new peer): added; the beta mirror goes on untouched.
         alpha.peers["gamma"] = gamma.peer_port
+        gamma.admit("alpha", alpha.peer_port)  # the new target must know its source
         both = (("alpha:data1", "beta:data1", "sync"), ("alpha:data1", "gamma:data1", "async"))
         write_config(alpha, job_toml(*both))
         done = reload(alpha)

@@ -83,7 +83,7 @@ from hypothesis.stateful import (
 from tests.integration import rawnbd as nbd
 from tests.integration.rawnbd import RawNbd, SimpleReply
 from tests.integration.tcp_proxy import TcpProxy
-from volkeeper_lab.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 8 * MiB
@@ -210,7 +210,10 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     base = tmp_path_factory.mktemp("mirror-stateful")
-    beta = LocalNode(base / "beta", "beta", [VolumeSpec("data1", SIZE)])
+    alpha_port = free_tcp_port()  # beta, the target, must know its source
+    beta = LocalNode(
+        base / "beta", "beta", [VolumeSpec("data1", SIZE)], peers={"alpha": alpha_port}
+    )
     started: list[LocalNode] = []
     proxy: TcpProxy | None = None
     try:
@@ -218,8 +221,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         beta.start()
         proxy = TcpProxy(beta.peer_port)
         alpha = LocalNode(
-            base / "alpha", "alpha", [VolumeSpec("data1", SIZE)], peers={"beta": proxy.port}
-        )
+            base / "alpha", "alpha", [VolumeSpec("data1", SIZE)], peers={"beta": proxy.port},
+            peer_port=alpha_port,
+        )  # fmt: skip
         started.append(alpha)
         alpha.start()
         setup = Rig(alpha, beta, proxy)
@@ -614,7 +618,10 @@ def test_link_lost_while_the_handshake_waits_for_the_intent_log(tmp_path: Path) 
     mirror must notice, reconnect once the link is back, and finish its full resync -- not
     stay "Resyncing" forever with a dead connection task (seen at 86cb097: ``_admitted``
     used ``self.link`` after the await, and ``run()`` died of the AttributeError)."""
-    beta = LocalNode(tmp_path / "beta", "beta", [VolumeSpec("data1", SIZE)])
+    alpha_port = free_tcp_port()  # beta, the target, must know its source
+    beta = LocalNode(
+        tmp_path / "beta", "beta", [VolumeSpec("data1", SIZE)], peers={"alpha": alpha_port}
+    )
     started: list[LocalNode] = []
     with contextlib.ExitStack() as stack:
         stack.callback(lambda: [node.stop() for node in reversed(started)])
@@ -622,8 +629,9 @@ def test_link_lost_while_the_handshake_waits_for_the_intent_log(tmp_path: Path) 
         beta.start()
         proxy = stack.enter_context(TcpProxy(beta.peer_port))
         alpha = LocalNode(
-            tmp_path / "alpha", "alpha", [VolumeSpec("data1", SIZE)], peers={"beta": proxy.port}
-        )
+            tmp_path / "alpha", "alpha", [VolumeSpec("data1", SIZE)], peers={"beta": proxy.port},
+            peer_port=alpha_port,
+        )  # fmt: skip
         # Declared in the config, so the mirror's own connection is the first one (a job
         # created through the API claims its target first, on a connection of its own).
         alpha.write_config()

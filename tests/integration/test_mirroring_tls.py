@@ -87,7 +87,8 @@ def test_mirroring_over_tls(start_node: NodeFactory, tmp_path: Path) -> None:
     need("nbdcopy")
     alpha, beta = tls_pair(start_node, tmp_path)
     for node in (alpha, beta):
-        assert "replication link uses mutual TLS" in node.log_text()
+        assert "replication link: TLS 1.3 with mutual authentication" in node.log_text()
+        assert "certificates='site CA'" in node.log_text()
         assert "replication TLS certificate problem" not in node.log_text()
     ok("nbdcopy", str(random_file(tmp_path / "before.bin", 8 * MiB)), alpha.uri())
 
@@ -110,7 +111,7 @@ def test_mirroring_over_tls(start_node: NodeFactory, tmp_path: Path) -> None:
         plain.sendall(b"VKP1" + bytes(60))
         plain.settimeout(5)
         assert plain.recv(100) == b""  # closed by beta
-    wait_log(beta, "does not speak TLS")
+    wait_log(beta, "plain TCP, and no peer is configured insecure = true")
     assert mirror_view(alpha)["state"] == "Mirroring"
 
     digest = stop_both_and_compare(alpha, beta)

@@ -50,7 +50,7 @@ from tests.support.raw_peer import (
     encoded,
 )
 from volkeeper.core.peer import wire as pw
-from volkeeper_lab.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 KiB, MiB = 1 << 10, 1 << 20
 DATA1_SIZE = 32 * MiB
@@ -111,7 +111,10 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         VolumeSpec("data1", DATA1_SIZE, path=data1),
         VolumeSpec("scratch", SCRATCH_SIZE, path=scratch),
     ]
-    node = LocalNode(root / "beta", "beta", volumes)
+    # The fuzzer and the real source of the last test are insecure peers of beta: a target
+    # takes a HELLO only from a node it lists (and plain TCP only from an insecure one).
+    sources = {"fuzzer": free_tcp_port(), "alpha": free_tcp_port()}
+    node = LocalNode(root / "beta", "beta", volumes, peers=dict(sources))
     try:
         node.start()
         state = Target(node, data1, scratch, sha256(data1), bytearray(scratch.read_bytes()))
@@ -615,6 +618,7 @@ def test_a_real_mirror_still_works_beside_hostile_connections(
         "alpha",
         [VolumeSpec("data1", DATA1_SIZE, path=source_image)],
         peers={"beta": healthy.port},
+        peer_port=int(healthy.node.peers["alpha"]),
     )
     try:
         alpha.start()
@@ -661,8 +665,14 @@ def test_hello_for_a_volume_that_is_a_mirror_source_here_is_refused(tmp_path: Pa
     """A node whose data1 is the source of a live mirror must refuse to become a target of
     data1 too (invariant 4): else a peer's WRITEs reach data1 behind the mirror's back."""
     size = 4 * MiB
-    gamma = LocalNode(tmp_path / "gamma", "gamma", [VolumeSpec("data1", size)])
-    delta = LocalNode(tmp_path / "delta", "delta", [VolumeSpec("data1", size)], peers={"gamma": 0})
+    delta_port = free_tcp_port()
+    gamma = LocalNode(
+        tmp_path / "gamma", "gamma", [VolumeSpec("data1", size)], peers={"delta": delta_port}
+    )
+    delta = LocalNode(
+        tmp_path / "delta", "delta", [VolumeSpec("data1", size)], peer_port=delta_port,
+        peers={"gamma": 0, "fuzzer": free_tcp_port()},
+    )  # fmt: skip
     try:
         gamma.start()
         delta.peers["gamma"] = gamma.peer_port

@@ -27,15 +27,19 @@ from tests.support.mirroring import (
     stop_both_and_compare,
     wait_state,
 )
-from volkeeper_lab.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 PEER_TIMEOUT = 1
 
 
 @contextlib.contextmanager
-def started(directory: Path, name: str, peers: dict[str, int | str]) -> Iterator[LocalNode]:
+def started(
+    directory: Path, name: str, peers: dict[str, int | str], peer_port: int = 0
+) -> Iterator[LocalNode]:
     """A daemon whose config sets ``[node] peer_timeout``; stopped on the way out (exit 0)."""
-    node = LocalNode(directory / name, name, [VolumeSpec("data1", "16MiB")], peers=peers)
+    node = LocalNode(
+        directory / name, name, [VolumeSpec("data1", "16MiB")], peers=peers, peer_port=peer_port
+    )
     config = node.write_config()
     text = config.read_text().replace("[node]\n", f"[node]\npeer_timeout = {PEER_TIMEOUT}\n", 1)
     config.write_text(text)
@@ -49,10 +53,11 @@ def started(directory: Path, name: str, peers: dict[str, int | str]) -> Iterator
 
 def test_a_partitioned_target_holds_sync_writes_for_peer_timeout_at_most(tmp_path: Path) -> None:
     need("nbdcopy")
+    alpha_port = free_tcp_port()  # beta, the target, must know its source
     with (
-        started(tmp_path, "beta", {}) as beta,
+        started(tmp_path, "beta", {"alpha": alpha_port}) as beta,
         TcpProxy(beta.peer_port) as proxy,
-        started(tmp_path, "alpha", {"beta": proxy.port}) as alpha,
+        started(tmp_path, "alpha", {"beta": proxy.port}, alpha_port) as alpha,
     ):
         response = post_job(alpha)
         assert response.status_code == 201, response.text

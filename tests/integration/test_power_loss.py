@@ -74,7 +74,7 @@ from tests.support.mirroring import libnbd, sha256
 from volkeeper.core.bitmap import DirtyBitmap
 from volkeeper.daemon.source import replication
 from volkeeper.io.intent_store import IntentStore, read_durable_bitmap, read_header
-from volkeeper_lab.launcher import LocalNode, VolumeSpec
+from volkeeper_lab.launcher import LocalNode, VolumeSpec, free_tcp_port
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 128 * MiB
@@ -329,14 +329,17 @@ def pair(disks: DiskFactory, tmp_path: Path) -> Iterator[PairFactory]:
         (tmp_path / on_disk).mkdir()
         (tmp_path / on_disk / "state").symlink_to(disk.mountpoint / "state")
         path = {on_disk: disk.mountpoint / "data1.img"}
+        alpha_port = free_tcp_port()  # beta, the target, must know its source
         beta = LocalNode(
-            tmp_path / "beta", "beta", [VolumeSpec("data1", SIZE, path=path.get("beta"))]
-        )
+            tmp_path / "beta", "beta", [VolumeSpec("data1", SIZE, path=path.get("beta"))],
+            peers={"alpha": alpha_port},
+        )  # fmt: skip
         alpha = LocalNode(
             tmp_path / "alpha",
             "alpha",
             [VolumeSpec("data1", SIZE, path=path.get("alpha"))],
             peers={"beta": beta.peer_port},
+            peer_port=alpha_port,
         )
         nodes.extend((alpha, beta))
         errors: list[BaseException] = []

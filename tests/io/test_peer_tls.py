@@ -25,6 +25,7 @@ from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer.wire import Ack, Frame, Hello, Write
 from volkeeper.errors import ConfigError, PeerError
 from volkeeper.io import peer_link
+from volkeeper.io.identity import KnownPeers
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
 from volkeeper.io.peer_tls import (
     check_own_certificate,
@@ -33,6 +34,7 @@ from volkeeper.io.peer_tls import (
     looks_like_tls,
     server_context,
 )
+from volkeeper.io.peer_trust import PeerPolicy, PeerTrust
 from volkeeper_lab.launcher import free_tcp_port
 
 
@@ -80,8 +82,28 @@ async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
+@dataclass(frozen=True)
+class Dialer:
+    """``connect``'s credentials as a test states them: one context, and the CA's checks."""
+
+    context: ssl.SSLContext | None
+
+    def client_context(self, peer: str) -> ssl.SSLContext | None:
+        return self.context
+
+    def check_server(self, peer: str, der: bytes | None) -> None:
+        return None
+
+
+def site_trust(files: Files, node: str) -> PeerTrust:
+    """A node of a site CA (its [tls] table), with alpha, beta and gamma as peers."""
+    peers = {n: PeerPolicy(TcpAddress("127.0.0.1", 1)) for n in ("alpha", "beta", "gamma")}
+    del peers[node]
+    return PeerTrust(node, peers, KnownPeers(files.certificate.parent / "state"), site=files)
+
+
 async def serve(files: Files, side: Side) -> PeerServer:
-    server = PeerServer(side.make, tls=server_context(files))
+    server = PeerServer(side.make, trust=site_trust(files, "beta"))
     await server.listen(TcpAddress("127.0.0.1", free_tcp_port()))
     return server
 
@@ -90,7 +112,9 @@ async def dial(
     server: PeerServer, side: Side, tls: ssl.SSLContext | None, name: str = "beta"
 ) -> PeerLink:
     assert server.address is not None
-    return await connect(server.address, side.on_frame, side.on_lost, tls=tls, peer_name=name)
+    return await connect(
+        server.address, side.on_frame, side.on_lost, trust=Dialer(tls), peer_name=name
+    )
 
 
 async def round_trip(server: PeerServer, server_side: Side, files: Files) -> None:
@@ -147,10 +171,10 @@ def test_frames_round_trip_over_tls(tmp_path: Path, ca: trustme.CA, loop: str) -
     run(scenario, loop)
 
 
-def test_contexts_require_tls_12_and_verify_both_ways(tmp_path: Path, ca: trustme.CA) -> None:
+def test_contexts_require_tls_13_and_verify_both_ways(tmp_path: Path, ca: trustme.CA) -> None:
     files = node_files(tmp_path, ca, "alpha")
     server, client = server_context(files), client_context(files)
-    assert server.minimum_version == client.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert server.minimum_version == client.minimum_version == ssl.TLSVersion.TLSv1_3
     assert server.verify_mode == client.verify_mode == ssl.CERT_REQUIRED
     assert client.check_hostname
 
@@ -255,9 +279,9 @@ def test_plain_client_is_closed_and_server_keeps_serving(
             plain = await dial(server, plain_side, None)  # TCP connects; TLS never starts
             plain.send(_hello())
             await until(lambda: plain_side.lost)
-            await until(lambda: _handshake_failures(logs))
-        assert "is [tls] configured on this node too?" in plain_side.lost[0]
-        assert "does not speak TLS" in _handshake_failures(logs)[0]["why"]
+            await until(lambda: _refusals(logs))
+        assert "closed by the other end before it sent anything" in plain_side.lost[0]
+        assert "no peer is configured insecure" in _refusals(logs)[0]["why"]
         assert server_side.frames == []
         for _ in range(2):  # and the server still serves good clients
             await round_trip(server, server_side, node_files(tmp_path / "a", ca, "alpha"))
@@ -284,10 +308,11 @@ def test_tls_client_against_plain_server(tmp_path: Path, ca: trustme.CA, loop: s
 
 
 @LOOPS
-def test_silent_client_times_out_and_server_keeps_serving(
+def test_silent_and_stalled_clients_time_out_and_server_keeps_serving(
     tmp_path: Path, ca: trustme.CA, loop: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(peer_link, "TLS_HANDSHAKE_TIMEOUT", 0.3)
+    monkeypatch.setattr(peer_link, "FIRST_BYTES_TIMEOUT", 0.3)
     beta = node_files(tmp_path / "b", ca, "beta")
 
     async def scenario() -> None:
@@ -295,13 +320,16 @@ def test_silent_client_times_out_and_server_keeps_serving(
         server = await serve(beta, server_side)
         assert server.address is not None
         with structlog.testing.capture_logs() as logs:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.address.port)
-            await until(lambda: _handshake_failures(logs))
-            assert await reader.read() == b""  # and the server hung up
-            writer.close()
-        assert (
-            "SSL handshake is taking longer than 0.3 seconds" in _handshake_failures(logs)[0]["why"]
-        )
+            silent = await asyncio.open_connection("127.0.0.1", server.address.port)
+            stalled = await asyncio.open_connection("127.0.0.1", server.address.port)
+            stalled[1].write(b"\x16\x03\x01")  # a TLS record starts, and nothing follows
+            await until(lambda: _handshake_failures(logs) and _dropped(logs))
+            for reader, writer in (silent, stalled):
+                assert await reader.read() == b""  # and the server hung up on both
+                writer.close()
+        assert "sent nothing in 0.3 s" in _dropped(logs)[0]["why"]
+        why = _handshake_failures(logs)[0]["why"]
+        assert "SSL handshake is taking longer than 0.3 seconds" in why
         await round_trip(server, server_side, node_files(tmp_path / "a", ca, "alpha"))
         await server.close()
 
@@ -323,6 +351,14 @@ async def _refused(server: PeerServer, tls: ssl.SSLContext) -> str:
 
 def _handshake_failures(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == "replication TLS handshake failed"]
+
+
+def _refusals(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "replication connection refused"]
+
+
+def _dropped(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "replication connection dropped"]
 
 
 def _hello() -> Hello:

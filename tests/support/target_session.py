@@ -62,6 +62,7 @@ class Target:
         self.targets = TargetVolumes(
             "beta", self.services.get, TargetRecords(directory / "targets")
         )
+        self.targets.vouch = lambda node, link: None  # plain links, any source: the session alone
         self.server = PeerServer(self.targets.make_link)
         self.address = TcpAddress("127.0.0.1", free_tcp_port())
 

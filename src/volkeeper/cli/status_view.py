@@ -31,6 +31,17 @@ class StatusView:
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Any]:
         document, wide = self.document, options.max_width >= WIDE
         yield Text.from_markup(f"[bold]node[/bold] {document['node']}")
+        for peer in document.get("peers", []):
+            if peer["link"] == "insecure":
+                yield Text.from_markup(
+                    f"[bold red]INSECURE[/] replication link to {peer['name']}: plain TCP, "
+                    "neither authenticated nor encrypted (insecure = true)"
+                )
+            elif peer["link"] == "unpinned":
+                yield Text.from_markup(
+                    f"[yellow]peer {peer['name']} is not trusted[/]: its links are refused "
+                    f"(volkeeper node trust {peer['name']} FINGERPRINT)"
+                )
         yield VolumeTable(document["volumes"], wide)
         mirrors = document["mirrors"]
         yield _mirror_table(mirrors, wide) if mirrors else "no mirrors"

@@ -19,7 +19,6 @@ import contextlib
 import gc
 import os
 import signal
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,12 @@ from volkeeper import _compiled
 from volkeeper.daemon import node_views, plan
 from volkeeper.daemon.api.control import ControlServer
 from volkeeper.daemon.api.events import EventBus
-from volkeeper.daemon.api.metrics import MirrorCollector, NodeCollector, RoleCollector
+from volkeeper.daemon.api.metrics import (
+    MirrorCollector,
+    NodeCollector,
+    PeerCollector,
+    RoleCollector,
+)
 from volkeeper.daemon.config.node import NodeConfig, load_config
 from volkeeper.daemon.jobs import declared_jobs
 from volkeeper.daemon.jobs.job_rules import JobRequest, MirrorRequest
@@ -39,9 +43,11 @@ from volkeeper.daemon.roles.roles import Roles
 from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
 from volkeeper.daemon.target.targets import TargetVolumes
 from volkeeper.errors import ConfigError, Refusal, VolumeError
-from volkeeper.io import peer_tls
+from volkeeper.io import identity, peer_tls
+from volkeeper.io.identity import KnownPeers
 from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.peer_link import PeerServer
+from volkeeper.io.peer_trust import PeerPolicy, PeerTrust
 from volkeeper.io.uring import UringReads
 from volkeeper.io.volume import open_volume
 from volkeeper.io.volume_service import VolumeService
@@ -49,6 +55,8 @@ from volkeeper.io.workers import IoWorkers
 
 log = structlog.get_logger("volkeeper.node")
 
+CERTIFICATE_RETRY = 2.0  # seconds between fetches of a pinned peer's missing certificate
+CERTIFICATE_RECHECK = 2.0  # seconds between checks that nothing is missing (pins change)
 IO_THREADS = 16  # enough for a QD32 cold-read load on two cores; threads mostly wait on disk
 
 
@@ -58,7 +66,9 @@ class Node:
         self.config_path = config_path  # re-read by reload()
         self.name = config.node.name
         # First, so a bad certificate or key stops the daemon before anything is bound.
-        self.tls_server, self.tls_client = _peer_tls_contexts(config)
+        self.trust = _peer_trust(config)
+        self._trust_wanted = asyncio.Event()  # look for peers' certificates now
+        self._trust_task: asyncio.Task[None] | None = None
         self.services: list[VolumeService] = []
         self.readers = IoWorkers(IO_THREADS, "volkeeper-read")
         self.ring = UringReads.create() if config.node.io_uring else None
@@ -81,6 +91,7 @@ class Node:
             )
         )
         self.registry.register(RoleCollector(self.volume_list))
+        self.registry.register(PeerCollector(self.peer_list))
         self.control = ControlServer(self, config.node.control)
         self._control_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -113,13 +124,17 @@ class Node:
             self.name, by_name.get, TargetRecords(state_dir / "targets"), self.events.publish,
             peer_timeout,
         )  # fmt: skip
-        self.peer_server = PeerServer(self.targets.make_link, tls=self.tls_server)
+        self.targets.vouch = self.trust.check_source
+        self.peer_server = PeerServer(
+            self.targets.make_link, trust=self.trust, on_refused=self._trust_wanted.set
+        )
         await self.peer_server.listen(self.config.node.listen)
-        _log_peer_security(self.config)
+        _log_peer_security(self.config, self.trust)
+        self._trust_task = asyncio.create_task(self._keep_peer_certificates())
         self.jobs = Jobs(
-            self.name, state_dir, Path(self.config.node.bitmap_dir), dict(self.config.peers),
+            self.name, state_dir, Path(self.config.node.bitmap_dir), self.config.peer_addresses,
             by_name, self.readers, lambda volume: volume in self.target_records(),
-            tls=self.tls_client, publish=self.events.publish, peer_timeout=peer_timeout,
+            trust=self.trust, publish=self.events.publish, peer_timeout=peer_timeout,
         )  # fmt: skip
         self.roles = Roles(self.name, self.jobs, self.targets, self.nbd)
         self.roles.switchover.reconcile()
@@ -128,6 +143,20 @@ class Node:
         await declared_jobs.apply(self.jobs, list(self.config.jobs))
         await self.nbd.listen(self.config.node.nbd)
         self._control_task = asyncio.create_task(self._serve_control())
+
+    async def _keep_peer_certificates(self) -> None:
+        """Fetch the certificates of pinned peers this node lacks (io/peer_trust.py): at
+        start, when a handshake was refused, and every few seconds while any is missing."""
+        while True:
+            try:
+                if self.trust.missing():
+                    await self.trust.fetch_missing()
+            except OSError as exc:  # the certificate cache cannot be written: say, retry
+                log.error("peer certificates not kept", error=str(exc))
+            pause = CERTIFICATE_RETRY if self.trust.missing() else CERTIFICATE_RECHECK
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._trust_wanted.wait(), pause)
+            self._trust_wanted.clear()
 
     async def _serve_control(self) -> None:
         try:
@@ -151,9 +180,11 @@ class Node:
             if getattr(config, section) != getattr(old, section)
         ]  # fmt: skip
         jobs = self._jobs()
-        moved = [name for name, address in config.peers.items() if old.peers.get(name) != address]
+        moved = [name for name, peer in config.peers.items() if old.peers.get(name) != peer]
         jobs.peers.clear()
-        jobs.peers.update(config.peers)
+        jobs.peers.update(config.peer_addresses)
+        self.trust.peers = _policies(config)
+        self._trust_wanted.set()
         jobs.reconnect(moved)
         summary = await declared_jobs.apply(jobs, list(config.jobs))
         self.config = old.model_copy(update={"peers": config.peers, "jobs": config.jobs})
@@ -185,6 +216,10 @@ class Node:
             await self.targets.shutdown()
         if self.peer_server is not None:
             await self.peer_server.close()
+        if self._trust_task is not None:
+            self._trust_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._trust_task
         for service in self.services:  # nothing is in flight now: blocking here is fine
             try:
                 service.close()
@@ -230,10 +265,20 @@ class Node:
     def status(self) -> dict[str, Any]:
         return {
             "node": self.name,
+            "identity": self.trust.fingerprint,
+            "peers": self.peer_list(),
             "volumes": self.volume_list(),
             "mirrors": self._mirror_views(),
             "jobs": self.job_list(),
         }
+
+    def peer_list(self) -> list[dict[str, Any]]:
+        trust = self.trust
+        return [
+            {"name": name, "address": str(peer.address), "link": trust.security(name),
+             "fingerprint": trust.pin(name)}
+            for name, peer in self.config.peers.items()
+        ]  # fmt: skip
 
     def _mirror_views(self) -> list[dict[str, Any]]:
         source = self.jobs.mirror_views() if self.jobs is not None else []
@@ -338,26 +383,54 @@ class Node:
         return {v["name"]: v for v in self.volume_list()}[name]
 
 
-def _peer_tls_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """(server, client) contexts for the replication link; (None, None) without ``[tls]``."""
-    if config.tls is None:
-        return None, None
-    contexts = peer_tls.server_context(config.tls), peer_tls.client_context(config.tls)
-    problem = peer_tls.check_own_certificate(config.tls, config.node.name)
-    if problem is not None:  # peers will likely refuse us; say so now, not on every connect
-        log.warning("replication TLS certificate problem", problem=problem)
-    return contexts
+def _policies(config: NodeConfig) -> dict[str, PeerPolicy]:
+    return {
+        name: PeerPolicy(peer.address, peer.fingerprint, peer.insecure)
+        for name, peer in config.peers.items()
+    }
 
 
-def _log_peer_security(config: NodeConfig) -> None:
+def _peer_trust(config: NodeConfig) -> PeerTrust:
+    """The replication link's trust: the node's identity (made on its first start) or the
+    ``[tls]`` certificate of a site CA, and the pins of its peers."""
+    state_dir = Path(config.node.state_dir)
+    own = None
     if config.tls is None:
-        log.info("replication link is plain TCP (no [tls] table)")
+        own, made = identity.ensure(state_dir, config.node.name)
+        if made:
+            log.warning(
+                "node identity created: peers must trust its fingerprint",
+                fingerprint=own.fingerprint,
+                hint=f"on each peer: volkeeper node trust {config.node.name} {own.fingerprint}",
+            )
     else:
-        log.info(
-            "replication link uses mutual TLS",
-            certificate=str(config.tls.certificate),
-            ca=str(config.tls.ca),
-        )
+        problem = peer_tls.check_own_certificate(config.tls, config.node.name)
+        if problem is not None:  # peers will likely refuse us; say so now, not on every connect
+            log.warning("replication TLS certificate problem", problem=problem)
+    known = KnownPeers(state_dir)
+    return PeerTrust(config.node.name, _policies(config), known, identity=own, site=config.tls)
+
+
+def _log_peer_security(config: NodeConfig, trust: PeerTrust) -> None:
+    log.info(
+        "replication link: TLS 1.3 with mutual authentication",
+        identity=trust.fingerprint,
+        certificates="site CA" if config.tls else "node identity",
+    )
+    for peer in config.peers:
+        security = trust.security(peer)
+        if security == "insecure":
+            log.warning(
+                "INSECURE replication link: plain TCP, neither authenticated nor encrypted "
+                "(insecure = true): whoever reaches the port can read or overwrite mirrored data",
+                peer=peer,
+            )
+        elif security == "unpinned":
+            log.warning(
+                "peer not trusted yet: its links are refused until its fingerprint is pinned",
+                peer=peer,
+                hint=f"volkeeper node trust {peer} FINGERPRINT (node show on {peer} prints it)",
+            )
 
 
 async def serve(config: NodeConfig, config_path: Path | None = None) -> None:

@@ -41,7 +41,7 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import structlog
 
@@ -56,8 +56,25 @@ log = structlog.get_logger("volkeeper.peer")
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECEIVE_CHUNK = 64 * 1024  # bytes read at once when not straight into a payload
 TLS_HANDSHAKE_TIMEOUT = 10.0  # server side: a connection that never finishes its handshake
+FIRST_BYTES_TIMEOUT = 10.0  # server side: a connection that sends nothing at all
 OnFrame = Callable[["PeerLink", Frame], None]
 OnLost = Callable[["PeerLink", str], None]
+
+
+class Credentials(Protocol):
+    """How to dial a peer (io/peer_trust.py ``PeerTrust``): the TLS context for it (None:
+    plain TCP), and the check of the certificate it presented (raises ``PeerError``)."""
+
+    def client_context(self, peer: str) -> ssl.SSLContext | None: ...
+    def check_server(self, peer: str, der: bytes | None) -> None: ...
+
+
+class Gatekeeper(Protocol):
+    """Whom to accept (io/peer_trust.py ``PeerTrust``): the TLS context a connection must
+    complete its handshake with, and whether plain TCP from a host is allowed."""
+
+    def server_context(self) -> ssl.SSLContext: ...
+    def plaintext_allowed(self, host: str) -> bool: ...
 
 
 class PeerLink(asyncio.BufferedProtocol):
@@ -138,16 +155,17 @@ class PeerLink(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._writable.set()
-        if isinstance(exc, ssl.SSLError):
-            why = f": TLS: {describe(exc)}"
-        elif exc is None and not self._first_bytes:
+        if isinstance(exc, ssl.SSLError):  # after the handshake: a record failed its checks
+            reason = exc.reason or describe(exc)
+            why = f": TLS record rejected, damaged or tampered with on the way ({reason})"
+        elif not self._first_bytes and (exc is None or isinstance(exc, ConnectionResetError)):
             # asyncio sends no TLS alert when a handshake fails, and with TLS 1.3 the server
             # checks our certificate after our side of the handshake is done: a refusal
             # looks like this, and only the other node's log can say more.
             maybe = (
                 "it may have refused our TLS certificate: see its log"
                 if self._tls
-                else "if it uses TLS, is [tls] configured on this node too?"
+                else "it takes plain TCP only from peers it has as insecure = true: see its log"
             )
             why = f": closed by the other end before it sent anything ({maybe})"
         else:
@@ -186,6 +204,17 @@ class PeerLink(asyncio.BufferedProtocol):
         """A received frame's data has been written: its buffer may take the next one."""
         self._decoder.recycle(data)
 
+    def certificate_der(self) -> bytes | None:
+        """The peer's TLS certificate (DER); None on a plain TCP link."""
+        ssl_object = self._transport.get_extra_info("ssl_object") if self._transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        return bytes(der) if der else None
+
+    @property
+    def remote_host(self) -> str:
+        peername = self._transport.get_extra_info("peername") if self._transport else None
+        return str(peername[0]) if isinstance(peername, tuple) else "?"
+
     def certificate_names(self) -> list[str] | None:
         """DNS names in the peer's TLS certificate; None on a plain TCP link."""
         if self._transport is None or not self._tls:
@@ -209,6 +238,12 @@ class PeerLink(asyncio.BufferedProtocol):
             self._transport.close()
         self._report_lost(reason)
 
+    def abandon(self) -> None:
+        """Close without telling the owner: the link was never handed to it (connect)."""
+        self._lost = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
     def _report_lost(self, reason: str) -> None:
         if not self._lost:
             self._lost = True
@@ -221,11 +256,14 @@ async def connect(
     on_frame: OnFrame,
     on_lost: OnLost,
     timeout: float = 5.0,
-    tls: ssl.SSLContext | None = None,
-    peer_name: str | None = None,
+    trust: Credentials | None = None,
+    peer_name: str = "?",
 ) -> PeerLink:
-    """Dial ``address``; with ``tls``, the peer's certificate must name ``peer_name``."""
+    """Dial ``peer_name`` at ``address``.  With ``trust``, the link is TLS unless that peer
+    is insecure, and the certificate it presents must be the one trusted for ``peer_name``
+    (``PeerError`` otherwise, before anything is sent); without, it is plain TCP."""
     loop = asyncio.get_running_loop()
+    tls = trust.client_context(peer_name) if trust is not None else None
     try:
         _, link = await asyncio.wait_for(
             loop.create_connection(
@@ -246,27 +284,40 @@ async def connect(
             raise PeerError(f"cannot reach peer at {address}: {describe(exc)}") from exc
         raise PeerError(
             f"TLS handshake with {peer_name} at {address} failed: the other end closed the "
-            "connection (is [tls] configured on both nodes?)"
+            "connection (does it run volkeeper with TLS on this port?)"
         ) from exc
     except (TimeoutError, OSError) as exc:
         why = str(exc) or ("timed out" if isinstance(exc, TimeoutError) else repr(exc))
         raise PeerError(f"cannot reach peer at {address}: {why}") from exc
+    if trust is not None:
+        try:
+            trust.check_server(peer_name, link.certificate_der())
+        except PeerError:
+            link.abandon()
+            raise
     return link
 
 
 class PeerServer:
     """Accepts replication connections; ``make_link()`` builds the protocol for each.
 
-    With ``tls``, every connection must complete a TLS handshake (the context decides what
-    is verified) before ``make_link()`` is called for it.
+    Each connection's first bytes say whether it starts a TLS handshake.  With ``trust``, a
+    TLS connection must complete its handshake against ``trust.server_context()`` (a client
+    certificate it trusts) and a plain one is admitted only from an insecure peer's address;
+    ``on_refused`` hears of every failed handshake (the daemon then looks for peers'
+    certificates it lacks).  Without ``trust`` (tests of the link alone) every connection is
+    plain.  A connection that sends nothing within ``FIRST_BYTES_TIMEOUT`` is closed.
     """
 
     def __init__(
-        self, make_link: Callable[[], PeerLink], tls: ssl.SSLContext | None = None
+        self,
+        make_link: Callable[[], PeerLink],
+        trust: Gatekeeper | None = None,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
         self._make_link = make_link
-        self._tls = tls
-        self._server: asyncio.Server | None = None
+        self._trust = trust
+        self._on_refused = on_refused or (lambda: None)
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -275,16 +326,11 @@ class PeerServer:
     async def listen(self, address: TcpAddress) -> None:
         self._socket = bind_listener(address, "replication")
         self.address = address
-        if self._tls is None:
-            self._server = await asyncio.get_running_loop().create_server(
-                self._make_link, sock=self._socket
-            )
-        else:
-            self._socket.setblocking(False)
-            self._accepting = asyncio.create_task(self._accept(self._socket, self._tls))
-        log.info("replication listening", address=str(address), tls=self._tls is not None)
+        self._socket.setblocking(False)
+        self._accepting = asyncio.create_task(self._accept(self._socket))
+        log.info("replication listening", address=str(address), tls=self._trust is not None)
 
-    async def _accept(self, listener: socket.socket, tls: ssl.SSLContext) -> None:
+    async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -293,34 +339,58 @@ class PeerServer:
                 log.error("replication accept failed", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
-            task = asyncio.create_task(self._handshake(sock, peer, tls))
+            task = asyncio.create_task(self._admit(sock, peer))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
 
-    async def _handshake(self, sock: socket.socket, peer: object, tls: ssl.SSLContext) -> None:
+    async def _admit(self, sock: socket.socket, peer: object) -> None:
         where = _show_peer(peer)
+        try:
+            first = await _first_bytes(sock, FIRST_BYTES_TIMEOUT)
+        except (TimeoutError, OSError) as exc:
+            log.warning("replication connection dropped", peer=where, why=_silent(exc))
+            sock.close()
+            return
+        if not first:
+            sock.close()
+            return
+        trust = self._trust
+        if trust is not None and looks_like_tls(first):
+            await self._handshake(sock, where, trust.server_context())
+        elif trust is None or trust.plaintext_allowed(_host(peer)):
+            await asyncio.get_running_loop().connect_accepted_socket(self._make_link, sock)
+        else:
+            log.warning(
+                "replication connection refused",
+                peer=where,
+                why="plain TCP, and no peer is configured insecure = true",
+            )
+            with contextlib.suppress(OSError):  # read what came, so the close is a FIN, not RST
+                sock.recv(RECEIVE_CHUNK)
+            sock.close()
+
+    async def _handshake(self, sock: socket.socket, where: str, tls: ssl.SSLContext) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
                 self._make_link, sock, ssl=tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
             )
+            return
         except ssl.SSLError as exc:  # the loop has closed sock
-            log.warning("replication TLS handshake failed", peer=where, why=describe(exc))
+            why = describe(exc)
         except (TimeoutError, ConnectionAbortedError) as exc:  # the loop's handshake timeout
             why = describe(exc) if str(exc) else f"no handshake in {TLS_HANDSHAKE_TIMEOUT} s"
-            log.warning("replication TLS handshake failed", peer=where, why=why)
         except OSError as exc:  # a TLS client that gives up sends no alert, it just closes
             why = (
                 "the other end closed the connection during the handshake; it may have "
                 f"refused our certificate (see its log) [{describe(exc)}]"
             )
-            log.warning("replication TLS handshake failed", peer=where, why=why)
         except Exception as exc:  # never let one connection take the server down
             log.error("replication TLS handshake failed", peer=where, error=repr(exc))
+            return
+        log.warning("replication TLS handshake failed", peer=where, why=why)
+        self._on_refused()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
         tasks = [task for task in (self._accepting, *self._handshakes) if task is not None]
         for task in tasks:
             task.cancel()
@@ -329,6 +399,34 @@ class PeerServer:
                 await task
         if self._socket is not None and self.address is not None:
             remove_listener(self.address, self._socket)
+
+
+async def _first_bytes(sock: socket.socket, timeout: float) -> bytes:
+    """Peek at what a new connection sends first (left in the socket for the protocol)."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await asyncio.wait_for(readable, timeout)
+    finally:
+        loop.remove_reader(fd)
+    return sock.recv(3, socket.MSG_PEEK)
+
+
+def _silent(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"sent nothing in {FIRST_BYTES_TIMEOUT:g} s"
+    return str(exc) or type(exc).__name__
+
+
+def _host(peer: object) -> str:
+    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
 
 
 def _show_peer(peer: object) -> str:

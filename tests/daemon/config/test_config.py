@@ -75,7 +75,7 @@ def test_full_config(tmp_path: Path) -> None:
     assert config.node.nbd == TcpAddress("::1", 10809)
     assert config.node.log_level == "warning"
     assert config.node.peer_timeout == 2.5
-    assert config.peers == {
+    assert config.peer_addresses == {
         "beta": TcpAddress("127.0.0.1", 7790),
         "gamma.dc2": TcpAddress("fd00::2", 7788),
     }
@@ -111,7 +111,7 @@ def test_json_dump_round_trips_through_validation() -> None:
     config = parse_config(NODE + '[peers]\nbeta = "[::1]:7790"\n' + VOLUME + 'size = "4k"\n')
     dumped = config.model_dump(mode="json", by_alias=True, exclude_unset=True)
     assert dumped["node"]["control"] == "unix:/run/volkeeper/alpha.sock"
-    assert dumped["peers"] == {"beta": "[::1]:7790"}
+    assert dumped["peers"] == {"beta": {"address": "[::1]:7790"}}
     assert dumped["volume"][0]["size"] == 4096
     assert NodeConfig.model_validate(dumped) == config
 
@@ -240,9 +240,44 @@ def test_bad_node_addresses(key: str, value: str, reason: str) -> None:
 def test_bad_peer_address() -> None:
     message = refusal(NODE + '[peers]\nbeta = "beta"\ngamma = "unix:/run/gamma.sock"\n')
     assert message.splitlines() == [
-        'alpha.toml: peers.beta: expected "host:port", got "beta": no port',
-        'alpha.toml: peers.gamma: expected "host:port", got "unix:/run/gamma.sock": '
+        'alpha.toml: peers.beta.address: expected "host:port", got "beta": no port',
+        'alpha.toml: peers.gamma.address: expected "host:port", got "unix:/run/gamma.sock": '
         "a unix socket is not accepted here",
+    ]
+
+
+def test_peer_tables_pin_or_go_insecure() -> None:
+    pin = "sha256:" + "ab" * 32
+    config = parse_config(
+        NODE + "[peers]\n"
+        + f'beta = {{ address = "127.0.0.1:7790", fingerprint = "{pin.upper()}" }}\n'
+        + 'gamma = { address = "127.0.0.1:7791", insecure = true }\n'
+    )  # fmt: skip
+    assert config.peers["beta"].fingerprint == pin  # canonical: lower case
+    assert config.peers["gamma"].insecure and config.peers["gamma"].fingerprint is None
+    assert config.peer_addresses["gamma"] == TcpAddress("127.0.0.1", 7791)
+
+
+def test_bad_peer_tables() -> None:
+    message = refusal(
+        NODE + "[peers]\n"
+        + 'beta = { address = "127.0.0.1:7790", fingerprint = "md5:00" }\n'
+        + 'gamma = { address = "127.0.0.1:7791", insecure = true, fingerprint = "'
+        + "sha256:" + "0" * 64 + '" }\n'
+        + 'delta = { address = "127.0.0.1:7792", insecure = "yes" }\n'
+        + 'eps = { adress = "127.0.0.1:7793" }\n'
+        + "zeta = 7794\n"
+    )  # fmt: skip
+    assert message.splitlines() == [
+        'alpha.toml: peers.beta.fingerprint: a fingerprint is "sha256:" and 64 hex digits '
+        "(volkeeper node show prints it), got 'md5:00'",
+        "alpha.toml: peers.gamma: insecure = true turns authentication off: drop it, or drop "
+        "the fingerprint",
+        'alpha.toml: peers.delta.insecure: expected true or false, got "yes"',
+        "alpha.toml: missing required key peers.eps.address",
+        "alpha.toml: unknown key peers.eps.adress",
+        'alpha.toml: peers.zeta: expected "host:port" or a table { address = "host:port", '
+        'fingerprint = "sha256:..." }, got 7794',
     ]
 
 
@@ -778,7 +813,7 @@ def test_local_checks_wait_for_valid_volumes_and_peers() -> None:
     head = NODE + '[peers]\nbeta = "beta"\n' + VOLUME + "sector_size = 1\n"
     text = with_jobs(job("web", mirror("alpha:data1", "beta:data1")), head=head)
     assert refusal(text).splitlines() == [
-        'alpha.toml: peers.beta: expected "host:port", got "beta": no port',
+        'alpha.toml: peers.beta.address: expected "host:port", got "beta": no port',
         "alpha.toml: volume[0].sector_size: must be 512 or 4096, got 1",
     ]
 

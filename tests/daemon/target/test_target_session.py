@@ -21,6 +21,7 @@ from tests.support.target_session import (
     run,
 )
 from volkeeper.core.peer import wire as pw
+from volkeeper.core.peer.wire import FrameEncoder
 from volkeeper.daemon.jobs.job_record import JobRecord, MirrorRecord
 from volkeeper.io.faults import FaultyVolume
 from volkeeper.io.memory import MemoryVolume
@@ -80,14 +81,20 @@ def test_a_silent_connection_is_closed_after_the_hello_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("volkeeper.daemon.target.target_session.HELLO_TIMEOUT", 0.2)
+    monkeypatch.setattr("volkeeper.io.peer_link.FIRST_BYTES_TIMEOUT", 0.2)
 
     async def scenario(target: Target) -> None:
-        silent, talker = Source(), Source()
+        silent, stalled, talker = Source(), Source(), Source()
         silent.link = await connect(target.address, silent.on_frame, silent.on_lost)
+        stalled.link = await connect(target.address, stalled.on_frame, stalled.on_lost)
+        transport = stalled.link._transport
+        assert transport is not None
+        transport.write(b"".join(FrameEncoder().encode(hello()))[:5])  # and no more
         talker.link = await connect(target.address, talker.on_frame, talker.on_lost)
         talker.link.send(hello())
         await asyncio.sleep(0.6)
-        assert silent.lost, "a connection that never said HELLO is still open"
+        assert silent.lost, "a connection that never sent a byte is still open"
+        assert stalled.lost, "a connection that never said HELLO is still open"
         assert not talker.lost and isinstance(talker.frames[0], pw.HelloOk)
         talker.link.close("done")
 

@@ -124,10 +124,22 @@ class VolumeView(Model):
     last_error: str | None
 
 
+class PeerView(Model):
+    name: str
+    address: str
+    link: Literal["pinned", "ca", "insecure", "unpinned"] = Field(
+        description="pinned: TLS, its fingerprint pinned; ca: TLS, a site CA vouches; "
+        "insecure: PLAIN TCP, unauthenticated (insecure = true); unpinned: refused until trusted"
+    )
+    fingerprint: str | None = Field(description="the fingerprint pinned for it, if any")
+
+
 class Status(Model):
     """The stable document of ``volkeeper status --json``."""
 
     node: str
+    identity: str = Field(description="this node's certificate fingerprint (sha256:...)")
+    peers: list[PeerView]
     volumes: list[VolumeView]
     mirrors: list[MirrorView]
     jobs: list[JobView]

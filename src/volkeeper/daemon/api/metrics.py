@@ -101,6 +101,29 @@ class RoleCollector(Collector):
         yield from (info, locked)
 
 
+class PeerCollector(Collector):
+    """How each peer's replication link is protected (daemon/node.py's peer views)."""
+
+    def __init__(self, peers: Callable[[], list[dict[str, Any]]]) -> None:
+        self._peers = peers
+
+    def collect(self) -> Iterator[Metric]:
+        link = GaugeMetricFamily(
+            "volkeeper_peer_link_info",
+            "1 for the peer's link protection: pinned, ca, insecure (plain TCP) or unpinned",
+            labels=["peer", "link"],
+        )
+        insecure = GaugeMetricFamily(
+            "volkeeper_peer_link_insecure",
+            "1 while the link to the peer is plain TCP, neither authenticated nor encrypted",
+            labels=["peer"],
+        )
+        for view in self._peers():
+            link.add_metric([view["name"], view["link"]], 1)
+            insecure.add_metric([view["name"]], 1 if view["link"] == "insecure" else 0)
+        yield from (link, insecure)
+
+
 class MirrorCollector(Collector):
     """Mirrors this node is the source of, and target volumes it receives for."""
 

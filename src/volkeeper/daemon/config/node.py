@@ -46,6 +46,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from volkeeper.core import fingerprints
 from volkeeper.core.addresses import TcpAddress, UnixAddress, parse_address, parse_tcp_address
 from volkeeper.core.mirror_engine import DEFAULT_PEER_TIMEOUT
 from volkeeper.daemon.config.jobs import JobConfig as JobConfig  # re-exported, as is:
@@ -64,6 +65,7 @@ _EXPECTED_TYPES = {
     "model_type": "a table",
     "dict_type": "a table",
     "list_type": "an array of tables",
+    "bool_type": "true or false",
 }
 # Reported by pydantic for a default that depends on a field that already failed: noise.
 _CONSEQUENTIAL_ERRORS = {"default_factory_not_called"}
@@ -206,18 +208,58 @@ class TlsSection(Table):
     ca: ReadableFile
 
 
+def _fingerprint(value: object) -> str:
+    return fingerprints.parse(as_string(value))
+
+
+Fingerprint = Annotated[str, PlainValidator(_fingerprint)]
+
+
+class PeerConfig(Table):
+    """A ``[peers]`` entry: ``beta = "host:port"``, or a table with the address, the pinned
+    fingerprint of beta's identity, and ``insecure = true`` for a plain TCP link."""
+
+    address: PeerAddress
+    fingerprint: Fingerprint | None = None
+    insecure: StrictBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _address_alone(cls, value: object) -> object:
+        if isinstance(value, str):
+            return {"address": value}
+        if not isinstance(value, dict):
+            raise ValueError(
+                f'expected "host:port" or a table {{ address = "host:port", fingerprint = '
+                f'"sha256:..." }}, got {show(value)}'
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _pin_or_insecure(self) -> Self:
+        if self.insecure and self.fingerprint is not None:
+            raise ValueError(
+                "insecure = true turns authentication off: drop it, or drop the fingerprint"
+            )
+        return self
+
+
 class NodeConfig(Table):
     """A whole node config file."""
 
     node: NodeSection
-    peers: dict[Name, PeerAddress] = Field(default_factory=dict)
+    peers: dict[Name, PeerConfig] = Field(default_factory=dict)
     volumes: list[VolumeConfig] = Field(default_factory=list, alias="volume")
     tls: TlsSection | None = None
     jobs: list[JobConfig] = Field(default_factory=list, alias="job")
 
+    @property
+    def peer_addresses(self) -> dict[str, TcpAddress]:
+        return {name: peer.address for name, peer in self.peers.items()}
+
     @field_validator("peers")
     @classmethod
-    def _not_self(cls, peers: dict[str, TcpAddress], info: ValidationInfo) -> dict[str, TcpAddress]:
+    def _not_self(cls, peers: dict[str, PeerConfig], info: ValidationInfo) -> dict[str, PeerConfig]:
         node = info.data.get("node")
         if node is not None and node.name in peers:
             raise ValueError(f'"{node.name}" is this node\'s own name; list only the other nodes')

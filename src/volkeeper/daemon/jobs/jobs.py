@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ from volkeeper.daemon.source.mirror import Mirror
 from volkeeper.daemon.source.mirrors import ADMIN_STATES, Mirrors
 from volkeeper.errors import Refusal, VolkeeperError
 from volkeeper.io.intent_store import IntentStore
+from volkeeper.io.peer_trust import PeerTrust
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
 
@@ -66,7 +66,7 @@ class Jobs:
         services: dict[str, VolumeService],
         readers: IoWorkers,
         is_target: Callable[[str], bool],
-        tls: ssl.SSLContext | None = None,
+        trust: PeerTrust | None = None,
         publish: Publish | None = None,
         *,
         peer_timeout: float,
@@ -77,11 +77,11 @@ class Jobs:
         self.peers = peers
         self.services = services
         self.is_target = is_target
-        self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
+        self.trust = trust  # how to reach each peer safely (None: plain TCP, tests)
         self.publish: Publish = publish or _ignore
         self.records: dict[str, JobRecord] = {}
         self.mirrors = Mirrors(
-            node, peers, services, readers, tls, self._state_changed, self._publish_error,
+            node, peers, services, readers, trust, self._state_changed, self._publish_error,
             peer_timeout,
         )  # fmt: skip
         self.state_observers: list[Callable[[Mirror, MirrorState, MirrorEvent], None]] = []
@@ -222,7 +222,7 @@ class Jobs:
             self.mirrors.target(record.name, m, stores[m.target].generations, record.epoch)
             for m in mirrors
         ]
-        await claim_targets(targets, pw.Job(record.to_json()), self.tls)
+        await claim_targets(targets, pw.Job(record.to_json()), self.trust)
 
     def start_mirror(
         self, record: JobRecord, mirror: MirrorRecord, store: IntentStore, notice: str | None = None
@@ -260,7 +260,7 @@ class Jobs:
         target = None
         if mirror.target_node in self.peers and mirror.source_volume in self.services:
             target = self.mirrors.target(record.name, mirror, Generations(0), record.epoch)
-        return await release_target(target, mirror, record.name, self.tls)
+        return await release_target(target, mirror, record.name, self.trust)
 
     def forget(self, name: str) -> None:
         """The job's source moved to another node (daemon/roles/switchover.py): its mirrors

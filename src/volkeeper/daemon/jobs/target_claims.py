@@ -10,8 +10,6 @@ and the warning says how to release it by hand.
 
 from __future__ import annotations
 
-import ssl
-
 import structlog
 
 from volkeeper.core.peer import wire as pw
@@ -24,6 +22,7 @@ from volkeeper.daemon.source.peer_session import (
     release_retrying,
 )
 from volkeeper.errors import Refusal
+from volkeeper.io.peer_trust import PeerTrust
 
 log = structlog.get_logger("volkeeper.jobs")
 
@@ -34,10 +33,10 @@ REFUSAL_CODES = {
 }
 
 
-async def claim_targets(targets: list[Target], job: pw.Job, tls: ssl.SSLContext | None) -> None:
+async def claim_targets(targets: list[Target], job: pw.Job, trust: PeerTrust | None) -> None:
     """Claim every target or none; a ``Refusal`` says why not."""
     try:
-        await claim_all(targets, job, tls)
+        await claim_all(targets, job, trust)
     except Refused as exc:
         raise Refusal(REFUSAL_CODES.get(exc.refusal.reason, "conflict"), str(exc)) from None
     except Unreachable as exc:
@@ -46,14 +45,14 @@ async def claim_targets(targets: list[Target], job: pw.Job, tls: ssl.SSLContext 
 
 
 async def release_target(
-    target: Target | None, mirror: MirrorRecord, job: str, tls: ssl.SSLContext | None
+    target: Target | None, mirror: MirrorRecord, job: str, trust: PeerTrust | None
 ) -> list[str]:
     """Tell ``target`` (None: its node or source volume is no longer configured) to forget
     ``mirror``; returns a warning if it could not be told."""
     if target is None:
         problem: str | None = "its node or source volume is no longer configured"
     else:
-        problem = await release_retrying(target, tls, f"job {job} deleted")
+        problem = await release_retrying(target, trust, f"job {job} deleted")
     if problem is None:
         return []
     warning = (

@@ -202,12 +202,12 @@ class Switchover:
         for _ in range(BUSY_RETRIES - 1):
             try:
                 return await hand_over(target.address, to, target.hello, frame,
-                                       tls=self.jobs.tls)  # fmt: skip
+                                       trust=self.jobs.trust)  # fmt: skip
             except Refused as exc:
                 if exc.refusal.reason != pw.RefuseReason.BUSY:
                     raise
             await asyncio.sleep(BUSY_PAUSE)
-        return await hand_over(target.address, to, target.hello, frame, tls=self.jobs.tls)
+        return await hand_over(target.address, to, target.hello, frame, trust=self.jobs.trust)
 
     def _restart(self, record: JobRecord, unlock: bool) -> None:
         for mirror in record.mirrors:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import ssl
 from collections.abc import Callable, Iterable
 
 import structlog
@@ -43,6 +42,7 @@ from volkeeper.daemon.source.walks import Walks
 from volkeeper.errors import PeerError
 from volkeeper.io.intent_store import IntentStore
 from volkeeper.io.peer_link import PeerLink
+from volkeeper.io.peer_trust import PeerTrust
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
 
@@ -58,7 +58,7 @@ class Mirror:
         store: IntentStore,
         readers: IoWorkers,
         compressors: IoWorkers,
-        tls: ssl.SSLContext | None = None,
+        trust: PeerTrust | None = None,
         state: MirrorState = MirrorState.RESYNC_PENDING,
         *,
         peer_timeout: float,
@@ -71,7 +71,7 @@ class Mirror:
         self.store = store
         self.readers = readers
         self.compressors = compressors
-        self.tls = tls
+        self.trust = trust
         self.engine: MirrorEngine[Op, range] = MirrorEngine(
             store.bitmap, spec.target, os.strerror, state, store.generations,
             lambda: secrets.randbits(64) or 1, peer_timeout,
@@ -181,7 +181,7 @@ class Mirror:
         )  # fmt: skip
         link, answer, owed = await open_session(
             self.spec.target_address, hello, self._on_frame, self._on_lost,
-            tls=self.tls, peer_name=self.spec.target_node,
+            trust=self.trust, peer_name=self.spec.target_node,
         )  # fmt: skip
         self.link = link
         self.sender = Sender(link, self.compressors, send_settings(self.spec.settings))

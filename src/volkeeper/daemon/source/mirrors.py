@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ from volkeeper.daemon.source.mirror_spec import MirrorSpec, hello_for
 from volkeeper.daemon.source.peer_session import Target
 from volkeeper.daemon.source.replication import Replication
 from volkeeper.io.intent_store import IntentStore
+from volkeeper.io.peer_trust import PeerTrust
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers
 
@@ -59,7 +59,7 @@ class Mirrors:
         peers: dict[str, TcpAddress],
         services: dict[str, VolumeService],
         readers: IoWorkers,
-        tls: ssl.SSLContext | None,
+        trust: PeerTrust | None,
         on_state: OnState,
         on_target_error: OnTargetError,
         peer_timeout: float,
@@ -68,7 +68,7 @@ class Mirrors:
         self.peers = peers
         self.services = services
         self.readers = readers
-        self.tls = tls  # client side of the peer link's TLS, or None for plain TCP
+        self.trust = trust  # how to reach each peer safely (None: plain TCP, tests)
         self.on_state = on_state
         self.on_target_error = on_target_error
         self.peer_timeout = peer_timeout  # [node] peer_timeout: every mirror drops a silent target
@@ -109,7 +109,7 @@ class Mirrors:
         spec = self.spec(job, record)
         state = ADMIN_STATES.get(record.admin, MirrorState.RESYNC_PENDING)
         mirror = Mirror(
-            spec, self.node, service, store, self.readers, self.compressors, self.tls, state,
+            spec, self.node, service, store, self.readers, self.compressors, self.trust, state,
             peer_timeout=self.peer_timeout,
         )  # fmt: skip
         mirror.job_document = document

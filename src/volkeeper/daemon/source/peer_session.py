@@ -24,13 +24,13 @@ still hold the mirror's last connection for a moment) and reports what stopped i
 from __future__ import annotations
 
 import asyncio
-import ssl
 from dataclasses import dataclass
 
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer import wire as pw
 from volkeeper.errors import PeerError
 from volkeeper.io.peer_link import OnFrame, OnLost, PeerLink, connect
+from volkeeper.io.peer_trust import PeerTrust
 
 HANDSHAKE_TIMEOUT = 10.0
 HANDOVER_TIMEOUT = 30.0  # the new source makes intent logs and records: a few fsyncs
@@ -73,7 +73,7 @@ async def open_session(
     on_frame: OnFrame,
     on_lost: OnLost,
     *,
-    tls: ssl.SSLContext | None,
+    trust: PeerTrust | None,
     peer_name: str,
 ) -> tuple[PeerLink, pw.HelloOk, pw.Marked | None]:
     """The open link, the HELLO_OK, and the MARKED frame that follows it when the target
@@ -101,7 +101,7 @@ async def open_session(
             answer.set_exception(PeerError(reason))
         on_lost(link, reason)
 
-    link = await connect(address, first, lost, tls=tls, peer_name=peer_name)
+    link = await connect(address, first, lost, trust=trust, peer_name=peer_name)
     link.send(hello)
     try:
         result = await asyncio.wait_for(answer, HANDSHAKE_TIMEOUT)
@@ -120,7 +120,7 @@ async def claim(
     hello: pw.Hello,
     job: pw.Job,
     *,
-    tls: ssl.SSLContext | None,
+    trust: PeerTrust | None,
 ) -> PeerLink:
     """Claim the target volume for ``hello``'s mirror and record ``job`` there.  Returns
     the open link (the caller closes it, or releases the claim through it)."""
@@ -137,7 +137,7 @@ async def claim(
             recorded.set_exception(PeerError(reason))
 
     link, _, _ = await open_session(
-        address, hello, on_frame, on_lost, tls=tls, peer_name=target_node
+        address, hello, on_frame, on_lost, trust=trust, peer_name=target_node
     )
     sequence = link.send(job)
     try:
@@ -159,7 +159,7 @@ async def hand_over(
     hello: pw.Hello,
     handover: pw.Handover,
     *,
-    tls: ssl.SSLContext | None,
+    trust: PeerTrust | None,
 ) -> PeerLink:
     """Make ``target_node`` the job's source; returns the open link once it ACKed (the
     caller closes it when its own side is done).  Raises ``Refused`` (HELLO refused),
@@ -182,7 +182,7 @@ async def hand_over(
             answer.set_exception(Undecided(f"{target_node} did not answer the handover: {reason}"))
 
     link, _, _ = await open_session(
-        address, hello, on_frame, on_lost, tls=tls, peer_name=target_node
+        address, hello, on_frame, on_lost, trust=trust, peer_name=target_node
     )
     sequence = link.send(handover)
     try:
@@ -211,7 +211,7 @@ async def release(
     target_node: str,
     hello: pw.Hello,
     *,
-    tls: ssl.SSLContext | None,
+    trust: PeerTrust | None,
     why: str,
 ) -> None:
     """Tell the target to forget the claim ``hello`` names (GOODBYE(DELETED))."""
@@ -219,17 +219,19 @@ async def release(
     def ignore(link: PeerLink, what: object) -> None:
         return None
 
-    link, _, _ = await open_session(address, hello, ignore, ignore, tls=tls, peer_name=target_node)
+    link, _, _ = await open_session(
+        address, hello, ignore, ignore, trust=trust, peer_name=target_node
+    )
     await say_goodbye(link, pw.GoodbyeReason.DELETED, why)
 
 
-async def claim_all(targets: list[Target], job: pw.Job, tls: ssl.SSLContext | None) -> None:
+async def claim_all(targets: list[Target], job: pw.Job, trust: PeerTrust | None) -> None:
     """Claim every target, or none: raises ``Refused`` or ``Unreachable`` (the first failure)
     after releasing the claims that succeeded."""
 
     async def one(target: Target) -> PeerLink:
         try:
-            return await claim(target.address, target.node, target.hello, job, tls=tls)
+            return await claim(target.address, target.node, target.hello, job, trust=trust)
         except Refused:
             raise
         except (PeerError, TimeoutError) as exc:
@@ -247,13 +249,13 @@ async def claim_all(targets: list[Target], job: pw.Job, tls: ssl.SSLContext | No
     raise failures[0]
 
 
-async def release_retrying(target: Target, tls: ssl.SSLContext | None, why: str) -> str | None:
+async def release_retrying(target: Target, trust: PeerTrust | None, why: str) -> str | None:
     """Release ``target``'s claim; None once done (or if another mirror holds it now),
     else what stopped it."""
     problem = "no attempt"
     for attempt in range(RELEASE_ATTEMPTS):
         try:
-            await release(target.address, target.node, target.hello, tls=tls, why=why)
+            await release(target.address, target.node, target.hello, trust=trust, why=why)
             return None
         except Refused as exc:
             if exc.refusal.reason == pw.RefuseReason.ALREADY_TARGET:

@@ -71,6 +71,7 @@ class TargetVolumes(Protocol):
     received_bytes: dict[str, int]
     lost_at: dict[str, float]
     peer_timeout: float
+    vouch: Callable[[str, PeerLink], str | None]
 
     def admit(self, hello: pw.Hello) -> tuple[VolumeService, TargetRecord] | pw.Refuse: ...
 
@@ -129,12 +130,10 @@ class TargetSession:
         if not isinstance(frame, pw.Hello):
             link.close(f"expected HELLO, got {frame.TYPE.name}")
             return
-        names = link.certificate_names()
-        if names is not None and frame.node not in names:
-            shown = ", ".join(names) or "no DNS name"
-            message = f"the TLS certificate names {shown}, not the source node {frame.node!r}"
+        distrust = self.targets.vouch(frame.node, link)
+        if distrust is not None:
             admitted: tuple[VolumeService, TargetRecord] | pw.Refuse = pw.Refuse(
-                pw.RefuseReason.OTHER, message
+                pw.RefuseReason.OTHER, distrust
             )
         else:
             admitted = self.targets.admit(frame)

@@ -69,6 +69,9 @@ class TargetVolumes:
         # Set by the node (daemon/roles/): the refusal of a HELLO for a volume that is a
         # job's source here (None: it is none), and the taking over of a job.
         self.judge: Callable[[pw.Hello], pw.Refuse | None] = lambda hello: None
+        # Set by the node (io/peer_trust.py): why a HELLO naming this source node must be
+        # refused on this link (unauthenticated, or another node's identity); None: admit.
+        self.vouch: Callable[[str, PeerLink], str | None] = _trust_nobody
         self.adopt: Adopt = _cannot_adopt
         self._shown: dict[str, str] = {}  # target volume -> state last published
         self.records = records.load_all()
@@ -374,6 +377,10 @@ def _mutations(service: VolumeService) -> int:
     """Write, zero and trim requests the volume has served over NBD."""
     ops = service.stats.ops
     return ops["write"].requests + ops["zero"].requests + ops["trim"].requests
+
+
+def _trust_nobody(node: str, link: PeerLink) -> str | None:
+    return f"this node has no trusted peers yet; {node} was not admitted"
 
 
 def _ignore(*args: object, **fields: object) -> None:
