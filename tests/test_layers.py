@@ -16,13 +16,15 @@ ALLOWED = {
     "core": set(),
     "io": {"core"},
     "daemon": {"core", "io"},
+    "client": {"core"},  # how any client reaches a control API safely (TLS pin, token)
     "cli": {
         "core",
+        "client",
         "daemon",
         "ocf",
         "gui",
-    },  # daemon only to run a node and to read a node's config
-    "gui": {"core"},  # talks to nodes through their control APIs only
+    },  # daemon only to run a node, to read a node's config and its identity and tokens
+    "gui": {"core", "client"},  # talks to nodes through their control APIs only
     "ocf": {"core", "cli"},  # the agent talks to the node through the CLI's API client
 }
 

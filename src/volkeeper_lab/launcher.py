@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,8 +28,10 @@ from pathlib import Path
 
 import httpx
 
+from volkeeper.core import fingerprints
 from volkeeper.core.units import parse_size
 from volkeeper.io import identity
+from volkeeper.io.control_tokens import TokenStore
 from volkeeper.io.identity import KnownPeers
 
 
@@ -121,6 +124,7 @@ class LocalNode:
     node_settings: dict[str, str | int | float] = field(default_factory=dict)  # more [node] keys
     control_tcp: bool = False  # the control API on a loopback TCP port, not a unix socket
     process: subprocess.Popen[bytes] | None = None
+    token: str | None = None  # control_tcp: an admin token made for the tests
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory).resolve()
@@ -128,6 +132,9 @@ class LocalNode:
         self.peer_port = self.peer_port or free_tcp_port()
         self.nbd_port = free_tcp_port() if self.nbd_tcp else None
         self.control_port = free_tcp_port() if self.control_tcp else None
+        if self.control_tcp:  # TLS with the node's own certificate, and a token
+            self.identity()
+            self.token = TokenStore(self.state_dir).create("lab", "admin")
 
     # -- addresses --------------------------------------------------------------------------
 
@@ -145,9 +152,10 @@ class LocalNode:
 
     @property
     def control(self) -> str:
-        """The control API's address, as ``--node`` takes it."""
+        """The control API's address, as ``--node`` takes it (TCP: pinned to its identity;
+        the CLI then wants the token in VOLKEEPER_TOKEN)."""
         if self.control_port is not None:
-            return f"127.0.0.1:{self.control_port}"
+            return f"127.0.0.1:{self.control_port}#{self.served_fingerprint}"
         return f"unix:{self.control_socket}"
 
     @property
@@ -171,7 +179,7 @@ class LocalNode:
             f'name = "{self.name}"',
             f'state_dir = "{self.directory / "state"}"',
             f'listen = "{self.host}:{self.peer_port}"',
-            f'control = "{self.control}"',
+            f'control = "{self.control.partition("#")[0]}"',
             f'nbd = "{nbd}"',
         ]
         if self.bitmap_dir is not None:
@@ -269,9 +277,23 @@ class LocalNode:
         except httpx.HTTPError:
             return False
 
+    @property
+    def served_certificate(self) -> Path:
+        """The certificate a TCP control API serves: [tls]'s, else the identity's."""
+        return self.tls[0] if self.tls else identity.identity_dir(self.state_dir) / "node.pem"
+
+    @property
+    def served_fingerprint(self) -> str:
+        return fingerprints.of(ssl.PEM_cert_to_DER_cert(self.served_certificate.read_text()))
+
     def api(self) -> httpx.Client:
         if self.control_port is not None:
-            return httpx.Client(base_url=f"http://{self.control}", timeout=10)
+            verify = ssl.create_default_context(cafile=str(self.served_certificate))
+            verify.check_hostname = False
+            return httpx.Client(
+                base_url=f"https://127.0.0.1:{self.control_port}", verify=verify, timeout=10,
+                headers={"Authorization": f"Bearer {self.token}"},
+            )  # fmt: skip
         transport = httpx.HTTPTransport(uds=str(self.control_socket))
         return httpx.Client(transport=transport, base_url="http://node", timeout=10)
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import NodeFactory
+from volkeeper.client.credentials import parse_target
 from volkeeper.core.addresses import parse_address
 from volkeeper.gui.fleet import MAX_BACKOFF_S, Fleet, NodeLink
 from volkeeper_lab.launcher import LocalNode
@@ -35,9 +36,9 @@ def test_backoff_doubles_up_to_its_ceiling() -> None:
 
 def test_a_node_that_goes_away_and_comes_back(node: LocalNode) -> None:
     async def scenario() -> None:
-        fleet = Fleet([parse_address(node.control)])
+        fleet = Fleet([parse_target(node.control)], node.token)
         (link,) = fleet.links
-        assert link.name == node.control  # its address until it answered
+        assert link.name == node.control.split("#")[0]  # its address until it answered
         fleet.start()
         try:
             await fleet.fresh()
@@ -62,7 +63,7 @@ def test_a_node_that_goes_away_and_comes_back(node: LocalNode) -> None:
 
 def test_actions_answer_the_nodes_words(node: LocalNode) -> None:
     async def scenario() -> None:
-        fleet = Fleet([parse_address(node.control)])
+        fleet = Fleet([parse_target(node.control)], node.token)
         fleet.start()
         try:
             await fleet.fresh()

@@ -413,7 +413,7 @@ def test_cli_rich_output_names_the_volumes(cli_node: LocalNode) -> None:
 def test_cli_unreachable_node_exits_one_with_one_line(tmp_path: Path, where: str) -> None:
     args = {
         "unix": ("--node", f"unix:{tmp_path / 'nobody.sock'}"),
-        "tcp": ("--node", f"127.0.0.1:{free_tcp_port()}"),
+        "tcp": ("--node", f"127.0.0.1:{free_tcp_port()}#sha256:{'0' * 64}"),
         "none": (),
     }[where]
     done = cli("status", "--json", *args)

@@ -22,22 +22,21 @@ from typing import Any, TextIO
 
 import httpx
 
-from volkeeper.cli.client import CliError, _api_error
-from volkeeper.core.addresses import TcpAddress, UnixAddress
+from volkeeper.cli.client import CliError, _api_error, http_client
+from volkeeper.client.credentials import Target
 
 READ_TIMEOUT_S = 60.0
 _HEAD = ("seq", "time", "type", "object")
 _PLAIN = re.compile(r"[^\s\"]+")
 
 
-def stream_events(
-    address: UnixAddress | TcpAddress, as_json: bool, initial: bool, out: TextIO
-) -> None:
+def stream_events(target: Target, as_json: bool, initial: bool, out: TextIO) -> None:
     """Print the node's events to ``out`` until the node ends the stream."""
     render = json_line if as_json else text_line
     params = None if initial else {"initial": "false"}
     timeout = httpx.Timeout(10.0, read=READ_TIMEOUT_S)
-    with _client(address) as client:
+    address = target.address
+    with http_client(target, 10.0) as client:
         try:
             with client.stream("GET", "/events", params=params, timeout=timeout) as response:
                 if response.status_code >= 400:
@@ -53,12 +52,6 @@ def stream_events(
             raise CliError(f"{message}: the connection is lost") from exc
         except httpx.HTTPError as exc:
             raise CliError(f"the event stream from the node at {address} broke: {exc}") from exc
-
-
-def _client(address: UnixAddress | TcpAddress) -> httpx.Client:
-    if isinstance(address, UnixAddress):
-        return httpx.Client(transport=httpx.HTTPTransport(uds=address.path), base_url="http://node")
-    return httpx.Client(base_url=f"http://{address}")
 
 
 def sse_events(lines: Iterable[str]) -> Iterator[dict[str, Any]]:

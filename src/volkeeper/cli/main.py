@@ -22,7 +22,7 @@ from rich.text import Text
 from volkeeper.cli import jobs, roles
 from volkeeper.cli.client import CliError, ControlClient, resolve_node
 from volkeeper.cli.events import stream_events
-from volkeeper.cli.node import node_app
+from volkeeper.cli.node import node_app, token_app
 from volkeeper.cli.options import ConfigOption, JsonOption, NodeOption, node_client
 from volkeeper.cli.status_view import StatusView, VolumeTable, format_rate
 from volkeeper.core.units import format_size
@@ -34,6 +34,7 @@ app.add_typer(volume_app, name="volume")
 app.add_typer(jobs.job_app, name="job")
 app.add_typer(jobs.mirror_app, name="mirror")
 app.add_typer(node_app, name="node")
+app.add_typer(token_app, name="token")
 jobs.mirror_app.command("resolve")(roles.mirror_resolve)
 
 

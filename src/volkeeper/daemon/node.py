@@ -44,6 +44,7 @@ from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
 from volkeeper.daemon.target.targets import TargetVolumes
 from volkeeper.errors import ConfigError, Refusal, VolumeError
 from volkeeper.io import identity, peer_tls
+from volkeeper.io.control_tokens import TokenStore
 from volkeeper.io.identity import KnownPeers
 from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.peer_link import PeerServer
@@ -92,7 +93,11 @@ class Node:
         )
         self.registry.register(RoleCollector(self.volume_list))
         self.registry.register(PeerCollector(self.peer_list))
-        self.control = ControlServer(self, config.node.control)
+        own = self.trust.own
+        tokens = TokenStore(Path(config.node.state_dir))
+        self.control = ControlServer(
+            self, config.node.control, tokens, own.certificate, own.key, config.node.control_group
+        )
         self._control_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 

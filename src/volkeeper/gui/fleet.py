@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from volkeeper.client.credentials import AccessError, Target, headers, tls_context
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.gui.rates import Samples
 
@@ -53,6 +55,8 @@ class Answer:
 @dataclass
 class NodeLink:
     address: UnixAddress | TcpAddress
+    fingerprint: str | None = None  # a TCP node's pinned certificate (client/credentials.py)
+    token: str | None = None  # its bearer token
     status: dict[str, Any] | None = None  # the last answer, kept while unreachable
     reachable: bool = False
     seen: float | None = None  # wall-clock time of the last answer
@@ -65,17 +69,26 @@ class NodeLink:
     poke: asyncio.Event = field(default_factory=asyncio.Event)  # ask again now
     _boot: str | None = None
     _seq: int = 0
+    _tls: ssl.SSLContext | None = None  # a TCP node's verified certificate, once dialled
 
     @property
     def name(self) -> str:
         """The node's own name once it answered; its address until then."""
         return str(self.status["node"]) if self.status else str(self.address)
 
-    def client(self, timeout: float) -> httpx.AsyncClient:
+    async def client(self, timeout: float) -> httpx.AsyncClient:
+        """A client of the node's API; on TCP, TLS to its pinned certificate (checked before
+        the token is sent: ``AccessError`` if it is not the pinned one) with the token."""
         if isinstance(self.address, UnixAddress):
             transport = httpx.AsyncHTTPTransport(uds=self.address.path)
             return httpx.AsyncClient(transport=transport, base_url="http://node", timeout=timeout)
-        return httpx.AsyncClient(base_url=f"http://{self.address}", timeout=timeout)
+        if self._tls is None:
+            target = Target(self.address, self.fingerprint)
+            self._tls = await asyncio.to_thread(tls_context, target, timeout)
+        return httpx.AsyncClient(
+            base_url=f"https://{self.address}", verify=self._tls, headers=headers(self.token),
+            timeout=timeout,
+        )  # fmt: skip
 
     def took(self, status: dict[str, Any], recent: dict[str, Any], now: float) -> None:
         if recent["boot"] != self._boot:  # first contact, or the daemon restarted
@@ -110,8 +123,8 @@ def _note(now: float, message: str) -> dict[str, Any]:
 
 
 class Fleet:
-    def __init__(self, addresses: list[UnixAddress | TcpAddress]) -> None:
-        self.links = [NodeLink(address) for address in addresses]
+    def __init__(self, targets: list[Target], token: str | None = None) -> None:
+        self.links = [NodeLink(t.address, t.fingerprint, token) for t in targets]
         self.version = 0
         self._changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
@@ -159,14 +172,16 @@ class Fleet:
             self._changed.notify_all()
 
     async def _poll(self, link: NodeLink) -> None:
-        async with link.client(POLL_TIMEOUT_S) as client:
+        client: httpx.AsyncClient | None = None
+        try:
             while True:
                 link.poke.clear()
                 began = time.time()
                 try:
+                    client = client or await link.client(POLL_TIMEOUT_S)
                     status = await _json(client, "/status")
                     recent = await _json(client, f"/events/recent?after={link.after}")
-                except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+                except (httpx.HTTPError, AccessError, ValueError, KeyError, TypeError) as exc:
                     wait = link.failed(_reason(exc), time.time())
                 except Exception as exc:  # a poller that dies would freeze the node's state
                     log.exception("polling %s failed", link.address)
@@ -179,17 +194,20 @@ class Fleet:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await link.poke.wait()
+        finally:
+            if client is not None:
+                await client.aclose()
 
     async def call(self, node: str, method: str, path: str, body: Any = None) -> Answer:
         """Send an action to ``node``; its answer, or why it refused or could not be asked."""
         link = self.link(node)
         if link is None:
             return Answer(False, message=f"no node named {node!r} is watched by this GUI")
-        async with link.client(ACTION_TIMEOUT_S) as client:
-            try:
+        try:
+            async with await link.client(ACTION_TIMEOUT_S) as client:
                 response = await client.request(method, path, json=body)
-            except httpx.HTTPError as exc:
-                return Answer(False, message=f"cannot reach {node}: {_reason(exc)}")
+        except (httpx.HTTPError, AccessError) as exc:
+            return Answer(False, message=f"cannot reach {node}: {_reason(exc)}")
         try:
             answer = response.json() if response.content else None
         except ValueError:

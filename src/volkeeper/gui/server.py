@@ -19,7 +19,8 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
-from volkeeper.core.addresses import TcpAddress, UnixAddress
+from volkeeper.client.credentials import Target, token_from_environment
+from volkeeper.core.addresses import TcpAddress
 from volkeeper.errors import ConfigError
 from volkeeper.gui.access import Access, is_loopback, load_tokens
 from volkeeper.gui.app import create_app
@@ -29,7 +30,7 @@ DEFAULT_LISTEN = "127.0.0.1:8470"
 
 
 def build(
-    nodes: list[UnixAddress | TcpAddress],
+    nodes: list[Target],
     listen: TcpAddress,
     tokens: Path | None = None,
     cert: Path | None = None,
@@ -47,7 +48,7 @@ def build(
         tokens=load_tokens(tokens) if tokens else {},
         https=cert is not None,
     )
-    fleet = Fleet(nodes)
+    fleet = Fleet(nodes, token_from_environment())
 
     @contextlib.asynccontextmanager
     async def running(app: FastAPI) -> AsyncIterator[None]:
@@ -61,7 +62,7 @@ def build(
 
 
 def serve(
-    nodes: list[UnixAddress | TcpAddress],
+    nodes: list[Target],
     listen: TcpAddress,
     tokens: Path | None = None,
     cert: Path | None = None,

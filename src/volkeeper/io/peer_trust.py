@@ -90,7 +90,7 @@ class PeerTrust:
         self.known = known
         self.site = site
         self.fingerprint = peer_tls.fingerprint_of(own.certificate)
-        self._own = own
+        self.own = own  # this node's certificate and key (the control API on TCP serves it)
         self._client = peer_tls.pinning_client_context(own)
         self._site_client = peer_tls.client_context(site) if site else None
         self._server: ssl.SSLContext | None = None
@@ -164,7 +164,7 @@ class PeerTrust:
             if self.known.certificate(peer, fingerprint) is not None
         )
         if self._server is None or trusts != self._server_trusts:
-            context = peer_tls.accepting_context(self._own, self.site)
+            context = peer_tls.accepting_context(self.own, self.site)
             for peer, fingerprint in sorted(trusts):
                 pem = self.known.certificate(peer, fingerprint)
                 assert pem is not None

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +27,11 @@ from fastapi.responses import JSONResponse, Response
 from volkeeper.cli import events as cli_events
 from volkeeper.cli.client import CliError
 from volkeeper.cli.events import sse_events, stream_events, text_line
+from volkeeper.client.credentials import Target
 from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.daemon.api import events
 from volkeeper.daemon.api.events import HISTORY, QUEUE_LIMIT, EventBus, Subscription
+from volkeeper.io import identity
 from volkeeper_lab.launcher import free_tcp_port
 
 pytestmark = pytest.mark.timeout(20)
@@ -187,11 +191,13 @@ def test_closing_the_bus_ends_every_subscription_and_refuses_new_ones() -> None:
 class Served:
     """uvicorn serving ``app`` on its own loop in a thread, on a socket bound up front."""
 
-    def __init__(self, app: FastAPI, sock: socket.socket) -> None:
+    def __init__(self, app: FastAPI, sock: socket.socket, tls: bool = False) -> None:
         self.loop = asyncio.new_event_loop()
+        files = {"ssl_certfile": str(IDENTITY.certificate), "ssl_keyfile": str(IDENTITY.key)}
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2
-        )
+            app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2,
+            **(files if tls else {}),
+        )  # fmt: skip
         self.server = uvicorn.Server(config)
         serve = self.server.serve(sockets=[sock])
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(serve,))
@@ -242,12 +248,19 @@ def serve(app: FastAPI, address: UnixAddress | TcpAddress) -> Iterator[Served]:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind((address.host, address.port))
     sock.listen()
-    served = Served(app, sock)
+    served = Served(app, sock, tls=isinstance(address, TcpAddress))
     try:
         yield served
     finally:
         served.stop()
         sock.close()
+
+
+def target(address: UnixAddress | TcpAddress) -> Target:
+    """How the CLI names it: a TCP control API is TLS, pinned to its certificate."""
+    if isinstance(address, UnixAddress):
+        return Target(address)
+    return Target(address, IDENTITY.fingerprint)
 
 
 def free_tcp() -> TcpAddress:
@@ -257,6 +270,15 @@ def free_tcp() -> TcpAddress:
 @pytest.fixture(params=["tcp", "unix"])
 def address(request: pytest.FixtureRequest, tmp_path: Path) -> UnixAddress | TcpAddress:
     return free_tcp() if request.param == "tcp" else UnixAddress(str(tmp_path / "api.sock"))
+
+
+IDENTITY: identity.Identity  # the TCP servers' certificate (node_identity makes it)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def node_identity(tmp_path_factory: pytest.TempPathFactory) -> None:
+    global IDENTITY
+    IDENTITY = identity.create(tmp_path_factory.mktemp("identity"), "node")
 
 
 @pytest.fixture
@@ -280,7 +302,9 @@ def http_client(address: UnixAddress | TcpAddress) -> httpx.Client:
     if isinstance(address, UnixAddress):
         transport = httpx.HTTPTransport(uds=address.path)
         return httpx.Client(transport=transport, base_url="http://node", timeout=WAIT_S)
-    return httpx.Client(base_url=f"http://{address}", timeout=WAIT_S)
+    verify = ssl.create_default_context(cafile=str(IDENTITY.certificate))
+    verify.check_hostname = False
+    return httpx.Client(base_url=f"https://{address}", verify=verify, timeout=WAIT_S)
 
 
 class Follower:
@@ -294,7 +318,7 @@ class Follower:
 
     def _run(self, address: UnixAddress | TcpAddress, as_json: bool, initial: bool) -> None:
         try:
-            stream_events(address, as_json, initial, self.out)
+            stream_events(target(address), as_json, initial, self.out)
         except BaseException as exc:
             self.error = exc
 
@@ -326,7 +350,8 @@ def test_the_stream_is_server_sent_events_with_keepalives(
         assert next(lines) == ": keepalive"  # nothing happens: a comment after KEEPALIVE_S
         assert next(lines) == ""
         served.call(bus.publish, "change", "mirror", job="web", state="Paused")
-        frame = list(itertools.islice((line for line in lines if line != ": keepalive"), 3))
+        rest = itertools.dropwhile(lambda line: line in (": keepalive", ""), lines)
+        frame = list(itertools.islice((line for line in rest if line != ": keepalive"), 3))
         assert frame[:2] == ["id: 1", "event: change"]
         field, data = frame[2].split(": ", 1)
         assert field == "data"
@@ -411,13 +436,13 @@ def test_an_api_error_is_one_line(address: UnixAddress | TcpAddress) -> None:
         serve(app, address),
         pytest.raises(CliError, match=r"^the node is starting \(try again\)$"),
     ):
-        stream_events(address, as_json=False, initial=True, out=io.StringIO())
+        stream_events(target(address), as_json=False, initial=True, out=io.StringIO())
 
 
 def test_a_node_that_is_not_there_is_one_line(tmp_path: Path) -> None:
     address = UnixAddress(str(tmp_path / "nobody.sock"))
     with pytest.raises(CliError, match="cannot reach the node at unix:"):
-        stream_events(address, as_json=True, initial=True, out=io.StringIO())
+        stream_events(target(address), as_json=True, initial=True, out=io.StringIO())
 
 
 @pytest.mark.parametrize("address", ["tcp"], indirect=True)
@@ -431,7 +456,7 @@ def test_silence_beyond_the_keepalives_is_a_lost_connection(
     monkeypatch.setattr(cli_events, "READ_TIMEOUT_S", 0.2)
     out = io.StringIO()
     with pytest.raises(CliError, match=r"sent nothing for 0\.2 s: the connection is lost"):
-        stream_events(address, as_json=False, initial=True, out=out)
+        stream_events(target(address), as_json=False, initial=True, out=out)
     assert [line.split(" ", 1)[1] for line in out.getvalue().splitlines()] == [
         "exists mirror job:web target:beta:data1 state:Mirroring",
         "exists -",
@@ -447,9 +472,15 @@ def test_a_stream_cut_in_the_middle_is_one_line() -> None:
         listener.listen()
         listener.settimeout(WAIT_S)
 
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(IDENTITY.certificate, IDENTITY.key)
+
         def answer_and_die() -> None:
-            connection, _ = listener.accept()
-            with connection:
+            probe, _ = listener.accept()  # the CLI checks the certificate first (its pin)
+            with contextlib.suppress(OSError), tls.wrap_socket(probe, server_side=True):
+                pass
+            accepted, _ = listener.accept()
+            with tls.wrap_socket(accepted, server_side=True) as connection:
                 connection.recv(65536)
                 connection.sendall(head + b"\r\n" + b"%x\r\n%s\r\n" % (len(event), event))
 
@@ -458,7 +489,7 @@ def test_a_stream_cut_in_the_middle_is_one_line() -> None:
         out = io.StringIO()
         address = TcpAddress("127.0.0.1", listener.getsockname()[1])
         with pytest.raises(CliError, match=r"the node at 127\.0\.0\.1:\d+ broke: peer closed"):
-            stream_events(address, as_json=False, initial=True, out=out)
+            stream_events(target(address), as_json=False, initial=True, out=out)
         server.join(WAIT_S)
     assert out.getvalue() == "T change node\n"
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import socket
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any, Protocol
 
 import uvicorn
@@ -38,10 +40,12 @@ from volkeeper.daemon.api.api_models import (
     Switchover,
     VolumeView,
 )
+from volkeeper.daemon.api.control_access import BearerAuth, unix_socket_mode
 from volkeeper.daemon.api.events import EventBus, sse_response
 from volkeeper.daemon.api.metrics import render
 from volkeeper.daemon.jobs.job_rules import JobRequest, MirrorRequest
 from volkeeper.errors import Refusal
+from volkeeper.io.control_tokens import TokenStore
 from volkeeper.io.listeners import bind_listener, remove_listener
 
 
@@ -398,18 +402,45 @@ class _QuietServer(uvicorn.Server):
 
 
 class ControlServer:
-    """uvicorn on a socket bound up front, so a bad address fails the node's start cleanly."""
+    """uvicorn on a socket bound up front, so a bad address fails the node's start cleanly.
 
-    def __init__(self, node: NodeView, address: UnixAddress | TcpAddress) -> None:
+    On a unix socket, access is its file mode (daemon/api/control_access.py); on TCP the
+    listener is TLS with ``certificate`` and ``key`` and every request needs a token of
+    ``tokens``."""
+
+    def __init__(
+        self,
+        node: NodeView,
+        address: UnixAddress | TcpAddress,
+        tokens: TokenStore,
+        certificate: Path,
+        key: Path,
+        group: str | None = None,
+    ) -> None:
         self.address = address
-        config = uvicorn.Config(
-            create_app(node), log_level="warning", lifespan="off", access_log=False
-        )
+        app: Any = create_app(node)
+        tls: dict[str, Any] = {}
+        if isinstance(address, TcpAddress):
+            app = BearerAuth(app, tokens)
+            tls = {"ssl_certfile": str(certificate), "ssl_keyfile": str(key)}
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **tls)
         self._server = _QuietServer(config)
         self._socket: socket.socket | None = None
+        self._mode = unix_socket_mode(group)
 
     def bind(self) -> None:
-        self._socket = bind_listener(self.address, "the control API")
+        if isinstance(self.address, TcpAddress):
+            self._socket = bind_listener(self.address, "the control API")
+            return
+        mode, gid = self._mode
+        os.makedirs(os.path.dirname(self.address.path) or ".", exist_ok=True)
+        previous = os.umask(0o777 & ~mode)  # the file is born with its final mode
+        try:
+            self._socket = bind_listener(self.address, "the control API")
+        finally:
+            os.umask(previous)
+        if gid is not None:
+            os.chown(self.address.path, -1, gid)
 
     async def serve(self) -> None:
         assert self._socket is not None, "bind() first"

@@ -165,6 +165,9 @@ class NodeSection(Table):
     # Reads that miss the page cache go through io_uring where the kernel allows it (false:
     # worker threads, as where it does not).
     io_uring: StrictBool = True
+    # A unix control socket is 0600 (this daemon's user only); with a group, 0660 and that
+    # group's: its members may use the whole API.  On TCP: TLS and tokens instead.
+    control_group: Name | None = None
 
     @model_validator(mode="after")
     def _one_address_per_listener(self) -> Self:

@@ -1,11 +1,13 @@
-"""What ``volkeeper node`` does to a node's identity and pins, from its config file alone.
+"""What ``volkeeper node`` and ``volkeeper token`` do, from the node's config file alone.
 
 How this works: each function takes the node's loaded config and works on its state directory
-directly (io/identity.py), whether or not the daemon runs; a running daemon notices a changed
-``known_peers.json`` by itself.  ``init`` makes the identity if there is none; ``describe`` says
-how each peer's link is protected; ``trust`` and ``forget`` pin and unpin a peer, refusing what
-the config decides (a fingerprint in ``[peers]`` wins, an ``insecure`` peer takes no pin).
-Every refusal is a ``ConfigError`` that says what to change.
+directly (io/identity.py, io/control_tokens.py), whether or not the daemon runs; a running
+daemon notices a changed ``known_peers.json`` or ``tokens.json`` by itself.  ``init`` makes the
+identity if there is none; ``describe`` says how each peer's link is protected; ``trust`` and
+``forget`` pin and unpin a peer, refusing what the config decides (a fingerprint in
+``[peers]`` wins, an ``insecure`` peer takes no pin).  ``create_token`` returns the new token
+(shown once), ``tokens`` lists names and roles (the tokens themselves are not kept),
+``revoke_token`` removes one.  Every refusal is a ``ConfigError`` that says what to change.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from volkeeper.core import fingerprints
 from volkeeper.daemon.config.node import NodeConfig, PeerConfig
 from volkeeper.errors import ConfigError
 from volkeeper.io import identity, peer_tls
+from volkeeper.io.control_tokens import TokenStore
 from volkeeper.io.identity import KnownPeers
 from volkeeper.io.peer_trust import link_security
 
@@ -74,3 +77,16 @@ def _peer(node: NodeConfig, name: str, source: str) -> PeerConfig:
         known = ", ".join(node.peers) or "none"
         raise ConfigError(f"{name} is not in [peers] of {source} (peers: {known})")
     return peer
+
+
+def create_token(node: NodeConfig, name: str, role: str) -> str:
+    return TokenStore(Path(node.node.state_dir)).create(name, role)
+
+
+def tokens(node: NodeConfig) -> list[dict[str, str]]:
+    found = TokenStore(Path(node.node.state_dir)).tokens()
+    return [{"name": name, "role": entry["role"]} for name, entry in found.items()]
+
+
+def revoke_token(node: NodeConfig, name: str) -> None:
+    TokenStore(Path(node.node.state_dir)).revoke(name)

@@ -1,0 +1,1 @@
+"""What every client of a node's control API shares (the CLI, the GUI, the agent)."""
