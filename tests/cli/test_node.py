@@ -99,3 +99,25 @@ def test_trust_refuses_what_it_cannot_honour(tmp_path: Path) -> None:
     bad = volkeeper("node", "trust", "beta", "md5:00", "--config", str(path))
     assert bad.returncode == 2 and 'a fingerprint is "sha256:" and 64 hex digits' in bad.stderr
     assert not (tmp_path / "state" / "known_peers.json").exists()
+
+
+def test_tokens_are_made_listed_installed_and_revoked(tmp_path: Path) -> None:
+    path = config(tmp_path, 'beta = "127.0.0.1:7790"\n')
+    made = volkeeper("token", "create", "ops", "--role", "admin", "--config", str(path))
+    assert made.returncode == 0 and made.stdout.startswith("vk_"), made
+    shared = "t" * 40
+    installed = subprocess.run(
+        [*VOLKEEPER, "token", "create", "gui", "--stdin", "--config", str(path)],
+        input=shared + "\n", capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert installed.returncode == 0 and installed.stdout == "", installed
+    listed = json.loads(volkeeper("token", "list", "--json", "--config", str(path)).stdout)
+    assert listed == [{"name": "gui", "role": "read"}, {"name": "ops", "role": "admin"}]
+    assert shared not in (tmp_path / "state" / "tokens.json").read_text()
+    bad = volkeeper("token", "create", "x", "--role", "root", "--config", str(path))
+    assert (bad.returncode, bad.stderr.strip()) == (
+        2, "volkeeper: a token's role is read or admin, got 'root'",
+    )  # fmt: skip
+    assert volkeeper("token", "revoke", "gui", "--config", str(path)).returncode == 0
+    gone = volkeeper("token", "revoke", "gui", "--config", str(path))
+    assert (gone.returncode, gone.stderr.strip()) == (2, "volkeeper: no token named gui")

@@ -52,3 +52,13 @@ def test_a_damaged_token_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "tokens.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a volkeeper token file"):
         TokenStore(tmp_path).tokens()
+
+
+def test_a_token_made_elsewhere_can_be_installed(tmp_path: Path) -> None:
+    shared = "s" * 40
+    assert TokenStore(tmp_path / "a").create("gui", "admin", shared) == shared
+    assert TokenStore(tmp_path / "b").create("gui", "admin", shared) == shared
+    assert TokenStore(tmp_path / "b").role_of(shared) == ("gui", "admin")
+    for weak in ("short", "x" * 31, "has space" * 5):
+        with pytest.raises(ConfigError, match="at least 32 printable characters"):
+            TokenStore(tmp_path / "c").create("gui", "admin", weak)

@@ -11,6 +11,7 @@ A fingerprint written in ``[peers]`` wins over ``trust`` and cannot be changed f
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -84,10 +85,15 @@ def token_create(
     name: Annotated[str, typer.Argument(help="a name for the token (letters, digits, - _)")],
     config: RequiredConfig,
     role: Annotated[str, typer.Option("--role", help="read (GET only) or admin")] = "read",
+    stdin: Annotated[
+        bool, typer.Option("--stdin", help="install the token read from stdin (one for many nodes)")
+    ] = False,
 ) -> None:
     """Make a token and print it, once: only its hash is kept."""
-    token = node_access.create_token(load_config(config), name, role)
-    print(token)
+    given = sys.stdin.readline().strip() if stdin else None
+    token = node_access.create_token(load_config(config), name, role, given)
+    if not stdin:
+        print(token)
 
 
 @token_app.command("list")

@@ -79,8 +79,8 @@ def _peer(node: NodeConfig, name: str, source: str) -> PeerConfig:
     return peer
 
 
-def create_token(node: NodeConfig, name: str, role: str) -> str:
-    return TokenStore(Path(node.node.state_dir)).create(name, role)
+def create_token(node: NodeConfig, name: str, role: str, token: str | None = None) -> str:
+    return TokenStore(Path(node.node.state_dir)).create(name, role, token)
 
 
 def tokens(node: NodeConfig) -> list[dict[str, str]]:

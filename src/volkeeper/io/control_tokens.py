@@ -23,6 +23,7 @@ from volkeeper.io.durable_files import write_json
 
 ROLES = ("read", "admin")
 PREFIX = "vk_"
+MINIMUM_LENGTH = 32
 
 
 class TokenStore:
@@ -58,8 +59,9 @@ class TokenStore:
             raise ConfigError(f"{self.path}: token {bad[0]} has no valid role")
         return tokens
 
-    def create(self, name: str, role: str) -> str:
-        """A new token ``name`` with ``role``; returns the token (shown once)."""
+    def create(self, name: str, role: str, token: str | None = None) -> str:
+        """A new token ``name`` with ``role``; returns the token (shown once).  ``token``
+        installs one made elsewhere (the same token on every node a GUI watches)."""
         if role not in ROLES:
             raise ConfigError(f"a token's role is read or admin, got {role!r}")
         if not name or not name.replace("-", "").replace("_", "").isalnum():
@@ -67,7 +69,13 @@ class TokenStore:
         tokens = self.tokens()
         if name in tokens:
             raise ConfigError(f"token {name} exists; revoke it first to make a new one")
-        token = PREFIX + secrets.token_urlsafe(32)
+        if token is None:
+            token = PREFIX + secrets.token_urlsafe(32)
+        elif len(token) < MINIMUM_LENGTH or not token.isprintable() or " " in token:
+            raise ConfigError(
+                f"a token given is at least {MINIMUM_LENGTH} printable characters without "
+                "spaces (volkeeper token create prints one to copy)"
+            )
         tokens[name] = {"sha256": _digest(token), "role": role}
         self._write(tokens)
         return token
