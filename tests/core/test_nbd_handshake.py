@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from volkeeper.core import nbd_wire as w
-from volkeeper.core.nbd_handshake import ExportInfo, HandshakeState, ServerHandshake
+from volkeeper.core.nbd_handshake import ExportInfo, HandshakeState, ServerHandshake, TlsMode
 
 # -- a tiny NBD client, written from the spec ----------------------------------------------
 
@@ -615,3 +615,64 @@ def test_any_split_of_a_negotiation_gives_the_same_result(
         replies = parse_replies(out)
     finals = [(opt, kind) for opt, kind, _ in replies if kind not in (REP_SERVER, REP_INFO)]
     assert finals == expected
+
+
+# -- NBD_OPT_STARTTLS ---------------------------------------------------------------------------
+
+REP_ERR_TLS_REQD = 0x80000005
+
+
+def tls_negotiating(mode: TlsMode) -> ServerHandshake:
+    hs = ServerHandshake(two_exports(), tls=mode)
+    hs.greeting()
+    hs.receive_data(client_flags(C_FIXED_NEWSTYLE))
+    return hs
+
+
+@pytest.mark.parametrize("mode", [TlsMode.OFFER, TlsMode.REQUIRE])
+def test_starttls_is_acked_then_negotiation_goes_on_encrypted(mode: TlsMode) -> None:
+    hs = tls_negotiating(mode)
+    assert parse_replies(hs.receive_data(option(OPT_STARTTLS))) == [(OPT_STARTTLS, REP_ACK, b"")]
+    assert hs.state is HandshakeState.STARTTLS and not hs.tls_active
+    hs.tls_started()
+    assert hs.state is HandshakeState.OPTIONS and hs.tls_active
+    again = parse_replies(hs.receive_data(option(OPT_STARTTLS)))
+    assert [(o, t) for o, t, _ in again] == [(OPT_STARTTLS, REP_ERR_INVALID)]
+    hs.receive_data(go("data1"))
+    assert hs.state is HandshakeState.TRANSMISSION and hs.export == DATA1
+
+
+def test_a_tls_only_server_tells_a_plaintext_client_nothing_but_to_start_tls() -> None:
+    hs = tls_negotiating(TlsMode.REQUIRE)
+    for request in (option(OPT_LIST), info("data1"), go("data1"), option(OPT_STRUCTURED_REPLY)):
+        (answer,) = parse_replies(hs.receive_data(request))
+        assert answer[1] == REP_ERR_TLS_REQD, answer
+        assert b"data1" not in answer[2] and b"logs" not in answer[2]
+        assert hs.state is HandshakeState.OPTIONS
+    hs.receive_data(option(OPT_EXPORT_NAME, b"data1"))  # it has no error reply
+    assert hs.state is HandshakeState.CLOSED and hs.export is None
+    assert hs.close_reason == "NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a TLS-only server"
+
+
+def test_an_offering_server_serves_plaintext_clients_too() -> None:
+    hs = tls_negotiating(TlsMode.OFFER)
+    hs.receive_data(go("logs"))
+    assert hs.state is HandshakeState.TRANSMISSION and not hs.tls_active
+
+
+def test_starttls_on_a_plain_listener_is_unsupported() -> None:
+    hs = tls_negotiating(TlsMode.OFF)
+    (answer,) = parse_replies(hs.receive_data(option(OPT_STARTTLS)))
+    assert answer == (OPT_STARTTLS, REP_ERR_UNSUP, b"TLS is not offered on this listener")
+
+
+def test_bytes_injected_behind_starttls_close_the_connection() -> None:
+    """STARTTLS command injection: a client waits for the ACK, so bytes sent along with the
+    option were put there by someone else, and must never be read as negotiation."""
+    hs = tls_negotiating(TlsMode.REQUIRE)
+    out = hs.receive_data(option(OPT_STARTTLS) + go("data1"))
+    assert out == b"" and hs.state is HandshakeState.CLOSED and hs.export is None
+    assert hs.close_reason == "bytes after NBD_OPT_STARTTLS, before the TLS handshake"
+    with_data = tls_negotiating(TlsMode.OFFER)
+    (answer,) = parse_replies(with_data.receive_data(option(OPT_STARTTLS, b"x")))
+    assert answer[1] == REP_ERR_INVALID and with_data.state is HandshakeState.OPTIONS

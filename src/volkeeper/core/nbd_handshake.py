@@ -8,8 +8,17 @@ what happened:
     state            meaning                                    next step for the adapter
     CLIENT_FLAGS     waiting for the client's 32-bit flags      keep reading
     OPTIONS          option haggling                            keep reading
+    STARTTLS         NBD_OPT_STARTTLS was acknowledged          send the ACK, start TLS as the
+                                                                server, then ``tls_started()``
     TRANSMISSION     an export was chosen (``export``)          transmission, fed ``leftover``
     CLOSED           negotiation ended (``close_reason``)       send what was returned, then close
+
+TLS (``tls``): ``OFF`` answers STARTTLS NBD_REP_ERR_UNSUP; ``OFFER`` upgrades on STARTTLS;
+``REQUIRE`` also answers every other option NBD_REP_ERR_TLS_REQD (and closes on EXPORT_NAME,
+which has no error reply) until TLS is on, so no export, not even its name or size, is told
+to a plaintext client.  Bytes that arrive behind a STARTTLS, before the TLS handshake, could
+only be injected (the client waits for the ACK): the connection is closed instead of letting
+them through.  A second STARTTLS is NBD_REP_ERR_INVALID.
 
 Which options move the machine is the table ``_OPTION_HANDLERS``; every option not in it is
 answered NBD_REP_ERR_UNSUP and skipped, as the spec asks.  A client that breaks the framing
@@ -71,8 +80,19 @@ class ExportCatalog(Protocol):
 class HandshakeState(enum.Enum):
     CLIENT_FLAGS = "client-flags"
     OPTIONS = "options"
+    STARTTLS = "starttls"
     TRANSMISSION = "transmission"
     CLOSED = "closed"
+
+
+class TlsMode(enum.Enum):
+    OFF = "off"
+    OFFER = "offer"
+    REQUIRE = "require"
+
+
+# Options a client may send before TLS is on, when it is required.
+_BEFORE_TLS = {w.Option.STARTTLS, w.Option.ABORT}
 
 
 class ServerHandshake:
@@ -80,8 +100,10 @@ class ServerHandshake:
 
     SERVER_FLAGS = w.HandshakeFlag.FIXED_NEWSTYLE | w.HandshakeFlag.NO_ZEROES
 
-    def __init__(self, catalog: ExportCatalog) -> None:
+    def __init__(self, catalog: ExportCatalog, tls: TlsMode = TlsMode.OFF) -> None:
         self._catalog = catalog
+        self._tls = tls
+        self.tls_active = False
         self._buffer = bytearray()
         self._no_zeroes = False
         self.state = HandshakeState.CLIENT_FLAGS
@@ -145,12 +167,37 @@ class ServerHandshake:
         del self._buffer[:end]
         if self._catalog.shutting_down and option != w.Option.ABORT:
             return self._shutdown_reply(option)
+        if self._tls is TlsMode.REQUIRE and not self.tls_active and option not in _BEFORE_TLS:
+            return self._tls_required(option)
         handler = _OPTION_HANDLERS.get(option)
         if handler is None:
             return _error(option, w.OptionReply.ERR_UNSUP, f"option {option} is not supported")
         return handler(self, option, data)
 
     # -- options ---------------------------------------------------------------------------
+
+    def tls_started(self) -> None:
+        """The adapter finished the TLS handshake: negotiation goes on, encrypted."""
+        assert self.state is HandshakeState.STARTTLS
+        self.tls_active = True
+        self.state = HandshakeState.OPTIONS
+
+    def _tls_required(self, option: int) -> Reply:
+        if option == w.Option.EXPORT_NAME:  # no error reply: the spec says close
+            return self._close("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS on a TLS-only server")
+        return _error(option, w.OptionReply.ERR_TLS_REQD, "this server requires TLS: STARTTLS")
+
+    def _opt_starttls(self, option: int, data: bytes) -> Reply:
+        if self._tls is TlsMode.OFF:
+            return _error(option, w.OptionReply.ERR_UNSUP, "TLS is not offered on this listener")
+        if self.tls_active:
+            return _error(option, w.OptionReply.ERR_INVALID, "TLS is already on")
+        if data:
+            return _error(option, w.OptionReply.ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        if self._buffer:  # a client waits for our ACK: these bytes were slipped in
+            return self._close("bytes after NBD_OPT_STARTTLS, before the TLS handshake")
+        self.state = HandshakeState.STARTTLS
+        return _reply(option, w.OptionReply.ACK)
 
     def _shutdown_reply(self, option: int) -> Reply:
         if option == w.Option.EXPORT_NAME:  # it has no error reply: the spec says close
@@ -198,7 +245,6 @@ class ServerHandshake:
 
     def _opt_unsupported(self, option: int, data: bytes) -> Reply:
         reasons: dict[int, str] = {
-            w.Option.STARTTLS: "TLS is not offered on this listener",
             w.Option.STRUCTURED_REPLY: "this server sends simple replies only",
         }
         reason = reasons.get(option, f"option {option} is not supported")
@@ -226,7 +272,7 @@ _OPTION_HANDLERS: dict[int, _OptionHandler] = {
     w.Option.LIST: ServerHandshake._opt_list,
     w.Option.INFO: ServerHandshake._opt_info_or_go,
     w.Option.GO: ServerHandshake._opt_info_or_go,
-    w.Option.STARTTLS: ServerHandshake._opt_unsupported,
+    w.Option.STARTTLS: ServerHandshake._opt_starttls,
     w.Option.STRUCTURED_REPLY: ServerHandshake._opt_unsupported,
 }
 

@@ -26,7 +26,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from volkeeper import _compiled
-from volkeeper.daemon import node_views, plan
+from volkeeper.daemon import node_security, node_views, plan
 from volkeeper.daemon.api.control import ControlServer
 from volkeeper.daemon.api.events import EventBus
 from volkeeper.daemon.api.metrics import (
@@ -43,12 +43,9 @@ from volkeeper.daemon.roles.roles import Roles
 from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
 from volkeeper.daemon.target.targets import TargetVolumes
 from volkeeper.errors import ConfigError, Refusal, VolumeError
-from volkeeper.io import identity, peer_tls
 from volkeeper.io.control_tokens import TokenStore
-from volkeeper.io.identity import KnownPeers
 from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.peer_link import PeerServer
-from volkeeper.io.peer_trust import PeerPolicy, PeerTrust
 from volkeeper.io.uring import UringReads
 from volkeeper.io.volume import open_volume
 from volkeeper.io.volume_service import VolumeService
@@ -67,13 +64,15 @@ class Node:
         self.config_path = config_path  # re-read by reload()
         self.name = config.node.name
         # First, so a bad certificate or key stops the daemon before anything is bound.
-        self.trust = _peer_trust(config)
+        self.trust = node_security.peer_trust(config)
         self._trust_wanted = asyncio.Event()  # look for peers' certificates now
         self._trust_task: asyncio.Task[None] | None = None
         self.services: list[VolumeService] = []
         self.readers = IoWorkers(IO_THREADS, "volkeeper-read")
         self.ring = UringReads.create() if config.node.io_uring else None
-        self.nbd = NbdServer(lambda: self.services)
+        self.nbd = NbdServer(
+            lambda: self.services, node_security.nbd_access(config, self.trust.own)
+        )
         self.targets: TargetVolumes | None = None
         self.peer_server: PeerServer | None = None
         self.jobs: Jobs | None = None
@@ -134,7 +133,7 @@ class Node:
             self.targets.make_link, trust=self.trust, on_refused=self._trust_wanted.set
         )
         await self.peer_server.listen(self.config.node.listen)
-        _log_peer_security(self.config, self.trust)
+        node_security.log_peer_security(self.config, self.trust)
         self._trust_task = asyncio.create_task(self._keep_peer_certificates())
         self.jobs = Jobs(
             self.name, state_dir, Path(self.config.node.bitmap_dir), self.config.peer_addresses,
@@ -188,7 +187,7 @@ class Node:
         moved = [name for name, peer in config.peers.items() if old.peers.get(name) != peer]
         jobs.peers.clear()
         jobs.peers.update(config.peer_addresses)
-        self.trust.peers = _policies(config)
+        self.trust.peers = node_security.policies(config)
         self._trust_wanted.set()
         jobs.reconnect(moved)
         summary = await declared_jobs.apply(jobs, list(config.jobs))
@@ -386,56 +385,6 @@ class Node:
 
     def _volume(self, name: str) -> dict[str, Any]:
         return {v["name"]: v for v in self.volume_list()}[name]
-
-
-def _policies(config: NodeConfig) -> dict[str, PeerPolicy]:
-    return {
-        name: PeerPolicy(peer.address, peer.fingerprint, peer.insecure)
-        for name, peer in config.peers.items()
-    }
-
-
-def _peer_trust(config: NodeConfig) -> PeerTrust:
-    """The replication link's trust: the node's identity (made on its first start) or the
-    ``[tls]`` certificate of a site CA, and the pins of its peers."""
-    state_dir = Path(config.node.state_dir)
-    own = None
-    if config.tls is None:
-        own, made = identity.ensure(state_dir, config.node.name)
-        if made:
-            log.warning(
-                "node identity created: peers must trust its fingerprint",
-                fingerprint=own.fingerprint,
-                hint=f"on each peer: volkeeper node trust {config.node.name} {own.fingerprint}",
-            )
-    else:
-        problem = peer_tls.check_own_certificate(config.tls, config.node.name)
-        if problem is not None:  # peers will likely refuse us; say so now, not on every connect
-            log.warning("replication TLS certificate problem", problem=problem)
-    known = KnownPeers(state_dir)
-    return PeerTrust(config.node.name, _policies(config), known, identity=own, site=config.tls)
-
-
-def _log_peer_security(config: NodeConfig, trust: PeerTrust) -> None:
-    log.info(
-        "replication link: TLS 1.3 with mutual authentication",
-        identity=trust.fingerprint,
-        certificates="site CA" if config.tls else "node identity",
-    )
-    for peer in config.peers:
-        security = trust.security(peer)
-        if security == "insecure":
-            log.warning(
-                "INSECURE replication link: plain TCP, neither authenticated nor encrypted "
-                "(insecure = true): whoever reaches the port can read or overwrite mirrored data",
-                peer=peer,
-            )
-        elif security == "unpinned":
-            log.warning(
-                "peer not trusted yet: its links are refused until its fingerprint is pinned",
-                peer=peer,
-                hint=f"volkeeper node trust {peer} FINGERPRINT (node show on {peer} prints it)",
-            )
 
 
 async def serve(config: NodeConfig, config_path: Path | None = None) -> None:

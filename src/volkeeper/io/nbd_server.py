@@ -22,6 +22,11 @@ Back-pressure: reading from a client pauses while it has ``MAX_IN_FLIGHT`` reque
 threads or while the transport's send buffer is full.  A protocol violation closes that one
 client; a failing volume becomes an NBD error code; neither reaches the other connections.
 
+Access (io/nbd_access.py): a TCP client outside ``nbd_allow`` is closed before the greeting;
+each client negotiates against the catalog as it may see it (volumes read-only for it); with
+``nbd_tls`` the handshake offers or requires STARTTLS, after which ``loop.start_tls`` wraps
+the same connection and everything else goes on unchanged, over TLS.
+
 Shutdown (``close``): listeners stop, connections still negotiating are closed (an option
 that races in gets ERR_SHUTDOWN), new requests get ESHUTDOWN, in-flight requests finish, then
 every connection is closed.  A volume locked while clients are attached (it became a mirror
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import cast
@@ -53,11 +59,13 @@ from volkeeper.core.nbd_transmission import (
 )
 from volkeeper.errors import ProtocolError, VolumeError
 from volkeeper.io.listeners import bind_listener, remove_listener
+from volkeeper.io.nbd_access import NbdAccess
 from volkeeper.io.volume_service import VolumeService
 
 log = structlog.get_logger("volkeeper.nbd")
 
 MAX_IN_FLIGHT = 64
+TLS_HANDSHAKE_TIMEOUT = 10.0
 STAGING_BYTES = 256 * 1024  # receive buffer of a connection
 DIRECT_RECEIVE_BYTES = 64 * 1024  # a WRITE payload still missing this much is received in place
 Cmd = w.Command
@@ -66,8 +74,11 @@ Cmd = w.Command
 class NbdServer:
     """Every NBD listener of a node, and the catalog of exports they offer."""
 
-    def __init__(self, services: Callable[[], Sequence[VolumeService]]) -> None:
+    def __init__(
+        self, services: Callable[[], Sequence[VolumeService]], access: NbdAccess | None = None
+    ) -> None:
         self._services = services
+        self.access = access or NbdAccess()
         self._servers: list[asyncio.Server] = []
         self._listeners: list[tuple[UnixAddress | TcpAddress, socket.socket]] = []
         self._connections: set[NbdConnection] = set()
@@ -140,7 +151,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._server = server
         self._staging = memoryview(bytearray(STAGING_BYTES))
         self._direct = False  # the last get_buffer() handed out a WRITE payload window
-        self._handshake: ServerHandshake | None = ServerHandshake(server)
+        self._handshake: ServerHandshake | None = None  # made when the client is known
         self._parser: RequestParser | None = None
         self._service: VolumeService | None = None
         self._transport: asyncio.Transport | None = None
@@ -153,14 +164,24 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._closing = False
         self._peer = "?"
         self._closer: asyncio.Future[None] | None = None
+        self._upgrading: asyncio.Future[None] | None = None  # STARTTLS under way
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass it
-        self._peer = str(self._transport.get_extra_info("peername") or "unix")
+        peername = self._transport.get_extra_info("peername")
+        self._peer = str(peername or "unix")
+        host = str(peername[0]) if isinstance(peername, tuple) and peername else None
+        access = self._server.access
+        if not access.admits(host):
+            log.warning("nbd client refused", peer=self._peer, why="not in nbd_allow")
+            self._closing = True
+            self._transport.close()
+            return
         self._server._register(self, True)
-        assert self._handshake is not None
+        catalog = access.catalog_for(self._server, host)
+        self._handshake = ServerHandshake(catalog, access.tls)
         self._transport.write(self._handshake.greeting())
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -209,6 +230,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         if handshake.state is HandshakeState.CLOSED:
             log.info("nbd client closed in handshake", peer=self._peer, why=handshake.close_reason)
             self._close()
+        elif handshake.state is HandshakeState.STARTTLS:
+            self._upgrading = asyncio.ensure_future(self._start_tls(handshake))
         elif handshake.state is HandshakeState.TRANSMISSION:
             assert handshake.export is not None
             self._service = self._server.service(handshake.export.name)
@@ -218,6 +241,30 @@ class NbdConnection(asyncio.BufferedProtocol):
             log.info("nbd client attached", peer=self._peer, export=handshake.export.name)
             self._parser.feed(handshake.leftover)
             self._dispatch_all()
+
+    async def _start_tls(self, handshake: ServerHandshake) -> None:
+        """STARTTLS was acknowledged: the rest of the connection is TLS, or it is closed."""
+        context, transport = self._server.access.context, self._transport
+        assert context is not None and transport is not None
+        try:
+            upgraded = await asyncio.get_running_loop().start_tls(
+                transport, self, context, server_side=True,
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+            )  # fmt: skip
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.warning("nbd TLS handshake failed", peer=self._peer, why=str(exc) or repr(exc))
+            self._close()
+            return
+        if upgraded is None or self._closing:
+            self._close()
+            return
+        self._transport = upgraded
+        handshake.tls_started()
+        log.info("nbd client on TLS", peer=self._peer, version=self._tls_version())
+
+    def _tls_version(self) -> str:
+        ssl_object = self._transport.get_extra_info("ssl_object") if self._transport else None
+        return str(ssl_object.version()) if ssl_object is not None else "?"
 
     # -- transmission -----------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ relative to its own; ``_problem_lines`` makes each one line that names that key.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import re
@@ -56,6 +57,7 @@ from volkeeper.daemon.config.types import KeyedProblems, Name, Size, Table, as_s
 from volkeeper.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+NBD_TLS_MODES = ("off", "offer", "require")
 SECTOR_SIZES = (512, 4096)
 PEER_TIMEOUT_RANGE = (1, 600)  # seconds
 
@@ -135,7 +137,27 @@ def _log_level(value: object) -> str:
     return level
 
 
+def _nbd_tls(value: object) -> str:
+    mode = as_string(value)
+    if mode not in NBD_TLS_MODES:
+        raise ValueError(f"must be one of {', '.join(NBD_TLS_MODES)}, got {show(value)}")
+    return mode
+
+
+def _network(value: object) -> str:
+    text = as_string(value)
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"expected an IP address or network (10.0.0.0/24), got {show(value)}"
+        ) from None
+    return text
+
+
 AbsolutePath = Annotated[Path, PlainValidator(_absolute_path)]
+NbdTls = Annotated[str, PlainValidator(_nbd_tls)]
+Network = Annotated[str, PlainValidator(_network)]
 ExistingDirectory = Annotated[Path, PlainValidator(_existing_directory)]
 ReadableFile = Annotated[Path, PlainValidator(_readable_file)]
 PeerAddress = Annotated[TcpAddress, PlainValidator(_tcp_address), PlainSerializer(str)]
@@ -168,6 +190,21 @@ class NodeSection(Table):
     # A unix control socket is 0600 (this daemon's user only); with a group, 0660 and that
     # group's: its members may use the whole API.  On TCP: TLS and tokens instead.
     control_group: Name | None = None
+    # NBD over TLS (docs/security.md): off, offer (STARTTLS welcome) or require (refused
+    # without); served with nbd_tls_certificate/key, else the node's own certificate; with
+    # nbd_tls_ca a client must present a certificate that CA signed.
+    nbd_tls: NbdTls = "off"
+    nbd_tls_certificate: ReadableFile | None = None
+    nbd_tls_key: ReadableFile | None = None
+    nbd_tls_ca: ReadableFile | None = None
+    # A TCP NBD listener admits only these client addresses or networks (empty: everyone).
+    nbd_allow: list[Network] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _nbd_tls_files_together(self) -> Self:
+        if (self.nbd_tls_certificate is None) != (self.nbd_tls_key is None):
+            raise ValueError("nbd_tls_certificate and nbd_tls_key go together")
+        return self
 
     @model_validator(mode="after")
     def _one_address_per_listener(self) -> Self:
@@ -190,6 +227,8 @@ class VolumeConfig(Table):
     sector_size: SectorSize = 512
     size: Size | None = None
     read_only: StrictBool = False
+    # NBD clients (addresses or networks) that may only read this volume.
+    read_only_clients: list[Network] = Field(default_factory=list)
 
     @field_validator("size")
     @classmethod
