@@ -10,7 +10,7 @@ DEB_PACKAGES := libnbd-bin python3-libnbd nbdkit qemu-utils fio util-linux dmset
 	chromium fonts-dejavu-core gcc
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: demo test lint debs deps bench bench-quick bench-review clean ocf-install soak compiled pure
+.PHONY: demo test lint debs deps bench bench-quick bench-review clean ocf-install soak fuzz compiled pure
 
 demo: deps compiled  # KEEP=1: leave the nodes and the GUI running at the end, until Ctrl-C
 	KEEP=$(KEEP) $(PY) -m volkeeper_lab.demo
@@ -48,6 +48,13 @@ soak: deps  # the nemesis with random seeds for SECONDS (SEED=N: one schedule ag
 	$(PY) -m tests.fault.soak --seconds $(SECONDS) $(if $(SEED),--seed $(SEED)) \
 		$(if $(NODES),--nodes $(NODES)) $(if $(MODE),--mode $(MODE)) \
 		$(if $(FAULTS),--faults $(FAULTS)) --report soak-report
+
+FUZZ_EXAMPLES ?= 20000
+FUZZ_API_EXAMPLES ?= 500
+fuzz: deps compiled  # the fuzz targets at length (make test runs a few hundred examples each)
+	VOLKEEPER_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) VOLKEEPER_FUZZ_API_EXAMPLES=$(FUZZ_API_EXAMPLES) \
+		$(VENV)/bin/pytest -n $(PYTEST_WORKERS) tests/fuzz tests/integration/test_fuzz.py \
+		tests/integration/test_peer_fuzz.py
 
 ocf-install: deps  # the Pacemaker resource agent ocf:volkeeper:job (on every cluster node)
 	$(PY) -m volkeeper ocf install

@@ -385,7 +385,11 @@ def create_app(node: NodeView) -> FastAPI:
         """Re-read the config file and apply it (as SIGHUP does); answers what changed."""
         return await node.reload()
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}},
+    )
     async def metrics() -> Response:
         """Prometheus text exposition."""
         return Response(render(node.registry), media_type="text/plain; version=0.0.4")
