@@ -30,6 +30,7 @@ from volkeeper.daemon import node_security, node_views, plan
 from volkeeper.daemon.api.control import ControlServer
 from volkeeper.daemon.api.events import EventBus
 from volkeeper.daemon.api.metrics import (
+    LimitCollector,
     MirrorCollector,
     NodeCollector,
     PeerCollector,
@@ -44,6 +45,7 @@ from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
 from volkeeper.daemon.target.targets import TargetVolumes
 from volkeeper.errors import ConfigError, Refusal, VolumeError
 from volkeeper.io.control_tokens import TokenStore
+from volkeeper.io.limits import Limits
 from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.peer_link import PeerServer
 from volkeeper.io.uring import UringReads
@@ -70,9 +72,9 @@ class Node:
         self.services: list[VolumeService] = []
         self.readers = IoWorkers(IO_THREADS, "volkeeper-read")
         self.ring = UringReads.create() if config.node.io_uring else None
-        self.nbd = NbdServer(
-            lambda: self.services, node_security.nbd_access(config, self.trust.own)
-        )
+        access = node_security.nbd_access(config, self.trust.own)
+        self.limits = Limits(**config.limits.model_dump())
+        self.nbd = NbdServer(lambda: self.services, access, self.limits)
         self.targets: TargetVolumes | None = None
         self.peer_server: PeerServer | None = None
         self.jobs: Jobs | None = None
@@ -92,6 +94,7 @@ class Node:
         )
         self.registry.register(RoleCollector(self.volume_list))
         self.registry.register(PeerCollector(self.peer_list))
+        self.registry.register(LimitCollector(lambda: dict(self.limits.hits)))
         own = self.trust.own
         tokens = TokenStore(Path(config.node.state_dir))
         self.control = ControlServer(
@@ -130,8 +133,9 @@ class Node:
         )  # fmt: skip
         self.targets.vouch = self.trust.check_source
         self.peer_server = PeerServer(
-            self.targets.make_link, trust=self.trust, on_refused=self._trust_wanted.set
-        )
+            self.targets.make_link, trust=self.trust, on_refused=self._trust_wanted.set,
+            limits=self.limits,
+        )  # fmt: skip
         await self.peer_server.listen(self.config.node.listen)
         node_security.log_peer_security(self.config, self.trust)
         self._trust_task = asyncio.create_task(self._keep_peer_certificates())
@@ -180,7 +184,7 @@ class Node:
             raise Refusal("bad_request", f"config not reloaded: {exc}") from None
         old = self.config
         restart = [
-            section for section in ("node", "volumes", "tls")
+            section for section in ("node", "volumes", "tls", "limits")
             if getattr(config, section) != getattr(old, section)
         ]  # fmt: skip
         jobs = self._jobs()

@@ -58,6 +58,7 @@ from volkeeper.core.nbd_transmission import (
     simple_reply,
 )
 from volkeeper.errors import ProtocolError, VolumeError
+from volkeeper.io.limits import Limits
 from volkeeper.io.listeners import bind_listener, remove_listener
 from volkeeper.io.nbd_access import NbdAccess
 from volkeeper.io.volume_service import VolumeService
@@ -66,6 +67,7 @@ log = structlog.get_logger("volkeeper.nbd")
 
 MAX_IN_FLIGHT = 64
 TLS_HANDSHAKE_TIMEOUT = 10.0
+REPLY_BATCH_BYTES = 4 * 1024 * 1024  # read data answered inline before it goes to the transport
 STAGING_BYTES = 256 * 1024  # receive buffer of a connection
 DIRECT_RECEIVE_BYTES = 64 * 1024  # a WRITE payload still missing this much is received in place
 Cmd = w.Command
@@ -75,10 +77,14 @@ class NbdServer:
     """Every NBD listener of a node, and the catalog of exports they offer."""
 
     def __init__(
-        self, services: Callable[[], Sequence[VolumeService]], access: NbdAccess | None = None
+        self,
+        services: Callable[[], Sequence[VolumeService]],
+        access: NbdAccess | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._services = services
         self.access = access or NbdAccess()
+        self.limits = limits or Limits()
         self._servers: list[asyncio.Server] = []
         self._listeners: list[tuple[UnixAddress | TcpAddress, socket.socket]] = []
         self._connections: set[NbdConnection] = set()
@@ -165,6 +171,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._peer = "?"
         self._closer: asyncio.Future[None] | None = None
         self._upgrading: asyncio.Future[None] | None = None  # STARTTLS under way
+        self._negotiation_timer: asyncio.TimerHandle | None = None
+        self._in_flight_bytes = 0  # READ and WRITE lengths of the requests in flight
+        self._queued_bytes = 0  # read data in replies not yet handed to the transport
+        self.host: str | None = None  # the client's address (None: a unix socket)
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -173,13 +183,20 @@ class NbdConnection(asyncio.BufferedProtocol):
         peername = self._transport.get_extra_info("peername")
         self._peer = str(peername or "unix")
         host = str(peername[0]) if isinstance(peername, tuple) and peername else None
-        access = self._server.access
+        self.host = host
+        access, limits = self._server.access, self._server.limits
         if not access.admits(host):
             log.warning("nbd client refused", peer=self._peer, why="not in nbd_allow")
-            self._closing = True
-            self._transport.close()
+            self._refuse()
+            return
+        same = sum(1 for c in self._server._connections if host is not None and c.host == host)
+        if limits.over_connections("nbd", len(self._server._connections), same, self._peer):
+            self._refuse()
             return
         self._server._register(self, True)
+        self._negotiation_timer = asyncio.get_running_loop().call_later(
+            limits.handshake_timeout, self._negotiation_expired
+        )
         catalog = access.catalog_for(self._server, host)
         self._handshake = ServerHandshake(catalog, access.tls)
         self._transport.write(self._handshake.greeting())
@@ -187,6 +204,18 @@ class NbdConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._server._register(self, False)
+        if self._negotiation_timer is not None:
+            self._negotiation_timer.cancel()
+
+    def _refuse(self) -> None:
+        self._closing = True
+        assert self._transport is not None
+        self._transport.close()
+
+    def _negotiation_expired(self) -> None:
+        if self._handshake is not None and not self._closing:
+            self._server.limits.hit("nbd_handshake_timeout", peer=self._peer)
+            self._close()
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -238,6 +267,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             assert self._service is not None
             self._parser = RequestParser(handshake.export)
             self._handshake = None
+            if self._negotiation_timer is not None:
+                self._negotiation_timer.cancel()
             log.info("nbd client attached", peer=self._peer, export=handshake.export.name)
             self._parser.feed(handshake.leftover)
             self._dispatch_all()
@@ -280,6 +311,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             if request is None:
                 return
             self._dispatch(request)
+            if self._queued_bytes >= REPLY_BATCH_BYTES:  # hand them over: a client that does
+                self._send()  # not read its replies pauses us here, at the transport's mark
 
     def _dispatch(self, request: Request) -> None:
         started = time.perf_counter()
@@ -343,6 +376,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         assert service is not None
         function, args, mutating = _blocking_call(service, request)
         self._in_flight += 1
+        self._in_flight_bytes += _held(request)
         self._server.in_flight += 1
         done = functools.partial(self._completed, request, started)
         service.submit(function, *args, mutating=mutating, on_done=done)
@@ -352,6 +386,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         """A mirror source's mutation: the replication path orders, ships and answers it."""
         assert self._service is not None and self._service.replication is not None
         self._in_flight += 1
+        self._in_flight_bytes += _held(request)
         self._server.in_flight += 1
         self._service.replication.submit(
             _REPLICATED[request.command],
@@ -380,6 +415,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         recycle: bool = True,  # False: the replication path hands the payload back itself
     ) -> None:
         self._in_flight -= 1
+        self._in_flight_bytes -= _held(request)
         self._server.in_flight -= 1
         if recycle and request.command == Cmd.WRITE and self._parser is not None:
             self._parser.recycle(request.payload)
@@ -417,18 +453,23 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._out.append(simple_reply(request.cookie, error))
         if data is not None and not error:
             self._out.append(data)
+            self._queued_bytes += len(data)
 
     def _send(self) -> None:
         if not self._out:
             return
         out, self._out = self._out, []
+        self._queued_bytes = 0
         if self._transport is not None and not self._transport.is_closing():
             self._transport.writelines(out)
 
     def _update_reading(self) -> None:
         if self._transport is None or self._transport.is_closing():
             return
-        should_pause = self._writing_paused or self._in_flight >= MAX_IN_FLIGHT
+        over = self._in_flight_bytes >= self._server.limits.nbd_in_flight_bytes
+        if over and not self._reading_paused:
+            self._server.limits.hit("nbd_in_flight_bytes", peer=self._peer)
+        should_pause = self._writing_paused or self._in_flight >= MAX_IN_FLIGHT or over
         if should_pause and not self._reading_paused:
             self._reading_paused = True
             self._transport.pause_reading()
@@ -462,6 +503,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._closing = True
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+
+def _held(request: Request) -> int:
+    """Bytes a request in flight holds: its payload (WRITE) or its reply's data (READ)."""
+    return request.length if request.command in (Cmd.READ, Cmd.WRITE) else 0
 
 
 _REPLICATED: dict[int, str] = {

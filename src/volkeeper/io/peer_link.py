@@ -48,6 +48,7 @@ import structlog
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer.wire import Buffer, Frame, FrameDecoder, FrameEncoder
 from volkeeper.errors import PeerError, ProtocolError
+from volkeeper.io.limits import Limits
 from volkeeper.io.listeners import bind_listener, remove_listener
 from volkeeper.io.peer_tls import describe, looks_like_tls
 
@@ -314,9 +315,13 @@ class PeerServer:
         make_link: Callable[[], PeerLink],
         trust: Gatekeeper | None = None,
         on_refused: Callable[[], None] | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self._make_link = make_link
         self._trust = trust
+        self._limits = limits or Limits(handshake_timeout=FIRST_BYTES_TIMEOUT)
+        self._open: dict[asyncio.BaseTransport, str] = {}  # admitted connections -> host
+        self._admitting: dict[socket.socket, str] = {}  # connections still negotiating
         self._on_refused = on_refused or (lambda: None)
         self._socket: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
@@ -344,11 +349,27 @@ class PeerServer:
             task.add_done_callback(self._handshakes.discard)
 
     async def _admit(self, sock: socket.socket, peer: object) -> None:
-        where = _show_peer(peer)
+        where, host = _show_peer(peer), _host(peer)
+        self._open = {t: h for t, h in self._open.items() if not t.is_closing()}
+        hosts = [*self._open.values(), *self._admitting.values()]
+        same = sum(1 for h in hosts if h == host)
+        if self._limits.over_connections("replication", len(hosts), same, where):
+            sock.close()
+            return
+        self._admitting[sock] = host
         try:
-            first = await _first_bytes(sock, FIRST_BYTES_TIMEOUT)
+            await self._negotiate(sock, where, host)
+        finally:
+            del self._admitting[sock]
+
+    async def _negotiate(self, sock: socket.socket, where: str, host: str) -> None:
+        timeout = self._limits.handshake_timeout
+        try:
+            first = await _first_bytes(sock, timeout)
         except (TimeoutError, OSError) as exc:
-            log.warning("replication connection dropped", peer=where, why=_silent(exc))
+            if isinstance(exc, TimeoutError):
+                self._limits.hit("replication_handshake_timeout", peer=where)
+            log.warning("replication connection dropped", peer=where, why=_silent(exc, timeout))
             sock.close()
             return
         if not first:
@@ -356,9 +377,12 @@ class PeerServer:
             return
         trust = self._trust
         if trust is not None and looks_like_tls(first):
-            await self._handshake(sock, where, trust.server_context())
-        elif trust is None or trust.plaintext_allowed(_host(peer)):
-            await asyncio.get_running_loop().connect_accepted_socket(self._make_link, sock)
+            await self._handshake(sock, where, host, trust.server_context())
+        elif trust is None or trust.plaintext_allowed(host):
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+                self._make_link, sock
+            )
+            self._open[transport] = host
         else:
             log.warning(
                 "replication connection refused",
@@ -369,16 +393,20 @@ class PeerServer:
                 sock.recv(RECEIVE_CHUNK)
             sock.close()
 
-    async def _handshake(self, sock: socket.socket, where: str, tls: ssl.SSLContext) -> None:
+    async def _handshake(
+        self, sock: socket.socket, where: str, host: str, tls: ssl.SSLContext
+    ) -> None:
+        timeout = min(self._limits.handshake_timeout, TLS_HANDSHAKE_TIMEOUT)
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                self._make_link, sock, ssl=tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+                self._make_link, sock, ssl=tls, ssl_handshake_timeout=timeout
             )
+            self._open[transport] = host
             return
         except ssl.SSLError as exc:  # the loop has closed sock
             why = describe(exc)
         except (TimeoutError, ConnectionAbortedError) as exc:  # the loop's handshake timeout
-            why = describe(exc) if str(exc) else f"no handshake in {TLS_HANDSHAKE_TIMEOUT} s"
+            why = describe(exc) if str(exc) else f"no handshake in {timeout:g} s"
         except OSError as exc:  # a TLS client that gives up sends no alert, it just closes
             why = (
                 "the other end closed the connection during the handshake; it may have "
@@ -419,9 +447,9 @@ async def _first_bytes(sock: socket.socket, timeout: float) -> bytes:
     return sock.recv(3, socket.MSG_PEEK)
 
 
-def _silent(exc: BaseException) -> str:
+def _silent(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
-        return f"sent nothing in {FIRST_BYTES_TIMEOUT:g} s"
+        return f"sent nothing in {timeout:g} s"
     return str(exc) or type(exc).__name__
 
 

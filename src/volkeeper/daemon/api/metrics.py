@@ -101,6 +101,23 @@ class RoleCollector(Collector):
         yield from (info, locked)
 
 
+class LimitCollector(Collector):
+    """How many times each limit against abuse held (io/limits.py)."""
+
+    def __init__(self, hits: Callable[[], dict[str, int]]) -> None:
+        self._hits = hits
+
+    def collect(self) -> Iterator[Metric]:
+        hits = CounterMetricFamily(
+            "volkeeper_limit_hits",
+            "Connections or reads refused, closed or paused by a limit against abuse",
+            labels=["limit"],
+        )
+        for limit, count in sorted(self._hits().items()):
+            hits.add_metric([limit], count)
+        yield hits
+
+
 class PeerCollector(Collector):
     """How each peer's replication link is protected (daemon/node.py's peer views)."""
 

@@ -50,10 +50,19 @@ from pydantic_core import ErrorDetails
 from volkeeper.core import fingerprints
 from volkeeper.core.addresses import TcpAddress, UnixAddress, parse_address, parse_tcp_address
 from volkeeper.core.mirror_engine import DEFAULT_PEER_TIMEOUT
+from volkeeper.core.nbd_wire import MAX_BLOCK_SIZE
 from volkeeper.daemon.config.jobs import JobConfig as JobConfig  # re-exported, as is:
 from volkeeper.daemon.config.jobs import MirrorConfig as MirrorConfig
 from volkeeper.daemon.config.jobs import check_jobs
-from volkeeper.daemon.config.types import KeyedProblems, Name, Size, Table, as_string, show
+from volkeeper.daemon.config.types import (
+    KeyedProblems,
+    Name,
+    Size,
+    Table,
+    as_size,
+    as_string,
+    show,
+)
 from volkeeper.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -239,6 +248,36 @@ class VolumeConfig(Table):
         return size
 
 
+def _ranged(low: float, high: float, integer: bool = False) -> Any:
+    kinds = int if integer else int | float
+    what = "a whole number" if integer else "a number of seconds"
+
+    def check(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"expected {what}, got {show(value)}")
+        if not low <= value <= high:  # nan and inf fail this too
+            raise ValueError(f"must be from {low:g} to {high:g}, got {show(value)}")
+        return value
+
+    return PlainValidator(check)
+
+
+def _in_flight_bytes(value: object) -> int:
+    size = as_size(value)
+    if size < MAX_BLOCK_SIZE:
+        raise ValueError(f"must be at least 32MiB (the largest NBD request), got {show(value)}")
+    return size
+
+
+class LimitsSection(Table):
+    """The optional ``[limits]`` table: limits against abuse (io/limits.py), safe defaults."""
+
+    handshake_timeout: Annotated[float, _ranged(1, 600)] = 10.0
+    max_connections: Annotated[int, _ranged(1, 65535, integer=True)] = 256
+    max_connections_per_client: Annotated[int, _ranged(1, 65535, integer=True)] = 32
+    nbd_in_flight_bytes: Annotated[int, PlainValidator(_in_flight_bytes)] = 128 * 1024 * 1024
+
+
 class TlsSection(Table):
     """The optional ``[tls]`` table: PEM files for mutual TLS on the replication link.
 
@@ -293,6 +332,7 @@ class NodeConfig(Table):
     peers: dict[Name, PeerConfig] = Field(default_factory=dict)
     volumes: list[VolumeConfig] = Field(default_factory=list, alias="volume")
     tls: TlsSection | None = None
+    limits: LimitsSection = Field(default_factory=LimitsSection)
     jobs: list[JobConfig] = Field(default_factory=list, alias="job")
 
     @property

@@ -1,0 +1,59 @@
+"""Limits against abuse of a node's listeners, and the count of each time one held.
+
+How this works: ``Limits`` carries the ``[limits]`` table's values (daemon/config/node.py has
+the safe defaults) to the NBD server and the replication listener, which check them where a
+connection is accepted, negotiated and fed:
+
+* ``handshake_timeout``: a connection must finish negotiating (NBD: reach transmission;
+  replication: send its first bytes, then complete TLS) within it, or it is closed -- a
+  slow-loris client holds a slot for that long at most;
+* ``max_connections`` per listener and ``max_connections_per_client`` per client address
+  (TCP): one more is closed at once;
+* ``nbd_in_flight_bytes``: an NBD connection stops being read while the requests it has
+  in flight carry more than this (read buffers and write payloads), so one client cannot make
+  the daemon hold gigabytes.
+
+Requests and frames have protocol maxima that are not settings: an NBD request carries at most
+32 MiB (core/nbd_wire.py ``MAX_BLOCK_SIZE``), a replication frame at most its
+``MAX_PAYLOAD``; larger ones are refused before any buffer is allocated for them.
+
+``hit(limit, ...)`` counts each time a limit held (``volkeeper_limit_hits_total``) and logs
+it -- the first ten, then every thousandth, so a flood cannot flood the log too.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import structlog
+
+log = structlog.get_logger("volkeeper.limits")
+
+MiB = 1024 * 1024
+
+
+@dataclass
+class Limits:
+    handshake_timeout: float = 10.0
+    max_connections: int = 256
+    max_connections_per_client: int = 32
+    nbd_in_flight_bytes: int = 128 * MiB
+    hits: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def hit(self, limit: str, **fields: object) -> None:
+        self.hits[limit] += 1
+        count = self.hits[limit]
+        if count <= 10 or count % 1000 == 0:
+            log.warning("limit reached", limit=limit, times=count, **fields)
+
+    def over_connections(self, what: str, total: int, same_client: int, peer: str) -> bool:
+        """Would one more connection (``total`` open, ``same_client`` from its address)
+        break a limit?  Counts and logs it if so."""
+        if total >= self.max_connections:
+            self.hit(f"{what}_connections", peer=peer, open=total)
+            return True
+        if same_client >= self.max_connections_per_client:
+            self.hit(f"{what}_connections_per_client", peer=peer, open=same_client)
+            return True
+        return False
