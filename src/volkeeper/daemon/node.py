@@ -132,6 +132,7 @@ class Node:
             peer_timeout,
         )  # fmt: skip
         self.targets.vouch = self.trust.check_source
+        self.targets.limits = self.limits
         self.peer_server = PeerServer(
             self.targets.make_link, trust=self.trust, on_refused=self._trust_wanted.set,
             limits=self.limits,

@@ -11,7 +11,10 @@ connection is accepted, negotiated and fed:
   (TCP): one more is closed at once;
 * ``nbd_in_flight_bytes``: an NBD connection stops being read while the requests it has
   in flight carry more than this (read buffers and write payloads), so one client cannot make
-  the daemon hold gigabytes.
+  the daemon hold gigabytes;
+* ``peer_queued_bytes``: a target stops reading a source's link while the frames it has
+  taken and not yet written carry more than this (a source sending faster than the target's
+  disk, or ignoring its ACKs, meets TCP's own back-pressure instead of the target's memory).
 
 Requests and frames have protocol maxima that are not settings: an NBD request carries at most
 32 MiB (core/nbd_wire.py ``MAX_BLOCK_SIZE``), a replication frame at most its
@@ -39,6 +42,7 @@ class Limits:
     max_connections: int = 256
     max_connections_per_client: int = 32
     nbd_in_flight_bytes: int = 128 * MiB
+    peer_queued_bytes: int = 256 * MiB
     hits: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def hit(self, limit: str, **fields: object) -> None:

@@ -95,6 +95,7 @@ class PeerLink(asyncio.BufferedProtocol):
         self._outbox: list[Buffer] = []  # frames sent and not yet handed to the transport
         self._flush_scheduled = False
         self._receiving = False  # inside buffer_updated: sends wait for its end
+        self.held = False  # not read, by hold(): its silence proves nothing
         self.peer = "?"
 
     # -- asyncio.BufferedProtocol -----------------------------------------------------------
@@ -200,6 +201,16 @@ class PeerLink(asyncio.BufferedProtocol):
         synchronous write's frame: the target starts on it while the source writes locally)."""
         if not self._receiving:
             self._flush()
+
+    def hold(self, held: bool) -> None:
+        """Stop (True) or resume (False) reading: back-pressure on the peer, through TCP."""
+        self.held = held
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            if held:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def recycle(self, data: Buffer) -> None:
         """A received frame's data has been written: its buffer may take the next one."""

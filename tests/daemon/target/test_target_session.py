@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -23,9 +24,10 @@ from tests.support.target_session import (
 from volkeeper.core.peer import wire as pw
 from volkeeper.core.peer.wire import FrameEncoder
 from volkeeper.daemon.jobs.job_record import JobRecord, MirrorRecord
-from volkeeper.io.faults import FaultyVolume
+from volkeeper.io.faults import FaultyVolume, VolumeFilter
 from volkeeper.io.memory import MemoryVolume
 from volkeeper.io.peer_link import connect
+from volkeeper.io.volume import Data
 
 
 def test_first_hello_claims_the_volume_and_writes_apply_in_order(tmp_path: Path) -> None:
@@ -238,6 +240,47 @@ def test_a_failed_write_makes_the_copy_inconsistent_until_the_source_says_up_to_
         assert (view["data_state"], view["last_error"]) == ("UpToDate", None), view
         assert record_on_disk() == "UP_TO_DATE"
         assert memory.read(MiB, 65536) == b"b" * 65536
+        link.close("done")
+
+    run(tmp_path, [volume], scenario)
+
+
+class HeldVolume(VolumeFilter):
+    """Writes wait for ``gate``: a target disk far slower than its source."""
+
+    def __init__(self, inner: MemoryVolume) -> None:
+        super().__init__(inner)
+        self.gate = threading.Event()
+
+    def write(self, offset: int, data: Data) -> None:
+        self.gate.wait(30)
+        super().write(offset, data)
+
+
+def test_a_source_faster_than_the_disk_meets_back_pressure_not_the_targets_memory(
+    tmp_path: Path,
+) -> None:
+    """Frames taken and not yet written are bounded by ``peer_queued_bytes``: past it the
+    target stops reading the link (the source's socket fills), and reads again once the
+    disk has caught up to half of it."""
+    volume = HeldVolume(MemoryVolume("data1", 64 * MiB))
+
+    async def scenario(target: Target) -> None:
+        target.targets.limits.peer_queued_bytes = 8 * MiB
+        source = await target.source(hello(size=64 * MiB))
+        link = source.link
+        assert link is not None
+        for n in range(48):  # 48 MiB of FUA writes: each goes to the (held) writer thread
+            link.send(pw.Write(n * MiB, bytes([n]) * MiB, fua=True))
+        await asyncio.sleep(1.0)
+        (session,) = target.targets.sessions.values()
+        assert session.holding and 8 * MiB < session.queued <= 10 * MiB, session.queued
+        assert target.targets.limits.hits["peer_queued_bytes"] == 1
+        volume.gate.set()
+        answers = await source.answers(1 + 48, timeout=30)
+        assert all(isinstance(a, pw.Ack) and a.errno == 0 for a in answers[1:])
+        assert not session.holding and session.queued == 0
+        assert volume.read(47 * MiB, 4096) == bytes([47]) * 4096
         link.close("done")
 
     run(tmp_path, [volume], scenario)

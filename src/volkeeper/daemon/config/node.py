@@ -276,6 +276,7 @@ class LimitsSection(Table):
     max_connections: Annotated[int, _ranged(1, 65535, integer=True)] = 256
     max_connections_per_client: Annotated[int, _ranged(1, 65535, integer=True)] = 32
     nbd_in_flight_bytes: Annotated[int, PlainValidator(_in_flight_bytes)] = 128 * 1024 * 1024
+    peer_queued_bytes: Annotated[int, PlainValidator(_in_flight_bytes)] = 256 * 1024 * 1024
 
 
 class TlsSection(Table):

@@ -8,7 +8,8 @@ for ``silence_limit(peer_timeout)``.  A source cut off by a partition, or gone w
 leaves a half-open connection that would otherwise hold the volume -- and have the source's
 next HELLO refused as BUSY -- for ever.  The short sessions that claim, release or hand over
 a volume (daemon/source/peer_session.py) never PING and may wait in silence for an answer,
-so they are never closed this way.
+so they are never closed this way.  Nor is a link the target holds (it stopped reading it:
+io/limits.py ``peer_queued_bytes``): its silence is ours.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def watch_silence(
         if not link.is_open:
             return
         now = loop.time()
-        if link.last_received != last:
+        if link.last_received != last or link.held:  # held: we are not listening
             last, since = link.last_received, now
         elif pinged() and now - since >= limit:
             log.warning(

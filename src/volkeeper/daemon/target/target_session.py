@@ -49,6 +49,7 @@ from volkeeper.daemon.target.silence import watch_silence
 from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
 from volkeeper.errors import ProtocolError, Refusal, VolumeError
 from volkeeper.io.codecs import decompress
+from volkeeper.io.limits import Limits
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 
@@ -72,6 +73,7 @@ class TargetVolumes(Protocol):
     lost_at: dict[str, float]
     peer_timeout: float
     vouch: Callable[[str, PeerLink], str | None]
+    limits: Limits
 
     def admit(self, hello: pw.Hello) -> tuple[VolumeService, TargetRecord] | pw.Refuse: ...
 
@@ -97,6 +99,8 @@ class TargetSession:
         self.link: PeerLink | None = None
         self.failed: str | None = None  # the first frame this session could not apply
         self.pinged = False  # the source pings: a mirror's link (short sessions do not)
+        self.queued = 0  # payload bytes of frames taken and not yet written
+        self.holding = False  # the link is not read while queued is over the limit
         self._took_over: Callable[[], None] | None = None  # starts the mirrors of a handover
 
     def on_frame(self, link: PeerLink, frame: pw.Frame) -> None:
@@ -179,6 +183,7 @@ class TargetSession:
         durable: bool,
         recycle: pw.Buffer = b"",
         then: Callable[[], None] | None = None,
+        size: int = 0,
     ) -> None:
         def apply(*args: Any) -> Any:  # on the writer thread, in FIFO order
             try:
@@ -189,6 +194,7 @@ class TargetSession:
 
         def done(result: object, error: BaseException | None) -> None:
             link.recycle(recycle)
+            self._queue(link, -size)
             code = 0
             if isinstance(error, VolumeError):
                 code = error.errno
@@ -206,7 +212,21 @@ class TargetSession:
                 link.send(pw.Ack(sequence, code, durable=durable and not code))
 
         assert self.service is not None
+        self._queue(link, size)
         self.service.submit(apply, *args, mutating=True, on_done=done)
+
+    def _queue(self, link: PeerLink, size: int) -> None:
+        """Count ``size`` bytes in (or out, negative) of the writer's queue; hold the link
+        while over ``peer_queued_bytes``, release it at half (io/limits.py)."""
+        self.queued += size
+        limits = self.targets.limits
+        if not self.holding and self.queued > limits.peer_queued_bytes:
+            self.holding = True
+            limits.hit("peer_queued_bytes", volume=self.volume, queued=self.queued)
+            link.hold(True)
+        elif self.holding and self.queued <= limits.peer_queued_bytes // 2:
+            self.holding = False
+            link.hold(False)
 
     def _failed(self, sequence: int, message: str, corrupt: bool = False) -> None:
         """Frame ``sequence`` was not applied: this copy is Inconsistent from now on."""
@@ -245,7 +265,7 @@ class TargetSession:
                 frame = dataclasses.replace(frame, offset=frame.offset + done, data=rest)
         self._submit(
             link, sequence, service.write, frame.offset, frame.data, frame.fua,
-            durable=frame.fua, recycle=data,
+            durable=frame.fua, recycle=data, size=len(frame.data),
         )  # fmt: skip
 
     def _write_compressed(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
@@ -260,7 +280,7 @@ class TargetSession:
             data = decompress(frame.codec, bytes(frame.data), frame.raw_length)
             service.write(frame.offset, data, frame.fua)
 
-        self._submit(link, sequence, write, durable=frame.fua)
+        self._submit(link, sequence, write, durable=frame.fua, size=len(frame.data))
 
     def _hash_request(self, link: PeerLink, sequence: int, frame: pw.Frame) -> None:
         """Digests of the range as it is after every earlier frame: hashed in the FIFO."""

@@ -43,6 +43,7 @@ from volkeeper.daemon.target import target_session
 from volkeeper.daemon.target.target_record import TargetRecord, TargetRecords
 from volkeeper.daemon.target.target_view import target_view
 from volkeeper.errors import Refusal
+from volkeeper.io.limits import Limits
 from volkeeper.io.peer_link import PeerLink
 from volkeeper.io.volume_service import VolumeService
 
@@ -72,6 +73,7 @@ class TargetVolumes:
         # Set by the node (io/peer_trust.py): why a HELLO naming this source node must be
         # refused on this link (unauthenticated, or another node's identity); None: admit.
         self.vouch: Callable[[str, PeerLink], str | None] = _trust_nobody
+        self.limits = Limits()  # the node's (io/limits.py): a source's queue is bounded
         self.adopt: Adopt = _cannot_adopt
         self._shown: dict[str, str] = {}  # target volume -> state last published
         self.records = records.load_all()
