@@ -21,8 +21,9 @@ import structlog
 import trustme
 import uvloop
 
+from tests.support.peer_side import Side, until
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.core.peer.wire import Ack, Frame, Hello, Write
+from volkeeper.core.peer.wire import Ack, Hello, Write
 from volkeeper.errors import ConfigError, PeerError
 from volkeeper.io import peer_link
 from volkeeper.io.identity import KnownPeers
@@ -56,30 +57,6 @@ def node_files(
     issued.private_key_pem.write_to_path(str(files.key))
     (trusted or ca).cert_pem.write_to_path(str(files.ca))
     return files
-
-
-class Side:
-    def __init__(self) -> None:
-        self.frames: list[Frame] = []
-        self.lost: list[str] = []
-        self.links: list[PeerLink] = []
-
-    def on_frame(self, link: PeerLink, frame: Frame) -> None:
-        self.frames.append(frame)
-
-    def on_lost(self, link: PeerLink, reason: str) -> None:
-        self.lost.append(reason)
-
-    def make(self) -> PeerLink:
-        link = PeerLink(self.on_frame, self.on_lost)
-        self.links.append(link)
-        return link
-
-
-async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @dataclass(frozen=True)

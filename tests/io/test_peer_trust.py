@@ -16,32 +16,15 @@ from typing import Any
 import pytest
 import structlog
 
+from tests.support.peer_side import Side, until
 from volkeeper.core.addresses import TcpAddress
-from volkeeper.core.peer.wire import Ack, Frame, Write
+from volkeeper.core.peer.wire import Ack, Write
 from volkeeper.errors import PeerError
 from volkeeper.io import identity
 from volkeeper.io.identity import KnownPeers
 from volkeeper.io.peer_link import PeerLink, PeerServer, connect
 from volkeeper.io.peer_trust import PeerPolicy, PeerTrust
 from volkeeper_lab.launcher import free_tcp_port
-
-
-class Side:
-    def __init__(self) -> None:
-        self.frames: list[Frame] = []
-        self.lost: list[str] = []
-        self.links: list[PeerLink] = []
-
-    def on_frame(self, link: PeerLink, frame: Frame) -> None:
-        self.frames.append(frame)
-
-    def on_lost(self, link: PeerLink, reason: str) -> None:
-        self.lost.append(reason)
-
-    def make(self) -> PeerLink:
-        link = PeerLink(self.on_frame, self.on_lost)
-        self.links.append(link)
-        return link
 
 
 class Cluster:
@@ -70,12 +53,6 @@ class Cluster:
         server = PeerServer(side.make, trust=trust)
         await server.listen(TcpAddress("127.0.0.1", self.ports[trust.node]))
         return server
-
-
-async def until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -19,7 +19,7 @@ import secrets
 from pathlib import Path
 
 from volkeeper.errors import ConfigError
-from volkeeper.io.durable_files import write_json
+from volkeeper.io.durable_files import WatchedFile, write_json
 
 ROLES = ("read", "admin")
 PREFIX = "vk_"
@@ -29,35 +29,13 @@ MINIMUM_LENGTH = 32
 class TokenStore:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "tokens.json"
-        self._seen: tuple[int, int] | None = None
-        self._tokens: dict[str, dict[str, str]] = {}
+        self._file: WatchedFile[dict[str, dict[str, str]]] = WatchedFile(
+            self.path, _read_tokens, {}
+        )
 
     def tokens(self) -> dict[str, dict[str, str]]:
         """Name -> {"sha256", "role"}, re-read when the file changed."""
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            self._seen, self._tokens = None, {}
-            return {}
-        seen = (stat.st_mtime_ns, stat.st_size)
-        if seen != self._seen:
-            self._tokens = self._read()
-            self._seen = seen
-        return dict(self._tokens)
-
-    def _read(self) -> dict[str, dict[str, str]]:
-        try:
-            document = json.loads(self.path.read_text())
-            tokens = {
-                str(name): {"sha256": str(entry["sha256"]), "role": str(entry["role"])}
-                for name, entry in document.items()
-            }
-        except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{self.path}: not a volkeeper token file ({exc!r})") from None
-        bad = [name for name, entry in tokens.items() if entry["role"] not in ROLES]
-        if bad:
-            raise ConfigError(f"{self.path}: token {bad[0]} has no valid role")
-        return tokens
+        return dict(self._file.read())
 
     def create(self, name: str, role: str, token: str | None = None) -> str:
         """A new token ``name`` with ``role``; returns the token (shown once).  ``token``
@@ -99,6 +77,21 @@ class TokenStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.path, dict(sorted(tokens.items())))
         self.path.chmod(0o600)
+
+
+def _read_tokens(path: Path) -> dict[str, dict[str, str]]:
+    try:
+        document = json.loads(path.read_text())
+        tokens = {
+            str(name): {"sha256": str(entry["sha256"]), "role": str(entry["role"])}
+            for name, entry in document.items()
+        }
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a volkeeper token file ({exc!r})") from None
+    bad = [name for name, entry in tokens.items() if entry["role"] not in ROLES]
+    if bad:
+        raise ConfigError(f"{path}: token {bad[0]} has no valid role")
+    return tokens
 
 
 def _digest(token: str) -> str:

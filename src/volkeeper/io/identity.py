@@ -29,7 +29,7 @@ from cryptography.x509.oid import NameOID
 
 from volkeeper.core import fingerprints
 from volkeeper.errors import ConfigError
-from volkeeper.io.durable_files import sync_directory, write_json
+from volkeeper.io.durable_files import WatchedFile, sync_directory, write_json
 
 VALIDITY = datetime.timedelta(days=36500)
 
@@ -132,28 +132,11 @@ class KnownPeers:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "known_peers.json"
         self.certificates = identity_dir(state_dir) / "peers"
-        self._seen: tuple[int, int] | None = None
-        self._pins: dict[str, str] = {}
+        self._file: WatchedFile[dict[str, str]] = WatchedFile(self.path, _read_pins, {})
 
     def pins(self) -> dict[str, str]:
         """Peer name -> fingerprint, re-read when the file changed."""
-        try:
-            stat = self.path.stat()
-        except FileNotFoundError:
-            self._seen, self._pins = None, {}
-            return {}
-        seen = (stat.st_mtime_ns, stat.st_size)
-        if seen != self._seen:
-            self._pins = self._read()
-            self._seen = seen
-        return dict(self._pins)
-
-    def _read(self) -> dict[str, str]:
-        try:
-            document = json.loads(self.path.read_text())
-            return {str(name): fingerprints.parse(str(fp)) for name, fp in document.items()}
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ConfigError(f"{self.path}: not a volkeeper known-peers file ({exc})") from None
+        return dict(self._file.read())
 
     def trust(self, peer: str, fingerprint: str) -> str | None:
         """Pin ``peer`` to ``fingerprint``; returns the fingerprint it replaced, if any."""
@@ -185,3 +168,11 @@ class KnownPeers:
         temporary = path.with_suffix(".tmp")
         temporary.write_bytes(pem_of_der(der))
         temporary.replace(path)
+
+
+def _read_pins(path: Path) -> dict[str, str]:
+    try:
+        document = json.loads(path.read_text())
+        return {str(name): fingerprints.parse(str(fp)) for name, fp in document.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{path}: not a volkeeper known-peers file ({exc})") from None
