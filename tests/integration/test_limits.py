@@ -11,6 +11,7 @@ counted in ``volkeeper_limit_hits_total`` and be logged, while a real client (nb
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import socket
 import struct
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import NodeFactory, need
+from tests.integration.rawnbd import RawNbd
 from tests.support.mirroring import random_file
 from volkeeper_lab.launcher import LocalNode, VolumeSpec
 
@@ -197,3 +199,21 @@ def node_command() -> list[str]:
     import sys
 
     return [sys.executable, "-m", "volkeeper", "daemon"]
+
+
+def test_the_largest_nbd_request_is_a_setting(start_node: NodeFactory) -> None:
+    need("nbdinfo")
+    node = start_node("alpha", [VolumeSpec("data1", "8MiB")])
+    node.stop()
+    node.config_path.write_text(
+        node.config_path.read_text() + '\n[limits]\nnbd_max_request = "1MiB"\n'
+    )
+    node.start()
+    shown = subprocess.run(
+        ["nbdinfo", "--json", node.uri()], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert '"block_size_maximum": 1048576' in shown.stdout, shown
+    with RawNbd.open(str(node.nbd_socket), "data1") as client:
+        assert client.write(0, b"x" * (2 << 20)).error == errno.EINVAL  # refused, not held
+        assert client.write(0, b"y" * (1 << 20)).error == 0  # and the connection goes on
+        assert client.read(0, 4096).data == b"y" * 4096

@@ -47,6 +47,7 @@ class ExportInfo:
     min_block_size: int
     read_only: bool = False
     description: str = ""
+    max_block_size: int = w.MAX_BLOCK_SIZE  # the largest READ or WRITE taken ([limits])
 
     @property
     def transmission_flags(self) -> int:
@@ -324,7 +325,7 @@ def _info_replies(option: int, export: ExportInfo, requests: list[int]) -> bytes
             w.Info.BLOCK_SIZE,
             export.min_block_size,
             max(export.min_block_size, w.PREFERRED_BLOCK_SIZE),
-            w.MAX_BLOCK_SIZE,
+            export.max_block_size,
         ),
     ]
     if w.Info.NAME in requests:

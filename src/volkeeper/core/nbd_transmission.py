@@ -17,7 +17,7 @@ answer to the same malformed request.  NBD_CMD_DISC is never answered, whatever 
     read/write/trim/zero/cache beyond the end    ENOSPC for write and zero, EINVAL otherwise
     flush with offset or length                  EINVAL
     unknown flag, or a flag on a command it does not apply to   EINVAL
-    read or write longer than MAX_BLOCK_SIZE     EINVAL (the spec keeps EOVERFLOW for DF reads)
+    read or write longer than max_block_size     EINVAL (the spec keeps EOVERFLOW for DF reads)
 
 Replies are simple replies: ``simple_reply(cookie, error)``; a successful READ's data follows.
 """
@@ -80,7 +80,7 @@ def validate(command: int, flags: int, offset: int, length: int, export: ExportI
         return w.Errno.EINVAL
     if flags & ~_ALLOWED_FLAGS.get(command, FUA):
         return w.Errno.EINVAL
-    if length > w.MAX_BLOCK_SIZE and command in _PAYLOAD_CAPPED:
+    if length > export.max_block_size and command in _PAYLOAD_CAPPED:
         return w.Errno.EINVAL
     return w.Errno.OK
 

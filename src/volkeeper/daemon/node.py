@@ -98,8 +98,9 @@ class Node:
         own = self.trust.own
         tokens = TokenStore(Path(config.node.state_dir))
         self.control = ControlServer(
-            self, config.node.control, tokens, own.certificate, own.key, config.node.control_group
-        )
+            self, config.node.control, tokens, own.certificate, own.key,
+            config.node.control_group, config.limits.max_connections,
+        )  # fmt: skip
         self._control_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 

@@ -16,9 +16,11 @@ connection is accepted, negotiated and fed:
   taken and not yet written carry more than this (a source sending faster than the target's
   disk, or ignoring its ACKs, meets TCP's own back-pressure instead of the target's memory).
 
-Requests and frames have protocol maxima that are not settings: an NBD request carries at most
-32 MiB (core/nbd_wire.py ``MAX_BLOCK_SIZE``), a replication frame at most its
-``MAX_PAYLOAD``; larger ones are refused before any buffer is allocated for them.
+* ``nbd_max_request``: the largest READ or WRITE an NBD client may send (advertised in
+  NBD_INFO_BLOCK_SIZE; 32 MiB, core/nbd_wire.py ``MAX_BLOCK_SIZE``, is also the most it may
+  be); a larger one is refused with EINVAL before any buffer is allocated for it.  A
+  replication frame carries at most its protocol's ``MAX_PAYLOAD``: it must take the largest
+  write a client may make, so it is not a setting of its own.
 
 ``hit(limit, ...)`` counts each time a limit held (``volkeeper_limit_hits_total``) and logs
 it -- the first ten, then every thousandth, so a flood cannot flood the log too.
@@ -43,6 +45,7 @@ class Limits:
     max_connections_per_client: int = 32
     nbd_in_flight_bytes: int = 128 * MiB
     peer_queued_bytes: int = 256 * MiB
+    nbd_max_request: int = 0  # 0: the protocol's 32 MiB
     hits: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def hit(self, limit: str, **fields: object) -> None:

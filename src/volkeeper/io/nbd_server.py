@@ -37,6 +37,7 @@ clients of one export (a switchover moves its source away).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import socket
 import ssl
@@ -98,11 +99,16 @@ class NbdServer:
         return self._shutting_down
 
     def exports(self) -> Sequence[ExportInfo]:
-        return [service.export_info() for service in self._services()]
+        return [self._limited(service.export_info()) for service in self._services()]
 
     def lookup(self, name: str) -> ExportInfo | None:
         service = self.service(name)
-        return service.export_info() if service else None
+        return self._limited(service.export_info()) if service else None
+
+    def _limited(self, export: ExportInfo) -> ExportInfo:
+        """``export`` with the node's largest request ([limits] nbd_max_request)."""
+        largest = self.limits.nbd_max_request
+        return dataclasses.replace(export, max_block_size=largest) if largest else export
 
     def service(self, name: str) -> VolumeService | None:
         return next((s for s in self._services() if s.name == name), None)

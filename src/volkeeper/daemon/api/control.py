@@ -420,6 +420,7 @@ class ControlServer:
         certificate: Path,
         key: Path,
         group: str | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.address = address
         app: Any = create_app(node)
@@ -427,7 +428,10 @@ class ControlServer:
         if isinstance(address, TcpAddress):
             app = BearerAuth(app, tokens)
             tls = {"ssl_certfile": str(certificate), "ssl_keyfile": str(key)}
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, **tls)
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="off", access_log=False,
+            limit_concurrency=max_connections, **tls,
+        )  # fmt: skip
         self._server = _QuietServer(config)
         self._socket: socket.socket | None = None
         self._mode = unix_socket_mode(group)

@@ -269,6 +269,13 @@ def _in_flight_bytes(value: object) -> int:
     return size
 
 
+def _max_request(value: object) -> int:
+    size = as_size(value)
+    if size & (size - 1) or not 64 * 1024 <= size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"must be a power of two from 64KiB to 32MiB, got {show(value)}")
+    return size
+
+
 class LimitsSection(Table):
     """The optional ``[limits]`` table: limits against abuse (io/limits.py), safe defaults."""
 
@@ -277,6 +284,7 @@ class LimitsSection(Table):
     max_connections_per_client: Annotated[int, _ranged(1, 65535, integer=True)] = 32
     nbd_in_flight_bytes: Annotated[int, PlainValidator(_in_flight_bytes)] = 128 * 1024 * 1024
     peer_queued_bytes: Annotated[int, PlainValidator(_in_flight_bytes)] = 256 * 1024 * 1024
+    nbd_max_request: Annotated[int, PlainValidator(_max_request)] = MAX_BLOCK_SIZE
 
 
 class TlsSection(Table):
