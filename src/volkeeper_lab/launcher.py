@@ -28,9 +28,8 @@ from pathlib import Path
 
 import httpx
 
-from volkeeper.core import fingerprints
 from volkeeper.core.units import parse_size
-from volkeeper.io import identity
+from volkeeper.io import identity, peer_tls
 from volkeeper.io.control_tokens import TokenStore
 from volkeeper.io.identity import KnownPeers
 
@@ -284,7 +283,7 @@ class LocalNode:
 
     @property
     def served_fingerprint(self) -> str:
-        return fingerprints.of(ssl.PEM_cert_to_DER_cert(self.served_certificate.read_text()))
+        return peer_tls.fingerprint_of(self.served_certificate)
 
     def api(self) -> httpx.Client:
         if self.control_port is not None:

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from volkeeper.core.addresses import TcpAddress, UnixAddress, parse_address, parse_tcp_address
+from volkeeper.core.addresses import (
+    TcpAddress,
+    UnixAddress,
+    is_loopback,
+    parse_address,
+    parse_tcp_address,
+)
 
 
 @pytest.mark.parametrize(
@@ -125,3 +131,8 @@ def test_str_then_parse_round_trips(address: TcpAddress | UnixAddress) -> None:
 @given(_TCP)
 def test_tcp_parser_agrees_with_general_parser(address: TcpAddress) -> None:
     assert parse_tcp_address(str(address)) == parse_address(str(address)) == address
+
+
+def test_loopback_addresses() -> None:
+    assert all(map(is_loopback, ["127.0.0.1", "127.9.9.9", "::1", "[::1]", "localhost"]))
+    assert not any(map(is_loopback, ["0.0.0.0", "10.0.0.1", "::", "gui.example.org"]))

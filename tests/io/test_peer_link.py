@@ -11,7 +11,8 @@ import pytest
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer.wire import Ack, Flush, Frame, Ping, Write
 from volkeeper.errors import PeerError, VolkeeperError
-from volkeeper.io.peer_link import PeerLink, PeerServer, connect
+from volkeeper.io.peer_link import PeerLink, connect
+from volkeeper.io.peer_server import PeerServer
 from volkeeper_lab.launcher import free_tcp_port
 
 

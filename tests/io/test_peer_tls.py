@@ -25,9 +25,10 @@ from tests.support.peer_side import Side, until
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer.wire import Ack, Hello, Write
 from volkeeper.errors import ConfigError, PeerError
-from volkeeper.io import peer_link
+from volkeeper.io import peer_server
 from volkeeper.io.identity import KnownPeers
-from volkeeper.io.peer_link import PeerLink, PeerServer, connect
+from volkeeper.io.peer_link import PeerLink, connect
+from volkeeper.io.peer_server import PeerServer
 from volkeeper.io.peer_tls import (
     check_own_certificate,
     client_context,
@@ -288,8 +289,7 @@ def test_tls_client_against_plain_server(tmp_path: Path, ca: trustme.CA, loop: s
 def test_silent_and_stalled_clients_time_out_and_server_keeps_serving(
     tmp_path: Path, ca: trustme.CA, loop: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(peer_link, "TLS_HANDSHAKE_TIMEOUT", 0.3)
-    monkeypatch.setattr(peer_link, "FIRST_BYTES_TIMEOUT", 0.3)
+    monkeypatch.setattr(peer_server, "HANDSHAKE_TIMEOUT", 0.3)
     beta = node_files(tmp_path / "b", ca, "beta")
 
     async def scenario() -> None:

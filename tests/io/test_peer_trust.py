@@ -22,7 +22,8 @@ from volkeeper.core.peer.wire import Ack, Write
 from volkeeper.errors import PeerError
 from volkeeper.io import identity
 from volkeeper.io.identity import KnownPeers
-from volkeeper.io.peer_link import PeerLink, PeerServer, connect
+from volkeeper.io.peer_link import PeerLink, connect
+from volkeeper.io.peer_server import PeerServer
 from volkeeper.io.peer_trust import PeerPolicy, PeerTrust
 from volkeeper_lab.launcher import free_tcp_port
 

@@ -15,7 +15,8 @@ from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.target.target_record import TargetRecords
 from volkeeper.daemon.target.targets import TargetVolumes
-from volkeeper.io.peer_link import PeerLink, PeerServer, connect
+from volkeeper.io.peer_link import PeerLink, connect
+from volkeeper.io.peer_server import PeerServer
 from volkeeper.io.volume import Volume
 from volkeeper.io.volume_service import VolumeService
 from volkeeper.io.workers import IoWorkers

@@ -153,3 +153,14 @@ def _is_ip(host: str, version: int) -> bool:
 
 def _quote(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
+
+
+def is_loopback(host: str) -> bool:
+    """Is ``host`` (an address, bracketed or not, or ``localhost``) this machine's loopback?
+    Any other name is not known to be."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry
 
 from volkeeper import _compiled
 from volkeeper.daemon import node_security, node_views, plan
-from volkeeper.daemon.api.control import ControlServer
+from volkeeper.daemon.api.control_server import ControlServer
 from volkeeper.daemon.api.events import EventBus
 from volkeeper.daemon.api.metrics import (
     LimitCollector,
@@ -47,7 +47,7 @@ from volkeeper.errors import ConfigError, Refusal, VolumeError
 from volkeeper.io.control_tokens import TokenStore
 from volkeeper.io.limits import Limits
 from volkeeper.io.nbd_server import NbdServer
-from volkeeper.io.peer_link import PeerServer
+from volkeeper.io.peer_server import PeerServer
 from volkeeper.io.uring import UringReads
 from volkeeper.io.volume import open_volume
 from volkeeper.io.volume_service import VolumeService
@@ -55,8 +55,7 @@ from volkeeper.io.workers import IoWorkers
 
 log = structlog.get_logger("volkeeper.node")
 
-CERTIFICATE_RETRY = 2.0  # seconds between fetches of a pinned peer's missing certificate
-CERTIFICATE_RECHECK = 2.0  # seconds between checks that nothing is missing (pins change)
+CERTIFICATE_CHECK = 2.0  # seconds between looks for pinned peers' missing certificates
 IO_THREADS = 16  # enough for a QD32 cold-read load on two cores; threads mostly wait on disk
 
 
@@ -159,13 +158,11 @@ class Node:
         start, when a handshake was refused, and every few seconds while any is missing."""
         while True:
             try:
-                if self.trust.missing():
-                    await self.trust.fetch_missing()
+                await self.trust.fetch_missing()
             except OSError as exc:  # the certificate cache cannot be written: say, retry
                 log.error("peer certificates not kept", error=str(exc))
-            pause = CERTIFICATE_RETRY if self.trust.missing() else CERTIFICATE_RECHECK
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._trust_wanted.wait(), pause)
+                await asyncio.wait_for(self._trust_wanted.wait(), CERTIFICATE_CHECK)
             self._trust_wanted.clear()
 
     async def _serve_control(self) -> None:

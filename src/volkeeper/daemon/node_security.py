@@ -10,12 +10,11 @@ warning for an NBD port on a network address without TLS.
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 
 import structlog
 
-from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.addresses import TcpAddress, is_loopback
 from volkeeper.core.nbd_handshake import TlsMode
 from volkeeper.daemon.config.node import NodeConfig
 from volkeeper.io import identity, peer_tls
@@ -35,10 +34,7 @@ def nbd_access(config: NodeConfig, own: peer_tls.OwnFiles) -> NbdAccess:
         certificate = node.nbd_tls_certificate or own.certificate
         key = node.nbd_tls_key or own.key
         context = server_context(certificate, key, node.nbd_tls_ca)
-    elif (
-        isinstance(node.nbd, TcpAddress)
-        and not ipaddress.ip_address(_numeric(node.nbd.host)).is_loopback
-    ):
+    elif isinstance(node.nbd, TcpAddress) and not is_loopback(node.nbd.host):
         log.warning(
             "NBD on a network address without TLS: anyone who reaches it can read and write "
             'the exported volumes (set nbd_tls = "require" and nbd_allow)',
@@ -50,14 +46,6 @@ def nbd_access(config: NodeConfig, own: peer_tls.OwnFiles) -> NbdAccess:
     }
     allow = networks(node.nbd_allow, "node.nbd_allow")
     return NbdAccess(mode, context, allow, read_only)
-
-
-def _numeric(host: str) -> str:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return "0.0.0.0"  # a name: not known to be loopback
-    return host
 
 
 def policies(config: NodeConfig) -> dict[str, PeerPolicy]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import secrets
 import time
 from dataclasses import dataclass
@@ -30,15 +29,6 @@ from volkeeper.errors import ConfigError
 SESSION_COOKIE = "vk_session"
 CSRF_COOKIE = "vk_csrf"
 SESSION_S = 12 * 3600
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def load_tokens(path: Path) -> dict[str, str]:

@@ -20,9 +20,9 @@ import uvicorn
 from fastapi import FastAPI
 
 from volkeeper.client.credentials import Target, token_from_environment
-from volkeeper.core.addresses import TcpAddress
+from volkeeper.core.addresses import TcpAddress, is_loopback
 from volkeeper.errors import ConfigError
-from volkeeper.gui.access import Access, is_loopback, load_tokens
+from volkeeper.gui.access import Access, load_tokens
 from volkeeper.gui.app import create_app
 from volkeeper.gui.fleet import Fleet
 

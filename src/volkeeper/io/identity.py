@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,15 +118,6 @@ def _write(path: Path, data: bytes, mode: int) -> None:
         os.fsync(handle.fileno())
 
 
-def der_of_pem(pem: bytes) -> bytes:
-    """The DER bytes of a PEM certificate (``ValueError`` if it is none)."""
-    return x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-
-
-def pem_of_der(der: bytes) -> bytes:
-    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
-
-
 class KnownPeers:
     """``known_peers.json`` (pins) and ``identity/peers/`` (their certificates)."""
 
@@ -158,7 +150,8 @@ class KnownPeers:
         """The cached PEM certificate of ``peer`` if it is the one ``fingerprint`` pins."""
         try:
             pem = (self.certificates / f"{peer}.pem").read_bytes()
-            return pem if fingerprints.of(der_of_pem(pem)) == fingerprint else None
+            der = ssl.PEM_cert_to_DER_cert(pem.decode())
+            return pem if fingerprints.of(der) == fingerprint else None
         except (OSError, ValueError):
             return None
 
@@ -166,7 +159,7 @@ class KnownPeers:
         self.certificates.mkdir(parents=True, exist_ok=True)
         path = self.certificates / f"{peer}.pem"
         temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(pem_of_der(der))
+        temporary.write_text(ssl.DER_cert_to_PEM_cert(der))
         temporary.replace(path)
 
 

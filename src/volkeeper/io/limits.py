@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from volkeeper.core.nbd_wire import MAX_BLOCK_SIZE
+
 log = structlog.get_logger("volkeeper.limits")
 
 MiB = 1024 * 1024
@@ -45,7 +47,7 @@ class Limits:
     max_connections_per_client: int = 32
     nbd_in_flight_bytes: int = 128 * MiB
     peer_queued_bytes: int = 256 * MiB
-    nbd_max_request: int = 0  # 0: the protocol's 32 MiB
+    nbd_max_request: int = MAX_BLOCK_SIZE
     hits: collections.Counter[str] = field(default_factory=collections.Counter)
 
     def hit(self, limit: str, **fields: object) -> None:

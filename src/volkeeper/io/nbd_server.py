@@ -67,7 +67,6 @@ from volkeeper.io.volume_service import VolumeService
 log = structlog.get_logger("volkeeper.nbd")
 
 MAX_IN_FLIGHT = 64
-TLS_HANDSHAKE_TIMEOUT = 10.0
 REPLY_BATCH_BYTES = 4 * 1024 * 1024  # read data answered inline before it goes to the transport
 STAGING_BYTES = 256 * 1024  # receive buffer of a connection
 DIRECT_RECEIVE_BYTES = 64 * 1024  # a WRITE payload still missing this much is received in place
@@ -108,7 +107,9 @@ class NbdServer:
     def _limited(self, export: ExportInfo) -> ExportInfo:
         """``export`` with the node's largest request ([limits] nbd_max_request)."""
         largest = self.limits.nbd_max_request
-        return dataclasses.replace(export, max_block_size=largest) if largest else export
+        if export.max_block_size == largest:
+            return export
+        return dataclasses.replace(export, max_block_size=largest)
 
     def service(self, name: str) -> VolumeService | None:
         return next((s for s in self._services() if s.name == name), None)
@@ -286,7 +287,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             upgraded = await asyncio.get_running_loop().start_tls(
                 transport, self, context, server_side=True,
-                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
+                ssl_handshake_timeout=self._server.limits.handshake_timeout,
             )  # fmt: skip
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
             log.warning("nbd TLS handshake failed", peer=self._peer, why=str(exc) or repr(exc))

@@ -19,17 +19,14 @@ high-water mark, so a sender can apply back-pressure.
 A corrupt or unexpected frame closes that connection with the decoder's reason, and the owner
 hears about it once, through ``on_lost(reason)``; nothing propagates further.
 
-``connect()`` dials a peer with a timeout; ``PeerServer`` accepts connections on the node's
-``listen`` address (bound by io/listeners.py, so a live node's port is never taken over).
-Sockets get TCP_NODELAY and 4 MiB buffers: the link carries both tiny ACKs and megabyte
-writes, and a deep pipe is what keeps a long, thin link full.
+``connect()`` dials a peer with a timeout; io/peer_server.py accepts the connections a node
+is dialled with, and makes a ``PeerLink`` of each it admits.  Sockets get TCP_NODELAY and
+4 MiB buffers: the link carries both tiny ACKs and megabyte writes, and a deep pipe is what
+keeps a long, thin link full.
 
-With TLS (io/peer_tls.py builds the contexts), ``connect`` verifies the peer's certificate and
-that it names ``peer_name``; a failed handshake is a ``PeerError`` that says why.  The TLS
-``PeerServer`` runs its own accept loop and handshakes each connection with
-``connect_accepted_socket``, because a server made by ``create_server(ssl=...)`` drops failed
-handshakes without a word: here each one is logged with its reason, and the server goes on
-accepting.  A link only ever sees connections whose handshake completed.  A plain link that
+With TLS (io/peer_trust.py says how), ``connect`` checks the certificate the peer presented
+before anything is sent; a failed handshake is a ``PeerError`` that says why.  A link only
+ever sees connections whose handshake completed.  A plain link that
 receives a TLS record first says so in its close reason (TLS on one side only).  Over TLS,
 ``writelines`` hands the buffers to the SSL transport, which copies them once to encrypt them.
 """
@@ -37,7 +34,6 @@ receives a TLS record first says so in its close reason (TLS on one side only). 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -48,16 +44,12 @@ import structlog
 from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer.wire import Buffer, Frame, FrameDecoder, FrameEncoder
 from volkeeper.errors import PeerError, ProtocolError
-from volkeeper.io.limits import Limits
-from volkeeper.io.listeners import bind_listener, remove_listener
 from volkeeper.io.peer_tls import describe, looks_like_tls
 
 log = structlog.get_logger("volkeeper.peer")
 
 SOCKET_BUFFER = 4 * 1024 * 1024
 RECEIVE_CHUNK = 64 * 1024  # bytes read at once when not straight into a payload
-TLS_HANDSHAKE_TIMEOUT = 10.0  # server side: a connection that never finishes its handshake
-FIRST_BYTES_TIMEOUT = 10.0  # server side: a connection that sends nothing at all
 OnFrame = Callable[["PeerLink", Frame], None]
 OnLost = Callable[["PeerLink", str], None]
 
@@ -68,14 +60,6 @@ class Credentials(Protocol):
 
     def client_context(self, peer: str) -> ssl.SSLContext | None: ...
     def check_server(self, peer: str, der: bytes | None) -> None: ...
-
-
-class Gatekeeper(Protocol):
-    """Whom to accept (io/peer_trust.py ``PeerTrust``): the TLS context a connection must
-    complete its handshake with, and whether plain TCP from a host is allowed."""
-
-    def server_context(self) -> ssl.SSLContext: ...
-    def plaintext_allowed(self, host: str) -> bool: ...
 
 
 class PeerLink(asyncio.BufferedProtocol):
@@ -308,168 +292,3 @@ async def connect(
             link.abandon()
             raise
     return link
-
-
-class PeerServer:
-    """Accepts replication connections; ``make_link()`` builds the protocol for each.
-
-    Each connection's first bytes say whether it starts a TLS handshake.  With ``trust``, a
-    TLS connection must complete its handshake against ``trust.server_context()`` (a client
-    certificate it trusts) and a plain one is admitted only from an insecure peer's address;
-    ``on_refused`` hears of every failed handshake (the daemon then looks for peers'
-    certificates it lacks).  Without ``trust`` (tests of the link alone) every connection is
-    plain.  A connection that sends nothing within ``FIRST_BYTES_TIMEOUT`` is closed.
-    """
-
-    def __init__(
-        self,
-        make_link: Callable[[], PeerLink],
-        trust: Gatekeeper | None = None,
-        on_refused: Callable[[], None] | None = None,
-        limits: Limits | None = None,
-    ) -> None:
-        self._make_link = make_link
-        self._trust = trust
-        self._limits = limits or Limits(handshake_timeout=FIRST_BYTES_TIMEOUT)
-        self._open: dict[asyncio.BaseTransport, str] = {}  # admitted connections -> host
-        self._admitting: dict[socket.socket, str] = {}  # connections still negotiating
-        self._on_refused = on_refused or (lambda: None)
-        self._socket: socket.socket | None = None
-        self._accepting: asyncio.Task[None] | None = None
-        self._handshakes: set[asyncio.Task[None]] = set()
-        self.address: TcpAddress | None = None
-
-    async def listen(self, address: TcpAddress) -> None:
-        self._socket = bind_listener(address, "replication")
-        self.address = address
-        self._socket.setblocking(False)
-        self._accepting = asyncio.create_task(self._accept(self._socket))
-        log.info("replication listening", address=str(address), tls=self._trust is not None)
-
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, peer = await loop.sock_accept(listener)
-            except OSError as exc:  # EMFILE and friends: say so, breathe, keep serving
-                log.error("replication accept failed", error=str(exc))
-                await asyncio.sleep(0.5)
-                continue
-            task = asyncio.create_task(self._admit(sock, peer))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-
-    async def _admit(self, sock: socket.socket, peer: object) -> None:
-        where, host = _show_peer(peer), _host(peer)
-        self._open = {t: h for t, h in self._open.items() if not t.is_closing()}
-        hosts = [*self._open.values(), *self._admitting.values()]
-        same = sum(1 for h in hosts if h == host)
-        if self._limits.over_connections("replication", len(hosts), same, where):
-            sock.close()
-            return
-        self._admitting[sock] = host
-        try:
-            await self._negotiate(sock, where, host)
-        finally:
-            del self._admitting[sock]
-
-    async def _negotiate(self, sock: socket.socket, where: str, host: str) -> None:
-        timeout = self._limits.handshake_timeout
-        try:
-            first = await _first_bytes(sock, timeout)
-        except (TimeoutError, OSError) as exc:
-            if isinstance(exc, TimeoutError):
-                self._limits.hit("replication_handshake_timeout", peer=where)
-            log.warning("replication connection dropped", peer=where, why=_silent(exc, timeout))
-            sock.close()
-            return
-        if not first:
-            sock.close()
-            return
-        trust = self._trust
-        if trust is not None and looks_like_tls(first):
-            await self._handshake(sock, where, host, trust.server_context())
-        elif trust is None or trust.plaintext_allowed(host):
-            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-                self._make_link, sock
-            )
-            self._open[transport] = host
-        else:
-            log.warning(
-                "replication connection refused",
-                peer=where,
-                why="plain TCP, and no peer is configured insecure = true",
-            )
-            with contextlib.suppress(OSError):  # read what came, so the close is a FIN, not RST
-                sock.recv(RECEIVE_CHUNK)
-            sock.close()
-
-    async def _handshake(
-        self, sock: socket.socket, where: str, host: str, tls: ssl.SSLContext
-    ) -> None:
-        timeout = min(self._limits.handshake_timeout, TLS_HANDSHAKE_TIMEOUT)
-        try:
-            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-                self._make_link, sock, ssl=tls, ssl_handshake_timeout=timeout
-            )
-            self._open[transport] = host
-            return
-        except ssl.SSLError as exc:  # the loop has closed sock
-            why = describe(exc)
-        except (TimeoutError, ConnectionAbortedError) as exc:  # the loop's handshake timeout
-            why = describe(exc) if str(exc) else f"no handshake in {timeout:g} s"
-        except OSError as exc:  # a TLS client that gives up sends no alert, it just closes
-            why = (
-                "the other end closed the connection during the handshake; it may have "
-                f"refused our certificate (see its log) [{describe(exc)}]"
-            )
-        except Exception as exc:  # never let one connection take the server down
-            log.error("replication TLS handshake failed", peer=where, error=repr(exc))
-            return
-        log.warning("replication TLS handshake failed", peer=where, why=why)
-        self._on_refused()
-
-    async def close(self) -> None:
-        tasks = [task for task in (self._accepting, *self._handshakes) if task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._socket is not None and self.address is not None:
-            remove_listener(self.address, self._socket)
-
-
-async def _first_bytes(sock: socket.socket, timeout: float) -> bytes:
-    """Peek at what a new connection sends first (left in the socket for the protocol)."""
-    loop = asyncio.get_running_loop()
-    readable: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not readable.done():
-            readable.set_result(None)
-
-    loop.add_reader(fd, ready)
-    try:
-        await asyncio.wait_for(readable, timeout)
-    finally:
-        loop.remove_reader(fd)
-    return sock.recv(3, socket.MSG_PEEK)
-
-
-def _silent(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"sent nothing in {timeout:g} s"
-    return str(exc) or type(exc).__name__
-
-
-def _host(peer: object) -> str:
-    return str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
-
-
-def _show_peer(peer: object) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host, port = peer[0], peer[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(peer)

@@ -128,15 +128,16 @@ class PeerTrust:
 
     def client_context(self, peer: str) -> ssl.SSLContext | None:
         """The context to dial ``peer`` with; None means plain TCP (an insecure peer)."""
-        if self.insecure(peer):
+        security = self.security(peer)
+        if security == "insecure":
             return None
-        if self.site is not None and self.pin(peer) is None:
-            return self._site_client  # the CA vouches, and the certificate must name the peer
-        return self._client  # the pin vouches: checked by check_server
+        # "ca": the CA vouches, and the certificate must name the peer; else the pin vouches,
+        # checked by check_server
+        return self._site_client if security == "ca" else self._client
 
     def check_server(self, peer: str, der: bytes | None) -> None:
         """Raise ``PeerError`` unless the certificate ``peer`` presented is the pinned one."""
-        if self.insecure(peer) or (self.site is not None and self.pin(peer) is None):
+        if self.security(peer) in ("insecure", "ca"):
             return
         presented = fingerprints.of(der) if der else "no certificate"
         pinned = self.pin(peer)
@@ -158,21 +159,20 @@ class PeerTrust:
 
     def server_context(self) -> ssl.SSLContext:
         """Our certificate; trusting the site CA and every pinned peer's cached certificate."""
-        trusts = frozenset(
-            (peer, fingerprint)
+        cached = {
+            (peer, fingerprint): pem
             for peer, fingerprint in self._pins().items()
-            if self.known.certificate(peer, fingerprint) is not None
-        )
+            if (pem := self.known.certificate(peer, fingerprint)) is not None
+        }
+        trusts = frozenset(cached)
         if self._server is None or trusts != self._server_trusts:
             context = peer_tls.accepting_context(self.own, self.site)
-            for peer, fingerprint in sorted(trusts):
-                pem = self.known.certificate(peer, fingerprint)
-                assert pem is not None
+            for pem in cached.values():
                 context.load_verify_locations(cadata=pem.decode())
             self._server, self._server_trusts = context, trusts
         return self._server
 
-    def plaintext_allowed(self, host: str) -> bool:
+    def plaintext_allowed(self) -> bool:
         """May a plain TCP connection be accepted?  Only while some peer is insecure (its
         HELLO must then name such a peer: ``check_source``).  ``insecure`` trusts the network,
         so the address it comes from proves nothing and is not checked (proxies, NAT)."""
@@ -234,9 +234,7 @@ class PeerTrust:
             self.known.keep_certificate(peer, der)
             log.info("peer certificate fetched", peer=peer, fingerprint=presented)
             got.append(peer)
-        if got:
-            self.server_context()
-        return got
+        return got  # the next server_context() trusts them
 
 
 async def fetch_certificate(address: TcpAddress, context: ssl.SSLContext, peer: str) -> bytes:

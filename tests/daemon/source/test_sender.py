@@ -29,7 +29,8 @@ from volkeeper.core.addresses import TcpAddress
 from volkeeper.core.peer import wire as pw
 from volkeeper.daemon.source.sender import INLINE_COMPRESS, Sender, SendSettings
 from volkeeper.io.codecs import compressor_for, decompress
-from volkeeper.io.peer_link import PeerLink, PeerServer, connect
+from volkeeper.io.peer_link import PeerLink, connect
+from volkeeper.io.peer_server import PeerServer
 from volkeeper.io.workers import IoWorkers
 from volkeeper_lab.launcher import free_tcp_port
 

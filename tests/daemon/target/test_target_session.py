@@ -83,7 +83,7 @@ def test_a_silent_connection_is_closed_after_the_hello_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("volkeeper.daemon.target.target_session.HELLO_TIMEOUT", 0.2)
-    monkeypatch.setattr("volkeeper.io.peer_link.FIRST_BYTES_TIMEOUT", 0.2)
+    monkeypatch.setattr("volkeeper.io.peer_server.HANDSHAKE_TIMEOUT", 0.2)
 
     async def scenario(target: Target) -> None:
         silent, stalled, talker = Source(), Source(), Source()

@@ -1,8 +1,8 @@
 """The node's control API: HTTP+JSON (FastAPI) served by uvicorn inside the daemon's loop.
 
 How this works: ``create_app(node)`` builds the FastAPI application over a ``NodeView`` (the
-few read methods the API needs); ``ControlServer`` runs uvicorn on the node's own event loop,
-on a unix socket or a TCP port, without uvicorn's signal handling (the daemon owns signals).
+few read methods the API needs); ``ControlServer`` (daemon/api/control_server.py) serves
+it with uvicorn on the node's own event loop, on a unix socket or a TCP port.
 The API only reads node state and asks the node to act: if it fails or restarts, the data
 path (NBD) is not affected.  Errors are JSON ``{"error": {"code", "message", "hint"}}`` with a
 stable ``code``.  The OpenAPI document is at ``/openapi.json``.
@@ -10,15 +10,9 @@ stable ``code``.  The OpenAPI document is at ``/openapi.json``.
 
 from __future__ import annotations
 
-import contextlib
 import enum
-import os
-import socket
-from collections.abc import Generator
-from pathlib import Path
 from typing import Any, Protocol
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -27,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from volkeeper import __version__
-from volkeeper.core.addresses import TcpAddress, UnixAddress
 from volkeeper.core.mirror_settings import NAMES, RATE_SETTINGS, MirrorSettings, parse_fields
 from volkeeper.daemon.api.api_models import (
     Deleted,
@@ -40,13 +33,10 @@ from volkeeper.daemon.api.api_models import (
     Switchover,
     VolumeView,
 )
-from volkeeper.daemon.api.control_access import BearerAuth, unix_socket_mode
 from volkeeper.daemon.api.events import EventBus, sse_response
 from volkeeper.daemon.api.metrics import render
 from volkeeper.daemon.jobs.job_rules import JobRequest, MirrorRequest
 from volkeeper.errors import Refusal
-from volkeeper.io.control_tokens import TokenStore
-from volkeeper.io.listeners import bind_listener, remove_listener
 
 
 class NodeView(Protocol):
@@ -395,69 +385,3 @@ def create_app(node: NodeView) -> FastAPI:
         return Response(render(node.registry), media_type="text/plain; version=0.0.4")
 
     return app
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: SIGTERM belongs to the daemon."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-class ControlServer:
-    """uvicorn on a socket bound up front, so a bad address fails the node's start cleanly.
-
-    On a unix socket, access is its file mode (daemon/api/control_access.py); on TCP the
-    listener is TLS with ``certificate`` and ``key`` and every request needs a token of
-    ``tokens``."""
-
-    def __init__(
-        self,
-        node: NodeView,
-        address: UnixAddress | TcpAddress,
-        tokens: TokenStore,
-        certificate: Path,
-        key: Path,
-        group: str | None = None,
-        max_connections: int | None = None,
-    ) -> None:
-        self.address = address
-        app: Any = create_app(node)
-        tls: dict[str, Any] = {}
-        if isinstance(address, TcpAddress):
-            app = BearerAuth(app, tokens)
-            tls = {"ssl_certfile": str(certificate), "ssl_keyfile": str(key)}
-        config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", access_log=False,
-            limit_concurrency=max_connections, **tls,
-        )  # fmt: skip
-        self._server = _QuietServer(config)
-        self._socket: socket.socket | None = None
-        self._mode = unix_socket_mode(group)
-
-    def bind(self) -> None:
-        if isinstance(self.address, TcpAddress):
-            self._socket = bind_listener(self.address, "the control API")
-            return
-        mode, gid = self._mode
-        os.makedirs(os.path.dirname(self.address.path) or ".", exist_ok=True)
-        previous = os.umask(0o777 & ~mode)  # the file is born with its final mode
-        try:
-            self._socket = bind_listener(self.address, "the control API")
-        finally:
-            os.umask(previous)
-        if gid is not None:
-            os.chown(self.address.path, -1, gid)
-
-    async def serve(self) -> None:
-        assert self._socket is not None, "bind() first"
-        await self._server.serve(sockets=[self._socket])
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-
-    def close(self) -> None:
-        if self._socket is not None:
-            remove_listener(self.address, self._socket)
-            self._socket = None

@@ -50,17 +50,17 @@ from pydantic_core import ErrorDetails
 from volkeeper.core import fingerprints
 from volkeeper.core.addresses import TcpAddress, UnixAddress, parse_address, parse_tcp_address
 from volkeeper.core.mirror_engine import DEFAULT_PEER_TIMEOUT
-from volkeeper.core.nbd_wire import MAX_BLOCK_SIZE
 from volkeeper.daemon.config.jobs import JobConfig as JobConfig  # re-exported, as is:
 from volkeeper.daemon.config.jobs import MirrorConfig as MirrorConfig
 from volkeeper.daemon.config.jobs import check_jobs
+from volkeeper.daemon.config.limits import LimitsSection
 from volkeeper.daemon.config.types import (
     KeyedProblems,
     Name,
     Size,
     Table,
-    as_size,
     as_string,
+    ranged,
     show,
 )
 from volkeeper.errors import ConfigError
@@ -130,15 +130,6 @@ def _sector_size(value: object) -> int:
     raise ValueError(f"must be 512 or 4096, got {show(value)}")
 
 
-def _peer_timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"expected a number of seconds, got {show(value)}")
-    low, high = PEER_TIMEOUT_RANGE
-    if not low <= value <= high:  # nan and inf fail this too
-        raise ValueError(f"must be from {low} to {high} seconds, got {show(value)}")
-    return float(value)
-
-
 def _log_level(value: object) -> str:
     level = as_string(value).lower()
     if level not in LOG_LEVELS:
@@ -172,7 +163,7 @@ ReadableFile = Annotated[Path, PlainValidator(_readable_file)]
 PeerAddress = Annotated[TcpAddress, PlainValidator(_tcp_address), PlainSerializer(str)]
 ListenAddress = Annotated[UnixAddress | TcpAddress, PlainValidator(_address), PlainSerializer(str)]
 SectorSize = Annotated[int, PlainValidator(_sector_size)]
-PeerTimeout = Annotated[float, PlainValidator(_peer_timeout)]
+PeerTimeout = Annotated[float, ranged(*PEER_TIMEOUT_RANGE, unit=" seconds")]
 LogLevel = Annotated[str, PlainValidator(_log_level)]
 
 
@@ -246,45 +237,6 @@ class VolumeConfig(Table):
         if size is not None and sector_size and size % sector_size:
             raise ValueError(f"{size} bytes is not a multiple of sector_size {sector_size}")
         return size
-
-
-def _ranged(low: float, high: float, integer: bool = False) -> Any:
-    kinds = int if integer else int | float
-    what = "a whole number" if integer else "a number of seconds"
-
-    def check(value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise ValueError(f"expected {what}, got {show(value)}")
-        if not low <= value <= high:  # nan and inf fail this too
-            raise ValueError(f"must be from {low:g} to {high:g}, got {show(value)}")
-        return value
-
-    return PlainValidator(check)
-
-
-def _in_flight_bytes(value: object) -> int:
-    size = as_size(value)
-    if size < MAX_BLOCK_SIZE:
-        raise ValueError(f"must be at least 32MiB (the largest NBD request), got {show(value)}")
-    return size
-
-
-def _max_request(value: object) -> int:
-    size = as_size(value)
-    if size & (size - 1) or not 64 * 1024 <= size <= MAX_BLOCK_SIZE:
-        raise ValueError(f"must be a power of two from 64KiB to 32MiB, got {show(value)}")
-    return size
-
-
-class LimitsSection(Table):
-    """The optional ``[limits]`` table: limits against abuse (io/limits.py), safe defaults."""
-
-    handshake_timeout: Annotated[float, _ranged(1, 600)] = 10.0
-    max_connections: Annotated[int, _ranged(1, 65535, integer=True)] = 256
-    max_connections_per_client: Annotated[int, _ranged(1, 65535, integer=True)] = 32
-    nbd_in_flight_bytes: Annotated[int, PlainValidator(_in_flight_bytes)] = 128 * 1024 * 1024
-    peer_queued_bytes: Annotated[int, PlainValidator(_in_flight_bytes)] = 256 * 1024 * 1024
-    nbd_max_request: Annotated[int, PlainValidator(_max_request)] = MAX_BLOCK_SIZE
 
 
 class TlsSection(Table):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, PlainValidator
 
@@ -73,3 +73,18 @@ class KeyedProblems(ValueError):
 
 class Table(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def ranged(low: float, high: float, integer: bool = False, unit: str = "") -> Any:
+    """A validator of a number from ``low`` to ``high`` (a whole one with ``integer``)."""
+    kinds = int if integer else int | float
+    what = "a whole number" if integer else "a number of seconds"
+
+    def check(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise ValueError(f"expected {what}, got {show(value)}")
+        if not low <= value <= high:  # nan and inf fail this too
+            raise ValueError(f"must be from {low:g} to {high:g}{unit}, got {show(value)}")
+        return value if integer else float(value)
+
+    return PlainValidator(check)
