@@ -40,7 +40,8 @@ from volkeeper.core.addresses import UnixAddress
 from volkeeper.errors import VolumeError
 from volkeeper.io.faults import FaultyVolume, VolumeFilter
 from volkeeper.io.memory import MemoryVolume
-from volkeeper.io.nbd_server import MAX_IN_FLIGHT, NbdServer
+from volkeeper.io.nbd_connection import MAX_IN_FLIGHT
+from volkeeper.io.nbd_server import NbdServer
 from volkeeper.io.volume import Data, Volume, open_volume
 from volkeeper.io.volume_service import INLINE_WRITE_MAX, VolumeService
 from volkeeper.io.workers import IoWorkers
